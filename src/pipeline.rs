@@ -1,0 +1,426 @@
+//! One pipeline, end to end: the consumer loop turns records into rows and cuts batches;
+//! the writer task commits each batch (rows + offsets) in one transaction. The two run
+//! concurrently so the database and Kafka work at the same time; a bounded channel of one
+//! batch keeps memory bounded when the database is the slower side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::Offset;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::batch::Batch;
+use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
+use crate::consumer::{client_config, Assignment, SinkConsumer, SinkContext};
+use crate::mapping::{ConvertError, RecordRef, RowMapper};
+use crate::offsets::{self, OffsetMove, OffsetStore};
+use crate::writer::{SinkPlan, SqlWriter, WriteOutcome};
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("pipeline {pipeline}: database: {context}: {source}")]
+    Database {
+        pipeline: String,
+        context: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("pipeline {pipeline}: kafka: {context}: {source}")]
+    Kafka {
+        pipeline: String,
+        context: &'static str,
+        source: KafkaError,
+    },
+    #[error(
+        "pipeline {pipeline}: record topic {topic} partition {partition} offset {offset} cannot be written: {error}; \
+         it and the records after it in its partition were not committed"
+    )]
+    BadRecord {
+        pipeline: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        error: ConvertError,
+    },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Everything a running pipeline shares between its consumer loop and its writer.
+struct Shared {
+    pipeline: String,
+    start_from: StartFrom,
+    assignment: Arc<Assignment>,
+    consumer: Arc<SinkConsumer>,
+    store: OffsetStore,
+    pool: PgPool,
+}
+
+impl Shared {
+    fn db(&self, context: &'static str) -> impl FnOnce(sqlx::Error) -> PipelineError + '_ {
+        move |source| PipelineError::Database {
+            pipeline: self.pipeline.clone(),
+            context,
+            source,
+        }
+    }
+}
+
+/// Connects to the pipeline's database with a small pool: one connection writes, one
+/// serves rebalances, and spares absorb a reconnect.
+pub async fn connect(p: &LoadedPipeline) -> Result<PgPool, PipelineError> {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&p.config.sink.url)
+        .await
+        .map_err(|e| {
+            PipelineError::Fatal(format!(
+                "pipeline {}: cannot connect to {}: {e}",
+                p.config.pipeline,
+                redact_url(&p.config.sink.url)
+            ))
+        })
+}
+
+/// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error.
+pub async fn run(
+    p: LoadedPipeline,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let pipeline = p.config.pipeline.clone();
+    let pool = connect(&p).await?;
+    offsets::migrate(&pool).await.map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {pipeline}: creating the offsets table failed: {e}"
+        ))
+    })?;
+    let plan = {
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(|source| PipelineError::Database {
+                pipeline: pipeline.clone(),
+                context: "connecting",
+                source,
+            })?;
+        SinkPlan::prepare(&p, &mut conn)
+            .await
+            .map_err(ConfigErrors)?
+    };
+
+    let assignment = Arc::new(Assignment::default());
+    let context = SinkContext::new(&p, assignment.clone(), pool.clone());
+    let consumer: SinkConsumer =
+        client_config(&p)
+            .create_with_context(context)
+            .map_err(|source| PipelineError::Kafka {
+                pipeline: pipeline.clone(),
+                context: "creating the consumer",
+                source,
+            })?;
+    let topics: Vec<&str> = p.config.source.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| PipelineError::Kafka {
+            pipeline: pipeline.clone(),
+            context: "subscribing",
+            source,
+        })?;
+    info!(pipeline = %pipeline, table = %plan.table, topics = %topics.join(","), group = %p.group_id(), "pipeline started");
+
+    let store = OffsetStore::new(&pipeline);
+    let shared = Arc::new(Shared {
+        pipeline: pipeline.clone(),
+        start_from: p.config.source.start_from,
+        assignment,
+        consumer: Arc::new(consumer),
+        store: store.clone(),
+        pool: pool.clone(),
+    });
+    let writer = SqlWriter::new(pool.clone(), &plan, store);
+    let (batches, inbox) = mpsc::channel::<Batch>(1);
+    let writer_task: JoinHandle<Result<(), PipelineError>> =
+        tokio::spawn(write_loop(shared.clone(), writer, inbox));
+
+    let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
+    // The consumer loop has stopped and dropped its sender: the writer drains and ends.
+    let writing = match writer_task.await {
+        Ok(result) => result,
+        Err(e) => Err(PipelineError::Fatal(format!(
+            "pipeline {pipeline}: writer task failed: {e}"
+        ))),
+    };
+    close(shared).await;
+    pool.close().await;
+    writing?;
+    reading?;
+    info!(pipeline = %pipeline, "pipeline stopped");
+    Ok(())
+}
+
+/// Leaves the group: closing the consumer runs the final revocation, which needs polling,
+/// so it happens off the async workers.
+async fn close(shared: Arc<Shared>) {
+    let Ok(shared) = Arc::try_unwrap(shared) else {
+        warn!("consumer still shared at shutdown; leaving the group by session timeout");
+        return;
+    };
+    let pipeline = shared.pipeline.clone();
+    let consumer = shared.consumer;
+    let closed = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await;
+    if let Err(e) = closed {
+        warn!(pipeline = %pipeline, error = %e, "closing the consumer failed");
+    }
+}
+
+/// Reads records, converts them and hands full (or old enough) batches to the writer.
+async fn read_loop(
+    shared: &Shared,
+    p: &LoadedPipeline,
+    mapper: RowMapper,
+    batches: mpsc::Sender<Batch>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let max_records = p.config.batch.max_records;
+    let max_wait = Duration::from_millis(p.config.batch.max_wait_ms);
+    let columns = mapper.columns().len();
+    let mut batch = Batch::new(columns);
+    let mut cells = Vec::with_capacity(columns);
+    let send = |batch: Batch| async {
+        // A closed channel means the writer stopped on an error, which `run` reports.
+        batches.send(batch).await.is_ok()
+    };
+    loop {
+        if let Some(reason) = shared.assignment.fatal() {
+            return Err(PipelineError::Fatal(reason));
+        }
+        apply_seeks(shared);
+        let flush_at = tokio::time::Instant::from_std(batch.opened_at + max_wait);
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            _ = shared.assignment.seek_wake.notified() => continue,
+            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {
+                if !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
+                    return Ok(());
+                }
+            }
+            received = shared.consumer.recv() => {
+                let message = match received {
+                    Ok(m) => m,
+                    Err(e) => { consumer_error(&shared.pipeline, e)?; continue; }
+                };
+                if let Err(error) = add_record(shared, &mapper, &message, &mut batch, &mut cells) {
+                    let failed = PipelineError::BadRecord {
+                        pipeline: shared.pipeline.clone(),
+                        topic: message.topic().to_string(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        error,
+                    };
+                    // Commit what came before the bad record, then stop.
+                    if !batch.is_empty() {
+                        send(batch).await;
+                    }
+                    return Err(failed);
+                }
+                if batch.len() >= max_records && !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        send(batch).await;
+    }
+    Ok(())
+}
+
+fn add_record(
+    shared: &Shared,
+    mapper: &RowMapper,
+    m: &BorrowedMessage<'_>,
+    batch: &mut Batch,
+    cells: &mut Vec<Option<String>>,
+) -> Result<(), ConvertError> {
+    let Some(epoch) = shared
+        .assignment
+        .accept(m.topic(), m.partition(), m.offset())
+    else {
+        return Ok(()); // not ours, or already covered by the stored offset
+    };
+    let record = RecordRef {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key(),
+        value: m.payload(),
+    };
+    mapper.convert(&record, cells)?;
+    batch.push(m.topic(), m.partition(), epoch, m.offset(), cells);
+    Ok(())
+}
+
+/// Errors from the consumer: librdkafka retries transport problems itself, so only those
+/// that mean data would be skipped or the client is unusable stop the pipeline.
+fn consumer_error(pipeline: &str, e: KafkaError) -> Result<(), PipelineError> {
+    let fatal = match &e {
+        KafkaError::MessageConsumption(code) => matches!(code, RDKafkaErrorCode::AutoOffsetReset),
+        KafkaError::MessageConsumptionFatal(_) => true,
+        _ => false,
+    };
+    if fatal {
+        return Err(PipelineError::Kafka {
+            pipeline: pipeline.to_string(),
+            context: "consuming (a stored offset out of range means retention deleted records never written; \
+                      set source.properties.auto.offset.reset to accept skipping them)",
+            source: e,
+        });
+    }
+    warn!(pipeline, error = %e, "consumer error; librdkafka retries");
+    Ok(())
+}
+
+fn apply_seeks(shared: &Shared) {
+    for (tp, offset) in shared.assignment.take_seeks() {
+        match shared
+            .consumer
+            .seek(&tp.topic, tp.partition, offset, Duration::from_secs(10))
+        {
+            Ok(()) => {
+                info!(pipeline = %shared.pipeline, partition = %tp, ?offset, "rewound to the offset stored in the database")
+            }
+            Err(e) => {
+                warn!(pipeline = %shared.pipeline, partition = %tp, error = %e, "seek failed (partition probably revoked)")
+            }
+        }
+    }
+}
+
+/// Commits batches one after another until the consumer loop hangs up.
+async fn write_loop(
+    shared: Arc<Shared>,
+    writer: SqlWriter,
+    mut inbox: mpsc::Receiver<Batch>,
+) -> Result<(), PipelineError> {
+    while let Some(batch) = inbox.recv().await {
+        commit_batch(&shared, &writer, batch).await?;
+    }
+    Ok(())
+}
+
+/// Writes one batch. Partitions whose stored offset moved under us are dropped from it, reset
+/// to what the database holds, and the rest is written again.
+async fn commit_batch(
+    shared: &Shared,
+    writer: &SqlWriter,
+    mut batch: Batch,
+) -> Result<(), PipelineError> {
+    loop {
+        // Only what this instance still owns, read in the epoch it still owns it in.
+        let assignment = &shared.assignment;
+        batch = batch.without(|s| assignment.owned(&s.tp).is_none_or(|o| o.epoch != s.epoch));
+        let moves: Vec<(OffsetMove, u64)> = batch
+            .spans
+            .iter()
+            .filter_map(|s| {
+                let owned = assignment.owned(&s.tp)?;
+                Some((
+                    OffsetMove {
+                        tp: s.tp.clone(),
+                        expected: owned.db_next,
+                        next: s.last + 1,
+                    },
+                    s.epoch,
+                ))
+            })
+            .collect();
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let offset_moves: Vec<OffsetMove> = moves.iter().map(|(m, _)| m.clone()).collect();
+        let started = std::time::Instant::now();
+        match writer
+            .write(&batch, &offset_moves)
+            .await
+            .map_err(shared.db("writing a batch"))?
+        {
+            WriteOutcome::Committed { inserted } => {
+                for (m, epoch) in &moves {
+                    assignment.committed(&m.tp, *epoch, m.next);
+                }
+                debug!(
+                    pipeline = %shared.pipeline,
+                    rows = batch.len(),
+                    inserted,
+                    duplicates = batch.len() as u64 - inserted,
+                    ms = started.elapsed().as_millis() as u64,
+                    "batch committed"
+                );
+                commit_to_kafka(shared, &offset_moves);
+                return Ok(());
+            }
+            WriteOutcome::Conflict(lost) => {
+                let stored = {
+                    let mut conn = shared
+                        .pool
+                        .acquire()
+                        .await
+                        .map_err(shared.db("re-reading offsets"))?;
+                    shared
+                        .store
+                        .load(&mut conn, &lost)
+                        .await
+                        .map_err(shared.db("re-reading offsets"))?
+                };
+                for tp in &lost {
+                    let Some((_, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
+                        continue;
+                    };
+                    let now = stored.get(tp).copied();
+                    warn!(
+                        pipeline = %shared.pipeline,
+                        partition = %tp,
+                        stored = ?now,
+                        "offset moved under this instance (another instance owns or owned the partition): \
+                         batch rolled back, partition restarts from the stored offset"
+                    );
+                    assignment.reset(tp, *epoch, now, shared.start_from);
+                }
+            }
+        }
+    }
+}
+
+/// Tells Kafka the same offsets, so standard lag tools see progress. Best effort: the
+/// database stays the only place a partition resumes from.
+fn commit_to_kafka(shared: &Shared, moves: &[OffsetMove]) {
+    let mut tpl = TopicPartitionList::new();
+    for m in moves {
+        if tpl
+            .add_partition_offset(&m.tp.topic, m.tp.partition, Offset::Offset(m.next))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(e) = shared.consumer.commit(&tpl, CommitMode::Async) {
+        debug!(pipeline = %shared.pipeline, error = %e, "committing offsets to Kafka failed (informational only)");
+    }
+}

@@ -1,0 +1,187 @@
+//! Helpers shared by the integration tests, the demo and the benchmark (feature `testkit`):
+//! topics, producers, end offsets, and waiting until a pipeline has caught up.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use sqlx::PgPool;
+
+/// Creates a topic; an existing topic with that name is an error unless `may_exist`.
+pub async fn create_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    may_exist: bool,
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .context("create topic")?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if may_exist => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Metadata must show every partition before producers and consumers rely on it.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let ready = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.partitions().len() == partitions as usize);
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} did not show {partitions} partitions in metadata");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An idempotent producer that waits for all replicas.
+pub fn producer(brokers: &str) -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("producer")
+}
+
+/// A transactional producer (`init_transactions` already done).
+pub fn transactional_producer(brokers: &str, transactional_id: &str) -> Result<FutureProducer> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("transactional.id", transactional_id)
+        .create()
+        .context("transactional producer")?;
+    p.init_transactions(Duration::from_secs(30))
+        .context("init_transactions")?;
+    Ok(p)
+}
+
+/// A record to produce: explicit partition, optional key, value (None: a tombstone).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Outgoing {
+    pub fn json(partition: i32, key: &str, value: &serde_json::Value) -> Outgoing {
+        Outgoing {
+            partition,
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(value.to_string().into_bytes()),
+        }
+    }
+}
+
+/// Sends every record and waits for all acknowledgements; returns the (partition, offset)
+/// each landed at, in input order.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[Outgoing],
+) -> Result<Vec<(i32, i64)>> {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).partition(r.partition);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_slice());
+        }
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("enqueueing a record: {e}"))?;
+        pending.push(delivery);
+    }
+    let mut landed = Vec::with_capacity(pending.len());
+    for delivery in pending {
+        let d = delivery
+            .await
+            .context("delivery cancelled")?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        landed.push((d.partition, d.offset));
+    }
+    Ok(landed)
+}
+
+/// The end offset of each partition after the given deliveries: last offset + 1.
+///
+/// Taken from delivery reports rather than from the broker's ListOffsets, which Tansu 0.6
+/// answers wrongly after idempotent batches (it counts a batch as one record).
+pub fn end_offsets(landed: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+    let mut end = BTreeMap::new();
+    for (partition, offset) in landed {
+        let e = end.entry(*partition).or_insert(0);
+        *e = (*e).max(offset + 1);
+    }
+    end
+}
+
+/// The offsets a pipeline has stored for a topic.
+pub async fn stored_offsets(
+    pool: &PgPool,
+    pipeline: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('idemsink_offsets')::text")
+        .fetch_one(pool)
+        .await?;
+    if exists.is_none() {
+        return Ok(BTreeMap::new());
+    }
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM idemsink_offsets WHERE pipeline = $1 AND topic = $2",
+    )
+    .bind(pipeline)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Waits until the stored offsets equal `target` for every partition in it.
+pub async fn wait_for_offsets(
+    pool: &PgPool,
+    pipeline: &str,
+    topic: &str,
+    target: &BTreeMap<i32, i64>,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stored = stored_offsets(pool, pipeline, topic).await?;
+        if target.iter().all(|(p, end)| stored.get(p) == Some(end)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("pipeline {pipeline} did not reach {target:?} within {timeout:?}; stored: {stored:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

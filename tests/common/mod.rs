@@ -1,0 +1,334 @@
+//! Harness for the end-to-end tests: a real broker and a real PostgreSQL (started by
+//! `scripts/devenv.sh up`), one fresh topic, table and pipeline per test, and the idemsink
+//! binary run as a separate OS process so it can be signalled and killed.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use idemsink::testkit::{self, Outgoing};
+use rdkafka::producer::FutureProducer;
+use serde_json::json;
+use sqlx::PgPool;
+
+/// librdkafka group settings the tests rely on. Tansu completes a group join after about
+/// half the session timeout, and a killed member holds its partitions until the session
+/// times out: with 2 s, a (re)start consumes within ~1–3 s.
+pub const GROUP_PROPERTIES: &str = "session.timeout.ms: 2000\n    heartbeat.interval.ms: 200";
+
+pub fn brokers() -> String {
+    required_env("IDEMSINK_TEST_BROKERS")
+}
+
+pub fn database_url() -> String {
+    required_env("IDEMSINK_TEST_DATABASE_URL")
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: start the environment with `scripts/devenv.sh up` and `eval \"$(scripts/devenv.sh env)\"`, or run scripts/test.sh")
+    })
+}
+
+/// A name unique to this test run and call.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{n}_{}", std::process::id(), nanos % 100_000)
+}
+
+/// One test's topic, table, pipeline file and database pool.
+pub struct Case {
+    pub name: String,
+    pub topic: String,
+    pub table: String,
+    pub partitions: i32,
+    pub pool: PgPool,
+    pub brokers: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Case {
+    /// A topic with `partitions` partitions and the standard test table:
+    /// `id bigint NOT NULL, body text NOT NULL, payload jsonb` plus the Kafka coordinates.
+    pub async fn new(prefix: &str, partitions: i32) -> Case {
+        let name = unique(prefix);
+        let brokers = brokers();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url())
+            .await
+            .expect("connect to the test database");
+        let case = Case {
+            topic: format!("{name}_topic"),
+            table: format!("{name}_rows"),
+            name,
+            partitions,
+            pool,
+            brokers,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        testkit::create_topic(&case.brokers, &case.topic, partitions, false)
+            .await
+            .expect("create topic");
+        sqlx::query(&format!(
+            "CREATE TABLE {} (
+                id bigint NOT NULL,
+                body varchar(40) NOT NULL,
+                payload jsonb,
+                kafka_topic text NOT NULL,
+                kafka_partition integer NOT NULL,
+                kafka_offset bigint NOT NULL,
+                UNIQUE (kafka_topic, kafka_partition, kafka_offset))",
+            case.table
+        ))
+        .execute(&case.pool)
+        .await
+        .expect("create table");
+        case
+    }
+
+    /// The pipeline file for this case, with `extra` appended (e.g. a `batch:` section).
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let text = format!(
+            "pipeline: {name}
+source:
+  brokers: {brokers}
+  topics: [{topic}]
+  properties:
+    {GROUP_PROPERTIES}
+sink:
+  url: {url}
+  table: {table}
+  columns:
+    id: /id
+    body: /body
+    payload: $value
+    kafka_topic: $topic
+    kafka_partition: $partition
+    kafka_offset: $offset
+{extra}",
+            name = self.name,
+            brokers = self.brokers,
+            topic = self.topic,
+            url = database_url(),
+            table = self.table,
+        );
+        let file = self.dir.path().join(format!("{}.yaml", self.name));
+        std::fs::write(&file, text).expect("write pipeline file");
+        file
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        testkit::producer(&self.brokers).expect("producer")
+    }
+
+    /// Produces records with ids `ids`, spread over the partitions; returns where each landed.
+    pub async fn produce_ids(
+        &self,
+        producer: &FutureProducer,
+        ids: std::ops::Range<i64>,
+    ) -> Vec<(i32, i64)> {
+        let records: Vec<Outgoing> = ids
+            .map(|id| record(id, (id % self.partitions as i64) as i32))
+            .collect();
+        testkit::produce(producer, &self.topic, &records)
+            .await
+            .expect("produce")
+    }
+
+    pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {
+        testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout)
+            .await
+            .expect("caught up");
+    }
+
+    pub async fn stored_offsets(&self) -> BTreeMap<i32, i64> {
+        testkit::stored_offsets(&self.pool, &self.name, &self.topic)
+            .await
+            .expect("stored offsets")
+    }
+
+    /// Every row as (id, partition, offset), ordered.
+    pub async fn rows(&self) -> Vec<(i64, i32, i64)> {
+        sqlx::query_as(&format!(
+            "SELECT id, kafka_partition, kafka_offset FROM {} ORDER BY kafka_partition, kafka_offset",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .expect("read rows")
+    }
+
+    /// The whole table and the offsets with their update times, as text: equal snapshots
+    /// mean nothing was added or changed.
+    pub async fn snapshot(&self) -> (Vec<String>, Vec<String>) {
+        let rows: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT t::text FROM {} t ORDER BY kafka_partition, kafka_offset",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .expect("snapshot rows");
+        let offsets: Vec<String> = sqlx::query_scalar(
+            "SELECT o::text FROM idemsink_offsets o WHERE pipeline = $1 ORDER BY topic, partition",
+        )
+        .bind(&self.name)
+        .fetch_all(&self.pool)
+        .await
+        .expect("snapshot offsets");
+        (rows, offsets)
+    }
+}
+
+/// The standard test record: `{"id": id, "body": "record <id>"}`, keyed by the id.
+pub fn record(id: i64, partition: i32) -> Outgoing {
+    Outgoing::json(
+        partition,
+        &id.to_string(),
+        &json!({"id": id, "body": format!("record {id}"), "n": id % 7}),
+    )
+}
+
+/// Asserts that the table holds exactly the produced records, each once, at the coordinates
+/// it was produced to.
+pub fn assert_exactly_once(rows: &[(i64, i32, i64)], produced: &[(i64, (i32, i64))]) {
+    let mut expected: Vec<(i64, i32, i64)> =
+        produced.iter().map(|(id, (p, o))| (*id, *p, *o)).collect();
+    expected.sort_by_key(|(_, p, o)| (*p, *o));
+    let mut seen = std::collections::HashMap::new();
+    for (id, p, o) in rows {
+        *seen.entry(*id).or_insert(0) += 1;
+        assert!(seen[id] == 1, "id {id} landed twice (again at {p}/{o})");
+    }
+    let missing: Vec<i64> = expected
+        .iter()
+        .filter(|(id, _, _)| !seen.contains_key(id))
+        .map(|(id, _, _)| *id)
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} records missing, e.g. ids {missing:?}",
+        expected.len().saturating_sub(rows.len())
+    );
+    assert_eq!(rows.len(), expected.len(), "row count");
+    assert_eq!(
+        rows,
+        expected.as_slice(),
+        "rows at the coordinates they were produced to"
+    );
+}
+
+/// The idemsink binary running one pipeline file, as a child process that is killed if the
+/// test ends early. Its stderr goes to a file so tests can read the log.
+pub struct Connector {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Connector {
+    pub fn start(config: &Path) -> Connector {
+        Self::start_command(&["run", "--config"], config)
+    }
+
+    pub fn start_command(args: &[&str], config: &Path) -> Connector {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let log = config.with_extension(format!("{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_idemsink"))
+            .args(args)
+            .arg(config)
+            .env("RUST_LOG", "info,idemsink=debug")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start idemsink");
+        Connector {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return (status, log);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("idemsink did not exit within {timeout:?}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status and log.
+    pub fn stop(self, timeout: Duration) -> (ExitStatus, String) {
+        self.signal(15);
+        self.wait(timeout)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log shows the partitions were assigned.
+    pub fn wait_assigned(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .log_text()
+            .contains("assigned; starting from offsets stored in the database")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not assigned within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

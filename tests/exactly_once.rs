@@ -219,8 +219,7 @@ async fn bad_record_stops_the_pipeline(bad_value: &[u8], expected_reason: &str) 
         );
         let last = log
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .last()
+            .rfind(|l| !l.trim().is_empty())
             .unwrap_or_default();
         for needle in [
             format!("pipeline {}", case.name),

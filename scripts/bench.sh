@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Throughput benchmark: starts the environment, then compares idemsink with PostgreSQL COPY
+# and a consume-only pass on the same records (BENCH_RECORDS, default 1,000,000; BENCH_RUNS, 3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/devenv.sh up
+eval "$(scripts/devenv.sh env)"
+export IDEMSINK_TEST_BROKERS IDEMSINK_TEST_DATABASE_URL
+cargo bench --bench pipeline

@@ -118,6 +118,17 @@ async fn bench_once(
     let consume = consume_only(brokers, &topic, records as usize).await?;
     let copy = copy_ceiling(url, pool, &tag, &topic, &outgoing, &landed).await?;
     let sink = idemsink_run(url, pool, brokers, &tag, &topic, &end).await?;
+    // A million rows per table per run: leave the disk as it was.
+    for sql in [
+        format!("DROP TABLE {tag}_copy"),
+        format!("DROP TABLE {tag}_sink"),
+    ] {
+        sqlx::query(&sql).execute(pool).await?;
+    }
+    sqlx::query("DELETE FROM idemsink_offsets WHERE pipeline = $1")
+        .bind(&tag)
+        .execute(pool)
+        .await?;
     let rate = |d: Duration| records as f64 / d.as_secs_f64();
     Ok(Rates {
         sink: rate(sink),

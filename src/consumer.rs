@@ -74,6 +74,26 @@ struct AssignmentState {
     fatal: Option<String>,
 }
 
+impl AssignmentState {
+    fn get_mut(&mut self, tp: &TopicPartition) -> Option<&mut Owned> {
+        self.owned.get_mut(&tp.topic)?.get_mut(&tp.partition)
+    }
+
+    /// Owns `tp` from the stored offset on, in a new epoch.
+    fn start_epoch(&mut self, tp: &TopicPartition, stored: Option<i64>) {
+        self.next_epoch += 1;
+        let owned = Owned {
+            epoch: self.next_epoch,
+            db_next: stored,
+            read_next: stored,
+        };
+        self.owned
+            .entry(tp.topic.clone())
+            .or_default()
+            .insert(tp.partition, owned);
+    }
+}
+
 impl Assignment {
     fn lock(&self) -> MutexGuard<'_, AssignmentState> {
         // A panic while holding this lock cannot leave the map half-updated in a way that
@@ -104,18 +124,7 @@ impl Assignment {
     }
 
     fn assign(&self, tp: &TopicPartition, stored: Option<i64>) {
-        let mut state = self.lock();
-        state.next_epoch += 1;
-        let owned = Owned {
-            epoch: state.next_epoch,
-            db_next: stored,
-            read_next: stored,
-        };
-        state
-            .owned
-            .entry(tp.topic.clone())
-            .or_default()
-            .insert(tp.partition, owned);
+        self.lock().start_epoch(tp, stored);
     }
 
     fn revoke(&self, tp: &TopicPartition) {
@@ -130,15 +139,8 @@ impl Assignment {
 
     /// After a commit: the database now holds `next` for this partition.
     pub fn committed(&self, tp: &TopicPartition, epoch: u64, next: i64) {
-        let mut state = self.lock();
-        if let Some(owned) = state
-            .owned
-            .get_mut(&tp.topic)
-            .and_then(|m| m.get_mut(&tp.partition))
-        {
-            if owned.epoch == epoch {
-                owned.db_next = Some(next);
-            }
+        if let Some(owned) = self.lock().get_mut(tp).filter(|o| o.epoch == epoch) {
+            owned.db_next = Some(next);
         }
     }
 
@@ -152,28 +154,10 @@ impl Assignment {
         start_from: StartFrom,
     ) {
         let mut state = self.lock();
-        let Some(current) = state
-            .owned
-            .get(&tp.topic)
-            .and_then(|m| m.get(&tp.partition))
-            .copied()
-        else {
-            return;
-        };
-        if current.epoch != epoch {
-            return; // reassigned meanwhile: the new assignment already loaded the offset
+        if state.get_mut(tp).is_none_or(|o| o.epoch != epoch) {
+            return; // revoked, or reassigned meanwhile with its offset loaded afresh
         }
-        state.next_epoch += 1;
-        let owned = Owned {
-            epoch: state.next_epoch,
-            db_next: stored,
-            read_next: stored,
-        };
-        state
-            .owned
-            .entry(tp.topic.clone())
-            .or_default()
-            .insert(tp.partition, owned);
+        state.start_epoch(tp, stored);
         state
             .seeks
             .push((tp.clone(), start_offset(stored, start_from)));

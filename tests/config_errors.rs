@@ -62,18 +62,6 @@ fn config(table: &str) -> String {
         .replace("TABLE", table)
 }
 
-/// Asserts a failed `validate` whose output names `file: key` and says `message`.
-fn assert_problem(outcome: (bool, String, std::path::PathBuf), key: &str, message: &str) {
-    let (ok, text, file) = outcome;
-    assert!(!ok, "validate must fail:\n{text}");
-    let expected = format!("{}: {key}: ", file.display());
-    let line = text
-        .lines()
-        .find(|l| l.contains(&expected))
-        .unwrap_or_else(|| panic!("no line naming `{expected}`:\n{text}"));
-    assert!(line.contains(message), "`{line}` should say `{message}`");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_config_error_names_the_file_and_the_key() {
     let pool = sqlx::PgPool::connect(&common::database_url())
@@ -87,60 +75,71 @@ async fn each_config_error_names_the_file_and_the_key() {
     assert!(ok, "a good pipeline validates:\n{text}");
     assert!(text.contains(&format!("table {good_table}")), "{text}");
 
-    let unknown = good.replace("  table:", "  tabel: x\n  table:");
-    assert_problem(
-        idemsink("validate", dir.path(), &unknown),
-        "sink.tabel",
-        "unknown field `tabel`",
-    );
-
-    let missing = good.replace(&good_table, "no_such_table");
-    assert_problem(
-        idemsink("validate", dir.path(), &missing),
-        "sink.table",
-        "table no_such_table does not exist",
-    );
-
-    let mode = good.replace("  columns:", "  mode: merge\n  columns:");
-    assert_problem(
-        idemsink("validate", dir.path(), &mode),
-        "sink.mode",
-        "unknown variant `merge`",
-    );
-
-    let isolation = good.replace(
-        "  topics: [t]",
-        "  topics: [t]\n  properties:\n    isolation.level: read_uncommitted",
-    );
-    assert_problem(
-        idemsink("validate", dir.path(), &isolation),
-        "source.properties.isolation.level",
-        "may not be set",
-    );
-
-    let no_column = good.replace("    body: /body", "    bodyy: /body");
-    assert_problem(
-        idemsink("validate", dir.path(), &no_column),
-        "sink.columns.bodyy",
-        "has no column `bodyy`",
-    );
-
-    let no_key = config(&table(&pool, false).await);
-    assert_problem(
-        idemsink("validate", dir.path(), &no_key),
-        "sink.columns",
-        "needs a unique index",
-    );
-
-    let hostile = good.replace(&good_table, "\"orders; drop table x\"");
-    assert_problem(
-        idemsink("validate", dir.path(), &hostile),
-        "sink.table",
-        "not a plain identifier",
-    );
+    let no_key_table = table(&pool, false).await;
+    // (what is wrong, the file's text, the key named, what the message says)
+    let cases = [
+        (
+            "unknown key",
+            good.replace("  table:", "  tabel: x\n  table:"),
+            "sink.tabel",
+            "unknown field `tabel`",
+        ),
+        (
+            "missing table",
+            good.replace(&good_table, "no_such_table"),
+            "sink.table",
+            "table no_such_table does not exist",
+        ),
+        (
+            "bad mode",
+            good.replace("  columns:", "  mode: merge\n  columns:"),
+            "sink.mode",
+            "unknown variant `merge`",
+        ),
+        (
+            "isolation.level overridden",
+            good.replace(
+                "  topics: [t]",
+                "  topics: [t]\n  properties:\n    isolation.level: read_uncommitted",
+            ),
+            "source.properties.isolation.level",
+            "may not be set",
+        ),
+        (
+            "unknown column",
+            good.replace("    body: /body", "    bodyy: /body"),
+            "sink.columns.bodyy",
+            "has no column `bodyy`",
+        ),
+        (
+            "no unique key",
+            config(&no_key_table),
+            "sink.columns",
+            "needs a unique index",
+        ),
+        (
+            "hostile table name",
+            good.replace(&good_table, "\"orders; drop table x\""),
+            "sink.table",
+            "not a plain identifier",
+        ),
+    ];
+    for (what, text, key, message) in &cases {
+        let (ok, output, file) = idemsink("validate", dir.path(), text);
+        assert!(!ok, "{what}: validate must fail:\n{output}");
+        let expected = format!("{}: {key}: ", file.display());
+        let line = output
+            .lines()
+            .find(|l| l.contains(&expected))
+            .unwrap_or_else(|| panic!("{what}: no line naming `{expected}`:\n{output}"));
+        assert!(
+            line.contains(message),
+            "{what}: `{line}` should say `{message}`"
+        );
+    }
 
     // `run` refuses the same way, with a one-line reason and a non-zero exit.
-    let (ok, text, file) = idemsink("run", dir.path(), &mode);
+    let (ok, text, file) = idemsink("run", dir.path(), &cases[2].1);
     assert!(!ok, "{text}");
     let last = text.lines().last().unwrap_or_default();
     assert!(

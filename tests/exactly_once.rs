@@ -26,13 +26,7 @@ async fn lands_20000_records_over_4_partitions_exactly_once_then_replays_change_
     let produced = with_ids(0..20_000, landed);
     let config = case.config("batch:\n  max_records: 2000\n  max_wait_ms: 50\n");
 
-    let connector = Connector::start(&config);
-    case.wait_for_offsets(&end, CATCH_UP).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(
-        status.success(),
-        "SIGTERM must end in a clean exit; log:\n{log}"
-    );
+    case.run_until_stored(&config, &end).await;
     assert_exactly_once(&case.rows().await, &produced);
     assert_eq!(
         case.stored_offsets().await,
@@ -59,10 +53,7 @@ async fn lands_20000_records_over_4_partitions_exactly_once_then_replays_change_
         .execute(&case.pool)
         .await
         .expect("delete offsets");
-    let replay = Connector::start(&config);
-    case.wait_for_offsets(&end, CATCH_UP).await;
-    let (status, log) = replay.stop(EXIT);
-    assert!(status.success(), "log:\n{log}");
+    let log = case.run_until_stored(&config, &end).await;
     assert_eq!(
         case.snapshot().await.0,
         before.0,
@@ -130,29 +121,48 @@ async fn sigkill_at_random_moments_while_streaming_loses_and_doubles_nothing() {
     assert_eq!(case.stored_offsets().await, end);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn records_of_committed_producer_transactions_land() {
-    let case = Case::new("txn", 2).await;
+/// Produces `transactions` transactions of 100 records each over the case's partitions,
+/// aborting those `abort` selects; returns the committed records and where they landed.
+async fn produce_transactions(
+    case: &Case,
+    transactions: i64,
+    abort: impl Fn(i64) -> bool,
+) -> Vec<(i64, (i32, i64))> {
+    use rdkafka::producer::Producer;
     let producer =
         testkit::transactional_producer(&case.brokers, &common::unique("txid")).expect("producer");
-    let mut produced = Vec::new();
-    for tx in 0..3i64 {
-        use rdkafka::producer::Producer;
+    let mut committed = Vec::new();
+    for tx in 0..transactions {
         producer.begin_transaction().expect("begin");
         let ids = tx * 100..(tx + 1) * 100;
         let landed = case.produce_ids(&producer, ids.clone()).await;
-        producer
-            .commit_transaction(Duration::from_secs(30))
-            .expect("commit");
-        produced.extend(with_ids(ids, landed));
+        if abort(tx) {
+            producer
+                .abort_transaction(Duration::from_secs(30))
+                .expect("abort");
+        } else {
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .expect("commit");
+            committed.extend(with_ids(ids, landed));
+        }
     }
-    // Control markers take offsets: the stored next offset is one past the last data record.
-    let end = testkit::end_offsets(&produced.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-    let connector = Connector::start(&case.config(""));
-    case.wait_for_offsets(&end, CATCH_UP).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "log:\n{log}");
-    assert_exactly_once(&case.rows().await, &produced);
+    committed
+}
+
+/// Runs the case's pipeline over the committed transactions and checks they landed exactly
+/// once. Control markers take offsets: the stored next offset is one past the last record.
+async fn assert_committed_transactions_land(case: &Case, committed: &[(i64, (i32, i64))]) {
+    let end = testkit::end_offsets(&committed.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    case.run_until_stored(&case.config(""), &end).await;
+    assert_exactly_once(&case.rows().await, committed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_of_committed_producer_transactions_land() {
+    let case = Case::new("txn", 2).await;
+    let committed = produce_transactions(&case, 3, |_| false).await;
+    assert_committed_transactions_land(&case, &committed).await;
 }
 
 /// Needs a broker that reports aborted transactions in Fetch (Apache Kafka); Tansu 0.6 and
@@ -163,33 +173,10 @@ async fn records_of_committed_producer_transactions_land() {
 async fn records_of_aborted_producer_transactions_never_land() {
     let kafka = std::env::var("IDEMSINK_TEST_KAFKA")
         .expect("IDEMSINK_TEST_KAFKA must name an Apache Kafka broker for this test; it cannot pass without checking");
-    std::env::set_var("IDEMSINK_TEST_BROKERS", &kafka);
-    let case = Case::new("abort", 2).await;
-    let producer =
-        testkit::transactional_producer(&case.brokers, &common::unique("txid")).expect("producer");
-    let mut committed = Vec::new();
-    for tx in 0..6i64 {
-        use rdkafka::producer::Producer;
-        producer.begin_transaction().expect("begin");
-        let ids = tx * 100..(tx + 1) * 100;
-        let landed = case.produce_ids(&producer, ids.clone()).await;
-        if tx % 2 == 0 {
-            producer
-                .commit_transaction(Duration::from_secs(30))
-                .expect("commit");
-            committed.extend(with_ids(ids, landed));
-        } else {
-            producer
-                .abort_transaction(Duration::from_secs(30))
-                .expect("abort");
-        }
-    }
-    let end = testkit::end_offsets(&committed.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-    let connector = Connector::start(&case.config(""));
-    case.wait_for_offsets(&end, CATCH_UP).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "log:\n{log}");
-    assert_exactly_once(&case.rows().await, &committed);
+    let case = Case::on_broker("abort", 2, kafka).await;
+    let committed = produce_transactions(&case, 6, |tx| tx % 2 == 1).await;
+    assert_eq!(committed.len(), 300);
+    assert_committed_transactions_land(&case, &committed).await;
 }
 
 /// Produces 100 good records, one bad one, 100 good ones to a single partition; the run must

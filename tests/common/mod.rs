@@ -59,8 +59,12 @@ impl Case {
     /// A topic with `partitions` partitions and the standard test table:
     /// `id bigint NOT NULL, body text NOT NULL, payload jsonb` plus the Kafka coordinates.
     pub async fn new(prefix: &str, partitions: i32) -> Case {
+        Case::on_broker(prefix, partitions, brokers()).await
+    }
+
+    /// The same, on a broker other than the default test broker.
+    pub async fn on_broker(prefix: &str, partitions: i32, brokers: String) -> Case {
         let name = unique(prefix);
-        let brokers = brokers();
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .connect(&database_url())
@@ -142,6 +146,19 @@ sink:
         testkit::produce(producer, &self.topic, &records)
             .await
             .expect("produce")
+    }
+
+    /// Runs the pipeline until it has stored `end`, then stops it with SIGTERM and asserts a
+    /// clean exit; returns its log.
+    pub async fn run_until_stored(&self, config: &Path, end: &BTreeMap<i32, i64>) -> String {
+        let connector = Connector::start(config);
+        self.wait_for_offsets(end, Duration::from_secs(120)).await;
+        let (status, log) = connector.stop(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "SIGTERM must end in a clean exit; log:\n{log}"
+        );
+        log
     }
 
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {

@@ -65,8 +65,10 @@ fn main() -> ExitCode {
 }
 
 fn fail(reason: &str) -> ExitCode {
-    // One line per problem; the first line is the reason.
-    eprintln!("idemsink: error: {reason}");
+    // Several configuration problems come as several lines: each is a reason on its own.
+    for line in reason.lines() {
+        eprintln!("idemsink: error: {line}");
+    }
     ExitCode::FAILURE
 }
 

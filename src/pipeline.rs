@@ -14,7 +14,6 @@ use rdkafka::Offset;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::batch::Batch;
@@ -98,75 +97,84 @@ pub async fn run(
     p: LoadedPipeline,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
-    let pipeline = p.config.pipeline.clone();
     let pool = connect(&p).await?;
-    offsets::migrate(&pool).await.map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {pipeline}: creating the offsets table failed: {e}"
-        ))
-    })?;
-    let plan = {
-        let mut conn = pool
-            .acquire()
-            .await
-            .map_err(|source| PipelineError::Database {
-                pipeline: pipeline.clone(),
-                context: "connecting",
-                source,
-            })?;
-        SinkPlan::prepare(&p, &mut conn)
-            .await
-            .map_err(ConfigErrors)?
-    };
+    let plan = prepare_sink(&p, &pool).await?;
+    let shared = Arc::new(subscribe(&p, pool.clone())?);
+    info!(
+        pipeline = %shared.pipeline,
+        table = %plan.table,
+        topics = %p.config.source.topics.join(","),
+        group = %p.group_id(),
+        "pipeline started"
+    );
 
-    let assignment = Arc::new(Assignment::default());
-    let context = SinkContext::new(&p, assignment.clone(), pool.clone());
-    let consumer: SinkConsumer =
-        client_config(&p)
-            .create_with_context(context)
-            .map_err(|source| PipelineError::Kafka {
-                pipeline: pipeline.clone(),
-                context: "creating the consumer",
-                source,
-            })?;
-    let topics: Vec<&str> = p.config.source.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|source| PipelineError::Kafka {
-            pipeline: pipeline.clone(),
-            context: "subscribing",
-            source,
-        })?;
-    info!(pipeline = %pipeline, table = %plan.table, topics = %topics.join(","), group = %p.group_id(), "pipeline started");
-
-    let store = OffsetStore::new(&pipeline);
-    let shared = Arc::new(Shared {
-        pipeline: pipeline.clone(),
-        start_from: p.config.source.start_from,
-        assignment,
-        consumer: Arc::new(consumer),
-        store: store.clone(),
-        pool: pool.clone(),
-    });
-    let writer = SqlWriter::new(pool.clone(), &plan, store);
+    let writer = SqlWriter::new(pool.clone(), &plan, shared.store.clone());
     let (batches, inbox) = mpsc::channel::<Batch>(1);
-    let writer_task: JoinHandle<Result<(), PipelineError>> =
-        tokio::spawn(write_loop(shared.clone(), writer, inbox));
-
+    let writer_task = tokio::spawn(write_loop(shared.clone(), writer, inbox));
     let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
-    let writing = match writer_task.await {
-        Ok(result) => result,
-        Err(e) => Err(PipelineError::Fatal(format!(
-            "pipeline {pipeline}: writer task failed: {e}"
-        ))),
-    };
+    let writing = writer_task.await.unwrap_or_else(|e| {
+        Err(PipelineError::Fatal(format!(
+            "pipeline {}: writer task failed: {e}",
+            shared.pipeline
+        )))
+    });
+    let pipeline = shared.pipeline.clone();
     close(shared).await;
     pool.close().await;
     writing?;
     reading?;
     info!(pipeline = %pipeline, "pipeline stopped");
     Ok(())
+}
+
+/// Creates idemsink's tables if needed, then checks the mapping against the target table.
+async fn prepare_sink(p: &LoadedPipeline, pool: &PgPool) -> Result<SinkPlan, PipelineError> {
+    let pipeline = &p.config.pipeline;
+    offsets::migrate(pool).await.map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {pipeline}: creating the offsets table failed: {e}"
+        ))
+    })?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|source| PipelineError::Database {
+            pipeline: pipeline.clone(),
+            context: "connecting",
+            source,
+        })?;
+    Ok(SinkPlan::prepare(p, &mut conn)
+        .await
+        .map_err(ConfigErrors)?)
+}
+
+/// Creates the consumer, whose rebalances load offsets from `pool`, and joins the group.
+fn subscribe(p: &LoadedPipeline, pool: PgPool) -> Result<Shared, PipelineError> {
+    let pipeline = p.config.pipeline.clone();
+    let kafka = |context| {
+        let pipeline = pipeline.clone();
+        move |source| PipelineError::Kafka {
+            pipeline,
+            context,
+            source,
+        }
+    };
+    let assignment = Arc::new(Assignment::default());
+    let context = SinkContext::new(p, assignment.clone(), pool.clone());
+    let consumer: SinkConsumer = client_config(p)
+        .create_with_context(context)
+        .map_err(kafka("creating the consumer"))?;
+    let topics: Vec<&str> = p.config.source.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(kafka("subscribing"))?;
+    Ok(Shared {
+        store: OffsetStore::new(&pipeline),
+        pipeline,
+        start_from: p.config.source.start_from,
+        assignment,
+        consumer: Arc::new(consumer),
+        pool,
+    })
 }
 
 /// Leaves the group: closing the consumer runs the final revocation, which needs polling,

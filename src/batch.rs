@@ -83,12 +83,15 @@ impl Batch {
         }
     }
 
-    /// The same batch without the spans `drop` selects, nor their rows.
-    pub fn without(self, drop: impl Fn(&Span) -> bool) -> Batch {
-        let keep: Vec<bool> = self.spans.iter().map(|s| !drop(s)).collect();
+    /// The same batch with only the spans whose flag in `keep` is set, and their rows.
+    pub fn retain_spans(self, keep: &[bool]) -> Batch {
+        debug_assert_eq!(keep.len(), self.spans.len());
+        if keep.iter().all(|k| *k) {
+            return self; // the usual case: nothing to copy
+        }
         let mut renumber = Vec::with_capacity(keep.len());
         let mut spans = Vec::new();
-        for (span, kept) in self.spans.into_iter().zip(&keep) {
+        for (span, kept) in self.spans.into_iter().zip(keep) {
             renumber.push(spans.len() as u32);
             if *kept {
                 spans.push(span);
@@ -131,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn spans_follow_partitions_and_epochs_and_without_drops_their_rows() {
+    fn spans_follow_partitions_and_epochs_and_retain_spans_drops_the_others_rows() {
         let mut b = Batch::new(2);
         b.push("t", 0, 1, 10, &mut row("a"));
         b.push("t", 1, 1, 5, &mut row("b"));
@@ -140,7 +143,7 @@ mod tests {
         assert_eq!(b.len(), 4);
         assert_eq!(b.spans.len(), 3);
         assert_eq!((b.spans[0].first, b.spans[0].last), (10, 12));
-        let b = b.without(|s| s.tp.partition == 0 && s.epoch == 1);
+        let b = b.retain_spans(&[false, true, true]);
         assert_eq!(b.len(), 2);
         assert_eq!(
             b.columns[0],
@@ -150,7 +153,7 @@ mod tests {
             b.spans.iter().map(|s| s.tp.partition).collect::<Vec<_>>(),
             vec![1, 0]
         );
-        let b = b.without(|s| s.tp.partition == 1);
+        let b = b.retain_spans(&[false, true]);
         assert_eq!(b.columns[0], vec![Some("d".to_string())]);
         assert_eq!(b.spans.len(), 1);
     }

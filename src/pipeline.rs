@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::batch::Batch;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
-use crate::consumer::{client_config, Assignment, SinkConsumer, SinkContext};
+use crate::consumer::{client_config, Assignment, Owned, SinkConsumer, SinkContext};
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
 use crate::offsets::{self, OffsetMove, OffsetStore};
 use crate::writer::{SinkPlan, SqlWriter, WriteOutcome};
@@ -341,22 +341,27 @@ async fn commit_batch(
     mut batch: Batch,
 ) -> Result<(), PipelineError> {
     loop {
-        // Only what this instance still owns, read in the epoch it still owns it in.
+        // Only what this instance still owns, read in the epoch it still owns it in. One look
+        // per span decides both the rows written and the offsets moved, so rows never go in
+        // without the offsets that cover them.
         let assignment = &shared.assignment;
-        batch = batch.without(|s| assignment.owned(&s.tp).is_none_or(|o| o.epoch != s.epoch));
+        let owned: Vec<Option<Owned>> = batch
+            .spans
+            .iter()
+            .map(|s| assignment.owned(&s.tp).filter(|o| o.epoch == s.epoch))
+            .collect();
+        batch = batch.retain_spans(&owned.iter().map(Option::is_some).collect::<Vec<_>>());
         let moves: Vec<(OffsetMove, u64)> = batch
             .spans
             .iter()
-            .filter_map(|s| {
-                let owned = assignment.owned(&s.tp)?;
-                Some((
-                    OffsetMove {
-                        tp: s.tp.clone(),
-                        expected: owned.db_next,
-                        next: s.last + 1,
-                    },
-                    s.epoch,
-                ))
+            .zip(owned.iter().flatten())
+            .map(|(s, o)| {
+                let m = OffsetMove {
+                    tp: s.tp.clone(),
+                    expected: o.db_next,
+                    next: s.last + 1,
+                };
+                (m, s.epoch)
             })
             .collect();
         if moves.is_empty() {

@@ -1,8 +1,6 @@
 //! A batch: converted rows held column by column (the shape the SQL writer binds), with the
 //! span of offsets each partition contributed — what the batch's transaction will commit.
 
-use std::time::Instant;
-
 use crate::offsets::TopicPartition;
 
 /// The records one partition contributed to a batch, read in one epoch of ownership.
@@ -21,7 +19,6 @@ pub struct Batch {
     /// For each row, the index of its span.
     row_span: Vec<u32>,
     pub spans: Vec<Span>,
-    pub opened_at: Instant,
 }
 
 impl Batch {
@@ -30,7 +27,6 @@ impl Batch {
             columns: vec![Vec::new(); column_count],
             row_span: Vec::new(),
             spans: Vec::new(),
-            opened_at: Instant::now(),
         }
     }
 
@@ -52,9 +48,6 @@ impl Batch {
         cells: &mut Vec<Option<String>>,
     ) {
         debug_assert_eq!(cells.len(), self.columns.len());
-        if self.is_empty() {
-            self.opened_at = Instant::now();
-        }
         let index =
             match self.spans.iter().rposition(|s| {
                 s.tp.partition == partition && s.epoch == epoch && s.tp.topic == topic
@@ -120,7 +113,6 @@ impl Batch {
             columns,
             row_span,
             spans,
-            opened_at: self.opened_at,
         }
     }
 }

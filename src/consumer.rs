@@ -62,8 +62,8 @@ pub struct Owned {
 #[derive(Debug, Default)]
 pub struct Assignment {
     state: Mutex<AssignmentState>,
-    /// Wakes the consumer loop when a seek is waiting.
-    pub seek_wake: Notify,
+    /// Wakes the consumer loop when a seek or a fatal error is waiting for it.
+    pub wake: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -162,7 +162,7 @@ impl Assignment {
             .seeks
             .push((tp.clone(), start_offset(stored, start_from)));
         drop(state);
-        self.seek_wake.notify_one();
+        self.wake.notify_one();
     }
 
     pub fn take_seeks(&self) -> Vec<(TopicPartition, Offset)> {
@@ -171,7 +171,7 @@ impl Assignment {
 
     fn set_fatal(&self, reason: String) {
         self.lock().fatal.get_or_insert(reason);
-        self.seek_wake.notify_one();
+        self.wake.notify_one();
     }
 
     /// A failure inside a rebalance that the pipeline cannot continue from.

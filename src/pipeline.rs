@@ -213,17 +213,20 @@ async fn read_loop(
         // A closed channel means the writer stopped on an error, which `run` reports.
         batches.send(batch).await.is_ok()
     };
+    // Armed when a batch gets its first row; fires if the batch is still open then.
+    let flush_timer = tokio::time::sleep(max_wait);
+    tokio::pin!(flush_timer);
     loop {
-        if let Some(reason) = shared.assignment.fatal() {
-            return Err(PipelineError::Fatal(reason));
-        }
-        apply_seeks(shared);
-        let flush_at = tokio::time::Instant::from_std(batch.opened_at + max_wait);
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            _ = shared.assignment.seek_wake.notified() => continue,
-            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {
+            _ = shared.assignment.wake.notified() => {
+                if let Some(reason) = shared.assignment.fatal() {
+                    return Err(PipelineError::Fatal(reason));
+                }
+                apply_seeks(shared);
+            }
+            _ = &mut flush_timer, if !batch.is_empty() => {
                 if !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
                     return Ok(());
                 }
@@ -233,6 +236,7 @@ async fn read_loop(
                     Ok(m) => m,
                     Err(e) => { consumer_error(&shared.pipeline, e)?; continue; }
                 };
+                let opens_batch = batch.is_empty();
                 if let Err(error) = add_record(shared, &mapper, &message, &mut batch, &mut cells) {
                     let failed = PipelineError::BadRecord {
                         pipeline: shared.pipeline.clone(),
@@ -246,6 +250,9 @@ async fn read_loop(
                         send(batch).await;
                     }
                     return Err(failed);
+                }
+                if opens_batch && !batch.is_empty() {
+                    flush_timer.as_mut().reset(tokio::time::Instant::now() + max_wait);
                 }
                 if batch.len() >= max_records && !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
                     return Ok(());

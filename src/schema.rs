@@ -94,6 +94,9 @@ pub struct TableSchema {
     pub columns: Vec<TableColumn>,
     /// Column sets of the unique indexes usable as `ON CONFLICT` targets.
     pub unique_keys: Vec<Vec<String>>,
+    /// Whether `COPY FROM` can write it: a plain or partitioned table without row-level
+    /// security (views and RLS tables take INSERT only).
+    pub copy_allowed: bool,
 }
 
 impl TableSchema {
@@ -108,6 +111,12 @@ impl TableSchema {
                 .fetch_one(&mut *conn)
                 .await?;
         let Some(oid) = oid else { return Ok(None) };
+        let copy_allowed: bool = sqlx::query_scalar(
+            "SELECT relkind IN ('r', 'p') AND NOT relrowsecurity FROM pg_class WHERE oid = $1",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
         let rows: Vec<(String, String, String, i32, bool, bool, bool)> = sqlx::query_as(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypmod,
                     a.attnotnull, a.atthasdef, a.attgenerated <> ''
@@ -150,6 +159,7 @@ impl TableSchema {
             table: table.clone(),
             columns,
             unique_keys,
+            copy_allowed,
         }))
     }
 

@@ -20,6 +20,8 @@ pub struct SinkPlan {
     pub columns: Vec<ColumnPlan>,
     /// The `ON CONFLICT` target.
     pub conflict_columns: Vec<String>,
+    /// Whether rows may go in by `COPY` (see [`SqlWriter`]).
+    pub copy_allowed: bool,
 }
 
 impl SinkPlan {
@@ -67,6 +69,7 @@ impl SinkPlan {
             table,
             columns,
             conflict_columns,
+            copy_allowed: schema.copy_allowed,
         })
     }
 
@@ -108,13 +111,20 @@ pub enum WriteOutcome {
 }
 
 /// Writes batches into one table, and offsets into the offset store, transactionally.
+///
+/// Rows go in by `COPY … FROM STDIN` inside the batch's transaction when the table allows it:
+/// PostgreSQL inserts COPY rows in bulk, far faster than an INSERT of the same rows. `COPY`
+/// cannot skip existing rows, so it runs inside a savepoint, and a batch that meets a row
+/// already written (a replay after a restart or a rebalance) is rolled back to it and written
+/// again with `INSERT … ON CONFLICT (<conflict columns>) DO NOTHING`. Either way the rows that
+/// land are the same, and they commit with their offsets or not at all.
 #[derive(Debug, Clone)]
 pub struct SqlWriter {
     pool: PgPool,
-    /// Plain insert: the fast path, taken while no row of the batch exists yet.
+    /// `COPY <table> (<columns>) FROM STDIN`, when the table allows it.
+    copy_sql: Option<String>,
+    /// `INSERT … ON CONFLICT (<conflict columns>) DO NOTHING`.
     insert_sql: String,
-    /// `ON CONFLICT (<conflict columns>) DO NOTHING`: for batches that replay rows.
-    insert_skipping_replays_sql: String,
     store: OffsetStore,
 }
 
@@ -123,48 +133,49 @@ const UNIQUE_VIOLATION: &str = "23505";
 
 impl SqlWriter {
     pub fn new(pool: PgPool, plan: &SinkPlan, store: OffsetStore) -> SqlWriter {
-        let conflict: Vec<String> = plan.conflict_columns.iter().map(|c| quote(c)).collect();
-        let on_conflict = format!(" ON CONFLICT ({}) DO NOTHING", conflict.join(", "));
+        let quoted = |names: &mut dyn Iterator<Item = &String>| {
+            names.map(|c| quote(c)).collect::<Vec<_>>().join(", ")
+        };
+        let conflict = quoted(&mut plan.conflict_columns.iter());
+        let columns = quoted(&mut plan.columns.iter().map(|c| &c.name));
         SqlWriter {
             pool,
-            insert_sql: plan.insert_sql(""),
-            insert_skipping_replays_sql: plan.insert_sql(&on_conflict),
+            copy_sql: plan
+                .copy_allowed
+                .then(|| format!("COPY {} ({columns}) FROM STDIN", plan.table.quoted())),
+            insert_sql: plan.insert_sql(&format!(" ON CONFLICT ({conflict}) DO NOTHING")),
             store,
         }
     }
 
-    /// Inserts the rows, skipping those already present. `ON CONFLICT DO NOTHING` costs
-    /// about two thirds more than a plain insert (measured: 5.1 s vs 3.1 s per million
-    /// rows), and replays are rare, so the plain insert is tried first inside a savepoint;
-    /// only a batch that meets an existing row pays for the conflict-skipping statement.
+    /// Writes the rows, skipping those already present; returns how many were new.
     async fn insert_rows(&self, tx: &mut PgConnection, batch: &Batch) -> Result<u64, sqlx::Error> {
-        let bind = |sql| {
-            batch
-                .columns
-                .iter()
-                .fold(sqlx::query(sql), |q, cells| q.bind(cells.as_slice()))
-        };
-        sqlx::query("SAVEPOINT idemsink_rows")
-            .execute(&mut *tx)
-            .await?;
-        match bind(&self.insert_sql).execute(&mut *tx).await {
-            Ok(done) => {
-                sqlx::query("RELEASE SAVEPOINT idemsink_rows")
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(done.rows_affected())
+        if let Some(copy_sql) = &self.copy_sql {
+            sqlx::query("SAVEPOINT idemsink_rows")
+                .execute(&mut *tx)
+                .await?;
+            match copy_rows(tx, copy_sql, batch).await {
+                Ok(rows) => {
+                    sqlx::query("RELEASE SAVEPOINT idemsink_rows")
+                        .execute(&mut *tx)
+                        .await?;
+                    return Ok(rows);
+                }
+                Err(e) if is_unique_violation(&e) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) if is_unique_violation(&e) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
-                    .execute(&mut *tx)
-                    .await?;
-                let done = bind(&self.insert_skipping_replays_sql)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(done.rows_affected())
-            }
-            Err(e) => Err(e),
         }
+        let insert = batch
+            .columns
+            .iter()
+            .fold(sqlx::query(&self.insert_sql), |q, cells| {
+                q.bind(cells.as_slice())
+            });
+        Ok(insert.execute(&mut *tx).await?.rows_affected())
     }
 
     /// Inserts the batch's rows, then moves the offsets by compare-and-set, in one
@@ -193,4 +204,56 @@ impl SqlWriter {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).as_deref() == Some(UNIQUE_VIOLATION)
+}
+
+/// Streams the batch as `COPY` text: tab-separated cells, `\N` for NULL, backslash escapes.
+async fn copy_rows(
+    tx: &mut PgConnection,
+    copy_sql: &str,
+    batch: &Batch,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = tx.copy_in_raw(copy_sql).await?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    for row in 0..batch.len() {
+        for (i, column) in batch.columns.iter().enumerate() {
+            if i > 0 {
+                buf.push(b'\t');
+            }
+            match &column[row] {
+                None => buf.extend_from_slice(b"\\N"),
+                Some(text) => push_copy_escaped(&mut buf, text),
+            }
+        }
+        buf.push(b'\n');
+        if buf.len() >= 60 * 1024 {
+            copy.send(buf.as_slice()).await?;
+            buf.clear();
+        }
+    }
+    copy.send(buf).await?;
+    copy.finish().await
+}
+
+fn push_copy_escaped(buf: &mut Vec<u8>, text: &str) {
+    for &b in text.as_bytes() {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            other => buf.push(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        let mut buf = Vec::new();
+        push_copy_escaped(&mut buf, "a\tb\nc\rd\\e\\.f");
+        assert_eq!(buf, b"a\\tb\\nc\\rd\\\\e\\\\.f");
+    }
 }

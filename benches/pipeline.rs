@@ -4,7 +4,8 @@
 //! settings. Reports the ratio to the slower ceiling per run and the median of the runs.
 //!
 //! Run with `scripts/bench.sh` (starts PostgreSQL and the broker). Environment:
-//! BENCH_RECORDS (default 1000000), BENCH_RUNS (default 3).
+//! BENCH_RECORDS (default 1000000), BENCH_RUNS (default 3), BENCH_LOG (idemsink's RUST_LOG,
+//! default warn; `idemsink=debug` shows every batch with its duration).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -246,7 +247,10 @@ async fn idemsink_run(
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()?;
     let waited = testkit::wait_for_offsets(pool, tag, topic, end, Duration::from_secs(600)).await;
     let elapsed = started.elapsed();

@@ -216,6 +216,9 @@ impl fmt::Display for ConvertError {
 #[derive(Debug, Clone)]
 pub struct RowMapper {
     columns: Vec<ColumnPlan>,
+    /// Per column, the unescaped reference tokens of its JSON Pointer (empty for others),
+    /// split once here rather than for every record.
+    pointer_tokens: Vec<Vec<String>>,
     parses_value: bool,
     parses_key: bool,
 }
@@ -225,8 +228,8 @@ enum Field<'a> {
     Missing,
     Json(&'a Value),
     Owned(Value),
-    /// Raw bytes of the key or value, with the JSON parse where one was made.
-    Bytes(&'a [u8]),
+    /// Raw bytes of the key or value, with their JSON parse where one was made anyway.
+    Bytes(&'a [u8], Option<&'a Value>),
 }
 
 impl RowMapper {
@@ -235,8 +238,16 @@ impl RowMapper {
         let parses_key = columns
             .iter()
             .any(|c| matches!(c.source, Source::KeyPointer(_)));
+        let pointer_tokens = columns
+            .iter()
+            .map(|c| match &c.source {
+                Source::ValuePointer(p) | Source::KeyPointer(p) => pointer_tokens(p),
+                _ => Vec::new(),
+            })
+            .collect();
         RowMapper {
             columns,
+            pointer_tokens,
             parses_value,
             parses_key,
         }
@@ -271,12 +282,16 @@ impl RowMapper {
         } else {
             None
         };
-        for column in &self.columns {
+        for (column, tokens) in self.columns.iter().zip(&self.pointer_tokens) {
             let field = match &column.source {
-                Source::Value => record.value.map_or(Field::Missing, Field::Bytes),
-                Source::Key => record.key.map_or(Field::Missing, Field::Bytes),
-                Source::ValuePointer(p) => pointer(value_doc.as_ref(), p),
-                Source::KeyPointer(p) => pointer(key_doc.as_ref(), p),
+                Source::Value => record
+                    .value
+                    .map_or(Field::Missing, |b| Field::Bytes(b, value_doc.as_ref())),
+                Source::Key => record
+                    .key
+                    .map_or(Field::Missing, |b| Field::Bytes(b, key_doc.as_ref())),
+                Source::ValuePointer(_) => lookup(value_doc.as_ref(), tokens),
+                Source::KeyPointer(_) => lookup(key_doc.as_ref(), tokens),
                 Source::Topic => Field::Owned(Value::String(record.topic.to_string())),
                 Source::Partition => Field::Owned(Value::from(record.partition)),
                 Source::Offset => Field::Owned(Value::from(record.offset)),
@@ -321,11 +336,37 @@ fn parse_json(bytes: Option<&[u8]>, what: &str, column: &str) -> Result<Value, C
     })
 }
 
-fn pointer<'a>(doc: Option<&'a Value>, p: &str) -> Field<'a> {
-    match doc.and_then(|d| d.pointer(p)) {
+/// The reference tokens of a JSON Pointer, unescaped (`~1` is `/`, `~0` is `~`).
+fn pointer_tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// Resolves pre-split pointer tokens as `Value::pointer` does, without its per-token
+/// allocations (this runs for every column of every record).
+fn lookup<'a>(doc: Option<&'a Value>, tokens: &[String]) -> Field<'a> {
+    let found = doc.and_then(|d| {
+        tokens.iter().try_fold(d, |v, token| match v {
+            Value::Object(map) => map.get(token),
+            Value::Array(items) => array_index(token).and_then(|i| items.get(i)),
+            _ => None,
+        })
+    });
+    match found {
         None | Some(Value::Null) => Field::Missing,
         Some(v) => Field::Json(v),
     }
+}
+
+/// An RFC 6901 array index: decimal digits without a leading zero or sign.
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
 }
 
 fn convert_field(kind: ColumnKind, field: Field<'_>) -> Result<Option<String>, String> {
@@ -333,19 +374,29 @@ fn convert_field(kind: ColumnKind, field: Field<'_>) -> Result<Option<String>, S
         Field::Missing => Ok(None),
         Field::Json(v) => convert_json(kind, v).map(Some),
         Field::Owned(v) => convert_json(kind, &v).map(Some),
-        Field::Bytes(b) => convert_bytes(kind, b).map(Some),
+        Field::Bytes(b, parsed) => convert_bytes(kind, b, parsed).map(Some),
     }
 }
 
 /// Raw key or value bytes: JSON columns take them verbatim (once checked), bytea as bytes,
-/// everything else reads them as a UTF-8 string.
-fn convert_bytes(kind: ColumnKind, bytes: &[u8]) -> Result<String, String> {
+/// everything else reads them as a UTF-8 string. `parsed` is their JSON parse when the
+/// mapper made one for pointer columns: it proves the bytes are JSON without parsing again.
+fn convert_bytes(kind: ColumnKind, bytes: &[u8], parsed: Option<&Value>) -> Result<String, String> {
     match kind {
         ColumnKind::Bytea => Ok(hex_bytea(bytes)),
         ColumnKind::Json | ColumnKind::Jsonb => {
-            let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-            if kind == ColumnKind::Jsonb {
-                reject_nul_in_json(&doc)?;
+            let parsed_here;
+            let doc = match parsed {
+                Some(doc) => doc,
+                None => {
+                    parsed_here = serde_json::from_slice::<Value>(bytes)
+                        .map_err(|e| format!("not JSON: {e}"))?;
+                    &parsed_here
+                }
+            };
+            // JSON text holds a NUL only as an escape; look at the values only if one may be there.
+            if kind == ColumnKind::Jsonb && may_hold_nul_escape(bytes) {
+                reject_nul_in_json(doc)?;
             }
             let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
             Ok(text.to_string())
@@ -573,6 +624,13 @@ fn timestamp(v: &Value, with_zone: bool) -> Result<String, String> {
     } else {
         utc.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string()
     })
+}
+
+fn may_hold_nul_escape(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\\' && bytes.get(i + 1..i + 6) == Some(b"u0000"))
 }
 
 fn reject_nul_in_json(v: &Value) -> Result<(), String> {
@@ -807,10 +865,53 @@ mod tests {
             Ok("67e55044-10b1-426f-9247-bb680e5fe0c8")
         );
         assert_eq!(
-            convert_bytes(ColumnKind::Bytea, &[0, 255]).as_deref(),
+            convert_bytes(ColumnKind::Bytea, &[0, 255], None).as_deref(),
             Ok("\\x00ff")
         );
-        assert!(convert_bytes(ColumnKind::Text { max_chars: None }, &[0xff]).is_err());
+        assert!(convert_bytes(ColumnKind::Text { max_chars: None }, &[0xff], None).is_err());
+    }
+
+    #[test]
+    fn pointer_lookup_agrees_with_serde_json() {
+        let doc: Value = serde_json::from_str(
+            r#"{"a": {"b/c": [10, {"d~e": true}]}, "": 1, "arr": [0, 1], "n": null}"#,
+        )
+        .expect("json");
+        for p in [
+            "/a",
+            "/a/b~1c",
+            "/a/b~1c/0",
+            "/a/b~1c/1/d~0e",
+            "/",
+            "/arr/1",
+            "/arr/01",
+            "/arr/+1",
+            "/arr/9",
+            "/x/y",
+            "/n",
+        ] {
+            let expected = match doc.pointer(p) {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v),
+            };
+            let got = match lookup(Some(&doc), &pointer_tokens(p)) {
+                Field::Json(v) => Some(v),
+                _ => None,
+            };
+            assert_eq!(got, expected, "{p}");
+        }
+    }
+
+    #[test]
+    fn jsonb_from_raw_bytes_refuses_nul_whether_parsed_or_not() {
+        let raw = br#"{"a": "x\u0000y"}"#;
+        let doc: Value = serde_json::from_slice(raw).expect("json");
+        assert!(convert_bytes(ColumnKind::Jsonb, raw, None).is_err());
+        assert!(convert_bytes(ColumnKind::Jsonb, raw, Some(&doc)).is_err());
+        assert!(convert_bytes(ColumnKind::Json, raw, Some(&doc)).is_ok());
+        let escaped_backslash = br#"{"a": "x\\u0000y"}"#;
+        assert!(convert_bytes(ColumnKind::Jsonb, escaped_backslash, None).is_ok());
+        assert!(convert_bytes(ColumnKind::Jsonb, b"{nope", None).is_err());
     }
 
     #[test]

@@ -235,15 +235,21 @@ async fn copy_rows(
 }
 
 fn push_copy_escaped(buf: &mut Vec<u8>, text: &str) {
-    for &b in text.as_bytes() {
-        match b {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            other => buf.push(other),
-        }
+    let bytes = text.as_bytes();
+    let mut plain_from = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[plain_from..i]);
+        buf.extend_from_slice(escaped);
+        plain_from = i + 1;
     }
+    buf.extend_from_slice(&bytes[plain_from..]);
 }
 
 #[cfg(test)]

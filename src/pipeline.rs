@@ -220,6 +220,9 @@ async fn read_loop(
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
+            // The writer stopped on an error (which `run` reports): stop reading at once,
+            // even when no record is coming that would have to be sent to it.
+            _ = batches.closed() => return Ok(()),
             _ = shared.assignment.wake.notified() => {
                 if let Some(reason) = shared.assignment.fatal() {
                     return Err(PipelineError::Fatal(reason));

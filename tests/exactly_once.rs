@@ -370,3 +370,36 @@ async fn awkward_values_arrive_byte_for_byte_on_first_write_and_on_replay() {
         "the replay re-inserted exactly the 3 deleted rows; log:\n{log}"
     );
 }
+
+/// A row the database itself refuses (here a CHECK constraint idemsink cannot know about)
+/// stops the pipeline with the database's reason; nothing of that batch is committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_nothing_of_its_batch()
+{
+    let case = Case::new("check", 1).await;
+    sqlx::query(&format!(
+        "ALTER TABLE {} ADD CONSTRAINT id_below_50 CHECK (id < 50)",
+        case.table
+    ))
+    .execute(&case.pool)
+    .await
+    .expect("add check");
+    let producer = case.producer();
+    case.produce_ids(&producer, 0..60).await;
+    let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 200\n");
+    let (status, log) = Connector::start(&config).wait(Duration::from_secs(60));
+    assert!(!status.success(), "the run must fail; log:\n{log}");
+    let last = log
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    assert!(
+        last.starts_with("idemsink: error: ") && last.contains("id_below_50"),
+        "the reason names the constraint: {last}"
+    );
+    assert!(
+        case.rows().await.is_empty(),
+        "nothing of the refused batch is committed"
+    );
+    assert!(case.stored_offsets().await.is_empty(), "no offset moved");
+}

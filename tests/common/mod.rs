@@ -149,10 +149,25 @@ sink:
     }
 
     /// Runs the pipeline until it has stored `end`, then stops it with SIGTERM and asserts a
-    /// clean exit; returns its log.
+    /// clean exit; returns its log. Fails at once, with the log, if idemsink exits before.
     pub async fn run_until_stored(&self, config: &Path, end: &BTreeMap<i32, i64>) -> String {
-        let connector = Connector::start(config);
-        self.wait_for_offsets(end, Duration::from_secs(120)).await;
+        let mut connector = Connector::start(config);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while &self.stored_offsets().await != end {
+            if let Some(status) = connector.exited() {
+                panic!(
+                    "idemsink exited ({status}) before storing {end:?}; log:\n{}",
+                    connector.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not caught up within 120 s; stored {:?}, log:\n{}",
+                self.stored_offsets().await,
+                connector.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let (status, log) = connector.stop(Duration::from_secs(20));
         assert!(
             status.success(),
@@ -285,6 +300,13 @@ impl Connector {
             .status()
             .expect("kill");
         assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL, then reap.

@@ -105,6 +105,7 @@ pub async fn run(
         table = %plan.table,
         topics = %p.config.source.topics.join(","),
         group = %p.group_id(),
+        rows_by = if plan.copy_allowed { "copy" } else { "insert" },
         "pipeline started"
     );
 

@@ -26,7 +26,11 @@ async fn lands_20000_records_over_4_partitions_exactly_once_then_replays_change_
     let produced = with_ids(0..20_000, landed);
     let config = case.config("batch:\n  max_records: 2000\n  max_wait_ms: 50\n");
 
-    case.run_until_stored(&config, &end).await;
+    let log = case.run_until_stored(&config, &end).await;
+    assert!(
+        log.contains("rows_by=\"copy\""),
+        "rows go in by COPY; log:\n{log}"
+    );
     assert_exactly_once(&case.rows().await, &produced);
     assert_eq!(
         case.stored_offsets().await,
@@ -402,4 +406,37 @@ async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_no
         "nothing of the refused batch is committed"
     );
     assert!(case.stored_offsets().await.is_empty(), "no offset moved");
+}
+
+/// COPY may not write a table with row-level security: such a table takes the INSERT path
+/// for every batch, with the same result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_with_row_level_security_is_written_by_insert_exactly_once() {
+    let case = Case::new("rls", 2).await;
+    for sql in [
+        format!("ALTER TABLE {} ENABLE ROW LEVEL SECURITY", case.table),
+        format!(
+            "CREATE POLICY everything ON {} USING (true) WITH CHECK (true)",
+            case.table
+        ),
+    ] {
+        sqlx::query(&sql)
+            .execute(&case.pool)
+            .await
+            .expect("enable row-level security");
+    }
+    let producer = case.producer();
+    let landed = case.produce_ids(&producer, 0..3000).await;
+    let end = testkit::end_offsets(&landed);
+    let log = case
+        .run_until_stored(
+            &case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n"),
+            &end,
+        )
+        .await;
+    assert!(
+        log.contains("rows_by=\"insert\""),
+        "the INSERT path is used; log:\n{log}"
+    );
+    assert_exactly_once(&case.rows().await, &with_ids(0..3000, landed));
 }

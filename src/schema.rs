@@ -34,6 +34,11 @@ pub fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// `"a", "b"`: a list of quoted identifiers.
+pub fn quote_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names.into_iter().map(quote).collect::<Vec<_>>().join(", ")
+}
+
 /// A table name from the config, optionally schema-qualified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName {

@@ -1,9 +1,5 @@
-//! The SQL writer: plans the INSERT from the table's own description, and writes one batch
-//! — its rows and the offsets that cover them — in one transaction.
-//!
-//! Rows go in with a single statement per batch that binds one text array per column and
-//! unnests them (`INSERT … SELECT … FROM UNNEST($1::text[], …)`): one round trip, one plan,
-//! no limit on bind parameters, whatever the batch size.
+//! The SQL writer: plans the statements from the table's own description, and writes one
+//! batch — its rows and the offsets that cover them — in one transaction (see [`SqlWriter`]).
 
 use sqlx::{PgConnection, PgPool};
 
@@ -11,7 +7,7 @@ use crate::batch::Batch;
 use crate::config::{ConfigError, LoadedPipeline, SinkMode};
 use crate::mapping::{ColumnPlan, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
-use crate::schema::{quote, TableName, TableSchema};
+use crate::schema::{quote_list, TableName, TableSchema};
 
 /// What the table says about a pipeline's mapping, checked.
 #[derive(Debug, Clone)]
@@ -61,7 +57,7 @@ impl SinkPlan {
                      ALTER TABLE {} ADD UNIQUE ({})",
                     target.join(", "),
                     table.quoted(),
-                    conflict_columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")
+                    quote_list(target.iter().copied())
                 ),
             )]);
         }
@@ -77,9 +73,9 @@ impl SinkPlan {
         RowMapper::new(self.columns.clone())
     }
 
-    /// `INSERT … SELECT … FROM UNNEST(…)`, plus `suffix`.
-    fn insert_sql(&self, suffix: &str) -> String {
-        let names: Vec<String> = self.columns.iter().map(|c| quote(&c.name)).collect();
+    /// `INSERT … SELECT … FROM UNNEST($1::text[], …) ON CONFLICT (…) DO NOTHING`: one
+    /// statement per batch whatever its size, binding one array per column.
+    fn insert_sql(&self) -> String {
         let casts: Vec<String> = self
             .columns
             .iter()
@@ -91,13 +87,29 @@ impl SinkPlan {
             .collect();
         let aliases: Vec<String> = (0..self.columns.len()).map(|i| format!("c{i}")).collect();
         format!(
-            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS r({}){suffix}",
+            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS r({}) ON CONFLICT ({}) DO NOTHING",
             self.table.quoted(),
-            names.join(", "),
+            self.column_list(),
             casts.join(", "),
             arrays.join(", "),
             aliases.join(", "),
+            quote_list(self.conflict_columns.iter().map(String::as_str)),
         )
+    }
+
+    /// `COPY <table> (<columns>) FROM STDIN`, when the table allows it.
+    fn copy_sql(&self) -> Option<String> {
+        self.copy_allowed.then(|| {
+            format!(
+                "COPY {} ({}) FROM STDIN",
+                self.table.quoted(),
+                self.column_list()
+            )
+        })
+    }
+
+    fn column_list(&self) -> String {
+        quote_list(self.columns.iter().map(|c| c.name.as_str()))
     }
 }
 
@@ -133,17 +145,10 @@ const UNIQUE_VIOLATION: &str = "23505";
 
 impl SqlWriter {
     pub fn new(pool: PgPool, plan: &SinkPlan, store: OffsetStore) -> SqlWriter {
-        let quoted = |names: &mut dyn Iterator<Item = &String>| {
-            names.map(|c| quote(c)).collect::<Vec<_>>().join(", ")
-        };
-        let conflict = quoted(&mut plan.conflict_columns.iter());
-        let columns = quoted(&mut plan.columns.iter().map(|c| &c.name));
         SqlWriter {
             pool,
-            copy_sql: plan
-                .copy_allowed
-                .then(|| format!("COPY {} ({columns}) FROM STDIN", plan.table.quoted())),
-            insert_sql: plan.insert_sql(&format!(" ON CONFLICT ({conflict}) DO NOTHING")),
+            copy_sql: plan.copy_sql(),
+            insert_sql: plan.insert_sql(),
             store,
         }
     }

@@ -82,6 +82,8 @@ async fn main() -> Result<()> {
         &cli.topic,
         &end,
         Duration::from_secs(cli.timeout_secs),
+        // idemsink is the shell's child here; scripts/demo.sh reports its exit status.
+        || Ok(()),
     )
     .await?;
     println!(

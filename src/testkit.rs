@@ -165,13 +165,15 @@ pub async fn stored_offsets(
     Ok(rows.into_iter().collect())
 }
 
-/// Waits until the stored offsets equal `target` for every partition in it.
+/// Waits until the stored offsets equal `target` for every partition in it. `healthy` is
+/// asked at every poll and ends the wait with its error (e.g. the connector process died).
 pub async fn wait_for_offsets(
     pool: &PgPool,
     pipeline: &str,
     topic: &str,
     target: &BTreeMap<i32, i64>,
     timeout: Duration,
+    mut healthy: impl FnMut() -> Result<()>,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -179,6 +181,7 @@ pub async fn wait_for_offsets(
         if target.iter().all(|(p, end)| stored.get(p) == Some(end)) {
             return Ok(());
         }
+        healthy()?;
         if Instant::now() > deadline {
             bail!("pipeline {pipeline} did not reach {target:?} within {timeout:?}; stored: {stored:?}");
         }

@@ -152,22 +152,26 @@ sink:
     /// clean exit; returns its log. Fails at once, with the log, if idemsink exits before.
     pub async fn run_until_stored(&self, config: &Path, end: &BTreeMap<i32, i64>) -> String {
         let mut connector = Connector::start(config);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while &self.stored_offsets().await != end {
-            if let Some(status) = connector.exited() {
-                panic!(
-                    "idemsink exited ({status}) before storing {end:?}; log:\n{}",
-                    connector.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not caught up within 120 s; stored {:?}, log:\n{}",
-                self.stored_offsets().await,
-                connector.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let waited = testkit::wait_for_offsets(
+            &self.pool,
+            &self.name,
+            &self.topic,
+            end,
+            Duration::from_secs(120),
+            || match connector.exited() {
+                Some(status) => anyhow::bail!("idemsink exited ({status}) before storing {end:?}"),
+                None => Ok(()),
+            },
+        )
+        .await;
+        if let Err(e) = waited {
+            panic!("{e}; log:\n{}", connector.log_text());
         }
+        assert_eq!(
+            &self.stored_offsets().await,
+            end,
+            "offsets stored for exactly the produced partitions"
+        );
         let (status, log) = connector.stop(Duration::from_secs(20));
         assert!(
             status.success(),
@@ -177,7 +181,7 @@ sink:
     }
 
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {
-        testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout)
+        testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout, || Ok(()))
             .await
             .expect("caught up");
     }

@@ -252,19 +252,18 @@ async fn idemsink_run(
             std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .spawn()?;
-    let waited =
-        testkit::wait_for_offsets(
-            pool,
-            tag,
-            topic,
-            end,
-            Duration::from_secs(600),
-            || match child.try_wait()? {
-                Some(status) => bail!("idemsink exited ({status}) before catching up"),
-                None => Ok(()),
-            },
-        )
-        .await;
+    let waited = testkit::wait_for_offsets(
+        &idemsink::db::DbPool::Postgres(pool.clone()),
+        tag,
+        topic,
+        end,
+        Duration::from_secs(600),
+        || match child.try_wait()? {
+            Some(status) => bail!("idemsink exited ({status}) before catching up"),
+            None => Ok(()),
+        },
+    )
+    .await;
     let elapsed = started.elapsed();
     let _ = std::process::Command::new("kill")
         .arg("-TERM")

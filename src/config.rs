@@ -74,15 +74,36 @@ pub struct SinkConfig {
     pub table: String,
     #[serde(default)]
     pub mode: SinkMode,
+    /// The business key: columns of a unique key of the table, the conflict target. Empty:
+    /// the columns mapped from the Kafka coordinates are.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// A column whose greater value marks the newer version of a row (mode upsert).
+    #[serde(default)]
+    pub newer_by: Option<String>,
+    /// A record with a null value (a tombstone) deletes the row with its key.
+    #[serde(default)]
+    pub delete_on_null: bool,
     pub columns: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkMode {
-    /// `INSERT … ON CONFLICT (<kafka coordinates>) DO NOTHING`.
+    /// `INSERT … ON CONFLICT (<key>) DO NOTHING`: the first write of a key wins.
     #[default]
     Insert,
+    /// `INSERT … ON CONFLICT (<key>) DO UPDATE`: the newest version of a key wins.
+    Upsert,
+}
+
+impl fmt::Display for SinkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SinkMode::Insert => "insert",
+            SinkMode::Upsert => "upsert",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -415,10 +436,10 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
     }
 
     let sink = &config.sink;
-    if !(sink.url.starts_with("postgres://") || sink.url.starts_with("postgresql://")) {
+    if crate::db::Backend::of_url(&sink.url).is_none() {
         bad(
             "sink.url",
-            "must be a postgres:// or postgresql:// URL".into(),
+            "must be a postgres://, postgresql://, mysql:// or mariadb:// URL".into(),
         );
     }
     if let Err(e) = crate::schema::TableName::parse(&sink.table) {
@@ -454,23 +475,8 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             );
         }
     }
-    match sink.mode {
-        SinkMode::Insert => {
-            let mut needed = vec![Source::Partition, Source::Offset];
-            if source.topics.len() > 1 {
-                needed.insert(0, Source::Topic);
-            }
-            for coordinate in needed {
-                if !columns.iter().any(|(_, s)| *s == coordinate) {
-                    bad(
-                        "sink.columns",
-                        format!(
-                            "mode insert needs a column mapped from {coordinate}: the Kafka coordinates are the conflict key that makes replays harmless"
-                        ),
-                    );
-                }
-            }
-        }
+    for problem in check_conflict_rules(sink, &columns, source.topics.len()) {
+        bad(problem.0, problem.1);
     }
 
     let batch = &config.batch;
@@ -496,6 +502,94 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
     } else {
         Err(errors)
     }
+}
+
+/// The checks on `mode`, `key`, `newer_by` and `delete_on_null` that need no database:
+/// (config key, problem) pairs.
+fn check_conflict_rules(
+    sink: &SinkConfig,
+    columns: &[(String, Source)],
+    topic_count: usize,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let source_of = |name: &str| columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
+    let mut seen = Vec::new();
+    for name in &sink.key {
+        match source_of(name) {
+            None => problems.push((
+                "sink.key",
+                format!("`{name}` is not mapped in sink.columns: every key column needs a value"),
+            )),
+            Some(source) if sink.delete_on_null && !matches!(source, Source::Key | Source::KeyPointer(_)) => {
+                problems.push((
+                    "sink.key",
+                    format!(
+                        "`{name}` is mapped from {source}, but with delete_on_null the key columns must come from \
+                         the record key ($key or $key/…): a tombstone has no value to read them from"
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        if seen.contains(&name) {
+            problems.push(("sink.key", format!("`{name}` is listed twice")));
+        }
+        seen.push(name);
+    }
+    if sink.key.is_empty() {
+        match sink.mode {
+            SinkMode::Upsert => problems.push((
+                "sink.key",
+                "mode upsert needs a key: the columns of the unique key that identifies a row"
+                    .to_string(),
+            )),
+            SinkMode::Insert => {
+                let mut needed = vec![Source::Partition, Source::Offset];
+                if topic_count > 1 {
+                    needed.insert(0, Source::Topic);
+                }
+                for coordinate in needed {
+                    if !columns.iter().any(|(_, s)| *s == coordinate) {
+                        problems.push((
+                            "sink.columns",
+                            format!(
+                                "mode insert without a key needs a column mapped from {coordinate}: the Kafka \
+                                 coordinates are then the conflict key that makes replays harmless"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if sink.delete_on_null {
+            problems.push((
+                "sink.delete_on_null",
+                "needs sink.key: a tombstone deletes the row with the record's key".to_string(),
+            ));
+        }
+    }
+    if let Some(version) = &sink.newer_by {
+        if sink.mode != SinkMode::Upsert {
+            problems.push((
+                "sink.newer_by",
+                "only applies to mode upsert (in mode insert the first write of a key wins)"
+                    .to_string(),
+            ));
+        }
+        if source_of(version).is_none() {
+            problems.push((
+                "sink.newer_by",
+                format!("`{version}` is not mapped in sink.columns"),
+            ));
+        }
+        if sink.key.contains(version) {
+            problems.push((
+                "sink.newer_by",
+                format!("`{version}` is a key column; it must be a column that changes between versions"),
+            ));
+        }
+    }
+    problems
 }
 
 /// The URL with its password replaced, for messages and logs.

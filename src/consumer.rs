@@ -13,7 +13,6 @@ use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset};
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -193,18 +192,16 @@ pub struct SinkContext {
     pipeline: String,
     pub assignment: Arc<Assignment>,
     store: OffsetStore,
-    pool: PgPool,
     start_from: StartFrom,
     runtime: tokio::runtime::Handle,
 }
 
 impl SinkContext {
-    pub fn new(p: &LoadedPipeline, assignment: Arc<Assignment>, pool: PgPool) -> SinkContext {
+    pub fn new(p: &LoadedPipeline, assignment: Arc<Assignment>, store: OffsetStore) -> SinkContext {
         SinkContext {
             pipeline: p.config.pipeline.clone(),
             assignment,
-            store: OffsetStore::new(&p.config.pipeline),
-            pool,
+            store,
             start_from: p.config.source.start_from,
             runtime: tokio::runtime::Handle::current(),
         }
@@ -218,8 +215,7 @@ impl SinkContext {
         let deadline = tokio::time::Instant::now() + OFFSET_LOAD_PATIENCE;
         let mut pause = Duration::from_millis(100);
         loop {
-            let attempt = async { self.store.load(&mut *self.pool.acquire().await?, tps).await };
-            match attempt.await {
+            match self.store.load(tps).await {
                 Ok(offsets) => return Ok(offsets),
                 Err(e) if tokio::time::Instant::now() + pause < deadline => {
                     warn!(pipeline = %self.pipeline, error = %e, "reading stored offsets failed; retrying");

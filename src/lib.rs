@@ -1,15 +1,17 @@
-//! idemsink: sinks Kafka topics into PostgreSQL exactly once. Each batch's rows and the
+//! idemsink: sinks Kafka topics into PostgreSQL or MySQL/MariaDB exactly once. Each batch's rows and the
 //! offsets that cover them commit in one database transaction; the database, not Kafka, is
 //! where every partition resumes.
 //!
 //! A newcomer's map: [`config`] (pipeline files), [`consumer`] (Kafka settings, partition
 //! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row),
-//! [`schema`] (the target table), [`writer`] (the SQL), [`offsets`] (the offset store),
+//! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
+//! one file per database), [`offsets`] (the offset store),
 //! [`pipeline`] (the loop tying them together) and [`validate`] (the `validate` command).
 
 pub mod batch;
 pub mod config;
 pub mod consumer;
+pub mod db;
 pub mod mapping;
 pub mod offsets;
 pub mod pipeline;

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use idemsink::config::{self, LoadedPipeline};
-use idemsink::{offsets, pipeline, validate};
+use idemsink::{pipeline, validate};
 
 #[derive(Parser)]
 #[command(version, about = "Sinks Kafka topics into PostgreSQL exactly once")]
@@ -147,7 +147,7 @@ async fn migrate(a: ConfigArg) -> Result<(), String> {
             continue;
         }
         let pool = pipeline::connect(p).await.map_err(|e| e.to_string())?;
-        offsets::migrate(&pool)
+        pool.migrate()
             .await
             .map_err(|e| format!("{}: migration failed: {e}", p.file.display()))?;
         pool.close().await;

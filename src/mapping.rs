@@ -1,9 +1,10 @@
 //! Record → row: where each column's value comes from in a Kafka record (`sink.columns`),
 //! and the conversion of that value to the column's type, learned from the table itself.
 //!
-//! Every value is validated and rendered here as the text PostgreSQL parses for that type,
-//! so a value that does not fit is caught on its own record (with its coordinates) instead
-//! of failing a whole batch inside the database.
+//! Every value is validated and rendered here as the text the database parses for that type
+//! (each [`ColumnKind`] belongs to PostgreSQL, MySQL, or both), so a value that does not fit
+//! is caught on its own record (with its coordinates) instead of failing a whole batch inside
+//! the database.
 
 use std::fmt;
 
@@ -77,75 +78,91 @@ impl fmt::Display for Source {
     }
 }
 
-/// The column types idemsink converts to, with what their type modifier limits.
+/// The column types idemsink converts to, with the limits their declaration sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnKind {
-    SmallInt,
-    Int,
-    BigInt,
+    /// Any integer type, signed or unsigned, by its range.
+    Integer {
+        min: i64,
+        max: i64,
+    },
     Real,
     Double,
-    Numeric { precision: Option<u32>, scale: u32 },
+    Numeric {
+        precision: Option<u32>,
+        scale: u32,
+    },
+    /// PostgreSQL `boolean`: `true`/`false`.
     Bool,
-    Text { max_chars: Option<usize> },
+    /// MySQL `boolean`, which is `tinyint(1)`: `1`/`0`.
+    BoolAsInt,
+    /// Character types: limits in characters (varchar(n)) or bytes (MySQL's TEXT types).
+    Text {
+        max_chars: Option<usize>,
+        max_bytes: Option<usize>,
+    },
     Json,
     Jsonb,
+    /// PostgreSQL `timestamp` (no time zone).
     Timestamp,
+    /// PostgreSQL `timestamptz`.
     TimestampTz,
+    /// MySQL `datetime` and `timestamp` (the session is UTC), within the type's range.
+    DateTime {
+        min_micros: i64,
+        max_micros: i64,
+    },
     Date,
     Uuid,
+    /// PostgreSQL `bytea`, rendered `\x<hex>`.
     Bytea,
+    /// MySQL binary types, rendered as hex for `UNHEX(?)`.
+    Binary {
+        max_bytes: Option<usize>,
+    },
 }
 
 impl ColumnKind {
-    /// Maps a PostgreSQL type name (`pg_type.typname`) and `atttypmod` to a kind.
-    pub fn from_pg(typname: &str, typmod: i32) -> Option<ColumnKind> {
-        let modifier = (typmod >= 4).then(|| typmod - 4);
-        Some(match typname {
-            "int2" => ColumnKind::SmallInt,
-            "int4" => ColumnKind::Int,
-            "int8" => ColumnKind::BigInt,
-            "float4" => ColumnKind::Real,
-            "float8" => ColumnKind::Double,
-            "numeric" => ColumnKind::Numeric {
-                precision: modifier.map(|m| ((m >> 16) & 0xffff) as u32),
-                scale: modifier.map_or(0, |m| (m & 0xffff) as u32),
-            },
-            "bool" => ColumnKind::Bool,
-            "text" | "name" => ColumnKind::Text { max_chars: None },
-            "varchar" | "bpchar" => ColumnKind::Text {
-                max_chars: modifier.map(|m| m as usize),
-            },
-            "json" => ColumnKind::Json,
-            "jsonb" => ColumnKind::Jsonb,
-            "timestamp" => ColumnKind::Timestamp,
-            "timestamptz" => ColumnKind::TimestampTz,
-            "date" => ColumnKind::Date,
-            "uuid" => ColumnKind::Uuid,
-            "bytea" => ColumnKind::Bytea,
-            _ => return None,
-        })
-    }
-
-    pub const SUPPORTED: &'static str =
-        "smallint, integer, bigint, real, double precision, numeric, boolean, text, \
-         varchar, char, json, jsonb, timestamp, timestamptz, date, uuid, bytea";
+    pub const SMALLINT: ColumnKind = ColumnKind::Integer {
+        min: i16::MIN as i64,
+        max: i16::MAX as i64,
+    };
+    pub const INT: ColumnKind = ColumnKind::Integer {
+        min: i32::MIN as i64,
+        max: i32::MAX as i64,
+    };
+    pub const BIGINT: ColumnKind = ColumnKind::Integer {
+        min: i64::MIN,
+        max: i64::MAX,
+    };
+    pub const TEXT: ColumnKind = ColumnKind::Text {
+        max_chars: None,
+        max_bytes: None,
+    };
 
     /// Whether values from `source` can ever fit this kind (checked once, at start).
     pub fn accepts(&self, source: &Source) -> Result<(), String> {
         use ColumnKind::*;
+        let textual = matches!(self, Text { .. } | Json | Jsonb);
         let ok = match source {
             Source::Value | Source::ValuePointer(_) | Source::Key | Source::KeyPointer(_) => true,
-            Source::Topic => matches!(self, Text { .. } | Json | Jsonb),
-            Source::Partition => matches!(
-                self,
-                SmallInt | Int | BigInt | Numeric { .. } | Text { .. } | Json | Jsonb
-            ),
-            Source::Offset => matches!(self, BigInt | Numeric { .. } | Text { .. } | Json | Jsonb),
-            Source::Timestamp => matches!(
-                self,
-                BigInt | Numeric { .. } | Text { .. } | Timestamp | TimestampTz
-            ),
+            Source::Topic => textual,
+            Source::Partition => {
+                textual
+                    || matches!(self, Numeric { .. })
+                    || matches!(self, Integer { min, max } if *min <= 0 && *max >= i32::MAX as i64)
+            }
+            Source::Offset => {
+                textual
+                    || matches!(self, Numeric { .. })
+                    || matches!(self, Integer { min, max } if *min <= 0 && *max == i64::MAX)
+            }
+            Source::Timestamp => {
+                matches!(
+                    self,
+                    Numeric { .. } | Text { .. } | Timestamp | TimestampTz | DateTime { .. }
+                ) || matches!(self, Integer { max, .. } if *max == i64::MAX)
+            }
         };
         if ok {
             Ok(())
@@ -157,26 +174,72 @@ impl ColumnKind {
         }
     }
 
+    /// The PostgreSQL type a text cell is cast to; for MySQL kinds, a name for messages.
     pub fn sql_name(&self) -> &'static str {
         use ColumnKind::*;
         match self {
-            SmallInt => "smallint",
-            Int => "integer",
-            BigInt => "bigint",
+            Integer { .. } => "bigint",
             Real => "real",
             Double => "double precision",
             Numeric { .. } => "numeric",
             Bool => "boolean",
+            BoolAsInt => "tinyint(1)",
             Text { .. } => "text",
             Json => "json",
             Jsonb => "jsonb",
             Timestamp => "timestamp",
             TimestampTz => "timestamptz",
+            DateTime { .. } => "datetime",
             Date => "date",
             Uuid => "uuid",
             Bytea => "bytea",
+            Binary { .. } => "binary",
         }
     }
+
+    /// Whether this kind can order versions of a row (`sink.newer_by`).
+    pub fn orders_versions(&self) -> bool {
+        use ColumnKind::*;
+        matches!(
+            self,
+            Integer { .. } | Timestamp | TimestampTz | DateTime { .. } | Date
+        )
+    }
+}
+
+/// Orders two rendered cells of a `newer_by` column: the value as a number (integers as
+/// they are, times in microseconds, dates in days). None for a cell this kind never renders.
+pub fn version_key(kind: ColumnKind, cell: &str) -> Option<i64> {
+    use ColumnKind::*;
+    match kind {
+        Integer { .. } => cell.parse().ok(),
+        TimestampTz => chrono::DateTime::parse_from_rfc3339(cell)
+            .ok()
+            .map(|t| t.timestamp_micros()),
+        Timestamp => NaiveDateTime::parse_from_str(cell, NAIVE_TIMESTAMP)
+            .ok()
+            .map(|t| t.and_utc().timestamp_micros()),
+        DateTime { .. } => NaiveDateTime::parse_from_str(cell, MYSQL_DATETIME)
+            .ok()
+            .map(|t| t.and_utc().timestamp_micros()),
+        Date => NaiveDate::parse_from_str(cell, "%Y-%m-%d")
+            .ok()
+            .map(|d| i64::from(chrono::Datelike::num_days_from_ce(&d))),
+        _ => None,
+    }
+}
+
+const NAIVE_TIMESTAMP: &str = "%Y-%m-%dT%H:%M:%S%.f";
+const MYSQL_DATETIME: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+/// What a column is to the pipeline beyond its type: it decides which checks apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Plain,
+    /// A column of `sink.key`: every record needs a value for it.
+    Key,
+    /// The `sink.newer_by` column: every written record needs a value for it.
+    Version,
 }
 
 /// One target column: its name, type, nullability and source.
@@ -186,6 +249,7 @@ pub struct ColumnPlan {
     pub kind: ColumnKind,
     pub nullable: bool,
     pub source: Source,
+    pub role: Role,
 }
 
 /// The Kafka record fields a row is built from.
@@ -212,10 +276,20 @@ impl fmt::Display for ConvertError {
     }
 }
 
+/// What a record does to its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOp {
+    /// Insert or upsert the row.
+    Write,
+    /// A tombstone: delete the row with this key (`sink.delete_on_null`).
+    Delete,
+}
+
 /// Converts records to rows of text cells, one per planned column.
 #[derive(Debug, Clone)]
 pub struct RowMapper {
     columns: Vec<ColumnPlan>,
+    delete_on_null: bool,
     /// Per column, the unescaped reference tokens of its JSON Pointer (empty for others),
     /// split once here rather than for every record.
     pointer_tokens: Vec<Vec<String>>,
@@ -233,7 +307,7 @@ enum Field<'a> {
 }
 
 impl RowMapper {
-    pub fn new(columns: Vec<ColumnPlan>) -> RowMapper {
+    pub fn new(columns: Vec<ColumnPlan>, delete_on_null: bool) -> RowMapper {
         let parses_value = columns.iter().any(|c| c.source.reads_value_json());
         let parses_key = columns
             .iter()
@@ -247,6 +321,7 @@ impl RowMapper {
             .collect();
         RowMapper {
             columns,
+            delete_on_null,
             pointer_tokens,
             parses_value,
             parses_key,
@@ -257,13 +332,18 @@ impl RowMapper {
         &self.columns
     }
 
-    /// Converts one record; `out` receives one cell per column (cleared first).
+    /// Converts one record; `out` receives one cell per column (cleared first). With
+    /// `delete_on_null`, a tombstone becomes a delete: only the cells that do not come from the
+    /// value (the key, the coordinates) are filled.
     pub fn convert(
         &self,
         record: &RecordRef<'_>,
         out: &mut Vec<Option<String>>,
-    ) -> Result<(), ConvertError> {
+    ) -> Result<RowOp, ConvertError> {
         out.clear();
+        if self.delete_on_null && record.value.is_none() {
+            return self.convert_tombstone(record, out);
+        }
         let value_doc = if self.parses_value {
             Some(parse_json(
                 record.value,
@@ -303,18 +383,52 @@ impl RowMapper {
                 column: column.name.clone(),
                 reason,
             })?;
-            if cell.is_none() && !column.nullable {
-                return Err(ConvertError {
-                    column: column.name.clone(),
-                    reason: format!(
-                        "the column is NOT NULL but the record has no value at {}",
-                        column.source
-                    ),
-                });
+            if cell.is_none() {
+                check_missing(column, RowOp::Write)?;
             }
             out.push(cell);
         }
-        Ok(())
+        Ok(RowOp::Write)
+    }
+
+    fn convert_tombstone(
+        &self,
+        record: &RecordRef<'_>,
+        out: &mut Vec<Option<String>>,
+    ) -> Result<RowOp, ConvertError> {
+        let key_doc = if self.parses_key {
+            Some(parse_json(
+                record.key,
+                "key",
+                self.first_column(|s| matches!(s, Source::KeyPointer(_))),
+            )?)
+        } else {
+            None
+        };
+        for (column, tokens) in self.columns.iter().zip(&self.pointer_tokens) {
+            let field = match &column.source {
+                Source::Value | Source::ValuePointer(_) => Field::Missing,
+                Source::Key => record
+                    .key
+                    .map_or(Field::Missing, |b| Field::Bytes(b, key_doc.as_ref())),
+                Source::KeyPointer(_) => lookup(key_doc.as_ref(), tokens),
+                Source::Topic => Field::Owned(Value::String(record.topic.to_string())),
+                Source::Partition => Field::Owned(Value::from(record.partition)),
+                Source::Offset => Field::Owned(Value::from(record.offset)),
+                Source::Timestamp => record
+                    .timestamp_ms
+                    .map_or(Field::Missing, |t| Field::Owned(Value::from(t))),
+            };
+            let cell = convert_field(column.kind, field).map_err(|reason| ConvertError {
+                column: column.name.clone(),
+                reason,
+            })?;
+            if cell.is_none() {
+                check_missing(column, RowOp::Delete)?;
+            }
+            out.push(cell);
+        }
+        Ok(RowOp::Delete)
     }
 
     fn first_column(&self, pred: impl Fn(&Source) -> bool) -> &str {
@@ -323,6 +437,25 @@ impl RowMapper {
             .find(|c| pred(&c.source))
             .map_or("", |c| c.name.as_str())
     }
+}
+
+/// A column without a value: an error where the row cannot do without one.
+fn check_missing(column: &ColumnPlan, op: RowOp) -> Result<(), ConvertError> {
+    let reason = match (column.role, op) {
+        (Role::Key, RowOp::Write) => "it is a key column (sink.key), and a row needs its key",
+        (Role::Key, RowOp::Delete) => {
+            "it is a key column (sink.key), and a tombstone deletes the row by its key"
+        }
+        (Role::Version, RowOp::Write) => {
+            "it is the version column (sink.newer_by), and a row needs a version to be compared"
+        }
+        (_, RowOp::Write) if !column.nullable => "the column is NOT NULL",
+        _ => return Ok(()),
+    };
+    Err(ConvertError {
+        column: column.name.clone(),
+        reason: format!("the record has no value at {}, but {reason}", column.source),
+    })
 }
 
 fn parse_json(bytes: Option<&[u8]>, what: &str, column: &str) -> Result<Value, ConvertError> {
@@ -384,6 +517,7 @@ fn convert_field(kind: ColumnKind, field: Field<'_>) -> Result<Option<String>, S
 fn convert_bytes(kind: ColumnKind, bytes: &[u8], parsed: Option<&Value>) -> Result<String, String> {
     match kind {
         ColumnKind::Bytea => Ok(hex_bytea(bytes)),
+        ColumnKind::Binary { max_bytes } => binary(bytes, max_bytes),
         ColumnKind::Json | ColumnKind::Jsonb => {
             let parsed_here;
             let doc = match parsed {
@@ -411,18 +545,25 @@ fn convert_bytes(kind: ColumnKind, bytes: &[u8], parsed: Option<&Value>) -> Resu
 fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
     use ColumnKind::*;
     match kind {
-        SmallInt => integer(v, i16::MIN.into(), i16::MAX.into(), "smallint"),
-        Int => integer(v, i32::MIN.into(), i32::MAX.into(), "integer"),
-        BigInt => integer(v, i64::MIN, i64::MAX, "bigint"),
+        Integer { min, max } => integer(v, min, max),
         Real => float(v, f32::MAX as f64, "real"),
         Double => float(v, f64::MAX, "double precision"),
         Numeric { precision, scale } => numeric(v, precision, scale),
-        Bool => match v {
-            Value::Bool(b) => Ok(b.to_string()),
-            Value::String(s) if s == "true" || s == "false" => Ok(s.clone()),
-            other => Err(format!("expected a boolean, got {}", describe(other))),
-        },
-        Text { max_chars } => {
+        Bool | BoolAsInt => {
+            let b = match v {
+                Value::Bool(b) => *b,
+                Value::String(s) if s == "true" || s == "false" => s == "true",
+                other => return Err(format!("expected a boolean, got {}", describe(other))),
+            };
+            Ok(match (kind, b) {
+                (BoolAsInt, b) => if b { "1" } else { "0" }.to_string(),
+                (_, b) => b.to_string(),
+            })
+        }
+        Text {
+            max_chars,
+            max_bytes,
+        } => {
             let s = match v {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
@@ -438,6 +579,14 @@ fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
                     ));
                 }
             }
+            if let Some(max) = max_bytes {
+                if s.len() > max {
+                    return Err(format!(
+                        "value is {} bytes long, the column holds at most {max}",
+                        s.len()
+                    ));
+                }
+            }
             Ok(s)
         }
         Json => Ok(v.to_string()),
@@ -446,6 +595,22 @@ fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
             Ok(v.to_string())
         }
         Timestamp | TimestampTz => timestamp(v, kind == TimestampTz),
+        DateTime {
+            min_micros,
+            max_micros,
+        } => {
+            let utc = parse_timestamp(v, false)?;
+            let micros = utc.timestamp_micros();
+            if !(min_micros..=max_micros).contains(&micros) {
+                return Err(format!(
+                    "{} is outside the column's range ({} to {})",
+                    utc.format(MYSQL_DATETIME),
+                    format_micros(min_micros),
+                    format_micros(max_micros)
+                ));
+            }
+            Ok(utc.format(MYSQL_DATETIME).to_string())
+        }
         Date => match v {
             Value::String(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
                 .map(|d| d.to_string())
@@ -458,10 +623,10 @@ fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
                 .map_err(|e| format!("`{s}` is not a UUID: {e}")),
             other => Err(format!("expected a UUID string, got {}", describe(other))),
         },
-        Bytea => match v {
-            Value::String(s) => Ok(hex_bytea(s.as_bytes())),
+        Bytea | Binary { .. } => match v {
+            Value::String(s) => convert_bytes(kind, s.as_bytes(), None),
             other => Err(format!(
-                "expected a string for bytea, got {}",
+                "expected a string for a binary column, got {}",
                 describe(other)
             )),
         },
@@ -489,7 +654,7 @@ fn describe(v: &Value) -> String {
     format!("{kind} ({text})")
 }
 
-fn integer(v: &Value, min: i64, max: i64, name: &str) -> Result<String, String> {
+fn integer(v: &Value, min: i64, max: i64) -> Result<String, String> {
     let parsed = match v {
         Value::Number(n) => n.as_i64().or_else(|| {
             // 3.0 is an integer; 3.5 is not. Beyond i64, as_f64 is inexact, so refuse those.
@@ -502,11 +667,8 @@ fn integer(v: &Value, min: i64, max: i64, name: &str) -> Result<String, String> 
     };
     match parsed {
         Some(i) if (min..=max).contains(&i) => Ok(i.to_string()),
-        Some(i) => Err(format!("{i} is out of range for {name}")),
-        None => Err(format!(
-            "expected an integer for {name}, got {}",
-            describe(v)
-        )),
+        Some(i) => Err(format!("{i} is out of the column's range ({min} to {max})")),
+        None => Err(format!("expected an integer, got {}", describe(v))),
     }
 }
 
@@ -595,7 +757,22 @@ fn integer_digits_after_rounding(text: &str, scale: u32) -> Option<u32> {
 }
 
 fn timestamp(v: &Value, with_zone: bool) -> Result<String, String> {
-    let utc: DateTime<Utc> = match v {
+    let utc = parse_timestamp(v, with_zone)?;
+    use chrono::Datelike;
+    if utc.year() < -4712 {
+        return Err(format!("{utc} is before the earliest PostgreSQL timestamp"));
+    }
+    Ok(if with_zone {
+        utc.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    } else {
+        utc.naive_utc().format(NAIVE_TIMESTAMP).to_string()
+    })
+}
+
+/// Epoch milliseconds, RFC 3339, or (unless `with_zone` is required) a zoneless
+/// `YYYY-MM-DD[T ]HH:MM:SS[.f]` read as UTC.
+fn parse_timestamp(v: &Value, with_zone: bool) -> Result<DateTime<Utc>, String> {
+    Ok(match v {
         Value::Number(n) => {
             let ms = n
                 .as_i64()
@@ -614,16 +791,29 @@ fn timestamp(v: &Value, with_zone: bool) -> Result<String, String> {
             }
         },
         other => return Err(format!("expected a timestamp, got {}", describe(other))),
-    };
-    use chrono::Datelike;
-    if utc.year() < -4712 {
-        return Err(format!("{utc} is before the earliest PostgreSQL timestamp"));
-    }
-    Ok(if with_zone {
-        utc.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-    } else {
-        utc.naive_utc().format("%Y-%m-%dT%H:%M:%S%.f").to_string()
     })
+}
+
+fn format_micros(micros: i64) -> String {
+    DateTime::from_timestamp_micros(micros).map_or_else(
+        || micros.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
+/// Bytes for a MySQL binary column: hex, which the statement turns back with `UNHEX(?)`.
+fn binary(bytes: &[u8], max_bytes: Option<usize>) -> Result<String, String> {
+    if let Some(max) = max_bytes {
+        if bytes.len() > max {
+            return Err(format!(
+                "value is {} bytes long, the column holds at most {max}",
+                bytes.len()
+            ));
+        }
+    }
+    let mut hex = hex_bytea(bytes);
+    hex.drain(..2);
+    Ok(hex)
 }
 
 fn may_hold_nul_escape(bytes: &[u8]) -> bool {
@@ -674,6 +864,7 @@ mod tests {
             kind,
             nullable,
             source: Source::parse(source).expect("source"),
+            role: Role::Plain,
         }
     }
 
@@ -709,28 +900,29 @@ mod tests {
 
     #[test]
     fn converts_a_record_with_every_kind_of_source() {
-        let mapper = RowMapper::new(vec![
-            plan("id", ColumnKind::BigInt, false, "/order_id"),
-            plan(
-                "name",
-                ColumnKind::Text { max_chars: Some(5) },
-                true,
-                "/customer/name",
-            ),
-            plan("payload", ColumnKind::Jsonb, true, "$value"),
-            plan("k", ColumnKind::Text { max_chars: None }, true, "$key"),
-            plan("kid", ColumnKind::Int, true, "$key/id"),
-            plan("t", ColumnKind::Text { max_chars: None }, false, "$topic"),
-            plan("p", ColumnKind::Int, false, "$partition"),
-            plan("o", ColumnKind::BigInt, false, "$offset"),
-            plan("ts", ColumnKind::TimestampTz, true, "$timestamp"),
-            plan(
-                "missing",
-                ColumnKind::Text { max_chars: None },
-                true,
-                "/nope",
-            ),
-        ]);
+        let mapper = RowMapper::new(
+            vec![
+                plan("id", ColumnKind::BIGINT, false, "/order_id"),
+                plan(
+                    "name",
+                    ColumnKind::Text {
+                        max_chars: Some(5),
+                        max_bytes: None,
+                    },
+                    true,
+                    "/customer/name",
+                ),
+                plan("payload", ColumnKind::Jsonb, true, "$value"),
+                plan("k", ColumnKind::TEXT, true, "$key"),
+                plan("kid", ColumnKind::INT, true, "$key/id"),
+                plan("t", ColumnKind::TEXT, false, "$topic"),
+                plan("p", ColumnKind::INT, false, "$partition"),
+                plan("o", ColumnKind::BIGINT, false, "$offset"),
+                plan("ts", ColumnKind::TimestampTz, true, "$timestamp"),
+                plan("missing", ColumnKind::TEXT, true, "/nope"),
+            ],
+            false,
+        );
         let value = br#"{"order_id": 12, "customer": {"name": "ana"}}"#;
         let mut row = Vec::new();
         mapper
@@ -756,15 +948,21 @@ mod tests {
 
     #[test]
     fn bad_records_name_the_column_and_the_reason() {
-        let mapper = RowMapper::new(vec![
-            plan("id", ColumnKind::BigInt, false, "/order_id"),
-            plan(
-                "name",
-                ColumnKind::Text { max_chars: Some(3) },
-                true,
-                "/name",
-            ),
-        ]);
+        let mapper = RowMapper::new(
+            vec![
+                plan("id", ColumnKind::BIGINT, false, "/order_id"),
+                plan(
+                    "name",
+                    ColumnKind::Text {
+                        max_chars: Some(3),
+                        max_bytes: None,
+                    },
+                    true,
+                    "/name",
+                ),
+            ],
+            false,
+        );
         let mut row = Vec::new();
         let err = mapper
             .convert(&record(None, Some(b"not json")), &mut row)
@@ -792,13 +990,13 @@ mod tests {
 
     #[test]
     fn integers_check_range_and_form() {
-        assert_eq!(one(ColumnKind::SmallInt, "32767").as_deref(), Ok("32767"));
-        assert!(one(ColumnKind::SmallInt, "32768").is_err());
-        assert_eq!(one(ColumnKind::Int, "\"42\"").as_deref(), Ok("42"));
-        assert_eq!(one(ColumnKind::BigInt, "3.0").as_deref(), Ok("3"));
-        assert!(one(ColumnKind::BigInt, "3.5").is_err());
-        assert!(one(ColumnKind::BigInt, "true").is_err());
-        assert!(one(ColumnKind::BigInt, "99999999999999999999").is_err());
+        assert_eq!(one(ColumnKind::SMALLINT, "32767").as_deref(), Ok("32767"));
+        assert!(one(ColumnKind::SMALLINT, "32768").is_err());
+        assert_eq!(one(ColumnKind::INT, "\"42\"").as_deref(), Ok("42"));
+        assert_eq!(one(ColumnKind::BIGINT, "3.0").as_deref(), Ok("3"));
+        assert!(one(ColumnKind::BIGINT, "3.5").is_err());
+        assert!(one(ColumnKind::BIGINT, "true").is_err());
+        assert!(one(ColumnKind::BIGINT, "99999999999999999999").is_err());
     }
 
     #[test]
@@ -837,10 +1035,10 @@ mod tests {
         assert_eq!(one(ColumnKind::Bool, "true").as_deref(), Ok("true"));
         assert!(one(ColumnKind::Bool, "1").is_err());
         assert_eq!(
-            one(ColumnKind::Text { max_chars: None }, "{\"a\":1}").as_deref(),
+            one(ColumnKind::TEXT, "{\"a\":1}").as_deref(),
             Ok("{\"a\":1}")
         );
-        assert!(one(ColumnKind::Text { max_chars: None }, "\"a\\u0000b\"").is_err());
+        assert!(one(ColumnKind::TEXT, "\"a\\u0000b\"").is_err());
         assert!(one(ColumnKind::Jsonb, "{\"a\":\"\\u0000\"}").is_err());
         assert_eq!(
             one(ColumnKind::Json, "{\"a\":\"\\u0000\"}").as_deref(),
@@ -868,7 +1066,7 @@ mod tests {
             convert_bytes(ColumnKind::Bytea, &[0, 255], None).as_deref(),
             Ok("\\x00ff")
         );
-        assert!(convert_bytes(ColumnKind::Text { max_chars: None }, &[0xff], None).is_err());
+        assert!(convert_bytes(ColumnKind::TEXT, &[0xff], None).is_err());
     }
 
     #[test]
@@ -916,8 +1114,8 @@ mod tests {
 
     #[test]
     fn source_and_kind_compatibility() {
-        assert!(ColumnKind::Int.accepts(&Source::Offset).is_err());
-        assert!(ColumnKind::BigInt.accepts(&Source::Offset).is_ok());
+        assert!(ColumnKind::INT.accepts(&Source::Offset).is_err());
+        assert!(ColumnKind::BIGINT.accepts(&Source::Offset).is_ok());
         assert!(ColumnKind::Bool.accepts(&Source::Topic).is_err());
         assert!(ColumnKind::TimestampTz.accepts(&Source::Timestamp).is_ok());
     }

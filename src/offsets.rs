@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::{MySqlConnection, PgConnection};
+
+use crate::db::DbPool;
 
 /// A partition of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,30 +30,65 @@ pub struct OffsetMove {
     pub next: i64,
 }
 
-/// Creates or upgrades the tables idemsink owns (safe to run from several instances at once:
-/// sqlx serialises migrations with an advisory lock).
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut migrator = sqlx::migrate!("migrations/postgres");
-    // The database may also hold another application's sqlx migrations.
-    migrator.set_ignore_missing(true);
-    migrator.run(pool).await
-}
-
 /// Reads and moves one pipeline's offsets.
 #[derive(Debug, Clone)]
 pub struct OffsetStore {
     pipeline: String,
+    pool: DbPool,
 }
 
 impl OffsetStore {
-    pub fn new(pipeline: &str) -> OffsetStore {
+    pub fn new(pipeline: &str, pool: DbPool) -> OffsetStore {
         OffsetStore {
             pipeline: pipeline.to_string(),
+            pool,
         }
     }
 
     /// The stored next offsets of `partitions`; partitions with no row are absent.
     pub async fn load(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+        match &self.pool {
+            DbPool::Postgres(pool) => {
+                self.load_postgres(&mut *pool.acquire().await?, partitions)
+                    .await
+            }
+            DbPool::MySql(_) => {
+                let mut wanted = self.list().await?;
+                wanted.retain(|tp, _| partitions.contains(tp));
+                Ok(wanted)
+            }
+        }
+    }
+
+    /// Every stored next offset of this pipeline.
+    pub async fn list(&self) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+        let rows: Vec<(String, i32, i64)> = match &self.pool {
+            DbPool::Postgres(pool) => sqlx::query_as(
+                "SELECT topic, partition, next_offset FROM idemsink_offsets WHERE pipeline = $1",
+            )
+            .bind(&self.pipeline)
+            .fetch_all(pool)
+            .await?,
+            DbPool::MySql(pool) => {
+                sqlx::query_as(
+                    // ascii_bin text arrives flagged binary; the driver wants it as text.
+                    "SELECT CAST(topic AS CHAR), `partition`, next_offset FROM idemsink_offsets WHERE pipeline = ?",
+                )
+                .bind(&self.pipeline)
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(topic, partition, next)| (TopicPartition { topic, partition }, next))
+            .collect())
+    }
+
+    async fn load_postgres(
         &self,
         conn: &mut PgConnection,
         partitions: &[TopicPartition],
@@ -76,10 +113,10 @@ impl OffsetStore {
             .collect())
     }
 
-    /// Moves every partition in `moves` inside the caller's transaction, each only if its
-    /// stored value is still the expected one. Returns the partitions whose value had moved
-    /// (another instance owns or owned them): the caller must roll back.
-    pub async fn compare_and_set(
+    /// Moves every partition in `moves` inside the caller's PostgreSQL transaction, each only
+    /// if its stored value is still the expected one. Returns the partitions whose value had
+    /// moved (another instance owns or owned them): the caller must roll back.
+    pub async fn compare_and_set_postgres(
         &self,
         tx: &mut PgConnection,
         moves: &[OffsetMove],
@@ -132,5 +169,55 @@ impl OffsetStore {
             .filter(|m| !done.contains(&(m.tp.topic.clone(), m.tp.partition)))
             .map(|m| m.tp.clone())
             .collect())
+    }
+
+    /// The same compare-and-set in a MySQL/MariaDB transaction, one statement per partition
+    /// (a batch touches a handful). The UPDATE reads the latest committed row under a lock,
+    /// so a value moved by another instance's committed transaction never matches.
+    pub async fn compare_and_set_mysql(
+        &self,
+        tx: &mut MySqlConnection,
+        moves: &[OffsetMove],
+    ) -> Result<Vec<TopicPartition>, sqlx::Error> {
+        let mut conflicts = Vec::new();
+        for m in moves {
+            let moved = match m.expected {
+                Some(expected) => {
+                    sqlx::query(
+                        "UPDATE idemsink_offsets SET next_offset = ?, updated_at = CURRENT_TIMESTAMP(6)
+                          WHERE pipeline = ? AND topic = ? AND `partition` = ? AND next_offset = ?",
+                    )
+                    .bind(m.next)
+                    .bind(&self.pipeline)
+                    .bind(&m.tp.topic)
+                    .bind(m.tp.partition)
+                    .bind(expected)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 1
+                }
+                // First commit for this partition: a row that appeared meanwhile is a conflict
+                // too. A failed statement does not end a MySQL transaction; the caller rolls back.
+                None => match sqlx::query(
+                    "INSERT INTO idemsink_offsets (pipeline, topic, `partition`, next_offset) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&self.pipeline)
+                .bind(&m.tp.topic)
+                .bind(m.tp.partition)
+                .bind(m.next)
+                .execute(&mut *tx)
+                .await
+                {
+                    Ok(_) => true,
+                    Err(e) if crate::db::is_unique_violation(&e) => false,
+                    Err(e) => return Err(e),
+                },
+            };
+            if !moved {
+                conflicts.push(m.tp.clone());
+            }
+        }
+        Ok(conflicts)
     }
 }

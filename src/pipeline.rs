@@ -11,17 +11,16 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::batch::Batch;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
 use crate::consumer::{client_config, Assignment, Owned, SinkConsumer, SinkContext};
+use crate::db::DbPool;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
-use crate::offsets::{self, OffsetMove, OffsetStore};
-use crate::writer::{SinkPlan, SqlWriter, WriteOutcome};
+use crate::offsets::{OffsetMove, OffsetStore};
+use crate::writer::{SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +61,6 @@ struct Shared {
     assignment: Arc<Assignment>,
     consumer: Arc<SinkConsumer>,
     store: OffsetStore,
-    pool: PgPool,
 }
 
 impl Shared {
@@ -77,19 +75,14 @@ impl Shared {
 
 /// Connects to the pipeline's database with a small pool: one connection writes, one
 /// serves rebalances, and spares absorb a reconnect.
-pub async fn connect(p: &LoadedPipeline) -> Result<PgPool, PipelineError> {
-    PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(&p.config.sink.url)
-        .await
-        .map_err(|e| {
-            PipelineError::Fatal(format!(
-                "pipeline {}: cannot connect to {}: {e}",
-                p.config.pipeline,
-                redact_url(&p.config.sink.url)
-            ))
-        })
+pub async fn connect(p: &LoadedPipeline) -> Result<DbPool, PipelineError> {
+    DbPool::connect(&p.config.sink.url, 4).await.map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {}: cannot connect to {}: {e}",
+            p.config.pipeline,
+            redact_url(&p.config.sink.url)
+        ))
+    })
 }
 
 /// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error.
@@ -99,17 +92,26 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let pool = connect(&p).await?;
     let plan = prepare_sink(&p, &pool).await?;
-    let shared = Arc::new(subscribe(&p, pool.clone())?);
+    let store = OffsetStore::new(&p.config.pipeline, pool.clone());
+    let writer = Writer::new(&pool, &plan, store.clone())
+        .await
+        .map_err(|source| PipelineError::Database {
+            pipeline: p.config.pipeline.clone(),
+            context: "preparing the writer",
+            source,
+        })?;
+    let shared = Arc::new(subscribe(&p, store)?);
     info!(
         pipeline = %shared.pipeline,
+        database = %pool.backend(),
         table = %plan.table,
+        mode = %plan.mode,
         topics = %p.config.source.topics.join(","),
         group = %p.group_id(),
-        rows_by = if plan.copy_allowed { "copy" } else { "insert" },
+        rows_by = writer.rows_by(),
         "pipeline started"
     );
 
-    let writer = SqlWriter::new(pool.clone(), &plan, shared.store.clone());
     let (batches, inbox) = mpsc::channel::<Batch>(1);
     let writer_task = tokio::spawn(write_loop(shared.clone(), writer, inbox));
     let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
@@ -130,28 +132,18 @@ pub async fn run(
 }
 
 /// Creates idemsink's tables if needed, then checks the mapping against the target table.
-async fn prepare_sink(p: &LoadedPipeline, pool: &PgPool) -> Result<SinkPlan, PipelineError> {
+async fn prepare_sink(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, PipelineError> {
     let pipeline = &p.config.pipeline;
-    offsets::migrate(pool).await.map_err(|e| {
+    pool.migrate().await.map_err(|e| {
         PipelineError::Fatal(format!(
             "pipeline {pipeline}: creating the offsets table failed: {e}"
         ))
     })?;
-    let mut conn = pool
-        .acquire()
-        .await
-        .map_err(|source| PipelineError::Database {
-            pipeline: pipeline.clone(),
-            context: "connecting",
-            source,
-        })?;
-    Ok(SinkPlan::prepare(p, &mut conn)
-        .await
-        .map_err(ConfigErrors)?)
+    Ok(SinkPlan::prepare(p, pool).await.map_err(ConfigErrors)?)
 }
 
-/// Creates the consumer, whose rebalances load offsets from `pool`, and joins the group.
-fn subscribe(p: &LoadedPipeline, pool: PgPool) -> Result<Shared, PipelineError> {
+/// Creates the consumer, whose rebalances load offsets from `store`, and joins the group.
+fn subscribe(p: &LoadedPipeline, store: OffsetStore) -> Result<Shared, PipelineError> {
     let pipeline = p.config.pipeline.clone();
     let kafka = |context| {
         let pipeline = pipeline.clone();
@@ -162,19 +154,18 @@ fn subscribe(p: &LoadedPipeline, pool: PgPool) -> Result<Shared, PipelineError> 
         }
     };
     let assignment = Arc::new(Assignment::default());
-    let context = SinkContext::new(p, assignment.clone(), pool.clone());
+    let context = SinkContext::new(p, assignment.clone(), store.clone());
     let consumer: SinkConsumer = client_config(p)
         .create_with_context(context)
         .map_err(kafka("creating the consumer"))?;
     let topics: Vec<&str> = p.config.source.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(kafka("subscribing"))?;
     Ok(Shared {
-        store: OffsetStore::new(&pipeline),
+        store,
         pipeline,
         start_from: p.config.source.start_from,
         assignment,
         consumer: Arc::new(consumer),
-        pool,
     })
 }
 
@@ -291,8 +282,8 @@ fn add_record(
         key: m.key(),
         value: m.payload(),
     };
-    mapper.convert(&record, cells)?;
-    batch.push(m.topic(), m.partition(), epoch, m.offset(), cells);
+    let op = mapper.convert(&record, cells)?;
+    batch.push(m.topic(), m.partition(), epoch, m.offset(), op, cells);
     Ok(())
 }
 
@@ -335,7 +326,7 @@ fn apply_seeks(shared: &Shared) {
 /// Commits batches one after another until the consumer loop hangs up.
 async fn write_loop(
     shared: Arc<Shared>,
-    writer: SqlWriter,
+    writer: Writer,
     mut inbox: mpsc::Receiver<Batch>,
 ) -> Result<(), PipelineError> {
     while let Some(batch) = inbox.recv().await {
@@ -348,7 +339,7 @@ async fn write_loop(
 /// to what the database holds, and the rest is written again.
 async fn commit_batch(
     shared: &Shared,
-    writer: &SqlWriter,
+    writer: &Writer,
     mut batch: Batch,
 ) -> Result<(), PipelineError> {
     loop {
@@ -385,15 +376,15 @@ async fn commit_batch(
             .await
             .map_err(shared.db("writing a batch"))?
         {
-            WriteOutcome::Committed { inserted } => {
+            WriteOutcome::Committed { written, deleted } => {
                 for (m, epoch) in &moves {
                     assignment.committed(&m.tp, *epoch, m.next);
                 }
                 debug!(
                     pipeline = %shared.pipeline,
-                    rows = batch.len(),
-                    inserted,
-                    duplicates = batch.len() as u64 - inserted,
+                    records = batch.len(),
+                    written,
+                    deleted,
                     ms = started.elapsed().as_millis() as u64,
                     "batch committed"
                 );
@@ -401,18 +392,11 @@ async fn commit_batch(
                 return Ok(());
             }
             WriteOutcome::Conflict(lost) => {
-                let stored = {
-                    let mut conn = shared
-                        .pool
-                        .acquire()
-                        .await
-                        .map_err(shared.db("re-reading offsets"))?;
-                    shared
-                        .store
-                        .load(&mut conn, &lost)
-                        .await
-                        .map_err(shared.db("re-reading offsets"))?
-                };
+                let stored = shared
+                    .store
+                    .load(&lost)
+                    .await
+                    .map_err(shared.db("re-reading offsets"))?;
                 for tp in &lost {
                     let Some((_, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
                         continue;

@@ -10,7 +10,9 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
-use sqlx::PgPool;
+
+use crate::db::DbPool;
+use crate::offsets::OffsetStore;
 
 /// Creates a topic; an existing topic with that name is an error unless `may_exist`.
 pub async fn create_topic(
@@ -143,32 +145,34 @@ pub fn end_offsets(landed: &[(i32, i64)]) -> BTreeMap<i32, i64> {
     end
 }
 
-/// The offsets a pipeline has stored for a topic.
+/// The offsets a pipeline has stored for a topic (none before its offsets table exists).
 pub async fn stored_offsets(
-    pool: &PgPool,
+    pool: &DbPool,
     pipeline: &str,
     topic: &str,
 ) -> Result<BTreeMap<i32, i64>> {
-    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('idemsink_offsets')::text")
-        .fetch_one(pool)
-        .await?;
-    if exists.is_none() {
-        return Ok(BTreeMap::new());
-    }
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM idemsink_offsets WHERE pipeline = $1 AND topic = $2",
-    )
-    .bind(pipeline)
-    .bind(topic)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().collect())
+    let all = match OffsetStore::new(pipeline, pool.clone()).list().await {
+        Ok(all) => all,
+        Err(e) if is_undefined_table(&e) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(all
+        .into_iter()
+        .filter(|(tp, _)| tp.topic == topic)
+        .map(|(tp, next)| (tp.partition, next))
+        .collect())
+}
+
+/// SQLSTATE 42P01 (PostgreSQL) or 42S02 (MySQL): no such table.
+fn is_undefined_table(e: &sqlx::Error) -> bool {
+    let code = e.as_database_error().and_then(|d| d.code());
+    matches!(code.as_deref(), Some("42P01" | "42S02"))
 }
 
 /// Waits until the stored offsets equal `target` for every partition in it. `healthy` is
 /// asked at every poll and ends the wait with its error (e.g. the connector process died).
 pub async fn wait_for_offsets(
-    pool: &PgPool,
+    pool: &DbPool,
     pipeline: &str,
     topic: &str,
     target: &BTreeMap<i32, i64>,

@@ -1,10 +1,11 @@
 //! `idemsink validate`: every check `run` makes before consuming, without consuming — the
 //! files and keys, the database connection, the table, each mapped column and the conflict
-//! key — reported together, each problem with the file and key it comes from.
+//! key, business key and version column — reported together, each problem with the file and key it comes from.
 
 use std::path::Path;
 
 use crate::config::{self, redact_url, ConfigError, LoadedPipeline};
+use crate::db::DbPool;
 use crate::writer::SinkPlan;
 
 /// What `validate` found: one line per pipeline that is fine, one per problem.
@@ -26,12 +27,18 @@ pub async fn validate(path: &Path) -> Report {
     for p in &pipelines {
         match check_against_database(p).await {
             Ok(plan) => report.ok.push(format!(
-                "{}: pipeline {} → table {} ({} columns, conflict on {})",
+                "{}: pipeline {} → {} table {} ({} columns, mode {} on {})",
                 p.file.display(),
                 p.config.pipeline,
+                plan.backend,
                 plan.table,
                 plan.columns.len(),
-                plan.conflict_columns.join(", ")
+                plan.mode,
+                plan.conflict
+                    .iter()
+                    .map(|c| plan.columns[*c].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
             Err(mut problems) => report.problems.append(&mut problems),
         }
@@ -40,17 +47,14 @@ pub async fn validate(path: &Path) -> Report {
 }
 
 async fn check_against_database(p: &LoadedPipeline) -> Result<SinkPlan, Vec<ConfigError>> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&p.config.sink.url)
-        .await
-        .map_err(|e| {
-            vec![p.error(
-                "sink.url",
-                format!("cannot connect to {}: {e}", redact_url(&p.config.sink.url)),
-            )]
-        })?;
-    let plan = SinkPlan::prepare(p, &mut conn).await;
+    let pool = DbPool::connect(&p.config.sink.url, 1).await.map_err(|e| {
+        vec![p.error(
+            "sink.url",
+            format!("cannot connect to {}: {e}", redact_url(&p.config.sink.url)),
+        )]
+    })?;
+    let plan = SinkPlan::prepare(p, &pool).await;
     // Closing is a courtesy to the server; the verdict is already in.
-    let _ = conn.close().await;
+    pool.close().await;
     plan
 }

@@ -1,10 +1,13 @@
 //! Configuration errors: each gives one clear message naming the file and the key, from
 //! `validate` and from `run`, without a panic.
 
+#[macro_use]
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+
+use common::Backend;
 
 const GOOD: &str = "pipeline: PIPELINE
 source:
@@ -39,43 +42,56 @@ fn idemsink(command: &str, dir: &Path, text: &str) -> (bool, String, std::path::
     (out.status.success(), text, file)
 }
 
-async fn table(pool: &sqlx::PgPool, unique_key: bool) -> String {
+/// Creates a table with `columns`; returns its name.
+async fn table(pool: &idemsink::db::DbPool, columns: &str) -> String {
     let name = common::unique("cfg_rows");
-    let constraint = if unique_key {
-        ", UNIQUE (kafka_topic, kafka_partition, kafka_offset)"
-    } else {
-        ""
-    };
-    sqlx::query(&format!(
-        "CREATE TABLE {name} (id bigint NOT NULL, body text, kafka_topic text, kafka_partition int, kafka_offset bigint{constraint})"
-    ))
-    .execute(pool)
-    .await
-    .expect("create table");
+    let sql = format!("CREATE TABLE {name} ({columns})");
+    let created = on_pool!(pool, |p| sqlx::query(&sql).execute(p).await.map(|_| ()));
+    created.expect("create table");
     name
 }
 
-fn config(table: &str) -> String {
+const COORDINATES: &str =
+    "id bigint NOT NULL, body varchar(100), kafka_topic varchar(200), kafka_partition int, kafka_offset bigint";
+
+fn config(backend: Backend, table: &str) -> String {
     GOOD.replace("PIPELINE", "cfg_test")
         .replace("BROKERS", &common::brokers())
-        .replace("URL", &common::database_url())
+        .replace("URL", &common::database_url(backend))
         .replace("TABLE", table)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_config_error_names_the_file_and_the_key() {
-    let pool = sqlx::PgPool::connect(&common::database_url())
-        .await
-        .expect("db");
+/// The same pipeline on a business key: `sink` holds the lines from `mode:` on.
+fn keyed_config(backend: Backend, table: &str, sink: &str) -> String {
+    let good = config(backend, table);
+    let head = &good[..good.find("  columns:").unwrap_or(good.len())];
+    format!("{head}{sink}")
+}
+
+on_both_databases!(each_config_error_names_the_file_and_the_key);
+
+async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
+    let pool = common::connect(backend).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let good_table = table(&pool, true).await;
-    let good = config(&good_table);
+    let good_table = table(
+        &pool,
+        &format!("{COORDINATES}, UNIQUE (kafka_topic, kafka_partition, kafka_offset)"),
+    )
+    .await;
+    let good = config(backend, &good_table);
 
     let (ok, text, _) = idemsink("validate", dir.path(), &good);
     assert!(ok, "a good pipeline validates:\n{text}");
     assert!(text.contains(&format!("table {good_table}")), "{text}");
 
-    let no_key_table = table(&pool, false).await;
+    let no_key_table = table(&pool, COORDINATES).await;
+    let keyed_table = table(
+        &pool,
+        "id bigint NOT NULL PRIMARY KEY, body varchar(100), version bigint, kafka_partition int, kafka_offset bigint",
+    )
+    .await;
+    let keyed = |sink: &str| keyed_config(backend, &keyed_table, sink);
+    let columns = "  columns:\n    id: $key\n    body: /body\n    version: /version\n";
     // (what is wrong, the file's text, the key named, what the message says)
     let cases = [
         (
@@ -113,9 +129,49 @@ async fn each_config_error_names_the_file_and_the_key() {
         ),
         (
             "no unique key",
-            config(&no_key_table),
+            config(backend, &no_key_table),
             "sink.columns",
             "needs a unique index",
+        ),
+        (
+            "business key without a unique key",
+            keyed(&format!("  mode: upsert\n  key: [body]\n{columns}")),
+            "sink.key",
+            "needs a unique index or constraint on exactly (body)",
+        ),
+        (
+            "upsert without a key",
+            keyed(&format!("  mode: upsert\n{columns}")),
+            "sink.key",
+            "mode upsert needs a key",
+        ),
+        (
+            "key column not mapped",
+            keyed("  mode: upsert\n  key: [id]\n  columns:\n    body: /body\n"),
+            "sink.key",
+            "`id` is not mapped",
+        ),
+        (
+            "version column of text",
+            keyed(&format!(
+                "  mode: upsert\n  key: [id]\n  newer_by: body\n{columns}"
+            )),
+            "sink.newer_by",
+            "a version column must be an integer, timestamp or date",
+        ),
+        (
+            "newer_by in insert mode",
+            keyed(&format!(
+                "  mode: insert\n  key: [id]\n  newer_by: version\n{columns}"
+            )),
+            "sink.newer_by",
+            "only applies to mode upsert",
+        ),
+        (
+            "delete_on_null with a key read from the value",
+            keyed("  mode: upsert\n  key: [id]\n  delete_on_null: true\n  columns:\n    id: /id\n"),
+            "sink.key",
+            "must come from the record key",
         ),
         (
             "hostile table name",
@@ -124,6 +180,25 @@ async fn each_config_error_names_the_file_and_the_key() {
             "not a plain identifier",
         ),
     ];
+    let mut cases = cases.to_vec();
+    if backend == Backend::MySql {
+        // ON DUPLICATE KEY reacts to every unique key, so a second one is refused.
+        let two_keys = table(
+            &pool,
+            "id bigint NOT NULL PRIMARY KEY, body varchar(100) NOT NULL UNIQUE, version bigint",
+        )
+        .await;
+        cases.push((
+            "another unique key beside the conflict key",
+            keyed_config(
+                backend,
+                &two_keys,
+                &format!("  mode: upsert\n  key: [id]\n{columns}"),
+            ),
+            "sink.key",
+            "has another unique key (body)",
+        ));
+    }
     for (what, text, key, message) in &cases {
         let (ok, output, file) = idemsink("validate", dir.path(), text);
         assert!(!ok, "{what}: validate must fail:\n{output}");

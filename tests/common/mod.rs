@@ -1,6 +1,8 @@
-//! Harness for the end-to-end tests: a real broker and a real PostgreSQL (started by
-//! `scripts/devenv.sh up`), one fresh topic, table and pipeline per test, and the idemsink
-//! binary run as a separate OS process so it can be signalled and killed.
+//! Harness for the end-to-end tests: a real broker and real databases — PostgreSQL and
+//! MariaDB, started by `scripts/devenv.sh up` — one fresh topic, table and pipeline per test,
+//! and the idemsink binary run as a separate OS process so it can be signalled and killed.
+//! Tests are written once, taking the [`Backend`], and instantiated for both databases by
+//! [`on_both_databases!`].
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 use std::collections::BTreeMap;
@@ -9,10 +11,47 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use idemsink::db::Backend;
+use idemsink::db::DbPool;
 use idemsink::testkit::{self, Outgoing};
 use rdkafka::producer::FutureProducer;
 use serde_json::json;
-use sqlx::PgPool;
+
+/// Instantiates `async fn name(backend: Backend)` test bodies as `postgres::name` and
+/// `mysql::name`, each a multi-threaded tokio test.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name($crate::common::Backend::MySql).await
+                }
+            )*
+        }
+    };
+}
+
+/// Runs `$body` with `$p` bound to the concrete pool of `$pool` (a [`DbPool`]): one body,
+/// type-checked for each driver.
+#[macro_export]
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            idemsink::db::DbPool::Postgres($p) => $body,
+            idemsink::db::DbPool::MySql($p) => $body,
+        }
+    };
+}
 
 /// librdkafka group settings the tests rely on. Tansu completes a group join after about
 /// half the session timeout, and a killed member holds its partitions until the session
@@ -23,8 +62,17 @@ pub fn brokers() -> String {
     required_env("IDEMSINK_TEST_BROKERS")
 }
 
-pub fn database_url() -> String {
-    required_env("IDEMSINK_TEST_DATABASE_URL")
+pub fn database_url(backend: Backend) -> String {
+    match backend {
+        Backend::Postgres => required_env("IDEMSINK_TEST_DATABASE_URL"),
+        Backend::MySql => required_env("IDEMSINK_TEST_MYSQL_URL"),
+    }
+}
+
+pub async fn connect(backend: Backend) -> DbPool {
+    DbPool::connect(&database_url(backend), 4)
+        .await
+        .expect("connect to the test database")
 }
 
 fn required_env(name: &str) -> String {
@@ -46,61 +94,122 @@ pub fn unique(prefix: &str) -> String {
 
 /// One test's topic, table, pipeline file and database pool.
 pub struct Case {
+    pub backend: Backend,
     pub name: String,
     pub topic: String,
     pub table: String,
     pub partitions: i32,
-    pub pool: PgPool,
+    pub pool: DbPool,
     pub brokers: String,
     pub dir: tempfile::TempDir,
 }
 
 impl Case {
-    /// A topic with `partitions` partitions and the standard test table:
-    /// `id bigint NOT NULL, body text NOT NULL, payload jsonb` plus the Kafka coordinates.
-    pub async fn new(prefix: &str, partitions: i32) -> Case {
-        Case::on_broker(prefix, partitions, brokers()).await
+    /// A topic with `partitions` partitions and the standard test table: `id bigint NOT
+    /// NULL, body varchar(40) NOT NULL, payload json(b)` plus the Kafka coordinates.
+    pub async fn new(backend: Backend, prefix: &str, partitions: i32) -> Case {
+        Case::on_broker(backend, prefix, partitions, brokers()).await
     }
 
     /// The same, on a broker other than the default test broker.
-    pub async fn on_broker(prefix: &str, partitions: i32, brokers: String) -> Case {
-        let name = unique(prefix);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&database_url())
-            .await
-            .expect("connect to the test database");
+    pub async fn on_broker(
+        backend: Backend,
+        prefix: &str,
+        partitions: i32,
+        brokers: String,
+    ) -> Case {
+        let (json, text) = match backend {
+            Backend::Postgres => ("jsonb", "text"),
+            Backend::MySql => ("json", "varchar(255)"),
+        };
+        let case = Case::with_table(
+            backend,
+            prefix,
+            partitions,
+            brokers,
+            &format!(
+                "id bigint NOT NULL,
+                 body varchar(40) NOT NULL,
+                 payload {json},
+                 kafka_topic {text} NOT NULL,
+                 kafka_partition integer NOT NULL,
+                 kafka_offset bigint NOT NULL,
+                 UNIQUE (kafka_topic, kafka_partition, kafka_offset)"
+            ),
+        )
+        .await;
+        case
+    }
+
+    /// A topic with `partitions` partitions and a table with the columns in `definition`.
+    pub async fn with_table(
+        backend: Backend,
+        prefix: &str,
+        partitions: i32,
+        brokers: String,
+        definition: &str,
+    ) -> Case {
+        let name = unique(&format!("{prefix}_{}", &backend.to_string()[..2]));
         let case = Case {
+            backend,
             topic: format!("{name}_topic"),
             table: format!("{name}_rows"),
             name,
             partitions,
-            pool,
+            pool: connect(backend).await,
             brokers,
             dir: tempfile::tempdir().expect("tempdir"),
         };
         testkit::create_topic(&case.brokers, &case.topic, partitions, false)
             .await
             .expect("create topic");
-        sqlx::query(&format!(
-            "CREATE TABLE {} (
-                id bigint NOT NULL,
-                body varchar(40) NOT NULL,
-                payload jsonb,
-                kafka_topic text NOT NULL,
-                kafka_partition integer NOT NULL,
-                kafka_offset bigint NOT NULL,
-                UNIQUE (kafka_topic, kafka_partition, kafka_offset))",
-            case.table
-        ))
-        .execute(&case.pool)
-        .await
-        .expect("create table");
+        case.exec(&format!("CREATE TABLE {} ({definition})", case.table))
+            .await;
         case
     }
 
-    /// The pipeline file for this case, with `extra` appended (e.g. a `batch:` section).
+    /// Runs one SQL statement, panicking with it on failure.
+    pub async fn exec(&self, sql: &str) {
+        let done = on_pool!(&self.pool, |p| sqlx::query(sql)
+            .execute(p)
+            .await
+            .map(|_| ()));
+        done.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A column name quoted for this case's database (`partition` is reserved in MySQL).
+    pub fn quote(&self, name: &str) -> String {
+        idemsink::schema::quote(self.backend, name)
+    }
+
+    /// Makes every partition replay from the start: the stored offsets are deleted.
+    pub async fn forget_offsets(&self) {
+        self.exec(&format!(
+            "DELETE FROM idemsink_offsets WHERE pipeline = '{}'",
+            self.name
+        ))
+        .await;
+    }
+
+    /// The pipeline file for this case and the standard table, with `extra` appended (e.g.
+    /// a `batch:` section).
     pub fn config(&self, extra: &str) -> PathBuf {
+        self.config_with(
+            "  columns:
+    id: /id
+    body: /body
+    payload: $value
+    kafka_topic: $topic
+    kafka_partition: $partition
+    kafka_offset: $offset
+",
+            extra,
+        )
+    }
+
+    /// The pipeline file for this case with `sink` lines after `sink.table` (the mode, key
+    /// and columns), and `extra` appended.
+    pub fn config_with(&self, sink: &str, extra: &str) -> PathBuf {
         let text = format!(
             "pipeline: {name}
 source:
@@ -111,18 +220,11 @@ source:
 sink:
   url: {url}
   table: {table}
-  columns:
-    id: /id
-    body: /body
-    payload: $value
-    kafka_topic: $topic
-    kafka_partition: $partition
-    kafka_offset: $offset
-{extra}",
+{sink}{extra}",
             name = self.name,
             brokers = self.brokers,
             topic = self.topic,
-            url = database_url(),
+            url = database_url(self.backend),
             table = self.table,
         );
         let file = self.dir.path().join(format!("{}.yaml", self.name));
@@ -192,36 +294,67 @@ sink:
             .expect("stored offsets")
     }
 
-    /// Every row as (id, partition, offset), ordered.
+    /// Every row of the standard table as (id, partition, offset), ordered.
     pub async fn rows(&self) -> Vec<(i64, i32, i64)> {
-        sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT id, kafka_partition, kafka_offset FROM {} ORDER BY kafka_partition, kafka_offset",
             self.table
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .expect("read rows")
+        );
+        let rows = on_pool!(&self.pool, |p| sqlx::query_as(&sql).fetch_all(p).await);
+        rows.expect("read rows")
     }
 
-    /// The whole table and the offsets with their update times, as text: equal snapshots
-    /// mean nothing was added or changed.
-    pub async fn snapshot(&self) -> (Vec<String>, Vec<String>) {
-        let rows: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT t::text FROM {} t ORDER BY kafka_partition, kafka_offset",
-            self.table
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .expect("snapshot rows");
-        let offsets: Vec<String> = sqlx::query_scalar(
-            "SELECT o::text FROM idemsink_offsets o WHERE pipeline = $1 ORDER BY topic, partition",
-        )
-        .bind(&self.name)
-        .fetch_all(&self.pool)
-        .await
-        .expect("snapshot offsets");
-        (rows, offsets)
+    /// The text values of one query's single column.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        let rows = on_pool!(&self.pool, |p| sqlx::query_scalar(sql).fetch_all(p).await);
+        rows.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
+
+    /// The whole table (every column, as JSON text, ordered by `order`) and the offsets with
+    /// their update times: equal snapshots mean nothing was added or changed.
+    pub async fn snapshot_by(&self, columns: &[&str], order: &str) -> (Vec<String>, Vec<String>) {
+        let list = columns.join(", ");
+        let (rows, offsets) = match self.backend {
+            Backend::Postgres => (
+                format!("SELECT json_build_array({list})::text FROM {} ORDER BY {order}", self.table),
+                "SELECT o::text FROM idemsink_offsets o WHERE pipeline = 'PIPELINE' ORDER BY topic, partition",
+            ),
+            Backend::MySql => (
+                format!("SELECT CAST(JSON_ARRAY({list}) AS CHAR) FROM {} ORDER BY {order}", self.table),
+                "SELECT CONCAT_WS('|', topic, `partition`, next_offset, CAST(updated_at AS CHAR)) \
+                 FROM idemsink_offsets WHERE pipeline = 'PIPELINE' ORDER BY topic, `partition`",
+            ),
+        };
+        (
+            self.texts(&rows).await,
+            self.texts(&offsets.replace("PIPELINE", &self.name)).await,
+        )
+    }
+
+    /// [`Case::snapshot_by`] for the standard table.
+    pub async fn snapshot(&self) -> (Vec<String>, Vec<String>) {
+        self.snapshot_by(
+            &[
+                "id",
+                "body",
+                "payload",
+                "kafka_topic",
+                "kafka_partition",
+                "kafka_offset",
+            ],
+            "kafka_partition, kafka_offset",
+        )
+        .await
+    }
+}
+
+/// The numbers a log's `batch committed` lines give for `field` (e.g. `written`).
+pub fn logged_counts(log: &str, field: &str) -> Vec<u64> {
+    log.split(&format!("{field}="))
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 /// The standard test record: `{"id": id, "body": "record <id>"}`, keyed by the id.

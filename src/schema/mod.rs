@@ -1,12 +1,15 @@
-//! The target table as PostgreSQL describes it: identifiers checked and quoted, columns with
-//! their types and nullability, and unique indexes (the possible `ON CONFLICT` targets).
+//! The target table as the database describes it: identifiers checked and quoted, columns
+//! with their types and nullability, and unique keys (the possible conflict targets). Each
+//! backend reads its catalog in its own file; the plan of the mapped columns is shared.
 //! Used at start by `run` to plan the rows, and by `validate` to report what does not fit.
 
-use sqlx::PgConnection;
+mod mysql;
+mod postgres;
 
-use crate::mapping::{ColumnKind, ColumnPlan, Source};
+use crate::db::{Backend, DbPool};
+use crate::mapping::{ColumnKind, ColumnPlan, Role, Source};
 
-/// PostgreSQL truncates identifiers beyond 63 bytes; refuse them instead.
+/// PostgreSQL truncates identifiers beyond 63 bytes (MySQL refuses beyond 64); refuse them.
 const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// Accepts plain SQL identifiers (`[A-Za-z_][A-Za-z0-9_]*`). They are always quoted in SQL,
@@ -29,14 +32,22 @@ pub fn check_identifier(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `"name"`, for an identifier that passed [`check_identifier`].
-pub fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+/// `"name"` (PostgreSQL) or `` `name` `` (MySQL), for an identifier that passed
+/// [`check_identifier`]; the quote character is doubled anyway.
+pub fn quote(backend: Backend, name: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("\"{}\"", name.replace('"', "\"\"")),
+        Backend::MySql => format!("`{}`", name.replace('`', "``")),
+    }
 }
 
 /// `"a", "b"`: a list of quoted identifiers.
-pub fn quote_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
-    names.into_iter().map(quote).collect::<Vec<_>>().join(", ")
+pub fn quote_list<'a>(backend: Backend, names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|n| quote(backend, n))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A table name from the config, optionally schema-qualified.
@@ -62,11 +73,11 @@ impl TableName {
         })
     }
 
-    /// The quoted, possibly qualified name for SQL.
-    pub fn quoted(&self) -> String {
+    /// The quoted, possibly qualified name for SQL (in MySQL, the schema is the database).
+    pub fn quoted(&self, backend: Backend) -> String {
         match &self.schema {
-            Some(s) => format!("{}.{}", quote(s), quote(&self.name)),
-            None => quote(&self.name),
+            Some(s) => format!("{}.{}", quote(backend, s), quote(backend, &self.name)),
+            None => quote(backend, &self.name),
         }
     }
 }
@@ -84,88 +95,48 @@ impl std::fmt::Display for TableName {
 #[derive(Debug, Clone)]
 pub struct TableColumn {
     pub name: String,
-    /// `format_type` of the column, for messages (`character varying(20)`).
+    /// The declared type, for messages (`character varying(20)`, `varchar(20)`).
     pub type_text: String,
     pub kind: Option<ColumnKind>,
     pub not_null: bool,
     pub has_default: bool,
     pub generated: bool,
+    /// MySQL `AUTO_INCREMENT`: every row gets a new value, so a unique key holding it never
+    /// meets an existing row.
+    pub auto_increment: bool,
+}
+
+/// A unique index or constraint.
+#[derive(Debug, Clone)]
+pub struct UniqueKey {
+    pub columns: Vec<String>,
+    /// Whether it compares whole column values, so it can serve as the conflict target
+    /// (not partial, expression, deferrable or — in MySQL — a prefix index).
+    pub exact: bool,
 }
 
 /// What the database says about the target table.
 #[derive(Debug, Clone)]
 pub struct TableSchema {
+    pub backend: Backend,
     pub table: TableName,
     pub columns: Vec<TableColumn>,
-    /// Column sets of the unique indexes usable as `ON CONFLICT` targets.
-    pub unique_keys: Vec<Vec<String>>,
-    /// Whether `COPY FROM` can write it: a plain or partitioned table without row-level
-    /// security (views and RLS tables take INSERT only).
+    pub unique_keys: Vec<UniqueKey>,
+    /// Whether PostgreSQL's `COPY FROM` can write it: a plain or partitioned table without
+    /// row-level security (views and RLS tables take INSERT only). Always false in MySQL.
     pub copy_allowed: bool,
 }
 
 impl TableSchema {
     /// Reads the table's description; `Ok(None)` when no such table exists.
     pub async fn load(
-        conn: &mut PgConnection,
+        pool: &DbPool,
         table: &TableName,
     ) -> Result<Option<TableSchema>, sqlx::Error> {
-        let oid: Option<sqlx::postgres::types::Oid> =
-            sqlx::query_scalar("SELECT to_regclass($1)::oid")
-                .bind(table.quoted())
-                .fetch_one(&mut *conn)
-                .await?;
-        let Some(oid) = oid else { return Ok(None) };
-        let copy_allowed: bool = sqlx::query_scalar(
-            "SELECT relkind IN ('r', 'p') AND NOT relrowsecurity FROM pg_class WHERE oid = $1",
-        )
-        .bind(oid)
-        .fetch_one(&mut *conn)
-        .await?;
-        let rows: Vec<(String, String, String, i32, bool, bool, bool)> = sqlx::query_as(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypmod,
-                    a.attnotnull, a.atthasdef, a.attgenerated <> ''
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
-        )
-        .bind(oid)
-        .fetch_all(&mut *conn)
-        .await?;
-        let columns = rows
-            .into_iter()
-            .map(
-                |(name, type_text, typname, typmod, not_null, has_default, generated)| {
-                    TableColumn {
-                        kind: ColumnKind::from_pg(&typname, typmod),
-                        name,
-                        type_text,
-                        not_null,
-                        has_default,
-                        generated,
-                    }
-                },
-            )
-            .collect();
-        // Partial, expression and deferrable unique indexes cannot serve as ON CONFLICT arbiters.
-        let unique_keys: Vec<Vec<String>> = sqlx::query_scalar(
-            "SELECT array_agg(a.attname::text ORDER BY k.ord)
-               FROM pg_index i
-               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indimmediate
-                AND i.indpred IS NULL AND i.indexprs IS NULL
-              GROUP BY i.indexrelid",
-        )
-        .bind(oid)
-        .fetch_all(&mut *conn)
-        .await?;
-        Ok(Some(TableSchema {
-            table: table.clone(),
-            columns,
-            unique_keys,
-            copy_allowed,
-        }))
+        match pool {
+            DbPool::Postgres(pool) => postgres::load(&mut *pool.acquire().await?, table).await,
+            DbPool::MySql(pool) => mysql::load(&mut *pool.acquire().await?, table).await,
+        }
     }
 
     /// Plans the mapped columns against the table; every problem comes back with the config
@@ -195,7 +166,10 @@ impl TableSchema {
                     format!(
                         "column `{name}` has type {}; supported types: {}",
                         column.type_text,
-                        ColumnKind::SUPPORTED
+                        match self.backend {
+                            Backend::Postgres => postgres::SUPPORTED,
+                            Backend::MySql => mysql::SUPPORTED,
+                        }
                     ),
                 ));
                 continue;
@@ -209,6 +183,7 @@ impl TableSchema {
                 kind,
                 nullable: !column.not_null,
                 source: source.clone(),
+                role: Role::Plain,
             });
         }
         for column in &self.columns {
@@ -230,12 +205,33 @@ impl TableSchema {
         }
     }
 
-    /// Whether a unique index covers exactly `columns` (in any order).
+    /// Whether an exact unique key covers exactly `columns` (in any order).
     pub fn has_unique_key(&self, columns: &[&str]) -> bool {
-        self.unique_keys.iter().any(|key| {
-            key.len() == columns.len() && columns.iter().all(|c| key.iter().any(|k| k == c))
-        })
+        self.unique_keys
+            .iter()
+            .any(|key| key.exact && same_columns(&key.columns, columns))
     }
+
+    /// The unique keys other than the one on `columns` that a written row could collide
+    /// with: those without an `AUTO_INCREMENT` column. MySQL's `ON DUPLICATE KEY` reacts to
+    /// a collision on any of them as if it were the conflict target.
+    pub fn other_collidable_keys(&self, columns: &[&str]) -> Vec<&UniqueKey> {
+        self.unique_keys
+            .iter()
+            .filter(|key| !same_columns(&key.columns, columns))
+            .filter(|key| {
+                !key.columns.iter().any(|k| {
+                    self.columns
+                        .iter()
+                        .any(|c| &c.name == k && c.auto_increment)
+                })
+            })
+            .collect()
+    }
+}
+
+fn same_columns(key: &[String], columns: &[&str]) -> bool {
+    key.len() == columns.len() && columns.iter().all(|c| key.iter().any(|k| k == c))
 }
 
 #[cfg(test)]
@@ -263,9 +259,12 @@ mod tests {
     #[test]
     fn table_names() {
         let t = TableName::parse("sales.Orders").expect("valid");
-        assert_eq!(t.quoted(), "\"sales\".\"Orders\"");
+        assert_eq!(t.quoted(Backend::Postgres), "\"sales\".\"Orders\"");
+        assert_eq!(t.quoted(Backend::MySql), "`sales`.`Orders`");
         assert_eq!(
-            TableName::parse("orders").expect("valid").quoted(),
+            TableName::parse("orders")
+                .expect("valid")
+                .quoted(Backend::Postgres),
             "\"orders\""
         );
         assert!(TableName::parse("a.b.c").is_err());

@@ -1,0 +1,155 @@
+//! The sink database: PostgreSQL, or MySQL/MariaDB, chosen by the scheme of `sink.url`.
+//! Holds the connection pool, the session settings idemsink relies on, and the migrations
+//! of the tables idemsink owns.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Executor;
+
+/// Which database a pipeline writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    /// MySQL or MariaDB: the wire protocol and most SQL are shared; where they differ
+    /// (see [`crate::writer`]) the server's version decides.
+    MySql,
+}
+
+impl Backend {
+    /// The backend a URL names, by its scheme.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        let scheme = url.split_once("://")?.0;
+        match scheme {
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            "mysql" | "mariadb" => Some(Backend::MySql),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Postgres => "postgres",
+            Backend::MySql => "mysql",
+        })
+    }
+}
+
+/// MySQL session settings that make the server refuse what does not fit instead of storing
+/// something else: strict mode turns truncation, out-of-range values and invalid dates into
+/// errors (its default leaves them warnings on some servers), and READ COMMITTED gives the
+/// same locking behaviour as PostgreSQL's default (no gap locks between instances).
+const MYSQL_SESSION: [&str; 2] = [
+    "SET SESSION sql_mode = CONCAT(@@sql_mode, \
+     ',STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO')",
+    "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+];
+
+/// A connection pool to the sink database.
+#[derive(Debug, Clone)]
+pub enum DbPool {
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+impl DbPool {
+    /// Connects with at most `max_connections`; `url` must name a backend (checked by config).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<DbPool, sqlx::Error> {
+        let acquire_timeout = Duration::from_secs(30);
+        match Backend::of_url(url) {
+            Some(Backend::Postgres) => Ok(DbPool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(acquire_timeout)
+                    .connect(url)
+                    .await?,
+            )),
+            Some(Backend::MySql) => {
+                // sqlx's MySQL URL parser wants `mysql://`; `mariadb://` is the same thing.
+                let url = url.replacen("mariadb://", "mysql://", 1);
+                let options = MySqlConnectOptions::from_str(&url)?.timezone(Some("+00:00".into()));
+                Ok(DbPool::MySql(
+                    MySqlPoolOptions::new()
+                        .max_connections(max_connections)
+                        .acquire_timeout(acquire_timeout)
+                        .after_connect(|conn, _| {
+                            Box::pin(async move {
+                                for statement in MYSQL_SESSION {
+                                    conn.execute(statement).await?;
+                                }
+                                Ok(())
+                            })
+                        })
+                        .connect_with(options)
+                        .await?,
+                ))
+            }
+            None => Err(sqlx::Error::Configuration(
+                "the URL must start with postgres://, postgresql://, mysql:// or mariadb://".into(),
+            )),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbPool::Postgres(_) => Backend::Postgres,
+            DbPool::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Creates or upgrades the tables idemsink owns. Safe to run from several instances at
+    /// once: sqlx serialises migrations with a lock (advisory lock, `GET_LOCK`).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self {
+            DbPool::Postgres(pool) => {
+                let mut migrator = sqlx::migrate!("migrations/postgres");
+                // The database may also hold another application's sqlx migrations.
+                migrator.set_ignore_missing(true);
+                migrator.run(pool).await
+            }
+            DbPool::MySql(pool) => {
+                let mut migrator = sqlx::migrate!("migrations/mysql");
+                migrator.set_ignore_missing(true);
+                migrator.run(pool).await
+            }
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            DbPool::Postgres(pool) => pool.close().await,
+            DbPool::MySql(pool) => pool.close().await,
+        }
+    }
+}
+
+/// A duplicate key: PostgreSQL's unique_violation, MySQL's ER_DUP_ENTRY.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_follows_the_url_scheme() {
+        assert_eq!(
+            Backend::of_url("postgres://u@h/db"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::of_url("postgresql://u@h/db"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(Backend::of_url("mysql://u@h/db"), Some(Backend::MySql));
+        assert_eq!(Backend::of_url("mariadb://u@h/db"), Some(Backend::MySql));
+        assert_eq!(Backend::of_url("sqlite://x.db"), None);
+        assert_eq!(Backend::of_url("orders"), None);
+    }
+}

@@ -1,0 +1,271 @@
+//! The SQL writer: plans the statements from the table's own description, and writes one
+//! batch — its rows, its deletes and the offsets that cover them — in one transaction.
+//! What is shared lives here: the plan ([`SinkPlan`]) and which rows a batch touches; each
+//! backend's statements live in its own file.
+
+mod mysql;
+mod postgres;
+
+use crate::batch::{Batch, Changes, Winner};
+use crate::config::{ConfigError, LoadedPipeline, SinkMode};
+use crate::db::{Backend, DbPool};
+use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
+use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
+use crate::schema::{quote_list, TableName, TableSchema};
+
+/// The columns that record a row's Kafka position, when the mapping has them: they let an
+/// older record be told from a newer one of the same partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub topic: Option<usize>,
+    pub partition: usize,
+    pub offset: usize,
+}
+
+/// What the table says about a pipeline's mapping, checked: the columns, the conflict
+/// target and the guards that keep an older record from overwriting a newer one.
+#[derive(Debug, Clone)]
+pub struct SinkPlan {
+    pub backend: Backend,
+    pub table: TableName,
+    pub columns: Vec<ColumnPlan>,
+    pub mode: SinkMode,
+    /// Indices into `columns` of the conflict target.
+    pub conflict: Vec<usize>,
+    /// Whether the conflict target is a business key (`sink.key`), not the coordinates.
+    pub keyed: bool,
+    /// The `sink.newer_by` column.
+    pub newer_by: Option<usize>,
+    pub position: Option<Position>,
+    pub delete_on_null: bool,
+    /// Whether rows may go in by PostgreSQL's `COPY` (see the postgres writer).
+    pub copy_allowed: bool,
+}
+
+impl SinkPlan {
+    /// Describes the target table and checks the mapping against it. Problems come back
+    /// with the file and key they concern.
+    pub async fn prepare(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, Vec<ConfigError>> {
+        let sink = &p.config.sink;
+        let backend = pool.backend();
+        let table = TableName::parse(&sink.table).map_err(|e| vec![p.error("sink.table", e)])?;
+        let schema = TableSchema::load(pool, &table)
+            .await
+            .map_err(
+                |e| vec![p.error("sink.table", format!("cannot describe table {table}: {e}"))],
+            )?
+            .ok_or_else(|| vec![p.error("sink.table", format!("table {table} does not exist"))])?;
+        let mut columns = schema.plan(&p.columns).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|(key, message)| p.error(&key, message))
+                .collect::<Vec<_>>()
+        })?;
+        let index = |name: &str| columns.iter().position(|c| c.name == name);
+        let index_of = |source: Source| columns.iter().position(|c| c.source == source);
+        let position = match (index_of(Source::Partition), index_of(Source::Offset)) {
+            (Some(partition), Some(offset)) => Some(Position {
+                topic: index_of(Source::Topic),
+                partition,
+                offset,
+            }),
+            _ => None,
+        };
+        let conflict: Vec<usize> = if sink.key.is_empty() {
+            position
+                .iter()
+                .flat_map(|p| p.topic.into_iter().chain([p.partition, p.offset]))
+                .collect()
+        } else {
+            sink.key.iter().filter_map(|k| index(k)).collect()
+        };
+        let newer_by = sink.newer_by.as_deref().and_then(index);
+        let mut problems = Vec::new();
+        if let Some(v) = newer_by {
+            if !columns[v].kind.orders_versions() {
+                problems.push(p.error(
+                    "sink.newer_by",
+                    format!(
+                        "`{}` has type {}; a version column must be an integer, timestamp or date",
+                        columns[v].name,
+                        columns[v].kind.sql_name()
+                    ),
+                ));
+            }
+            columns[v].role = Role::Version;
+        }
+        if !sink.key.is_empty() {
+            for k in &conflict {
+                columns[*k].role = Role::Key;
+            }
+        }
+        let target: Vec<&str> = conflict.iter().map(|i| columns[*i].name.as_str()).collect();
+        let key_name = if sink.key.is_empty() {
+            "sink.columns"
+        } else {
+            "sink.key"
+        };
+        if !schema.has_unique_key(&target) {
+            problems.push(p.error(
+                key_name,
+                format!(
+                    "table {table} needs a unique index or constraint on exactly ({}) for mode {}; e.g. \
+                     ALTER TABLE {} ADD UNIQUE ({})",
+                    target.join(", "),
+                    sink.mode,
+                    table.quoted(backend),
+                    quote_list(backend, target.iter().copied())
+                ),
+            ));
+        }
+        if backend == Backend::MySql {
+            for other in schema.other_collidable_keys(&target) {
+                problems.push(p.error(
+                    key_name,
+                    format!(
+                        "table {table} has another unique key ({}): MySQL's ON DUPLICATE KEY would treat a row \
+                         colliding on it as a duplicate of ({}) and silently skip or overwrite it; make ({}) the \
+                         only unique key besides AUTO_INCREMENT ones",
+                        other.columns.join(", "),
+                        target.join(", "),
+                        target.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(SinkPlan {
+            backend,
+            table,
+            mode: sink.mode,
+            keyed: !sink.key.is_empty(),
+            conflict,
+            newer_by,
+            position,
+            delete_on_null: sink.delete_on_null,
+            copy_allowed: schema.copy_allowed,
+            columns,
+        })
+    }
+
+    pub fn mapper(&self) -> RowMapper {
+        RowMapper::new(self.columns.clone(), self.delete_on_null)
+    }
+
+    /// Which record of a key repeated in a batch is written.
+    fn winner(&self) -> Winner {
+        match (self.mode, self.newer_by) {
+            (SinkMode::Insert, _) => Winner::First,
+            (SinkMode::Upsert, None) => Winner::Last,
+            (SinkMode::Upsert, Some(column)) => Winner::Newest {
+                column,
+                kind: self.columns[column].kind,
+            },
+        }
+    }
+
+    /// The rows of `batch` its statements touch.
+    fn changes(&self, batch: &Batch) -> Changes {
+        let key: &[usize] = if self.keyed { &self.conflict } else { &[] };
+        batch.changes(key, self.winner())
+    }
+
+    /// The columns an upsert sets: every mapped column outside the conflict target, with
+    /// those a guard reads last, so that MySQL's left-to-right assignments evaluate the
+    /// guard on the stored values (see the mysql writer).
+    fn update_columns(&self) -> Vec<usize> {
+        let guard_order: Vec<usize> = match (self.newer_by, self.position) {
+            (Some(v), _) => vec![v],
+            (None, Some(p)) => [Some(p.offset), Some(p.partition), p.topic]
+                .into_iter()
+                .flatten()
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        let mut columns: Vec<usize> = (0..self.columns.len())
+            .filter(|i| !self.conflict.contains(i) && !guard_order.contains(i))
+            .collect();
+        columns.extend(
+            guard_order
+                .into_iter()
+                .filter(|i| !self.conflict.contains(i)),
+        );
+        columns
+    }
+
+    fn column_list(&self) -> String {
+        quote_list(self.backend, self.columns.iter().map(|c| c.name.as_str()))
+    }
+
+    fn quoted(&self, column: usize) -> String {
+        crate::schema::quote(self.backend, &self.columns[column].name)
+    }
+}
+
+/// How a batch's transaction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Rows and offsets committed. `written`: rows the database reports inserted or updated
+    /// (MySQL also counts a duplicate left as it was); `deleted`: rows removed by tombstones.
+    Committed { written: u64, deleted: u64 },
+    /// Rolled back: these partitions' stored offsets were not the expected ones.
+    Conflict(Vec<TopicPartition>),
+}
+
+/// Writes batches into one table, and offsets into the offset store, transactionally.
+#[derive(Debug)]
+pub struct Writer {
+    plan: SinkPlan,
+    statements: Statements,
+}
+
+#[derive(Debug)]
+enum Statements {
+    Postgres(postgres::PgWriter),
+    MySql(mysql::MySqlWriter),
+}
+
+impl Writer {
+    pub async fn new(
+        pool: &DbPool,
+        plan: &SinkPlan,
+        store: OffsetStore,
+    ) -> Result<Writer, sqlx::Error> {
+        let statements = match pool {
+            DbPool::Postgres(pool) => {
+                Statements::Postgres(postgres::PgWriter::new(pool.clone(), plan, store))
+            }
+            DbPool::MySql(pool) => {
+                Statements::MySql(mysql::MySqlWriter::new(pool.clone(), plan, store).await?)
+            }
+        };
+        Ok(Writer {
+            plan: plan.clone(),
+            statements,
+        })
+    }
+
+    /// Applies the batch's changes, then moves the offsets by compare-and-set, in one
+    /// transaction; rolls back if any offset had moved.
+    pub async fn write(
+        &self,
+        batch: &Batch,
+        moves: &[OffsetMove],
+    ) -> Result<WriteOutcome, sqlx::Error> {
+        let changes = self.plan.changes(batch);
+        match &self.statements {
+            Statements::Postgres(w) => w.write(batch, &changes, moves).await,
+            Statements::MySql(w) => w.write(batch, &changes, moves).await,
+        }
+    }
+
+    /// How rows go in, for the start-up log line.
+    pub fn rows_by(&self) -> &'static str {
+        match &self.statements {
+            Statements::Postgres(w) => w.rows_by(),
+            Statements::MySql(_) => "insert",
+        }
+    }
+}

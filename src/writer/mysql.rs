@@ -1,0 +1,329 @@
+//! MySQL and MariaDB statements for a batch: multi-row `INSERT … ON DUPLICATE KEY UPDATE`
+//! in chunks (the protocol binds at most 65,535 parameters per statement), and deletes as a
+//! join against the batch's keys. Never `INSERT IGNORE`: it would also turn truncation and
+//! NOT NULL violations into warnings, and a bad row must fail as it does in PostgreSQL.
+//!
+//! `ON DUPLICATE KEY UPDATE` assigns left to right, each assignment seeing the ones before.
+//! Every assignment is guarded by the same condition on the stored row, and the columns that
+//! condition reads are assigned last (see [`SinkPlan::update_columns`]), so the condition is
+//! decided on the stored values. MySQL 8.0.19+ names the incoming row by an alias and
+//! deprecates `VALUES(col)`; MariaDB has only `VALUES(col)`: the server's version decides.
+
+use sqlx::mysql::MySqlArguments;
+use sqlx::query::Query;
+use sqlx::{MySql, MySqlConnection, MySqlPool};
+
+use super::{Position, SinkPlan, WriteOutcome};
+use crate::batch::{Batch, Changes};
+use crate::config::SinkMode;
+use crate::mapping::ColumnKind;
+use crate::offsets::{OffsetMove, OffsetStore};
+
+/// Rows per INSERT statement, at most: large enough to amortise round trips, small enough
+/// to stay far below the server's packet and parameter limits.
+const MAX_ROWS_PER_STATEMENT: usize = 1000;
+const MAX_PARAMETERS: usize = 65_535;
+
+#[derive(Debug)]
+pub struct MySqlWriter {
+    pool: MySqlPool,
+    store: OffsetStore,
+    /// `INSERT INTO t (…) VALUES `.
+    insert_head: String,
+    /// One row's placeholders: `(?, UNHEX(?), …)`.
+    insert_row: String,
+    /// ` [AS idemsink_new] ON DUPLICATE KEY UPDATE …`.
+    insert_tail: String,
+    rows_per_statement: usize,
+    /// The INSERT for a full chunk, prepared once and reused.
+    full_insert: String,
+    delete: Option<DeleteSql>,
+    /// The kind of each column, for binding.
+    kinds: Vec<ColumnKind>,
+}
+
+/// `DELETE t FROM <table> AS t JOIN (SELECT ? AS c<i>, … UNION ALL SELECT ?, …) AS r ON
+/// <key matches> WHERE <not older>`, in parts.
+#[derive(Debug)]
+struct DeleteSql {
+    head: String,
+    first_row: String,
+    next_row: String,
+    tail: String,
+    bound: Vec<usize>,
+}
+
+impl MySqlWriter {
+    pub async fn new(
+        pool: MySqlPool,
+        plan: &SinkPlan,
+        store: OffsetStore,
+    ) -> Result<MySqlWriter, sqlx::Error> {
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&pool)
+            .await?;
+        let row_alias = has_row_alias(&version);
+        let insert_head = format!(
+            "INSERT INTO {} ({}) VALUES ",
+            plan.table.quoted(plan.backend),
+            plan.column_list()
+        );
+        let placeholders: Vec<&str> = plan
+            .columns
+            .iter()
+            .map(|c| match c.kind {
+                ColumnKind::Binary { .. } => "UNHEX(?)",
+                _ => "?",
+            })
+            .collect();
+        let insert_row = format!("({})", placeholders.join(", "));
+        let insert_tail = on_duplicate_key(plan, row_alias);
+        let rows_per_statement =
+            (MAX_PARAMETERS / plan.columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
+        let full_insert = insert_sql(&insert_head, &insert_row, &insert_tail, rows_per_statement);
+        Ok(MySqlWriter {
+            pool,
+            store,
+            full_insert,
+            insert_head,
+            insert_row,
+            insert_tail,
+            rows_per_statement,
+            delete: plan.delete_on_null.then(|| delete_sql(plan)),
+            kinds: plan.columns.iter().map(|c| c.kind).collect(),
+        })
+    }
+
+    pub async fn write(
+        &self,
+        batch: &Batch,
+        changes: &Changes,
+        moves: &[OffsetMove],
+    ) -> Result<WriteOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        if let Some(delete) = &self.delete {
+            let per_statement =
+                (MAX_PARAMETERS / delete.bound.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
+            for rows in changes.deletes.chunks(per_statement) {
+                deleted += self.delete_rows(&mut tx, delete, batch, rows).await?;
+            }
+        }
+        let mut written = 0;
+        for rows in changes.writes.chunks(self.rows_per_statement) {
+            written += self.insert_rows(&mut tx, batch, rows).await?;
+        }
+        let conflicts = self.store.compare_and_set_mysql(&mut tx, moves).await?;
+        if conflicts.is_empty() {
+            tx.commit().await?;
+            Ok(WriteOutcome::Committed { written, deleted })
+        } else {
+            tx.rollback().await?;
+            Ok(WriteOutcome::Conflict(conflicts))
+        }
+    }
+
+    async fn insert_rows(
+        &self,
+        tx: &mut MySqlConnection,
+        batch: &Batch,
+        rows: &[usize],
+    ) -> Result<u64, sqlx::Error> {
+        let partial;
+        let sql = if rows.len() == self.rows_per_statement {
+            &self.full_insert
+        } else {
+            partial = insert_sql(
+                &self.insert_head,
+                &self.insert_row,
+                &self.insert_tail,
+                rows.len(),
+            );
+            &partial
+        };
+        let mut query = sqlx::query(sql).persistent(rows.len() == self.rows_per_statement);
+        for row in rows {
+            for cells in &batch.columns {
+                query = query.bind(cells[*row].as_deref());
+            }
+        }
+        Ok(query.execute(&mut *tx).await?.rows_affected())
+    }
+
+    async fn delete_rows(
+        &self,
+        tx: &mut MySqlConnection,
+        delete: &DeleteSql,
+        batch: &Batch,
+        rows: &[usize],
+    ) -> Result<u64, sqlx::Error> {
+        let mut sql = format!("{}{}", delete.head, delete.first_row);
+        for _ in 1..rows.len() {
+            sql.push_str(&delete.next_row);
+        }
+        sql.push_str(&delete.tail);
+        let mut query = sqlx::query(&sql).persistent(false);
+        for row in rows {
+            for c in &delete.bound {
+                query = bind_typed(query, self.kinds[*c], batch.columns[*c][*row].as_deref());
+            }
+        }
+        Ok(query.execute(&mut *tx).await?.rows_affected())
+    }
+}
+
+/// Whether the server names the incoming row with `AS alias` (MySQL 8.0.19 and later).
+fn has_row_alias(version: &str) -> bool {
+    if version.contains("MariaDB") {
+        return false;
+    }
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let numbers = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    numbers >= (8, 0, 19)
+}
+
+fn insert_sql(head: &str, row: &str, tail: &str, rows: usize) -> String {
+    let mut sql = String::with_capacity(head.len() + (row.len() + 1) * rows + tail.len());
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(row);
+    }
+    sql.push_str(tail);
+    sql
+}
+
+/// The part after the VALUES list. Insert mode, or nothing to set: a no-op assignment, so a
+/// duplicate is skipped and every other error still raised.
+fn on_duplicate_key(plan: &SinkPlan, row_alias: bool) -> String {
+    let update = plan.update_columns();
+    if plan.mode == SinkMode::Insert || update.is_empty() {
+        let first = plan.quoted(plan.conflict[0]);
+        return format!(" ON DUPLICATE KEY UPDATE {first} = {first}");
+    }
+    let incoming = |c: usize| {
+        if row_alias {
+            format!("idemsink_new.{}", plan.quoted(c))
+        } else {
+            format!("VALUES({})", plan.quoted(c))
+        }
+    };
+    let guard = match (plan.newer_by, plan.position) {
+        (Some(v), _) => Some(format!(
+            "{0} IS NULL OR {1} > {0}",
+            plan.quoted(v),
+            incoming(v)
+        )),
+        (None, Some(p)) => Some(not_older(p, &|c| plan.quoted(c), &incoming)),
+        (None, None) => None,
+    };
+    let sets: Vec<String> = update
+        .iter()
+        .map(|c| {
+            let column = plan.quoted(*c);
+            match &guard {
+                Some(g) => format!("{column} = IF({g}, {}, {column})", incoming(*c)),
+                None => format!("{column} = {}", incoming(*c)),
+            }
+        })
+        .collect();
+    let alias = if row_alias { " AS idemsink_new" } else { "" };
+    format!("{alias} ON DUPLICATE KEY UPDATE {}", sets.join(", "))
+}
+
+fn delete_sql(plan: &SinkPlan) -> DeleteSql {
+    let mut bound = plan.conflict.clone();
+    if let Some(p) = plan.position {
+        bound.extend(p.topic.into_iter().chain([p.partition, p.offset]));
+    }
+    let placeholder = |c: usize| match plan.columns[c].kind {
+        ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
+        ColumnKind::Numeric { precision, scale } => {
+            format!("CAST(? AS DECIMAL({}, {scale}))", precision.unwrap_or(65))
+        }
+        _ => "?".to_string(),
+    };
+    let first: Vec<String> = bound
+        .iter()
+        .map(|c| format!("{} AS c{c}", placeholder(*c)))
+        .collect();
+    let next: Vec<String> = bound.iter().map(|c| placeholder(*c)).collect();
+    let on: Vec<String> = plan
+        .conflict
+        .iter()
+        .map(|c| format!("t.{} = r.c{c}", plan.quoted(*c)))
+        .collect();
+    let guard = plan.position.map_or(String::new(), |p| {
+        format!(
+            " WHERE {}",
+            not_older(p, &|c| format!("t.{}", plan.quoted(c)), &|c| format!(
+                "r.c{c}"
+            ))
+        )
+    });
+    DeleteSql {
+        head: format!(
+            "DELETE t FROM {} AS t JOIN (",
+            plan.table.quoted(plan.backend)
+        ),
+        first_row: format!("SELECT {}", first.join(", ")),
+        next_row: format!(" UNION ALL SELECT {}", next.join(", ")),
+        tail: format!(") AS r ON {}{guard}", on.join(" AND ")),
+        bound,
+    }
+}
+
+/// True unless the stored row comes from the same partition at the same or a later offset
+/// than the incoming record. Offset first, so that in `ON DUPLICATE KEY UPDATE` the
+/// comparison still reads the stored offset (see the module comment).
+fn not_older(
+    p: Position,
+    stored: &dyn Fn(usize) -> String,
+    incoming: &dyn Fn(usize) -> String,
+) -> String {
+    let mut same: Vec<String> = p
+        .topic
+        .into_iter()
+        .chain([p.partition])
+        .map(|c| format!("{} = {}", stored(c), incoming(c)))
+        .collect();
+    same.push(format!("{} >= {}", stored(p.offset), incoming(p.offset)));
+    format!("NOT COALESCE({}, FALSE)", same.join(" AND "))
+}
+
+/// Binds a cell for a comparison: integers as integers (MySQL compares a number with a
+/// string as floating point, inexact beyond 2^53), everything else as text.
+fn bind_typed<'q>(
+    query: Query<'q, MySql, MySqlArguments>,
+    kind: ColumnKind,
+    cell: Option<&'q str>,
+) -> Query<'q, MySql, MySqlArguments> {
+    match kind {
+        ColumnKind::Integer { .. } => query.bind(cell.and_then(|c| c.parse::<i64>().ok())),
+        _ => query.bind(cell),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_alias_only_on_mysql_8_0_19_and_later() {
+        assert!(!has_row_alias("10.11.6-MariaDB-0+deb12u1"));
+        assert!(!has_row_alias("11.4.2-MariaDB"));
+        assert!(!has_row_alias("8.0.18"));
+        assert!(!has_row_alias("5.7.44-log"));
+        assert!(has_row_alias("8.0.19"));
+        assert!(has_row_alias("8.4.3"));
+        assert!(has_row_alias("9.1.0"));
+    }
+}

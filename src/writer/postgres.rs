@@ -1,0 +1,287 @@
+//! PostgreSQL statements for a batch: one statement per kind of change whatever the batch's
+//! size, binding one `text[]` per column and casting in SQL (`UNNEST($1::text[], …)`).
+//!
+//! Rows of an insert-mode batch go in by `COPY … FROM STDIN` when the table allows it:
+//! PostgreSQL inserts COPY rows in bulk, far faster than an INSERT of the same rows. `COPY`
+//! cannot skip existing rows, so it runs inside a savepoint, and a batch that meets a row
+//! already written (a replay after a restart or a rebalance) is rolled back to it and written
+//! again with `INSERT … ON CONFLICT DO NOTHING`. Either way the rows that land are the same,
+//! and they commit with their offsets or not at all.
+
+use sqlx::{PgConnection, PgPool};
+
+use super::{Position, SinkPlan, WriteOutcome};
+use crate::batch::{Batch, Changes};
+use crate::config::SinkMode;
+use crate::db::is_unique_violation;
+use crate::offsets::{OffsetMove, OffsetStore};
+
+#[derive(Debug)]
+pub struct PgWriter {
+    pool: PgPool,
+    /// `COPY <table> (<columns>) FROM STDIN`, for insert mode on a table that allows it.
+    copy_sql: Option<String>,
+    /// `INSERT … ON CONFLICT (<target>) DO NOTHING | DO UPDATE … WHERE <guard>`.
+    write_sql: String,
+    /// `DELETE … USING UNNEST(<key>…) WHERE <guard>`, with the bound columns' indices.
+    delete: Option<(String, Vec<usize>)>,
+    store: OffsetStore,
+}
+
+impl PgWriter {
+    pub fn new(pool: PgPool, plan: &SinkPlan, store: OffsetStore) -> PgWriter {
+        PgWriter {
+            pool,
+            copy_sql: (plan.copy_allowed && plan.mode == SinkMode::Insert).then(|| {
+                format!(
+                    "COPY {} ({}) FROM STDIN",
+                    plan.table.quoted(plan.backend),
+                    plan.column_list()
+                )
+            }),
+            write_sql: write_sql(plan),
+            delete: plan.delete_on_null.then(|| delete_sql(plan)),
+            store,
+        }
+    }
+
+    pub fn rows_by(&self) -> &'static str {
+        if self.copy_sql.is_some() {
+            "copy"
+        } else {
+            "insert"
+        }
+    }
+
+    pub async fn write(
+        &self,
+        batch: &Batch,
+        changes: &Changes,
+        moves: &[OffsetMove],
+    ) -> Result<WriteOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        if let Some((sql, bound)) = self.delete.as_ref().filter(|_| !changes.deletes.is_empty()) {
+            let query = bound.iter().fold(sqlx::query(sql), |q, c| {
+                q.bind(gather(&batch.columns[*c], &changes.deletes))
+            });
+            deleted = query.execute(&mut *tx).await?.rows_affected();
+        }
+        let written = if changes.writes.is_empty() {
+            0
+        } else {
+            self.write_rows(&mut tx, batch, &changes.writes).await?
+        };
+        let conflicts = self.store.compare_and_set_postgres(&mut tx, moves).await?;
+        if conflicts.is_empty() {
+            tx.commit().await?;
+            Ok(WriteOutcome::Committed { written, deleted })
+        } else {
+            tx.rollback().await?;
+            Ok(WriteOutcome::Conflict(conflicts))
+        }
+    }
+
+    /// Writes the rows; returns how many the database inserted or updated.
+    async fn write_rows(
+        &self,
+        tx: &mut PgConnection,
+        batch: &Batch,
+        rows: &[usize],
+    ) -> Result<u64, sqlx::Error> {
+        if let Some(copy_sql) = &self.copy_sql {
+            sqlx::query("SAVEPOINT idemsink_rows")
+                .execute(&mut *tx)
+                .await?;
+            match copy_rows(tx, copy_sql, batch, rows).await {
+                Ok(n) => {
+                    sqlx::query("RELEASE SAVEPOINT idemsink_rows")
+                        .execute(&mut *tx)
+                        .await?;
+                    return Ok(n);
+                }
+                Err(e) if is_unique_violation(&e) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let insert = batch
+            .columns
+            .iter()
+            .fold(sqlx::query(&self.write_sql), |q, cells| {
+                q.bind(gather(cells, rows))
+            });
+        Ok(insert.execute(&mut *tx).await?.rows_affected())
+    }
+}
+
+/// The cells of `rows`, in order, for one array parameter.
+fn gather<'a>(cells: &'a [Option<String>], rows: &[usize]) -> Vec<Option<&'a str>> {
+    rows.iter().map(|r| cells[*r].as_deref()).collect()
+}
+
+/// `INSERT INTO t AS t (…) SELECT r.c0::type, … FROM UNNEST($1::text[], …) AS r(c0, …)
+/// ON CONFLICT (<target>) DO NOTHING` in insert mode; in upsert mode `DO UPDATE SET` every
+/// other column `WHERE` the stored row is not newer.
+fn write_sql(plan: &SinkPlan) -> String {
+    let casts: Vec<String> = plan
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("r.c{i}::{}", c.kind.sql_name()))
+        .collect();
+    let conflict: Vec<String> = plan.conflict.iter().map(|c| plan.quoted(*c)).collect();
+    let update = plan.update_columns();
+    let action = if plan.mode == SinkMode::Insert || update.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        let sets: Vec<String> = update
+            .iter()
+            .map(|c| format!("{0} = EXCLUDED.{0}", plan.quoted(*c)))
+            .collect();
+        let guard = match (plan.newer_by, plan.position) {
+            (Some(v), _) => {
+                let v = plan.quoted(v);
+                format!(" WHERE t.{v} IS NULL OR EXCLUDED.{v} > t.{v}")
+            }
+            (None, Some(p)) => format!(" WHERE {}", not_older(plan, p, "EXCLUDED")),
+            (None, None) => String::new(),
+        };
+        format!("DO UPDATE SET {}{guard}", sets.join(", "))
+    };
+    format!(
+        "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
+        plan.table.quoted(plan.backend),
+        plan.column_list(),
+        casts.join(", "),
+        unnest((0..plan.columns.len()).collect::<Vec<_>>().as_slice()),
+        conflict.join(", "),
+    )
+}
+
+/// `DELETE FROM t AS t USING UNNEST(…) AS r(…) WHERE <key matches> AND <not older>`, and
+/// which columns it binds (the key, and the position when the table records it).
+fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
+    let mut bound = plan.conflict.clone();
+    if let Some(p) = plan.position {
+        bound.extend(p.topic.into_iter().chain([p.partition, p.offset]));
+    }
+    let mut conditions: Vec<String> = plan
+        .conflict
+        .iter()
+        .map(|c| {
+            format!(
+                "t.{} = r.c{c}::{}",
+                plan.quoted(*c),
+                plan.columns[*c].kind.sql_name()
+            )
+        })
+        .collect();
+    if let Some(p) = plan.position {
+        conditions.push(not_older(plan, p, "r"));
+    }
+    let sql = format!(
+        "DELETE FROM {} AS t USING {} WHERE {}",
+        plan.table.quoted(plan.backend),
+        unnest(&bound),
+        conditions.join(" AND ")
+    );
+    (sql, bound)
+}
+
+/// `UNNEST($1::text[], …) AS r(c<i>, …)`, named by column index so conditions can refer to
+/// `r.c<i>` whatever is bound.
+fn unnest(columns: &[usize]) -> String {
+    let arrays: Vec<String> = (1..=columns.len())
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let names: Vec<String> = columns.iter().map(|c| format!("c{c}")).collect();
+    format!("UNNEST({}) AS r({})", arrays.join(", "), names.join(", "))
+}
+
+/// True unless the stored row `t` comes from the same partition at the same or a later
+/// offset than the incoming record (`EXCLUDED` for an upsert, `r.c<i>` for a delete): an
+/// older record never overwrites or deletes a newer row. Unknown (NULL) counts as older.
+fn not_older(plan: &SinkPlan, p: Position, incoming: &str) -> String {
+    let value = |c: usize| {
+        if incoming == "EXCLUDED" {
+            format!("EXCLUDED.{}", plan.quoted(c))
+        } else {
+            format!("{incoming}.c{c}::{}", plan.columns[c].kind.sql_name())
+        }
+    };
+    let mut same: Vec<String> = p
+        .topic
+        .into_iter()
+        .chain([p.partition])
+        .map(|c| format!("t.{} = {}", plan.quoted(c), value(c)))
+        .collect();
+    same.push(format!(
+        "t.{} >= {}",
+        plan.quoted(p.offset),
+        value(p.offset)
+    ));
+    format!("NOT COALESCE({}, false)", same.join(" AND "))
+}
+
+/// Streams the rows as `COPY` text: tab-separated cells, `\N` for NULL, backslash escapes.
+async fn copy_rows(
+    tx: &mut PgConnection,
+    copy_sql: &str,
+    batch: &Batch,
+    rows: &[usize],
+) -> Result<u64, sqlx::Error> {
+    let mut copy = tx.copy_in_raw(copy_sql).await?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    for row in rows {
+        for (i, column) in batch.columns.iter().enumerate() {
+            if i > 0 {
+                buf.push(b'\t');
+            }
+            match &column[*row] {
+                None => buf.extend_from_slice(b"\\N"),
+                Some(text) => push_copy_escaped(&mut buf, text),
+            }
+        }
+        buf.push(b'\n');
+        if buf.len() >= 60 * 1024 {
+            copy.send(buf.as_slice()).await?;
+            buf.clear();
+        }
+    }
+    copy.send(buf).await?;
+    copy.finish().await
+}
+
+fn push_copy_escaped(buf: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    let mut plain_from = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[plain_from..i]);
+        buf.extend_from_slice(escaped);
+        plain_from = i + 1;
+    }
+    buf.extend_from_slice(&bytes[plain_from..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        let mut buf = Vec::new();
+        push_copy_escaped(&mut buf, "a\tb\nc\rd\\e\\.f");
+        assert_eq!(buf, b"a\\tb\\nc\\rd\\\\e\\\\.f");
+    }
+}

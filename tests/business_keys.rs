@@ -1,0 +1,452 @@
+//! Business keys against real databases (each test runs on PostgreSQL and on MariaDB):
+//! upsert and insert on a key, `newer_by`, tombstones, several versions of a key in one
+//! batch, and SIGKILL restarts — each compared with applying every record once, in order.
+//!
+//! An audit trigger on each table records every change of a row, so the tests see not only
+//! the final state but that no older version ever replaced a newer one on the way.
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Backend, Case, Connector};
+use idemsink::testkit::{self, Outgoing};
+use rand::{Rng, SeedableRng};
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+const EXIT: Duration = Duration::from_secs(20);
+
+/// One record about an order: a new version of it, or its tombstone.
+#[derive(Debug, Clone)]
+struct Event {
+    order_id: i64,
+    version: i64,
+    /// Unique per event, so the tests can tell which of two equal versions was kept.
+    status: String,
+    tombstone: bool,
+}
+
+fn event(order_id: i64, version: i64, seq: usize) -> Event {
+    Event {
+        order_id,
+        version,
+        status: format!("v{version}#{seq}"),
+        tombstone: false,
+    }
+}
+
+fn tombstone(order_id: i64) -> Event {
+    Event {
+        order_id,
+        version: 0,
+        status: String::new(),
+        tombstone: true,
+    }
+}
+
+/// How a key's versions combine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rule {
+    /// mode insert + key: the first write wins.
+    FirstWins,
+    /// mode upsert: each record replaces the row.
+    LastWins,
+    /// mode upsert + newer_by: a greater version replaces the row.
+    NewerBy,
+}
+
+impl Rule {
+    fn sink(self, delete_on_null: bool) -> String {
+        let (mode, newer_by) = match self {
+            Rule::FirstWins => ("insert", ""),
+            Rule::LastWins => ("upsert", ""),
+            Rule::NewerBy => ("upsert", "  newer_by: version\n"),
+        };
+        format!(
+            "  mode: {mode}
+  key: [order_id]
+{newer_by}  delete_on_null: {delete_on_null}
+  columns:
+    order_id: $key
+    version: /version
+    status: /status
+    kafka_partition: $partition
+    kafka_offset: $offset
+"
+        )
+    }
+}
+
+/// The table after applying `events` one by one, in order: order_id → (version, status).
+fn apply_in_order(events: &[Event], rule: Rule) -> BTreeMap<i64, (i64, String)> {
+    let mut table = BTreeMap::new();
+    for e in events {
+        if e.tombstone {
+            table.remove(&e.order_id);
+            continue;
+        }
+        let replace = match (rule, table.get(&e.order_id)) {
+            (_, None) => true,
+            (Rule::FirstWins, Some(_)) => false,
+            (Rule::LastWins, Some(_)) => true,
+            (Rule::NewerBy, Some((stored, _))) => e.version > *stored,
+        };
+        if replace {
+            table.insert(e.order_id, (e.version, e.status.clone()));
+        }
+    }
+    table
+}
+
+/// A case with the orders table and its audit trigger.
+async fn orders_case(backend: Backend, prefix: &str, partitions: i32) -> Case {
+    let case = Case::with_table(
+        backend,
+        prefix,
+        partitions,
+        common::brokers(),
+        "order_id bigint NOT NULL PRIMARY KEY,
+         version bigint NOT NULL,
+         status varchar(40) NOT NULL,
+         kafka_partition integer,
+         kafka_offset bigint",
+    )
+    .await;
+    let t = &case.table;
+    case.exec(&format!(
+        "CREATE TABLE {t}_audit (order_id bigint, old_version bigint, new_version bigint, \
+         old_offset bigint, new_offset bigint)"
+    ))
+    .await;
+    match backend {
+        Backend::Postgres => {
+            case.exec(&format!(
+                "CREATE FUNCTION {t}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   IF (OLD.version, OLD.status, OLD.kafka_offset) IS DISTINCT FROM
+                      (NEW.version, NEW.status, NEW.kafka_offset) THEN
+                     INSERT INTO {t}_audit VALUES
+                       (NEW.order_id, OLD.version, NEW.version, OLD.kafka_offset, NEW.kafka_offset);
+                   END IF;
+                   RETURN NEW;
+                 END $$"
+            ))
+            .await;
+            case.exec(&format!(
+                "CREATE TRIGGER {t}_audit AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_audit()"
+            ))
+            .await;
+        }
+        Backend::MySql => {
+            case.exec(&format!(
+                "CREATE TRIGGER {t}_audit AFTER UPDATE ON {t} FOR EACH ROW
+                   IF NOT (OLD.version <=> NEW.version AND OLD.status <=> NEW.status
+                           AND OLD.kafka_offset <=> NEW.kafka_offset) THEN
+                     INSERT INTO {t}_audit VALUES
+                       (NEW.order_id, OLD.version, NEW.version, OLD.kafka_offset, NEW.kafka_offset);
+                   END IF"
+            ))
+            .await;
+        }
+    }
+    case
+}
+
+/// The events as records keyed by order id, each key always in the same partition (as
+/// Kafka's default partitioner does).
+fn records(events: &[Event], partitions: i32) -> Vec<Outgoing> {
+    events
+        .iter()
+        .map(|e| {
+            let partition = (e.order_id % partitions as i64) as i32;
+            let key = e.order_id.to_string();
+            if e.tombstone {
+                Outgoing {
+                    partition,
+                    key: Some(key.into_bytes()),
+                    value: None,
+                }
+            } else {
+                let value = serde_json::json!({
+                    "order_id": e.order_id, "version": e.version, "status": e.status
+                });
+                Outgoing::json(partition, &key, &value)
+            }
+        })
+        .collect()
+}
+
+/// Produces the events; returns where each landed.
+async fn produce(case: &Case, events: &[Event]) -> Vec<(i32, i64)> {
+    testkit::produce(
+        &case.producer(),
+        &case.topic,
+        &records(events, case.partitions),
+    )
+    .await
+    .expect("produce")
+}
+
+async fn table_state(case: &Case) -> BTreeMap<i64, (i64, String)> {
+    let sql = format!("SELECT order_id, version, status FROM {}", case.table);
+    let rows: Vec<(i64, i64, String)> =
+        on_pool!(&case.pool, |p| sqlx::query_as(&sql).fetch_all(p).await).expect("read rows");
+    rows.into_iter().map(|(k, v, s)| (k, (v, s))).collect()
+}
+
+/// Every change the audit trigger saw: (order_id, old version, new version, old offset,
+/// new offset).
+async fn audit(case: &Case) -> Vec<(i64, i64, i64, i64, i64)> {
+    let sql = format!(
+        "SELECT order_id, old_version, new_version, old_offset, new_offset FROM {}_audit",
+        case.table
+    );
+    on_pool!(&case.pool, |p| sqlx::query_as(&sql).fetch_all(p).await).expect("read audit")
+}
+
+/// Every update moved a row forward: to a later record of its partition (and, with
+/// `newer_by`, to a greater version).
+fn assert_never_older_over_newer(changes: &[(i64, i64, i64, i64, i64)], rule: Rule) {
+    for (order_id, old_version, new_version, old_offset, new_offset) in changes {
+        assert!(
+            new_offset > old_offset,
+            "order {order_id}: offset {new_offset} replaced the later {old_offset}"
+        );
+        if rule == Rule::NewerBy {
+            assert!(
+                new_version > old_version,
+                "order {order_id}: version {new_version} replaced {old_version}"
+            );
+        }
+    }
+}
+
+on_both_databases!(
+    duplicate_business_keys_keep_the_newest_in_upsert_and_the_first_in_insert_and_replays_change_nothing,
+    a_batch_holding_a_key_several_times_equals_one_by_one_application,
+    an_older_version_arriving_after_a_newer_one_changes_nothing,
+    tombstones_delete_and_a_reinsert_after_a_tombstone_leaves_the_row,
+    sigkill_restarts_in_upsert_mode_end_in_the_state_of_applying_every_record_once_in_order,
+);
+
+/// 300 orders, 4 versions each, every third record sent twice by a "restarting producer"
+/// (same content, new offset).
+fn versions_with_resends() -> Vec<Event> {
+    let mut events = Vec::new();
+    for version in 1..=4 {
+        for order_id in 0..300 {
+            let e = event(order_id, version, events.len());
+            if events.len() % 3 == 0 {
+                events.push(e.clone());
+            }
+            events.push(e);
+        }
+    }
+    events
+}
+
+async fn duplicate_business_keys_keep_the_newest_in_upsert_and_the_first_in_insert_and_replays_change_nothing(
+    backend: Backend,
+) {
+    let events = versions_with_resends();
+    for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
+        let case = orders_case(backend, "dupkey", 3).await;
+        let end = testkit::end_offsets(&produce(&case, &events).await);
+        let config = case.config_with(
+            &rule.sink(false),
+            "batch:\n  max_records: 250\n  max_wait_ms: 50\n",
+        );
+        case.run_until_stored(&config, &end).await;
+        let state = table_state(&case).await;
+        assert_eq!(state.len(), 300, "{rule:?}: one row per key");
+        assert_eq!(state, apply_in_order(&events, rule), "{rule:?}");
+        let expected_version = if rule == Rule::FirstWins { 1 } else { 4 };
+        assert!(
+            state.values().all(|(v, _)| *v == expected_version),
+            "{rule:?}"
+        );
+        assert_never_older_over_newer(&audit(&case).await, rule);
+
+        // A full replay (offsets deleted) changes no row, not even for a moment.
+        let changes_before = audit(&case).await.len();
+        let columns = [
+            "order_id",
+            "version",
+            "status",
+            "kafka_partition",
+            "kafka_offset",
+        ];
+        let before = case.snapshot_by(&columns, "order_id").await.0;
+        case.forget_offsets().await;
+        case.run_until_stored(&config, &end).await;
+        assert_eq!(
+            case.snapshot_by(&columns, "order_id").await.0,
+            before,
+            "{rule:?}"
+        );
+        assert_eq!(
+            audit(&case).await.len(),
+            changes_before,
+            "{rule:?}: the replay updated rows"
+        );
+    }
+}
+
+async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backend: Backend) {
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // 20 keys, 600 records: versions shuffled (ties included), tombstones here and there.
+    let mut events = Vec::new();
+    for seq in 0..600 {
+        let order_id = rng.gen_range(0..20);
+        if rng.gen_ratio(1, 12) {
+            events.push(tombstone(order_id));
+        } else {
+            events.push(event(order_id, rng.gen_range(1..30), seq));
+        }
+    }
+    for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
+        let case = orders_case(backend, "batchkey", 1).await;
+        let end = testkit::end_offsets(&produce(&case, &events).await);
+        // Everything is in the topic before the run: batches hold hundreds of records.
+        let config = case.config_with(
+            &rule.sink(true),
+            "batch:\n  max_records: 100000\n  max_wait_ms: 1000\n",
+        );
+        let log = case.run_until_stored(&config, &end).await;
+        let records: Vec<u64> = common::logged_counts(&log, "records");
+        assert!(
+            records.iter().any(|n| *n >= 100),
+            "{rule:?}: batches should hold a key many times: {records:?}"
+        );
+        assert_eq!(
+            table_state(&case).await,
+            apply_in_order(&events, rule),
+            "{rule:?} (seed {seed})"
+        );
+    }
+}
+
+async fn an_older_version_arriving_after_a_newer_one_changes_nothing(backend: Backend) {
+    let case = orders_case(backend, "older", 2).await;
+    let config = case.config_with(&Rule::NewerBy.sink(false), "");
+    let connector = Connector::start(&config);
+    let newer: Vec<Event> = (0..50).map(|id| event(id, 5, id as usize)).collect();
+    case.wait_for_offsets(
+        &testkit::end_offsets(&produce(&case, &newer).await),
+        CATCH_UP,
+    )
+    .await;
+    let older: Vec<Event> = (0..50).map(|id| event(id, 3, 100 + id as usize)).collect();
+    let newest: Vec<Event> = (0..10).map(|id| event(id, 6, 200 + id as usize)).collect();
+    produce(&case, &older).await;
+    let end = testkit::end_offsets(&produce(&case, &newest).await);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "log:\n{log}");
+
+    let all: Vec<Event> = newer.iter().chain(&older).chain(&newest).cloned().collect();
+    let state = table_state(&case).await;
+    assert_eq!(state, apply_in_order(&all, Rule::NewerBy));
+    assert!(state
+        .iter()
+        .all(|(id, (v, _))| *v == if *id < 10 { 6 } else { 5 }));
+    let changes = audit(&case).await;
+    assert_eq!(
+        changes.len(),
+        10,
+        "only the 10 newest versions changed rows: {changes:?}"
+    );
+    assert_never_older_over_newer(&changes, Rule::NewerBy);
+}
+
+async fn tombstones_delete_and_a_reinsert_after_a_tombstone_leaves_the_row(backend: Backend) {
+    let case = orders_case(backend, "tomb", 2).await;
+    let config = case.config_with(&Rule::LastWins.sink(true), "");
+    let connector = Connector::start(&config);
+    let steps: Vec<Vec<Event>> = vec![
+        (0..10).map(|id| event(id, 1, id as usize)).collect(),
+        (0..5).map(tombstone).collect(),
+        (0..2).map(|id| event(id, 2, 20 + id as usize)).collect(),
+        // A tombstone for a key that was never written deletes nothing and is no error.
+        vec![tombstone(99)],
+    ];
+    // Each step in its own batches, so deletes and re-inserts meet committed rows.
+    for step in &steps {
+        let end = testkit::end_offsets(&produce(&case, step).await);
+        case.wait_for_offsets(&end, CATCH_UP).await;
+    }
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "log:\n{log}");
+    let deleted: u64 = common::logged_counts(&log, "deleted").iter().sum();
+    assert_eq!(deleted, 5, "five rows deleted; log:\n{log}");
+    let state = table_state(&case).await;
+    assert_eq!(
+        state.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 5, 6, 7, 8, 9]
+    );
+    assert_eq!(state, apply_in_order(&steps.concat(), Rule::LastWins));
+}
+
+async fn sigkill_restarts_in_upsert_mode_end_in_the_state_of_applying_every_record_once_in_order(
+    backend: Backend,
+) {
+    let case = orders_case(backend, "killkey", 4).await;
+    let config = case.config_with(
+        &Rule::LastWins.sink(true),
+        "batch:\n  max_records: 400\n  max_wait_ms: 20\n",
+    );
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // 30,000 records over 500 orders, versions rising per order, 1 in 20 a tombstone.
+    let mut versions = vec![0i64; 500];
+    let mut events = Vec::new();
+    for seq in 0..30_000 {
+        let order_id = rng.gen_range(0..500);
+        if rng.gen_ratio(1, 20) {
+            events.push(tombstone(order_id as i64));
+        } else {
+            versions[order_id] += 1;
+            events.push(event(order_id as i64, versions[order_id], seq));
+        }
+    }
+    // Streamed in chunks of 1,000 over ~6 s while the connector is killed and restarted.
+    let streamer = {
+        let chunks: Vec<Vec<Outgoing>> = events
+            .chunks(1000)
+            .map(|chunk| records(chunk, case.partitions))
+            .collect();
+        let (producer, topic) = (case.producer(), case.topic.clone());
+        tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for chunk in chunks {
+                let done = testkit::produce(&producer, &topic, &chunk).await;
+                landed.extend(done.expect("produce"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            landed
+        })
+    };
+    let mut connector = Connector::start(&config);
+    for kill in 1..=5 {
+        let after = Duration::from_millis(rng.gen_range(500..2500));
+        tokio::time::sleep(after).await;
+        connector.kill();
+        eprintln!("SIGKILL #{kill} after {after:?}");
+        connector = Connector::start(&config);
+    }
+    let end = testkit::end_offsets(&streamer.await.expect("producer task"));
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "log:\n{log}");
+    assert_eq!(case.stored_offsets().await, end);
+    assert_eq!(
+        table_state(&case).await,
+        apply_in_order(&events, Rule::LastWins),
+        "seed {seed}"
+    );
+    assert_never_older_over_newer(&audit(&case).await, Rule::LastWins);
+}

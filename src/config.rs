@@ -756,6 +756,37 @@ sink:
     }
 
     #[test]
+    fn business_key_rules_name_their_key() {
+        let url = [("DATABASE_URL", "mysql://h/d")];
+        let keyed = |sink: &str| GOOD.replace("  columns:", &format!("{sink}  columns:"));
+        let upsert_without_key = only_error(&keyed("  mode: upsert\n"), &url);
+        assert_eq!(upsert_without_key.key, "sink.key");
+        let unmapped = only_error(&keyed("  mode: upsert\n  key: [nope]\n"), &url);
+        assert!(
+            unmapped.message.contains("`nope` is not mapped"),
+            "{unmapped}"
+        );
+        let deletes = only_error(
+            &keyed("  mode: upsert\n  key: [order_id]\n  delete_on_null: true\n"),
+            &url,
+        );
+        assert!(deletes.message.contains("from the record key"), "{deletes}");
+        let version = only_error(
+            &keyed("  mode: insert\n  key: [order_id]\n  newer_by: Customer\n"),
+            &url,
+        );
+        assert_eq!(version.key, "sink.newer_by");
+        let fine = keyed("  mode: upsert\n  key: [order_id]\n  newer_by: kafka_offset\n").replace(
+            "    kafka_partition: $partition\n    kafka_offset: $offset\n",
+            "    kafka_offset: $offset\n",
+        );
+        assert!(
+            load(&fine, &url).is_ok(),
+            "upsert on a key needs no coordinates"
+        );
+    }
+
+    #[test]
     fn hostile_names_are_refused() {
         let text = GOOD.replace("table: public.orders", "table: \"orders; drop table x\"");
         assert_eq!(

@@ -1,12 +1,16 @@
 //! PostgreSQL statements for a batch: one statement per kind of change whatever the batch's
 //! size, binding one `text[]` per column and casting in SQL (`UNNEST($1::text[], …)`).
 //!
-//! Rows of an insert-mode batch go in by `COPY … FROM STDIN` when the table allows it:
-//! PostgreSQL inserts COPY rows in bulk, far faster than an INSERT of the same rows. `COPY`
-//! cannot skip existing rows, so it runs inside a savepoint, and a batch that meets a row
-//! already written (a replay after a restart or a rebalance) is rolled back to it and written
-//! again with `INSERT … ON CONFLICT DO NOTHING`. Either way the rows that land are the same,
-//! and they commit with their offsets or not at all.
+//! Rows go in by `COPY … FROM STDIN` when the table allows it: PostgreSQL inserts COPY rows
+//! in bulk, far faster than an INSERT of the same rows. `COPY` cannot skip or update existing
+//! rows, so it runs inside a savepoint, and a batch that meets a row already there (a replay,
+//! or in upsert mode a key seen before) is rolled back to it and written again with the
+//! `INSERT … ON CONFLICT`. Either way the rows that land are the same — a row that did not
+//! exist needs no guard — and they commit with their offsets or not at all. In upsert mode a
+//! batch whose COPY met existing keys makes the next batches skip COPY for a while, since a
+//! stream of updates would pay for a failed COPY every time.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool};
 
@@ -19,8 +23,10 @@ use crate::offsets::{OffsetMove, OffsetStore};
 #[derive(Debug)]
 pub struct PgWriter {
     pool: PgPool,
-    /// `COPY <table> (<columns>) FROM STDIN`, for insert mode on a table that allows it.
+    /// `COPY <table> (<columns>) FROM STDIN`, when the table allows it.
     copy_sql: Option<String>,
+    /// Upsert mode: batches left before COPY is tried again after one met existing keys.
+    copy_pause: Option<AtomicU32>,
     /// `INSERT … ON CONFLICT (<target>) DO NOTHING | DO UPDATE … WHERE <guard>`.
     write_sql: String,
     /// `DELETE … USING UNNEST(<key>…) WHERE <guard>`, with the bound columns' indices.
@@ -32,7 +38,8 @@ impl PgWriter {
     pub fn new(pool: PgPool, plan: &SinkPlan, store: OffsetStore) -> PgWriter {
         PgWriter {
             pool,
-            copy_sql: (plan.copy_allowed && plan.mode == SinkMode::Insert).then(|| {
+            copy_pause: (plan.mode == SinkMode::Upsert).then(|| AtomicU32::new(0)),
+            copy_sql: plan.copy_allowed.then(|| {
                 format!(
                     "COPY {} ({}) FROM STDIN",
                     plan.table.quoted(plan.backend),
@@ -89,7 +96,7 @@ impl PgWriter {
         batch: &Batch,
         rows: &[usize],
     ) -> Result<u64, sqlx::Error> {
-        if let Some(copy_sql) = &self.copy_sql {
+        if let Some(copy_sql) = self.copy_sql.as_ref().filter(|_| self.copy_now()) {
             sqlx::query("SAVEPOINT idemsink_rows")
                 .execute(&mut *tx)
                 .await?;
@@ -104,6 +111,9 @@ impl PgWriter {
                     sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
                         .execute(&mut *tx)
                         .await?;
+                    if let Some(pause) = &self.copy_pause {
+                        pause.store(COPY_PAUSE_BATCHES, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -115,6 +125,22 @@ impl PgWriter {
                 q.bind(gather(cells, rows))
             });
         Ok(insert.execute(&mut *tx).await?.rows_affected())
+    }
+}
+
+/// Batches an upsert writer skips COPY for after a COPY met existing keys.
+const COPY_PAUSE_BATCHES: u32 = 16;
+
+impl PgWriter {
+    /// Whether this batch tries COPY first: always in insert mode, and in upsert mode unless
+    /// a recent batch showed the keys already exist (counts the pause down).
+    fn copy_now(&self) -> bool {
+        match &self.copy_pause {
+            None => true,
+            Some(pause) => pause
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_err(),
+        }
     }
 }
 

@@ -341,10 +341,13 @@ impl RowMapper {
         out: &mut Vec<Option<String>>,
     ) -> Result<RowOp, ConvertError> {
         out.clear();
-        if self.delete_on_null && record.value.is_none() {
-            return self.convert_tombstone(record, out);
-        }
-        let value_doc = if self.parses_value {
+        // A tombstone has no value: value-sourced cells come out missing, which a delete allows.
+        let op = if self.delete_on_null && record.value.is_none() {
+            RowOp::Delete
+        } else {
+            RowOp::Write
+        };
+        let value_doc = if self.parses_value && op == RowOp::Write {
             Some(parse_json(
                 record.value,
                 "value",
@@ -384,51 +387,11 @@ impl RowMapper {
                 reason,
             })?;
             if cell.is_none() {
-                check_missing(column, RowOp::Write)?;
+                check_missing(column, op)?;
             }
             out.push(cell);
         }
-        Ok(RowOp::Write)
-    }
-
-    fn convert_tombstone(
-        &self,
-        record: &RecordRef<'_>,
-        out: &mut Vec<Option<String>>,
-    ) -> Result<RowOp, ConvertError> {
-        let key_doc = if self.parses_key {
-            Some(parse_json(
-                record.key,
-                "key",
-                self.first_column(|s| matches!(s, Source::KeyPointer(_))),
-            )?)
-        } else {
-            None
-        };
-        for (column, tokens) in self.columns.iter().zip(&self.pointer_tokens) {
-            let field = match &column.source {
-                Source::Value | Source::ValuePointer(_) => Field::Missing,
-                Source::Key => record
-                    .key
-                    .map_or(Field::Missing, |b| Field::Bytes(b, key_doc.as_ref())),
-                Source::KeyPointer(_) => lookup(key_doc.as_ref(), tokens),
-                Source::Topic => Field::Owned(Value::String(record.topic.to_string())),
-                Source::Partition => Field::Owned(Value::from(record.partition)),
-                Source::Offset => Field::Owned(Value::from(record.offset)),
-                Source::Timestamp => record
-                    .timestamp_ms
-                    .map_or(Field::Missing, |t| Field::Owned(Value::from(t))),
-            };
-            let cell = convert_field(column.kind, field).map_err(|reason| ConvertError {
-                column: column.name.clone(),
-                reason,
-            })?;
-            if cell.is_none() {
-                check_missing(column, RowOp::Delete)?;
-            }
-            out.push(cell);
-        }
-        Ok(RowOp::Delete)
+        Ok(op)
     }
 
     fn first_column(&self, pred: impl Fn(&Source) -> bool) -> &str {

@@ -214,6 +214,23 @@ pub enum WriteOutcome {
     Conflict(Vec<TopicPartition>),
 }
 
+/// Ends a batch's transaction: commits it when every offset moved as expected, and rolls it
+/// back, naming the partitions that had moved, otherwise.
+async fn finish<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'_, DB>,
+    conflicts: Vec<TopicPartition>,
+    written: u64,
+    deleted: u64,
+) -> Result<WriteOutcome, sqlx::Error> {
+    if conflicts.is_empty() {
+        tx.commit().await?;
+        Ok(WriteOutcome::Committed { written, deleted })
+    } else {
+        tx.rollback().await?;
+        Ok(WriteOutcome::Conflict(conflicts))
+    }
+}
+
 /// Writes batches into one table, and offsets into the offset store, transactionally.
 #[derive(Debug)]
 pub struct Writer {

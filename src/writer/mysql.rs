@@ -13,7 +13,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
-use super::{Position, SinkPlan, WriteOutcome};
+use super::{finish, Position, SinkPlan, WriteOutcome};
 use crate::batch::{Batch, Changes};
 use crate::config::SinkMode;
 use crate::mapping::ColumnKind;
@@ -114,13 +114,7 @@ impl MySqlWriter {
             written += self.insert_rows(&mut tx, batch, rows).await?;
         }
         let conflicts = self.store.compare_and_set_mysql(&mut tx, moves).await?;
-        if conflicts.is_empty() {
-            tx.commit().await?;
-            Ok(WriteOutcome::Committed { written, deleted })
-        } else {
-            tx.rollback().await?;
-            Ok(WriteOutcome::Conflict(conflicts))
-        }
+        finish(tx, conflicts, written, deleted).await
     }
 
     async fn insert_rows(

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{Position, SinkPlan, WriteOutcome};
+use super::{finish, Position, SinkPlan, WriteOutcome};
 use crate::batch::{Batch, Changes};
 use crate::config::SinkMode;
 use crate::db::is_unique_violation;
@@ -80,13 +80,7 @@ impl PgWriter {
             self.write_rows(&mut tx, batch, &changes.writes).await?
         };
         let conflicts = self.store.compare_and_set_postgres(&mut tx, moves).await?;
-        if conflicts.is_empty() {
-            tx.commit().await?;
-            Ok(WriteOutcome::Committed { written, deleted })
-        } else {
-            tx.rollback().await?;
-            Ok(WriteOutcome::Conflict(conflicts))
-        }
+        finish(tx, conflicts, written, deleted).await
     }
 
     /// Writes the rows; returns how many the database inserted or updated.

@@ -60,17 +60,20 @@ wait_port() { # host port what
 
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# PostgreSQL refuses to run as root, so its data must be reachable by the postgres user:
-# .devenv/pg when the checkout's parents allow it, otherwise a folder under /tmp.
-pg_data_dir() {
+# The servers refuse to run as root, so each one's data must be reachable by its own user
+# (postgres, mysql): .devenv/<name> when the checkout's parents allow it, otherwise a folder
+# under /tmp.
+data_dir() { # user name
   mkdir -p "$STATE"
   chmod 755 "$STATE"
-  if runuser -u postgres -- test -x "$STATE"; then
-    echo "$STATE/pg"
+  if runuser -u "$1" -- test -x "$STATE"; then
+    echo "$STATE/$2"
   else
-    echo "${TMPDIR:-/tmp}/idemsink-pg-$(printf '%s' "$STATE" | md5sum | cut -c1-12)"
+    echo "${TMPDIR:-/tmp}/idemsink-$2-$(printf '%s' "$STATE" | md5sum | cut -c1-12)"
   fi
 }
+
+pg_data_dir() { data_dir postgres pg; }
 
 pg_up() {
   local data
@@ -92,18 +95,10 @@ pg_up() {
     "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database idemsink"
 }
 
-# MariaDB runs as the mysql user, like PostgreSQL as postgres: its folder must be reachable.
-mysql_data_dir() {
-  if runuser -u mysql -- test -x "$STATE"; then
-    echo "$STATE/mariadb"
-  else
-    echo "${TMPDIR:-/tmp}/idemsink-mariadb-$(printf '%s' "$STATE" | md5sum | cut -c1-12)"
-  fi
-}
+mysql_data_dir() { data_dir mysql mariadb; }
 
 mysql_up() {
   local data
-  mkdir -p "$STATE" && chmod 755 "$STATE"
   data=$(mysql_data_dir)
   if [[ ! -d "$data/mysql" ]]; then
     install -d -o mysql -g mysql "$data"

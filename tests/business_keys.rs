@@ -414,31 +414,14 @@ async fn sigkill_restarts_in_upsert_mode_end_in_the_state_of_applying_every_reco
         }
     }
     // Streamed in chunks of 1,000 over ~6 s while the connector is killed and restarted.
-    let streamer = {
-        let chunks: Vec<Vec<Outgoing>> = events
-            .chunks(1000)
-            .map(|chunk| records(chunk, case.partitions))
-            .collect();
-        let (producer, topic) = (case.producer(), case.topic.clone());
-        tokio::spawn(async move {
-            let mut landed = Vec::new();
-            for chunk in chunks {
-                let done = testkit::produce(&producer, &topic, &chunk).await;
-                landed.extend(done.expect("produce"));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            landed
-        })
-    };
-    let mut connector = Connector::start(&config);
-    for kill in 1..=5 {
-        let after = Duration::from_millis(rng.gen_range(500..2500));
-        tokio::time::sleep(after).await;
-        connector.kill();
-        eprintln!("SIGKILL #{kill} after {after:?}");
-        connector = Connector::start(&config);
-    }
-    let end = testkit::end_offsets(&streamer.await.expect("producer task"));
+    let chunks: Vec<Vec<Outgoing>> = events
+        .chunks(1000)
+        .map(|chunk| records(chunk, case.partitions))
+        .collect();
+    let (connector, landed) = case
+        .stream_while_killing(&config, chunks, 5, 500..2500, &mut rng)
+        .await;
+    let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = connector.stop(EXIT);
     assert!(status.success(), "log:\n{log}");

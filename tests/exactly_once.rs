@@ -96,36 +96,16 @@ async fn sigkill_at_random_moments_while_streaming_loses_and_doubles_nothing(bac
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     // 50,000 records streamed in chunks over ~10 s while the connector is killed and restarted.
-    let producer = case.producer();
-    let streamer = {
-        let topic = case.topic.clone();
-        let partitions = case.partitions;
-        tokio::spawn(async move {
-            let mut landed = Vec::new();
-            for chunk in 0..50i64 {
-                let records: Vec<Outgoing> = (chunk * 1000..(chunk + 1) * 1000)
-                    .map(|id| common::record(id, (id % partitions as i64) as i32))
-                    .collect();
-                landed.extend(
-                    testkit::produce(&producer, &topic, &records)
-                        .await
-                        .expect("produce"),
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            landed
+    let chunks: Vec<Vec<Outgoing>> = (0..50i64)
+        .map(|chunk| {
+            (chunk * 1000..(chunk + 1) * 1000)
+                .map(|id| common::record(id, (id % case.partitions as i64) as i32))
+                .collect()
         })
-    };
-
-    let mut connector = Connector::start(&config);
-    for kill in 1..=5 {
-        let after = Duration::from_millis(rng.gen_range(500..3000));
-        tokio::time::sleep(after).await;
-        connector.kill();
-        eprintln!("SIGKILL #{kill} after {after:?}");
-        connector = Connector::start(&config);
-    }
-    let landed = streamer.await.expect("producer task");
+        .collect();
+    let (connector, landed) = case
+        .stream_while_killing(&config, chunks, 5, 500..3000, &mut rng)
+        .await;
     let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = connector.stop(EXIT);

@@ -282,6 +282,38 @@ sink:
         log
     }
 
+    /// Produces `chunks` one after another, 200 ms apart, while `config` runs and is killed
+    /// with SIGKILL `kills` times, each after a random pause of `pause_ms` milliseconds, and
+    /// restarted. Returns the running connector and where every record landed.
+    pub async fn stream_while_killing(
+        &self,
+        config: &Path,
+        chunks: Vec<Vec<Outgoing>>,
+        kills: u32,
+        pause_ms: std::ops::Range<u64>,
+        rng: &mut impl rand::Rng,
+    ) -> (Connector, Vec<(i32, i64)>) {
+        let (producer, topic) = (self.producer(), self.topic.clone());
+        let streamer = tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for chunk in chunks {
+                let done = testkit::produce(&producer, &topic, &chunk).await;
+                landed.extend(done.expect("produce"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            landed
+        });
+        let mut connector = Connector::start(config);
+        for kill in 1..=kills {
+            let after = Duration::from_millis(rng.gen_range(pause_ms.clone()));
+            tokio::time::sleep(after).await;
+            connector.kill();
+            eprintln!("SIGKILL #{kill} after {after:?}");
+            connector = Connector::start(config);
+        }
+        (connector, streamer.await.expect("producer task"))
+    }
+
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {
         testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout, || Ok(()))
             .await

@@ -44,5 +44,6 @@ sql -c "SELECT order_id, customer, amount, status, created_at, kafka_partition, 
 sql -c "SELECT pipeline, topic, partition, next_offset, updated_at FROM idemsink_offsets
          WHERE pipeline = 'orders_pg' ORDER BY partition"
 echo "Every Kafka record is one row, exactly once. Orders sent twice by the producer are two"
-echo "records at two offsets, hence two rows: business-key deduplication is the upsert mode's job."
+echo "records at two offsets, hence two rows in this mode; sink.mode: upsert with key: [order_id]"
+echo "keeps one row per order (README, \"Business keys\")."
 exit "$status"

@@ -1,6 +1,10 @@
 //! The Kafka side: the consumer's settings, which partitions this instance owns and from
 //! where it reads them, and the rebalance hook that loads each newly assigned partition's
 //! offset from the database and assigns it there — never from Kafka's committed offsets.
+//!
+//! Revocation drains: the hook takes the partitions away from the writer, waits for the batch
+//! in flight to commit or roll back, and only then lets the group hand them on. A writer that
+//! was paused past its session (a zombie) is stopped by the offsets compare-and-set instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +27,9 @@ pub type SinkConsumer = StreamConsumer<SinkContext>;
 
 /// How long an assignment keeps retrying to read offsets before the pipeline gives up.
 const OFFSET_LOAD_PATIENCE: Duration = Duration::from_secs(30);
+
+/// librdkafka's default `max.poll.interval.ms`, which is also the group's rebalance timeout.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
 /// The consumer settings for a pipeline. The last four are what the guarantee rests on and
 /// cannot be overridden (`config` refuses them in `source.properties`).
@@ -63,6 +70,9 @@ pub struct Assignment {
     state: Mutex<AssignmentState>,
     /// Wakes the consumer loop when a seek or a fatal error is waiting for it.
     pub wake: Notify,
+    /// Held by the writer from the moment it decides which partitions a batch covers until
+    /// the batch's transaction has ended; a revocation takes it to wait for that write.
+    pub writing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +81,9 @@ struct AssignmentState {
     next_epoch: u64,
     seeks: Vec<(TopicPartition, Offset)>,
     fatal: Option<String>,
+    /// The consumer loop paused fetching because the writer is behind; partitions assigned
+    /// meanwhile start paused too.
+    paused: bool,
 }
 
 impl AssignmentState {
@@ -168,6 +181,14 @@ impl Assignment {
         std::mem::take(&mut self.lock().seeks)
     }
 
+    pub fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+    }
+
+    fn paused(&self) -> bool {
+        self.lock().paused
+    }
+
     fn set_fatal(&self, reason: String) {
         self.lock().fatal.get_or_insert(reason);
         self.wake.notify_one();
@@ -177,6 +198,17 @@ impl Assignment {
     pub fn fatal(&self) -> Option<String> {
         self.lock().fatal.clone()
     }
+}
+
+/// A third of the rebalance timeout, at most 30 s: long enough for an ordinary batch, short
+/// enough to rejoin in time when the database hangs (the compare-and-set fences the write).
+fn drain_patience(p: &LoadedPipeline) -> Duration {
+    let max_poll_ms = p
+        .properties()
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+    Duration::from_millis(max_poll_ms / 3).min(Duration::from_secs(30))
 }
 
 fn start_offset(stored: Option<i64>, start_from: StartFrom) -> Offset {
@@ -194,6 +226,9 @@ pub struct SinkContext {
     store: OffsetStore,
     start_from: StartFrom,
     runtime: tokio::runtime::Handle,
+    /// How long a revocation waits for the batch in flight. Well inside the rebalance
+    /// timeout (`max.poll.interval.ms`), so that waiting never costs the group membership.
+    drain_patience: Duration,
 }
 
 impl SinkContext {
@@ -204,6 +239,7 @@ impl SinkContext {
             store,
             start_from: p.config.source.start_from,
             runtime: tokio::runtime::Handle::current(),
+            drain_patience: drain_patience(p),
         }
     }
 
@@ -244,6 +280,11 @@ impl SinkContext {
         cooperative: bool,
     ) {
         let tps = partitions_of(tpl);
+        if tps.is_empty() {
+            // Cooperative rebalances that leave this instance's partitions as they were.
+            log_failure(&self.pipeline, "assign", consumer.incremental_assign(tpl));
+            return;
+        }
         let stored = match self.block_on(self.load_offsets(&tps)) {
             Ok(stored) => stored,
             Err(e) => {
@@ -273,15 +314,20 @@ impl SinkContext {
                 None => format!("{tp}@{:?}", self.start_from).to_lowercase(),
             });
         }
-        info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), "assigned; starting from offsets stored in the database");
+        info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), cooperative, "assigned; starting from offsets stored in the database");
         let result = if cooperative {
             consumer.incremental_assign(tpl)
         } else {
             consumer.assign(tpl)
         };
         log_failure(&self.pipeline, "assign", result);
-        // A partition paused before a revocation stays paused when it comes back.
-        log_failure(&self.pipeline, "resume", consumer.resume(tpl));
+        // librdkafka keeps a partition's pause across a revocation, so set it explicitly:
+        // paused only while the consumer loop is holding back for the writer.
+        if self.assignment.paused() {
+            log_failure(&self.pipeline, "pause", consumer.pause(tpl));
+        } else {
+            log_failure(&self.pipeline, "resume", consumer.resume(tpl));
+        }
     }
 
     fn on_revoke(
@@ -291,17 +337,38 @@ impl SinkContext {
         cooperative: bool,
     ) {
         let tps = partitions_of(tpl);
+        // From here on no write for these partitions starts; buffered records are dropped.
         for tp in &tps {
             self.assignment.revoke(tp);
         }
         let names: Vec<String> = tps.iter().map(ToString::to_string).collect();
-        info!(pipeline = %self.pipeline, partitions = %names.join(" "), "revoked; buffered records of these partitions are dropped");
+        let lost = consumer.assignment_lost();
+        info!(pipeline = %self.pipeline, partitions = %names.join(" "), lost, cooperative, "revoked; buffered records of these partitions are dropped");
+        self.drain();
         let result = if cooperative {
             consumer.incremental_unassign(tpl)
         } else {
             consumer.unassign()
         };
         log_failure(&self.pipeline, "unassign", result);
+    }
+
+    /// Waits for the batch in flight, which may cover revoked partitions, to commit or roll
+    /// back, so that their next owner starts from offsets that no longer move.
+    fn drain(&self) {
+        let patience = self.drain_patience;
+        let writing = &self.assignment.writing;
+        if self
+            .block_on(tokio::time::timeout(patience, writing.lock()))
+            .is_err()
+        {
+            warn!(
+                pipeline = %self.pipeline,
+                waited_ms = patience.as_millis() as u64,
+                "the batch in flight did not finish before the partitions were handed on; \
+                 it can only commit if no new owner has committed since (offsets compare-and-set)"
+            );
+        }
     }
 }
 

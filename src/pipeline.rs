@@ -1,7 +1,8 @@
 //! One pipeline, end to end: the consumer loop turns records into rows and cuts batches;
 //! the writer task commits each batch (rows + offsets) in one transaction. The two run
-//! concurrently so the database and Kafka work at the same time; a bounded channel of one
-//! batch keeps memory bounded when the database is the slower side.
+//! concurrently so the database and Kafka work at the same time. When the database is the
+//! slower side, one batch waits for the writer and fetching pauses: memory stays bounded and
+//! the consumer keeps being polled, so a slow database never costs the group membership.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::batch::Batch;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
@@ -64,6 +66,26 @@ struct Shared {
 }
 
 impl Shared {
+    /// Stops or restarts fetching for every partition this instance holds.
+    fn pause_fetching(&self, paused: bool) {
+        self.assignment.set_paused(paused);
+        let consumer = &self.consumer;
+        let result = consumer.assignment().and_then(|tpl| {
+            if paused {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            }
+        });
+        match result {
+            Ok(()) if paused => debug!(pipeline = %self.pipeline, "writer busy: fetching paused"),
+            Ok(()) => debug!(pipeline = %self.pipeline, "fetching resumed"),
+            Err(e) => {
+                error!(pipeline = %self.pipeline, paused, error = %e, "pausing or resuming fetching failed")
+            }
+        }
+    }
+
     fn db(&self, context: &'static str) -> impl FnOnce(sqlx::Error) -> PipelineError + '_ {
         move |source| PipelineError::Database {
             pipeline: self.pipeline.clone(),
@@ -201,14 +223,15 @@ async fn read_loop(
     let columns = mapper.columns().len();
     let mut batch = Batch::new(columns);
     let mut cells = Vec::with_capacity(columns);
-    let send = |batch: Batch| async {
-        // A closed channel means the writer stopped on an error, which `run` reports.
-        batches.send(batch).await.is_ok()
+    let mut handover = Handover {
+        shared,
+        waiting: None,
     };
     // Armed when a batch gets its first row; fires if the batch is still open then.
     let flush_timer = tokio::time::sleep(max_wait);
     tokio::pin!(flush_timer);
     loop {
+        let can_offer = handover.waiting.is_none();
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -221,10 +244,15 @@ async fn read_loop(
                 }
                 apply_seeks(shared);
             }
-            _ = &mut flush_timer, if !batch.is_empty() => {
-                if !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
-                    return Ok(());
+            permit = batches.reserve(), if !can_offer => {
+                let Ok(permit) = permit else { return Ok(()) };
+                handover.send_waiting(permit);
+                if batch.len() >= max_records {
+                    handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
                 }
+            }
+            _ = &mut flush_timer, if can_offer && !batch.is_empty() => {
+                handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
             }
             received = shared.consumer.recv() => {
                 let message = match received {
@@ -241,24 +269,58 @@ async fn read_loop(
                         error,
                     };
                     // Commit what came before the bad record, then stop.
-                    if !batch.is_empty() {
-                        send(batch).await;
-                    }
+                    handover.finish(&batches, batch).await;
                     return Err(failed);
                 }
                 if opens_batch && !batch.is_empty() {
                     flush_timer.as_mut().reset(tokio::time::Instant::now() + max_wait);
                 }
-                if batch.len() >= max_records && !send(std::mem::replace(&mut batch, Batch::new(columns))).await {
-                    return Ok(());
+                // While a batch waits for the writer, records fetched before the pause took
+                // effect gather in the next one, beyond `max_records` if need be.
+                if can_offer && batch.len() >= max_records {
+                    handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
                 }
             }
         }
     }
-    if !batch.is_empty() {
-        send(batch).await;
-    }
+    handover.finish(&batches, batch).await;
     Ok(())
+}
+
+/// Batches on their way to the writer. One may wait while the writer is busy; while it
+/// does, fetching is paused, and the consumer loop goes on polling (rebalances, heartbeats
+/// of `max.poll.interval.ms`) instead of blocking on the writer.
+struct Handover<'a> {
+    shared: &'a Shared,
+    waiting: Option<Batch>,
+}
+
+impl Handover<'_> {
+    /// Gives `batch` to the writer if it can take it now, or keeps it waiting and pauses
+    /// fetching. A writer that has stopped is noticed by the consumer loop's `closed` arm.
+    fn offer(&mut self, writer: &mpsc::Sender<Batch>, batch: Batch) {
+        if let Err(TrySendError::Full(batch)) = writer.try_send(batch) {
+            self.waiting = Some(batch);
+            self.shared.pause_fetching(true);
+        }
+    }
+
+    fn send_waiting(&mut self, permit: mpsc::Permit<'_, Batch>) {
+        if let Some(batch) = self.waiting.take() {
+            permit.send(batch);
+        }
+        self.shared.pause_fetching(false);
+    }
+
+    /// At the end of reading: hands over what is left, waiting for the writer to take it.
+    async fn finish(mut self, writer: &mpsc::Sender<Batch>, open: Batch) {
+        let left = self.waiting.take().into_iter().chain(Some(open));
+        for batch in left.filter(|b| !b.is_empty()) {
+            if writer.send(batch).await.is_err() {
+                return; // the writer stopped on an error, which `run` reports
+            }
+        }
+    }
 }
 
 fn add_record(
@@ -342,6 +404,9 @@ async fn commit_batch(
     writer: &Writer,
     mut batch: Batch,
 ) -> Result<(), PipelineError> {
+    // A revocation waits for this guard, so it hands partitions on only after their write
+    // has ended, and no write decides on ownership while a revocation is under way.
+    let _writing = shared.assignment.writing.lock().await;
     loop {
         // Only what this instance still owns, read in the epoch it still owns it in. One look
         // per span decides both the rows written and the offsets moved, so rows never go in
@@ -397,23 +462,33 @@ async fn commit_batch(
                     .load(&lost)
                     .await
                     .map_err(shared.db("re-reading offsets"))?;
+                let mut fenced = Vec::with_capacity(lost.len());
                 for tp in &lost {
-                    let Some((_, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
+                    let Some((m, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
                         continue;
                     };
                     let now = stored.get(tp).copied();
-                    warn!(
-                        pipeline = %shared.pipeline,
-                        partition = %tp,
-                        stored = ?now,
-                        "offset moved under this instance (another instance owns or owned the partition): \
-                         batch rolled back, partition restarts from the stored offset"
-                    );
+                    fenced.push(format!(
+                        "{tp} (expected {}, found {})",
+                        offset_text(m.expected),
+                        offset_text(now)
+                    ));
                     assignment.reset(tp, *epoch, now, shared.start_from);
                 }
+                warn!(
+                    pipeline = %shared.pipeline,
+                    partitions = %fenced.join(", "),
+                    "fenced: the stored offsets of these partitions changed since this instance last \
+                     read or wrote them (another instance took them over, or they were set by hand); \
+                     the batch was rolled back and they restart from the offsets in the database"
+                );
             }
         }
     }
+}
+
+fn offset_text(offset: Option<i64>) -> String {
+    offset.map_or_else(|| "none".to_string(), |n| n.to_string())
 }
 
 /// Tells Kafka the same offsets, so standard lag tools see progress. Best effort: the

@@ -168,9 +168,9 @@ impl Case {
         case
     }
 
-    /// Runs one SQL statement, panicking with it on failure.
+    /// Runs SQL (one statement or several, without parameters), panicking on failure.
     pub async fn exec(&self, sql: &str) {
-        let done = on_pool!(&self.pool, |p| sqlx::query(sql)
+        let done = on_pool!(&self.pool, |p| sqlx::raw_sql(sql)
             .execute(p)
             .await
             .map(|_| ()));
@@ -194,42 +194,25 @@ impl Case {
     /// The pipeline file for this case and the standard table, with `extra` appended (e.g.
     /// a `batch:` section).
     pub fn config(&self, extra: &str) -> PathBuf {
-        self.config_with(
-            "  columns:
-    id: /id
-    body: /body
-    payload: $value
-    kafka_topic: $topic
-    kafka_partition: $partition
-    kafka_offset: $offset
-",
-            extra,
-        )
+        self.pipeline().extra(extra).write()
     }
 
     /// The pipeline file for this case with `sink` lines after `sink.table` (the mode, key
     /// and columns), and `extra` appended.
     pub fn config_with(&self, sink: &str, extra: &str) -> PathBuf {
-        let text = format!(
-            "pipeline: {name}
-source:
-  brokers: {brokers}
-  topics: [{topic}]
-  properties:
-    {GROUP_PROPERTIES}
-sink:
-  url: {url}
-  table: {table}
-{sink}{extra}",
-            name = self.name,
-            brokers = self.brokers,
-            topic = self.topic,
-            url = database_url(self.backend),
-            table = self.table,
-        );
-        let file = self.dir.path().join(format!("{}.yaml", self.name));
-        std::fs::write(&file, text).expect("write pipeline file");
-        file
+        self.pipeline().sink(sink).extra(extra).write()
+    }
+
+    /// A pipeline file for this case, to be adjusted and written.
+    pub fn pipeline(&self) -> PipelineFile<'_> {
+        PipelineFile {
+            case: self,
+            stem: self.name.clone(),
+            url: database_url(self.backend),
+            properties: String::new(),
+            sink: STANDARD_COLUMNS.to_string(),
+            extra: String::new(),
+        }
     }
 
     pub fn producer(&self) -> FutureProducer {
@@ -293,16 +276,7 @@ sink:
         pause_ms: std::ops::Range<u64>,
         rng: &mut impl rand::Rng,
     ) -> (Connector, Vec<(i32, i64)>) {
-        let (producer, topic) = (self.producer(), self.topic.clone());
-        let streamer = tokio::spawn(async move {
-            let mut landed = Vec::new();
-            for chunk in chunks {
-                let done = testkit::produce(&producer, &topic, &chunk).await;
-                landed.extend(done.expect("produce"));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            landed
-        });
+        let streamer = self.stream(chunks, Duration::from_millis(200));
         let mut connector = Connector::start(config);
         for kill in 1..=kills {
             let after = Duration::from_millis(rng.gen_range(pause_ms.clone()));
@@ -312,6 +286,36 @@ sink:
             connector = Connector::start(config);
         }
         (connector, streamer.await.expect("producer task"))
+    }
+
+    /// The standard records with ids `ids`, spread over the partitions, in chunks of `size`.
+    pub fn record_chunks(&self, ids: std::ops::Range<i64>, size: i64) -> Vec<Vec<Outgoing>> {
+        let parts = i64::from(self.partitions);
+        let chunk_of = |start: i64| -> Vec<Outgoing> {
+            (start..(start + size).min(ids.end))
+                .map(|id| record(id, (id % parts) as i32))
+                .collect()
+        };
+        ids.clone().step_by(size as usize).map(chunk_of).collect()
+    }
+
+    /// Produces `chunks` one after another, `gap` apart, in the background; the task returns
+    /// where every record landed.
+    pub fn stream(
+        &self,
+        chunks: Vec<Vec<Outgoing>>,
+        gap: Duration,
+    ) -> tokio::task::JoinHandle<Vec<(i32, i64)>> {
+        let (producer, topic) = (self.producer(), self.topic.clone());
+        tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for chunk in chunks {
+                let done = testkit::produce(&producer, &topic, &chunk).await;
+                landed.extend(done.expect("produce"));
+                tokio::time::sleep(gap).await;
+            }
+            landed
+        })
     }
 
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {
@@ -377,6 +381,88 @@ sink:
             "kafka_partition, kafka_offset",
         )
         .await
+    }
+}
+
+/// What an instance logs when partitions are assigned to it.
+pub const ASSIGNED: &str = "assigned; starting from offsets stored in the database";
+
+/// What an instance logs when a batch was rolled back by the offsets compare-and-set.
+pub const FENCED: &str = "fenced: the stored offsets of these partitions changed";
+
+/// The `sink` lines mapping the standard table.
+pub const STANDARD_COLUMNS: &str = "  columns:
+    id: /id
+    body: /body
+    payload: $value
+    kafka_topic: $topic
+    kafka_partition: $partition
+    kafka_offset: $offset
+";
+
+/// A pipeline file of a [`Case`]: its name, database URL, consumer properties, sink lines
+/// and extra sections can differ between the instances of one test.
+pub struct PipelineFile<'a> {
+    case: &'a Case,
+    stem: String,
+    url: String,
+    properties: String,
+    sink: String,
+    extra: String,
+}
+
+impl PipelineFile<'_> {
+    /// The file name (without `.yaml`), for instances that need files of their own.
+    pub fn named(mut self, stem: &str) -> Self {
+        self.stem = stem.to_string();
+        self
+    }
+
+    pub fn url(mut self, url: &str) -> Self {
+        self.url = url.to_string();
+        self
+    }
+
+    /// A librdkafka property, in addition to [`GROUP_PROPERTIES`].
+    pub fn property(mut self, key: &str, value: &str) -> Self {
+        self.properties.push_str(&format!("\n    {key}: {value}"));
+        self
+    }
+
+    pub fn sink(mut self, sink: &str) -> Self {
+        self.sink = sink.to_string();
+        self
+    }
+
+    pub fn extra(mut self, extra: &str) -> Self {
+        self.extra = extra.to_string();
+        self
+    }
+
+    pub fn write(self) -> PathBuf {
+        let text = format!(
+            "pipeline: {name}
+source:
+  brokers: {brokers}
+  topics: [{topic}]
+  properties:
+    {GROUP_PROPERTIES}{properties}
+sink:
+  url: {url}
+  table: {table}
+{sink}{extra}",
+            name = self.case.name,
+            brokers = self.case.brokers,
+            topic = self.case.topic,
+            properties = self.properties,
+            url = self.url,
+            table = self.case.table,
+            sink = self.sink,
+            extra = self.extra,
+        );
+        let file = self.case.dir.path().join(format!("{}.yaml", self.stem));
+        std::fs::write(&file, text).expect("write pipeline file");
+        file
     }
 }
 
@@ -462,7 +548,8 @@ impl Connector {
         self.child.as_ref().map(|c| c.id() as i32).expect("running")
     }
 
-    pub fn signal(&self, signal: i32) {
+    /// Sends a signal by name: `TERM`, `STOP`, `CONT`…
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
@@ -507,7 +594,7 @@ impl Connector {
 
     /// SIGTERM, then the exit status and log.
     pub fn stop(self, timeout: Duration) -> (ExitStatus, String) {
-        self.signal(15);
+        self.signal("TERM");
         self.wait(timeout)
     }
 
@@ -515,19 +602,21 @@ impl Connector {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log shows the partitions were assigned.
-    pub fn wait_assigned(&self, timeout: Duration) {
+    /// Waits until the log shows partitions assigned to this instance.
+    pub async fn wait_assigned(&self, timeout: Duration) {
+        self.wait_for_log(ASSIGNED, 1, timeout).await;
+    }
+
+    /// Waits until `needle` occurs `times` times in the log.
+    pub async fn wait_for_log(&self, needle: &str, times: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self
-            .log_text()
-            .contains("assigned; starting from offsets stored in the database")
-        {
+        while self.log_text().matches(needle).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "not assigned within {timeout:?}; log:\n{}",
+                "{needle:?} not logged {times} times within {timeout:?}; log:\n{}",
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

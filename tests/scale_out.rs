@@ -1,0 +1,466 @@
+//! Several instances of one pipeline in one consumer group, each a separate OS process:
+//! instances joining and leaving while records stream, a zombie paused in the middle of a
+//! write, and a database slower than `max.poll.interval.ms`.
+//!
+//! Group timings these tests rely on (see `common::GROUP_PROPERTIES`): sessions of 2 s, so
+//! a member that stops heartbeating (SIGKILL, SIGSTOP) loses its partitions about 2 s later;
+//! Tansu completes a join or a rejoin in about 1 s; librdkafka enforces `max.poll.interval.ms`
+//! in the client, so a member that stops polling leaves the group by itself.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_exactly_once, Backend, Case, Connector, ASSIGNED, FENCED};
+use idemsink::db::DbPool;
+use idemsink::testkit::{self, Outgoing};
+use serde_json::json;
+
+const JOIN: Duration = Duration::from_secs(30);
+const CATCH_UP: Duration = Duration::from_secs(60);
+const EXIT: Duration = Duration::from_secs(20);
+
+on_both_databases!(
+    three_instances_share_8_partitions_while_one_stops_and_one_is_killed,
+    scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict,
+    a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
+);
+
+fn with_ids(ids: std::ops::Range<i64>, landed: Vec<(i32, i64)>) -> Vec<(i64, (i32, i64))> {
+    ids.zip(landed).collect()
+}
+
+fn assert_clean_exit((status, log): (std::process::ExitStatus, String)) -> String {
+    assert!(
+        status.success(),
+        "SIGTERM must end in a clean exit; log:\n{log}"
+    );
+    log
+}
+
+fn assert_wrote(log: &str, who: &str) {
+    assert!(
+        log.contains("batch committed"),
+        "{who} committed no batch: the partitions were not shared; log:\n{log}"
+    );
+}
+
+/// Three instances start one after another on 8 partitions while 100,000 records stream
+/// (eager rebalancing, librdkafka's default); the first then leaves with SIGTERM and the
+/// second dies by SIGKILL, and the third takes everything over.
+async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(backend: Backend) {
+    let case = Case::new(backend, "three", 8).await;
+    let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 50\n");
+    // 50 chunks of 2,000, 250 ms apart: about 15 s of streaming.
+    let streamer = case.stream(
+        case.record_chunks(0..100_000, 2000),
+        Duration::from_millis(250),
+    );
+    let pause = || tokio::time::sleep(Duration::from_secs(2));
+
+    let a = Connector::start(&config);
+    a.wait_assigned(JOIN).await;
+    pause().await;
+    let b = Connector::start(&config);
+    b.wait_assigned(JOIN).await;
+    pause().await;
+    let c = Connector::start(&config);
+    c.wait_assigned(JOIN).await;
+    pause().await;
+    let a_log = assert_clean_exit(a.stop(EXIT));
+    pause().await;
+    let b_log = b.log_text();
+    b.kill();
+
+    let landed = streamer.await.expect("producer task");
+    let end = testkit::end_offsets(&landed);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let c_log = assert_clean_exit(c.stop(EXIT));
+    assert_exactly_once(&case.rows().await, &with_ids(0..100_000, landed));
+    assert_eq!(
+        case.stored_offsets().await,
+        end,
+        "offsets equal the end offsets"
+    );
+    for (log, who) in [(&a_log, "A"), (&b_log, "B"), (&c_log, "C")] {
+        assert_wrote(log, who);
+    }
+    let last_assignment = c_log.lines().rfind(|l| l.contains(ASSIGNED));
+    let took_all = last_assignment
+        .is_some_and(|line| (0..8).all(|p| line.contains(&format!("{}/{p}@", case.topic))));
+    assert!(
+        took_all,
+        "C took over all 8 partitions after A left and B died; log:\n{c_log}"
+    );
+}
+
+/// One instance, then four, then one again, with the cooperative-sticky strategy
+/// (incremental assign and unassign) while 60,000 records stream. Every handover drains the
+/// batch in flight before the partition moves, so no instance is ever fenced — even when the
+/// second instance joins while writes to the table are held for 3 s, so that the first
+/// instance's batch is still in flight when its partitions are revoked, and for 3 s after.
+async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "scale", 8).await;
+    let config = case
+        .pipeline()
+        .property("partition.assignment.strategy", "cooperative-sticky")
+        .extra("batch:\n  max_records: 1000\n  max_wait_ms: 50\n")
+        .write();
+    // 60 chunks of 1,000, 250 ms apart: about 17 s of streaming.
+    let streamer = case.stream(
+        case.record_chunks(0..60_000, 1000),
+        Duration::from_millis(250),
+    );
+    let pause = || tokio::time::sleep(Duration::from_secs(1));
+
+    let first = Connector::start(&config);
+    first.wait_assigned(JOIN).await;
+    let mut added = Vec::new();
+    for joined in 0..3 {
+        pause().await;
+        let held = if joined == 0 {
+            Some(TableWrites::hold(&case).await)
+        } else {
+            None
+        };
+        let instance = Connector::start(&config);
+        if let Some(held) = held {
+            // The first instance is asked to give partitions up while its write waits; it
+            // must not let them go before that write ends, however long the group waits.
+            first.wait_for_log("revoked", 1, JOIN).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            held.release().await;
+        }
+        instance.wait_assigned(JOIN).await;
+        added.push(instance);
+    }
+    let mut logs = Vec::new();
+    while let Some(instance) = added.pop() {
+        pause().await;
+        logs.push(assert_clean_exit(instance.stop(EXIT)));
+    }
+
+    let landed = streamer.await.expect("producer task");
+    let end = testkit::end_offsets(&landed);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    logs.push(assert_clean_exit(first.stop(EXIT)));
+    assert_exactly_once(&case.rows().await, &with_ids(0..60_000, landed));
+    assert_eq!(
+        case.stored_offsets().await,
+        end,
+        "offsets equal the end offsets"
+    );
+    for (i, log) in logs.iter().enumerate() {
+        assert_wrote(log, &format!("instance {i}"));
+        assert!(
+            log.contains("cooperative=true"),
+            "the cooperative protocol was in use; log:\n{log}"
+        );
+        assert!(
+            !log.contains(FENCED),
+            "a graceful handover fenced a batch: it was not drained; log:\n{log}"
+        );
+    }
+}
+
+/// Writes to the table wait for 12 s, three times `max.poll.interval.ms`, while records
+/// keep coming: the instance pauses fetching, goes on polling, and stays in the group.
+async fn a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "slow", 2).await;
+    let config = case
+        .pipeline()
+        .property("max.poll.interval.ms", "4000")
+        .extra("batch:\n  max_records: 500\n  max_wait_ms: 50\n")
+        .write();
+    let producer = case.producer();
+    let connector = Connector::start(&config);
+    connector.wait_assigned(JOIN).await;
+    let first = case.produce_ids(&producer, 0..1000).await;
+    case.wait_for_offsets(&testkit::end_offsets(&first), CATCH_UP)
+        .await;
+
+    let held = TableWrites::hold(&case).await;
+    let streamer = case.stream(
+        case.record_chunks(1000..6000, 500),
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    held.release().await;
+
+    let second = streamer.await.expect("producer task");
+    let end = testkit::end_offsets(&second);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let log = assert_clean_exit(connector.stop(EXIT));
+    let landed: Vec<(i32, i64)> = first.into_iter().chain(second).collect();
+    assert_exactly_once(&case.rows().await, &with_ids(0..6000, landed));
+
+    let running = log.split("shutdown requested").next().unwrap_or_default();
+    assert!(
+        running.contains("writer busy: fetching paused"),
+        "fetching paused while the writer waited; log:\n{log}"
+    );
+    assert_eq!(
+        running.matches(ASSIGNED).count(),
+        1,
+        "assigned once and never again; log:\n{log}"
+    );
+    assert!(
+        !running.contains("revoked"),
+        "the instance lost its partitions while the database was slow; log:\n{log}"
+    );
+}
+
+/// A lock that makes every write to the case's table wait, held on a connection of its own.
+enum TableWrites {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    MySql(sqlx::pool::PoolConnection<sqlx::MySql>),
+}
+
+impl TableWrites {
+    async fn hold(case: &Case) -> TableWrites {
+        match &case.pool {
+            DbPool::Postgres(pool) => {
+                let mut tx = pool.begin().await.expect("begin");
+                let lock = format!("LOCK TABLE {} IN SHARE MODE", case.table);
+                sqlx::query(&lock).execute(&mut *tx).await.expect("lock");
+                TableWrites::Postgres(tx)
+            }
+            DbPool::MySql(pool) => {
+                let mut conn = pool.acquire().await.expect("connection");
+                let lock = format!("LOCK TABLES {} READ", case.table);
+                sqlx::raw_sql(&lock)
+                    .execute(&mut *conn)
+                    .await
+                    .expect("lock");
+                TableWrites::MySql(conn)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            TableWrites::Postgres(tx) => tx.commit().await.expect("unlock"),
+            TableWrites::MySql(mut conn) => {
+                sqlx::raw_sql("UNLOCK TABLES")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("unlock");
+            }
+        }
+    }
+}
+
+mod zombie {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn in_insert_mode_its_late_batch_is_rolled_back_and_nothing_is_doubled() {
+        a_zombie_paused_mid_write_is_fenced(Mode::Insert, 4711).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn in_upsert_mode_its_late_batch_is_rolled_back_and_no_older_version_wins() {
+        a_zombie_paused_mid_write_is_fenced(Mode::UpsertNewerBy, 4712).await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// The standard table, rows on their Kafka coordinates: wave `n` holds new ids.
+    Insert,
+    /// Upsert on `order_id` with `newer_by: version`: wave `n` brings version `n` of the
+    /// same 500 orders.
+    UpsertNewerBy,
+}
+
+const ORDERS: i64 = 500;
+
+impl Mode {
+    fn wave(self, n: i64, partitions: i32) -> Vec<Outgoing> {
+        let parts = i64::from(partitions);
+        match self {
+            Mode::Insert => (n * 1000..(n + 1) * 1000)
+                .map(|id| common::record(id, (id % parts) as i32))
+                .collect(),
+            Mode::UpsertNewerBy => (0..ORDERS)
+                .map(|id| {
+                    let value = json!({"id": id, "version": n, "body": format!("v{n} of {id}")});
+                    Outgoing::json((id % parts) as i32, &id.to_string(), &value)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// PostgreSQL only: the zombie is told apart by its connections' `application_name`, and
+/// held in the middle of its write — inside its transaction, before touching a row — by a
+/// statement trigger waiting on an advisory lock the test holds. (The compare-and-set itself
+/// is exercised on both databases by `exactly_once`'s fence test.)
+///
+/// A owns both partitions and is writing wave 2 when it is stopped (SIGSTOP) for longer than
+/// its session; B takes the partitions over and commits waves 2 and 3; A is continued and
+/// its late batch must be rolled back by the offsets compare-and-set, with one WARN line.
+async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
+    let backend = Backend::Postgres;
+    let case = match mode {
+        Mode::Insert => Case::new(backend, "zombie", 2).await,
+        Mode::UpsertNewerBy => {
+            let brokers = common::brokers();
+            let definition =
+                "order_id bigint PRIMARY KEY, version bigint NOT NULL, body text NOT NULL";
+            Case::with_table(backend, "zombie_up", 2, brokers, definition).await
+        }
+    };
+    let t = &case.table;
+    case.exec(&format!(
+        "CREATE TABLE {t}_audit (app text NOT NULL, body text NOT NULL);
+         CREATE FUNCTION {t}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           INSERT INTO {t}_audit VALUES (current_setting('application_name'), NEW.body);
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER {t}_audit AFTER INSERT OR UPDATE ON {t}
+           FOR EACH ROW EXECUTE FUNCTION {t}_audit();
+         CREATE FUNCTION {t}_hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF current_setting('application_name') = 'zombie' THEN
+             PERFORM pg_advisory_xact_lock_shared({lock_key});
+           END IF;
+           RETURN NULL;
+         END $$;
+         CREATE TRIGGER {t}_hold BEFORE INSERT ON {t}
+           FOR EACH STATEMENT EXECUTE FUNCTION {t}_hold();"
+    ))
+    .await;
+
+    let sink = match mode {
+        Mode::Insert => common::STANDARD_COLUMNS,
+        Mode::UpsertNewerBy => {
+            "  mode: upsert\n  key: [order_id]\n  newer_by: version\n  columns:\n    order_id: /id\n    version: /version\n    body: /body\n"
+        }
+    };
+    let batches = "batch:\n  max_records: 300\n  max_wait_ms: 50\n";
+    let url = common::database_url(backend);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let zombie_url = format!("{url}{separator}application_name=zombie");
+    let a_config = case
+        .pipeline()
+        .named("a")
+        .url(&zombie_url)
+        .sink(sink)
+        .extra(batches)
+        .write();
+    let b_config = case.pipeline().named("b").sink(sink).extra(batches).write();
+    let producer = case.producer();
+    let mut landed = Vec::new();
+    let produce = |n: i64| {
+        let records = mode.wave(n, case.partitions);
+        let (producer, topic) = (&producer, &case.topic);
+        async move {
+            testkit::produce(producer, topic, &records)
+                .await
+                .expect("produce")
+        }
+    };
+
+    let a = Connector::start(&a_config);
+    a.wait_assigned(JOIN).await;
+    landed.extend(produce(1).await);
+    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+        .await;
+
+    // A's next write waits inside its transaction until the lock is released.
+    let DbPool::Postgres(pool) = &case.pool else {
+        unreachable!("PostgreSQL case")
+    };
+    let mut lock = pool.acquire().await.expect("connection");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock_key)
+        .execute(&mut *lock)
+        .await
+        .expect("advisory lock");
+    landed.extend(produce(2).await);
+    wait_until_zombie_waits(&case, lock_key).await;
+    a.signal("STOP");
+
+    landed.extend(produce(3).await);
+    let b = Connector::start(&b_config);
+    b.wait_assigned(JOIN).await;
+    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+        .await;
+
+    a.signal("CONT");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock_key)
+        .execute(&mut *lock)
+        .await
+        .expect("advisory unlock");
+    a.wait_for_log(FENCED, 1, JOIN).await;
+
+    // Both carry on with what the group gives them.
+    landed.extend(produce(4).await);
+    let end = testkit::end_offsets(&landed);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let a_log = assert_clean_exit(a.stop(EXIT));
+    let b_log = assert_clean_exit(b.stop(EXIT));
+    assert_eq!(
+        case.stored_offsets().await,
+        end,
+        "offsets equal the end offsets"
+    );
+    assert_eq!(
+        a_log.matches(FENCED).count(),
+        1,
+        "one WARN line for the late batch; log:\n{a_log}"
+    );
+    assert!(!b_log.contains(FENCED), "B was never fenced; log:\n{b_log}");
+
+    // The late batch changed no row: nothing of waves 2 and 3 was ever written by A.
+    let late = case
+        .texts(&format!(
+            "SELECT body FROM {t}_audit WHERE app = 'zombie' AND (body LIKE 'v2 %' OR body LIKE 'v3 %' \
+             OR body ~ '^record [23][0-9]{{3}}$')"
+        ))
+        .await;
+    assert!(
+        late.is_empty(),
+        "the zombie's late batch wrote rows: {late:?}"
+    );
+    match mode {
+        Mode::Insert => {
+            assert_exactly_once(&case.rows().await, &with_ids(1000..5000, landed));
+        }
+        Mode::UpsertNewerBy => {
+            let versions = case
+                .texts(&format!(
+                    "SELECT version::text || ' x' || count(*) FROM {t} GROUP BY version"
+                ))
+                .await;
+            assert_eq!(
+                versions,
+                vec![format!("4 x{ORDERS}")],
+                "every order at its newest version"
+            );
+        }
+    }
+}
+
+/// Waits until A's write is parked on the advisory lock (seen in `pg_locks`).
+async fn wait_until_zombie_waits(case: &Case, lock_key: i64) {
+    let query = format!(
+        "SELECT count(*)::text FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = {lock_key} \
+         AND a.application_name = 'zombie'"
+    );
+    let deadline = std::time::Instant::now() + JOIN;
+    while case.texts(&query).await != ["1"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the zombie's write never reached the table"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -24,6 +24,8 @@ const EXIT: Duration = Duration::from_secs(20);
 on_both_databases!(
     three_instances_share_8_partitions_while_one_stops_and_one_is_killed,
     scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict,
+    a_zombie_paused_mid_write_is_fenced_in_insert_mode,
+    a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins,
     a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
 );
 
@@ -255,20 +257,6 @@ impl TableWrites {
     }
 }
 
-mod zombie {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn in_insert_mode_its_late_batch_is_rolled_back_and_nothing_is_doubled() {
-        a_zombie_paused_mid_write_is_fenced(Mode::Insert, 4711).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn in_upsert_mode_its_late_batch_is_rolled_back_and_no_older_version_wins() {
-        a_zombie_paused_mid_write_is_fenced(Mode::UpsertNewerBy, 4712).await;
-    }
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     /// The standard table, rows on their Kafka coordinates: wave `n` holds new ids.
@@ -295,67 +283,57 @@ impl Mode {
                 .collect(),
         }
     }
+
+    fn sink(self) -> &'static str {
+        match self {
+            Mode::Insert => common::STANDARD_COLUMNS,
+            Mode::UpsertNewerBy => {
+                "  mode: upsert\n  key: [order_id]\n  newer_by: version\n  columns:\n    order_id: /id\n    version: /version\n    body: /body\n"
+            }
+        }
+    }
 }
 
-/// PostgreSQL only: the zombie is told apart by its connections' `application_name`, and
-/// held in the middle of its write — inside its transaction, before touching a row — by a
-/// statement trigger waiting on an advisory lock the test holds. (The compare-and-set itself
-/// is exercised on both databases by `exactly_once`'s fence test.)
-///
-/// A owns both partitions and is writing wave 2 when it is stopped (SIGSTOP) for longer than
-/// its session; B takes the partitions over and commits waves 2 and 3; A is continued and
-/// its late batch must be rolled back by the offsets compare-and-set, with one WARN line.
-async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
-    let backend = Backend::Postgres;
+async fn a_zombie_paused_mid_write_is_fenced_in_insert_mode(backend: Backend) {
+    a_zombie_paused_mid_write_is_fenced(backend, Mode::Insert).await;
+}
+
+async fn a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins(
+    backend: Backend,
+) {
+    a_zombie_paused_mid_write_is_fenced(backend, Mode::UpsertNewerBy).await;
+}
+
+/// A owns both partitions and is in the middle of writing wave 2 — inside its transaction,
+/// before touching a row, held there by a [`Trap`] — when it is frozen with SIGSTOP for longer
+/// than its session. B takes the partitions over and commits waves 2 and 3. A is continued:
+/// its late batch must be rolled back by the offsets compare-and-set, with one WARN line,
+/// and then both instances carry on with wave 4.
+async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
     let case = match mode {
         Mode::Insert => Case::new(backend, "zombie", 2).await,
         Mode::UpsertNewerBy => {
-            let brokers = common::brokers();
             let definition =
-                "order_id bigint PRIMARY KEY, version bigint NOT NULL, body text NOT NULL";
-            Case::with_table(backend, "zombie_up", 2, brokers, definition).await
+                "order_id bigint PRIMARY KEY, version bigint NOT NULL, body varchar(100) NOT NULL";
+            Case::with_table(backend, "zombie_up", 2, common::brokers(), definition).await
         }
     };
-    let t = &case.table;
-    case.exec(&format!(
-        "CREATE TABLE {t}_audit (app text NOT NULL, body text NOT NULL);
-         CREATE FUNCTION {t}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           INSERT INTO {t}_audit VALUES (current_setting('application_name'), NEW.body);
-           RETURN NULL;
-         END $$;
-         CREATE TRIGGER {t}_audit AFTER INSERT OR UPDATE ON {t}
-           FOR EACH ROW EXECUTE FUNCTION {t}_audit();
-         CREATE FUNCTION {t}_hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF current_setting('application_name') = 'zombie' THEN
-             PERFORM pg_advisory_xact_lock_shared({lock_key});
-           END IF;
-           RETURN NULL;
-         END $$;
-         CREATE TRIGGER {t}_hold BEFORE INSERT ON {t}
-           FOR EACH STATEMENT EXECUTE FUNCTION {t}_hold();"
-    ))
-    .await;
-
-    let sink = match mode {
-        Mode::Insert => common::STANDARD_COLUMNS,
-        Mode::UpsertNewerBy => {
-            "  mode: upsert\n  key: [order_id]\n  newer_by: version\n  columns:\n    order_id: /id\n    version: /version\n    body: /body\n"
-        }
-    };
+    let trap = Trap::install(&case).await;
     let batches = "batch:\n  max_records: 300\n  max_wait_ms: 50\n";
-    let url = common::database_url(backend);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let zombie_url = format!("{url}{separator}application_name=zombie");
     let a_config = case
         .pipeline()
         .named("a")
-        .url(&zombie_url)
-        .sink(sink)
+        .url(&trap.zombie_url())
+        .sink(mode.sink())
         .extra(batches)
         .write();
-    let b_config = case.pipeline().named("b").sink(sink).extra(batches).write();
+    let b_config = case
+        .pipeline()
+        .named("b")
+        .sink(mode.sink())
+        .extra(batches)
+        .write();
     let producer = case.producer();
-    let mut landed = Vec::new();
     let produce = |n: i64| {
         let records = mode.wave(n, case.partitions);
         let (producer, topic) = (&producer, &case.topic);
@@ -365,6 +343,7 @@ async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
                 .expect("produce")
         }
     };
+    let mut landed = Vec::new();
 
     let a = Connector::start(&a_config);
     a.wait_assigned(JOIN).await;
@@ -372,18 +351,9 @@ async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
     case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
         .await;
 
-    // A's next write waits inside its transaction until the lock is released.
-    let DbPool::Postgres(pool) = &case.pool else {
-        unreachable!("PostgreSQL case")
-    };
-    let mut lock = pool.acquire().await.expect("connection");
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(lock_key)
-        .execute(&mut *lock)
-        .await
-        .expect("advisory lock");
+    let held = trap.arm().await;
     landed.extend(produce(2).await);
-    wait_until_zombie_waits(&case, lock_key).await;
+    trap.wait_until_caught().await;
     a.signal("STOP");
 
     landed.extend(produce(3).await);
@@ -393,14 +363,9 @@ async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
         .await;
 
     a.signal("CONT");
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(lock_key)
-        .execute(&mut *lock)
-        .await
-        .expect("advisory unlock");
+    trap.release(held).await;
     a.wait_for_log(FENCED, 1, JOIN).await;
 
-    // Both carry on with what the group gives them.
     landed.extend(produce(4).await);
     let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
@@ -418,13 +383,7 @@ async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
     );
     assert!(!b_log.contains(FENCED), "B was never fenced; log:\n{b_log}");
 
-    // The late batch changed no row: nothing of waves 2 and 3 was ever written by A.
-    let late = case
-        .texts(&format!(
-            "SELECT body FROM {t}_audit WHERE app = 'zombie' AND (body LIKE 'v2 %' OR body LIKE 'v3 %' \
-             OR body ~ '^record [23][0-9]{{3}}$')"
-        ))
-        .await;
+    let late = trap.late_writes().await;
     assert!(
         late.is_empty(),
         "the zombie's late batch wrote rows: {late:?}"
@@ -434,33 +393,199 @@ async fn a_zombie_paused_mid_write_is_fenced(mode: Mode, lock_key: i64) {
             assert_exactly_once(&case.rows().await, &with_ids(1000..5000, landed));
         }
         Mode::UpsertNewerBy => {
-            let versions = case
-                .texts(&format!(
-                    "SELECT version::text || ' x' || count(*) FROM {t} GROUP BY version"
-                ))
-                .await;
+            let text = match backend {
+                Backend::Postgres => "text",
+                Backend::MySql => "CHAR",
+            };
+            let count = |filter: &str| {
+                format!(
+                    "SELECT CAST(COUNT(*) AS {text}) FROM {} {filter}",
+                    case.table
+                )
+            };
             assert_eq!(
-                versions,
-                vec![format!("4 x{ORDERS}")],
+                case.texts(&count("WHERE version = 4")).await,
+                case.texts(&count("")).await,
                 "every order at its newest version"
             );
+            assert_eq!(case.texts(&count("")).await, [ORDERS.to_string()]);
         }
     }
 }
 
-/// Waits until A's write is parked on the advisory lock (seen in `pg_locks`).
-async fn wait_until_zombie_waits(case: &Case, lock_key: i64) {
-    let query = format!(
-        "SELECT count(*)::text FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-         WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = {lock_key} \
-         AND a.application_name = 'zombie'"
-    );
-    let deadline = std::time::Instant::now() + JOIN;
-    while case.texts(&query).await != ["1"] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the zombie's write never reached the table"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Holds the zombie in the middle of its write: while armed, a trigger makes the zombie's
+/// insert wait on a lock the test holds, before any row is touched, so the zombie holds no
+/// lock that its successor needs. It also audits who wrote which row, so the test can show
+/// that nothing of the zombie's late batch survived.
+///
+/// PostgreSQL tells the zombie apart by its `application_name` and holds it on an advisory
+/// lock in a statement trigger. MySQL has no per-connection name in the URL: there the first
+/// connection caught while armed is recorded as the zombie, and holds on `GET_LOCK`.
+struct Trap<'a> {
+    case: &'a Case,
+}
+
+/// The lock the test holds while the trap is armed, on a connection of its own.
+enum Held {
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    MySql(sqlx::pool::PoolConnection<sqlx::MySql>),
+}
+
+impl Trap<'_> {
+    async fn install(case: &Case) -> Trap<'_> {
+        let t = &case.table;
+        let key = Self::advisory_key(case);
+        case.exec(&match case.backend {
+            Backend::Postgres => format!(
+                "CREATE TABLE {t}_audit (who text NOT NULL, body text NOT NULL);
+                 CREATE FUNCTION {t}_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   INSERT INTO {t}_audit VALUES (current_setting('application_name'), NEW.body);
+                   RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER {t}_audit AFTER INSERT OR UPDATE ON {t}
+                   FOR EACH ROW EXECUTE FUNCTION {t}_audit();
+                 CREATE FUNCTION {t}_hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                   IF current_setting('application_name') = 'zombie' THEN
+                     PERFORM pg_advisory_xact_lock_shared({key});
+                   END IF;
+                   RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER {t}_hold BEFORE INSERT ON {t}
+                   FOR EACH STATEMENT EXECUTE FUNCTION {t}_hold();"
+            ),
+            Backend::MySql => format!(
+                "CREATE TABLE {t}_audit (who bigint NOT NULL, body varchar(100) NOT NULL);
+                 CREATE TABLE {t}_zombie (who bigint NOT NULL);
+                 CREATE TABLE {t}_armed (armed int NOT NULL);
+                 CREATE TRIGGER {t}_audit_insert AFTER INSERT ON {t} FOR EACH ROW
+                   INSERT INTO {t}_audit VALUES (CONNECTION_ID(), NEW.body);
+                 CREATE TRIGGER {t}_audit_update AFTER UPDATE ON {t} FOR EACH ROW
+                   INSERT INTO {t}_audit VALUES (CONNECTION_ID(), NEW.body);
+                 CREATE TRIGGER {t}_hold BEFORE INSERT ON {t} FOR EACH ROW
+                   IF EXISTS (SELECT 1 FROM {t}_armed)
+                      AND (NOT EXISTS (SELECT 1 FROM {t}_zombie)
+                           OR CONNECTION_ID() IN (SELECT who FROM {t}_zombie)) THEN
+                     DO GET_LOCK('{t}', 120);
+                   END IF;"
+            ),
+        })
+        .await;
+        Trap { case }
+    }
+
+    /// A key of the test's own for PostgreSQL's advisory locks (below 2^31, so that
+    /// `pg_locks.objid` shows it as is).
+    fn advisory_key(case: &Case) -> i64 {
+        let hash = case
+            .table
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        i64::from(hash & 0x7fff_ffff)
+    }
+
+    fn zombie_url(&self) -> String {
+        let url = common::database_url(self.case.backend);
+        match self.case.backend {
+            Backend::Postgres => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}application_name=zombie")
+            }
+            Backend::MySql => url,
+        }
+    }
+
+    async fn arm(&self) -> Held {
+        let t = &self.case.table;
+        match &self.case.pool {
+            DbPool::Postgres(pool) => {
+                let mut conn = pool.acquire().await.expect("connection");
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(Self::advisory_key(self.case))
+                    .execute(&mut *conn)
+                    .await
+                    .expect("advisory lock");
+                Held::Postgres(conn)
+            }
+            DbPool::MySql(pool) => {
+                let mut conn = pool.acquire().await.expect("connection");
+                let lock = format!("SELECT GET_LOCK('{t}', 0); INSERT INTO {t}_armed VALUES (1)");
+                sqlx::raw_sql(&lock)
+                    .execute(&mut *conn)
+                    .await
+                    .expect("lock");
+                Held::MySql(conn)
+            }
+        }
+    }
+
+    /// Waits until the zombie's write waits on the lock; on MySQL, records its connection.
+    async fn wait_until_caught(&self) {
+        let t = &self.case.table;
+        let key = Self::advisory_key(self.case);
+        let waiting = match self.case.backend {
+            Backend::Postgres => format!(
+                "SELECT CAST(l.pid AS text) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                 WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = {key} \
+                 AND a.application_name = 'zombie'"
+            ),
+            Backend::MySql => format!(
+                "SELECT CAST(ID AS CHAR) FROM information_schema.PROCESSLIST \
+                 WHERE STATE = 'User lock' AND INFO LIKE '%{t}%'"
+            ),
+        };
+        let deadline = std::time::Instant::now() + JOIN;
+        let zombie = loop {
+            if let [zombie] = self.case.texts(&waiting).await.as_slice() {
+                break zombie.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the zombie's write never reached the table"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if self.case.backend == Backend::MySql {
+            self.case
+                .exec(&format!("INSERT INTO {t}_zombie VALUES ({zombie})"))
+                .await;
+        }
+    }
+
+    async fn release(&self, held: Held) {
+        let t = &self.case.table;
+        match held {
+            Held::Postgres(mut conn) => {
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(Self::advisory_key(self.case))
+                    .execute(&mut *conn)
+                    .await
+                    .expect("advisory unlock");
+            }
+            Held::MySql(mut conn) => {
+                // The trap stays armed (the zombie's trigger holds a read lock on the flag), but only
+                // for the zombie, and the lock is free from now on.
+                let unlock = format!("DO RELEASE_LOCK('{t}')");
+                sqlx::raw_sql(&unlock)
+                    .execute(&mut *conn)
+                    .await
+                    .expect("unlock");
+            }
+        }
+    }
+
+    /// Rows of waves 2 and 3 — the late batch's — that the zombie wrote and committed.
+    async fn late_writes(&self) -> Vec<String> {
+        let t = &self.case.table;
+        let by_zombie = match self.case.backend {
+            Backend::Postgres => "who = 'zombie'".to_string(),
+            Backend::MySql => format!("who IN (SELECT who FROM {t}_zombie)"),
+        };
+        // Wave 2 and 3 bodies: `v2 of …`/`v3 of …` (upsert), `record 2xxx`/`record 3xxx` (insert).
+        self.case
+            .texts(&format!(
+                "SELECT body FROM {t}_audit WHERE {by_zombie} AND (body LIKE 'v2 %' OR body LIKE 'v3 %' \
+                 OR body LIKE 'record 2___' OR body LIKE 'record 3___')"
+            ))
+            .await
     }
 }

@@ -281,8 +281,12 @@ impl SinkContext {
     ) {
         let tps = partitions_of(tpl);
         if tps.is_empty() {
-            // Cooperative rebalances that leave this instance's partitions as they were.
-            log_failure(&self.pipeline, "assign", consumer.incremental_assign(tpl));
+            // A cooperative rebalance that leaves this instance's partitions as they were, or
+            // an eager one with more instances than partitions.
+            if !cooperative {
+                info!(pipeline = %self.pipeline, "assigned no partition (more instances than partitions)");
+            }
+            self.apply_assignment(consumer, tpl, cooperative);
             return;
         }
         let stored = match self.block_on(self.load_offsets(&tps)) {
@@ -315,6 +319,15 @@ impl SinkContext {
             });
         }
         info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), cooperative, "assigned; starting from offsets stored in the database");
+        self.apply_assignment(consumer, tpl, cooperative);
+    }
+
+    fn apply_assignment(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        cooperative: bool,
+    ) {
         let result = if cooperative {
             consumer.incremental_assign(tpl)
         } else {
@@ -411,6 +424,7 @@ impl ConsumerContext for SinkContext {
             other => {
                 error!(pipeline = %self.pipeline, error = ?other, "rebalance failed; dropping the whole assignment");
                 self.assignment.revoke_all();
+                self.drain();
                 log_failure(&self.pipeline, "unassign", consumer.unassign());
             }
         }
@@ -421,23 +435,43 @@ impl ConsumerContext for SinkContext {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_guarantee_settings_always_win() {
+    /// A valid pipeline whose `source.properties` is the YAML flow mapping `{properties}`.
+    fn pipeline_with_properties(properties: &str) -> LoadedPipeline {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("p.yaml");
         std::fs::write(
             &file,
-            "pipeline: p\nsource:\n  brokers: b:1\n  topics: [t]\n  properties:\n    fetch.max.bytes: 1000000\n\
-             sink:\n  url: postgres://h/d\n  table: t\n  columns:\n    p: $partition\n    o: $offset\n",
+            format!(
+                "pipeline: p\nsource:\n  brokers: b:1\n  topics: [t]\n  properties: {{{properties}}}\n\
+                 sink:\n  url: postgres://h/d\n  table: t\n  columns:\n    p: $partition\n    o: $offset\n"
+            ),
         )
         .expect("write");
-        let p = crate::config::load_file(&file, &[]).expect("valid");
-        let c = client_config(&p);
+        crate::config::load_file(&file, &[]).expect("valid")
+    }
+
+    #[test]
+    fn the_guarantee_settings_always_win() {
+        let c = client_config(&pipeline_with_properties("fetch.max.bytes: 1000000"));
         assert_eq!(c.get("isolation.level"), Some("read_committed"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.id"), Some("idemsink-p"));
         assert_eq!(c.get("fetch.max.bytes"), Some("1000000"));
+    }
+
+    #[test]
+    fn a_revocation_waits_a_third_of_the_rebalance_timeout_at_most_30_s() {
+        let patience = |properties| drain_patience(&pipeline_with_properties(properties));
+        assert_eq!(patience(""), Duration::from_secs(30));
+        assert_eq!(
+            patience("max.poll.interval.ms: 6000"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            patience("max.poll.interval.ms: 900000"),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! One pipeline, end to end: the consumer loop turns records into rows and cuts batches;
 //! the writer task commits each batch (rows + offsets) in one transaction. The two run
 //! concurrently so the database and Kafka work at the same time. When the database is the
-//! slower side, one batch waits for the writer and fetching pauses: memory stays bounded and
-//! the consumer keeps being polled, so a slow database never costs the group membership.
+//! slower side, one batch waits for the writer while librdkafka prefetches; if it waits long,
+//! fetching pauses and the consumer is polled again, so memory stays bounded and a slow
+//! database never costs the group membership.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
 use crate::batch::Batch;
@@ -226,12 +229,15 @@ async fn read_loop(
     let mut handover = Handover {
         shared,
         waiting: None,
+        paused: false,
+        pause_at: Box::pin(tokio::time::sleep(PAUSE_AFTER)),
     };
     // Armed when a batch gets its first row; fires if the batch is still open then.
     let flush_timer = tokio::time::sleep(max_wait);
     tokio::pin!(flush_timer);
     loop {
         let can_offer = handover.waiting.is_none();
+        let may_pause = !can_offer && !handover.paused;
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -251,10 +257,13 @@ async fn read_loop(
                     handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
                 }
             }
+            _ = handover.pause_at.as_mut(), if may_pause => handover.pause(),
             _ = &mut flush_timer, if can_offer && !batch.is_empty() => {
                 handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
             }
-            received = shared.consumer.recv() => {
+            // Records are taken while no batch waits, or once fetching is paused: then only
+            // what was fetched before the pause still arrives.
+            received = shared.consumer.recv(), if can_offer || handover.paused => {
                 let message = match received {
                     Ok(m) => m,
                     Err(e) => { consumer_error(&shared.pipeline, e)?; continue; }
@@ -273,7 +282,7 @@ async fn read_loop(
                     return Err(failed);
                 }
                 if opens_batch && !batch.is_empty() {
-                    flush_timer.as_mut().reset(tokio::time::Instant::now() + max_wait);
+                    flush_timer.as_mut().reset(Instant::now() + max_wait);
                 }
                 // While a batch waits for the writer, records fetched before the pause took
                 // effect gather in the next one, beyond `max_records` if need be.
@@ -287,29 +296,44 @@ async fn read_loop(
     Ok(())
 }
 
-/// Batches on their way to the writer. One may wait while the writer is busy; while it
-/// does, fetching is paused, and the consumer loop goes on polling (rebalances, heartbeats
-/// of `max.poll.interval.ms`) instead of blocking on the writer.
+/// How long a batch waits for the writer before fetching pauses. Until then the consumer
+/// loop takes no record and librdkafka prefetches (bounded by `queued.max.messages.kbytes`),
+/// which keeps a writer-bound pipeline at full speed; rebalance events wait at most this long.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Batches on their way to the writer. One may wait while the writer is busy. If it waits
+/// longer than [`PAUSE_AFTER`], fetching is paused and the consumer loop goes back to polling
+/// (rebalances, `max.poll.interval.ms`) however long the database takes.
 struct Handover<'a> {
     shared: &'a Shared,
     waiting: Option<Batch>,
+    paused: bool,
+    /// Fires [`PAUSE_AFTER`] after a batch started waiting.
+    pause_at: Pin<Box<Sleep>>,
 }
 
 impl Handover<'_> {
-    /// Gives `batch` to the writer if it can take it now, or keeps it waiting and pauses
-    /// fetching. A writer that has stopped is noticed by the consumer loop's `closed` arm.
+    /// Gives `batch` to the writer if it can take it now, or keeps it waiting. A writer that
+    /// has stopped is noticed by the consumer loop's `closed` arm.
     fn offer(&mut self, writer: &mpsc::Sender<Batch>, batch: Batch) {
         if let Err(TrySendError::Full(batch)) = writer.try_send(batch) {
             self.waiting = Some(batch);
-            self.shared.pause_fetching(true);
+            self.pause_at.as_mut().reset(Instant::now() + PAUSE_AFTER);
         }
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+        self.shared.pause_fetching(true);
     }
 
     fn send_waiting(&mut self, permit: mpsc::Permit<'_, Batch>) {
         if let Some(batch) = self.waiting.take() {
             permit.send(batch);
         }
-        self.shared.pause_fetching(false);
+        if std::mem::take(&mut self.paused) {
+            self.shared.pause_fetching(false);
+        }
     }
 
     /// At the end of reading: hands over what is left, waiting for the writer to take it.

@@ -5,7 +5,8 @@
 //! A newcomer's map: [`config`] (pipeline files), [`consumer`] (Kafka settings, partition
 //! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row),
 //! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
-//! one file per database), [`offsets`] (the offset store),
+//! one file per database), [`offsets`] (the offset store), [`offsets_command`] (the
+//! `offsets` command),
 //! [`pipeline`] (the loop tying them together) and [`validate`] (the `validate` command).
 
 pub mod batch;
@@ -14,6 +15,7 @@ pub mod consumer;
 pub mod db;
 pub mod mapping;
 pub mod offsets;
+pub mod offsets_command;
 pub mod pipeline;
 pub mod schema;
 pub mod validate;

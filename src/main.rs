@@ -1,4 +1,5 @@
-//! The `idemsink` command line: `run`, `validate` and `migrate` over pipeline files.
+//! The `idemsink` command line: `run`, `validate`, `migrate` and `offsets` over pipeline
+//! files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,10 +9,15 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use idemsink::config::{self, LoadedPipeline};
+use idemsink::offsets::TopicPartition;
+use idemsink::offsets_command::{self, ResetTo};
 use idemsink::{pipeline, validate};
 
 #[derive(Parser)]
-#[command(version, about = "Sinks Kafka topics into PostgreSQL exactly once")]
+#[command(
+    version,
+    about = "Sinks Kafka topics into PostgreSQL or MySQL/MariaDB exactly once"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +31,53 @@ enum Command {
     Validate(ConfigArg),
     /// Create or upgrade idemsink's own tables (run also does this at start).
     Migrate(ConfigArg),
+    /// Show or move the offsets stored in the database.
+    #[command(subcommand)]
+    Offsets(OffsetsCommand),
+}
+
+#[derive(Subcommand)]
+enum OffsetsCommand {
+    /// Per pipeline, topic and partition: the stored offset, Kafka's earliest and end offsets,
+    /// and the lag.
+    List(PipelineArg),
+    /// Store OFFSET as the next offset to read for one partition.
+    Set {
+        #[command(flatten)]
+        pipeline: PipelineArg,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+        /// Even while an instance is running the pipeline (it is fenced on its next commit).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move every partition's stored offset to earliest, latest, or the first record at or
+    /// after a time (RFC 3339, or milliseconds since the epoch).
+    Reset {
+        #[command(flatten)]
+        pipeline: PipelineArg,
+        #[arg(long)]
+        to: ResetTo,
+        /// Only this topic's partitions.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Even while an instance is running the pipeline (it is fenced on its next commit).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PipelineArg {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The pipeline, when the configuration holds several.
+    #[arg(long)]
+    pipeline: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -56,6 +109,7 @@ fn main() -> ExitCode {
             Command::Run(a) => run(a).await,
             Command::Validate(a) => validate_cmd(a).await,
             Command::Migrate(a) => migrate(a).await,
+            Command::Offsets(c) => offsets(c).await,
         }
     });
     match result {
@@ -154,4 +208,89 @@ async fn migrate(a: ConfigArg) -> Result<(), String> {
         println!("migrated {}", config::redact_url(&p.config.sink.url));
     }
     Ok(())
+}
+
+async fn offsets(command: OffsetsCommand) -> Result<(), String> {
+    let changes = match command {
+        OffsetsCommand::List(a) => {
+            let pipelines = select(&a, false)?;
+            println!(
+                "{:<24} {:<32} {:>12} {:>12} {:>12} {:>10}",
+                "pipeline", "topic/partition", "stored", "earliest", "end", "lag"
+            );
+            for p in &pipelines {
+                let listed = offsets_command::list(p).await.map_err(|e| e.to_string())?;
+                for o in listed {
+                    let or_dash =
+                        |n: Option<i64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+                    println!(
+                        "{:<24} {:<32} {:>12} {:>12} {:>12} {:>10}",
+                        p.config.pipeline,
+                        o.tp.to_string(),
+                        or_dash(o.stored),
+                        o.low,
+                        o.high,
+                        or_dash(o.lag())
+                    );
+                }
+            }
+            return Ok(());
+        }
+        OffsetsCommand::Set {
+            pipeline,
+            topic,
+            partition,
+            offset,
+            force,
+        } => {
+            let p = one(&pipeline)?;
+            let tp = TopicPartition { topic, partition };
+            offsets_command::set(&p, tp, offset, force).await
+        }
+        OffsetsCommand::Reset {
+            pipeline,
+            to,
+            topic,
+            force,
+        } => {
+            let p = one(&pipeline)?;
+            offsets_command::reset(&p, to, topic, force).await
+        }
+    };
+    for change in changes.map_err(|e| e.to_string())? {
+        println!("{change}");
+    }
+    Ok(())
+}
+
+/// The pipelines `a` names: all of them, or the one given by `--pipeline`.
+fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, String> {
+    let mut pipelines = load(&a.config)?;
+    if let Some(name) = &a.pipeline {
+        pipelines.retain(|p| &p.config.pipeline == name);
+        if pipelines.is_empty() {
+            return Err(format!(
+                "no pipeline named {name} in {}",
+                a.config.config.display()
+            ));
+        }
+    }
+    if exactly_one && pipelines.len() > 1 {
+        let names: Vec<&str> = pipelines
+            .iter()
+            .map(|p| p.config.pipeline.as_str())
+            .collect();
+        return Err(format!(
+            "{} holds several pipelines ({}): choose one with --pipeline",
+            a.config.config.display(),
+            names.join(", ")
+        ));
+    }
+    Ok(pipelines)
+}
+
+fn one(a: &PipelineArg) -> Result<LoadedPipeline, String> {
+    select(a, true)?
+        .pop()
+        .ok_or_else(|| format!("no pipeline in {}", a.config.config.display()))
 }

@@ -88,6 +88,49 @@ impl OffsetStore {
             .collect())
     }
 
+    /// Sets stored offsets unconditionally, all in one transaction: the `offsets set|reset`
+    /// commands. A running instance that owns one of these partitions is fenced by the
+    /// compare-and-set on its next commit and rereads from here.
+    pub async fn overwrite(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), sqlx::Error> {
+        match &self.pool {
+            DbPool::Postgres(pool) => {
+                let topics: Vec<&str> = offsets.iter().map(|(tp, _)| tp.topic.as_str()).collect();
+                let numbers: Vec<i32> = offsets.iter().map(|(tp, _)| tp.partition).collect();
+                let next: Vec<i64> = offsets.iter().map(|(_, n)| *n).collect();
+                sqlx::query(
+                    "INSERT INTO idemsink_offsets (pipeline, topic, partition, next_offset)
+                     SELECT $1, m.topic, m.partition, m.next
+                       FROM UNNEST($2::text[], $3::int4[], $4::int8[]) AS m(topic, partition, next)
+                     ON CONFLICT (pipeline, topic, partition)
+                     DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+                )
+                .bind(&self.pipeline)
+                .bind(&topics)
+                .bind(&numbers)
+                .bind(&next)
+                .execute(pool)
+                .await?;
+            }
+            DbPool::MySql(pool) => {
+                let mut tx = pool.begin().await?;
+                for (tp, next) in offsets {
+                    sqlx::query(
+                        "INSERT INTO idemsink_offsets (pipeline, topic, `partition`, next_offset) VALUES (?, ?, ?, ?)
+                         ON DUPLICATE KEY UPDATE next_offset = VALUES(next_offset), updated_at = CURRENT_TIMESTAMP(6)",
+                    )
+                    .bind(&self.pipeline)
+                    .bind(&tp.topic)
+                    .bind(tp.partition)
+                    .bind(next)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn load_postgres(
         &self,
         conn: &mut PgConnection,

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::Backend;
 
@@ -28,18 +27,8 @@ sink:
 fn idemsink(command: &str, dir: &Path, text: &str) -> (bool, String, std::path::PathBuf) {
     let file = dir.join(format!("{}.yaml", common::unique("cfg")));
     std::fs::write(&file, text).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_idemsink"))
-        .args([command, "--config"])
-        .arg(&file)
-        .output()
-        .expect("run idemsink");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains("panicked"), "idemsink panicked:\n{text}");
-    (out.status.success(), text, file)
+    let (ok, text) = common::idemsink(&[command.as_ref(), "--config".as_ref(), file.as_os_str()]);
+    (ok, text, file)
 }
 
 /// Creates a table with `columns`; returns its name.

@@ -514,6 +514,22 @@ pub fn assert_exactly_once(rows: &[(i64, i32, i64)], produced: &[(i64, (i32, i64
     );
 }
 
+/// Runs the idemsink binary to completion with `args`; returns whether it succeeded and its
+/// stdout followed by its stderr. It must never panic, whatever the outcome.
+pub fn idemsink(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_idemsink"))
+        .args(args)
+        .output()
+        .expect("run idemsink");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "idemsink panicked:\n{text}");
+    (out.status.success(), text)
+}
+
 /// The idemsink binary running one pipeline file, as a child process that is killed if the
 /// test ends early. Its stderr goes to a file so tests can read the log.
 pub struct Connector {

@@ -1,0 +1,192 @@
+//! Operating a running deployment: the `offsets` command against a real broker and database
+//! (list with lag, set and reset, refused while an instance runs unless forced).
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{assert_exactly_once, idemsink, Backend, Case, Connector, FENCED};
+use idemsink::testkit;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+
+const EXIT: Duration = Duration::from_secs(20);
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+on_both_databases!(
+    offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running_instance,
+);
+
+/// One record per produce batch: Tansu's ListOffsets counts a batch as one record, and
+/// `offsets list` shows Kafka's end offsets as ListOffsets gives them.
+fn one_record_batches(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("batch.num.messages", "1")
+        .create()
+        .expect("producer")
+}
+
+fn offsets(config: &Path, args: &[&str]) -> (bool, String) {
+    let mut all: Vec<&OsStr> = vec!["offsets".as_ref(), args[0].as_ref(), "--config".as_ref()];
+    all.push(config.as_os_str());
+    all.extend(args[1..].iter().map(|a| OsStr::new(*a)));
+    idemsink(&all)
+}
+
+async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running_instance(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "offsets", 2).await;
+    let producer = one_record_batches(&case.brokers);
+    let produce = |ids: std::ops::Range<i64>| {
+        let records: Vec<_> = ids.map(|id| common::record(id, (id % 2) as i32)).collect();
+        let (producer, topic) = (&producer, &case.topic);
+        async move {
+            testkit::produce(producer, topic, &records)
+                .await
+                .expect("produce")
+        }
+    };
+    let mut landed = produce(0..400).await;
+    let first_end = testkit::end_offsets(&landed);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second_starts = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    landed.extend(produce(400..600).await);
+    let end = testkit::end_offsets(&landed);
+    let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
+
+    // Before any run: nothing stored, so no lag is known.
+    let (ok, listed) = offsets(&config, &["list"]);
+    assert!(ok, "{listed}");
+    let row = |p: i32, stored: &str, end: i64, lag: &str| {
+        let tp = format!("{}/{p}", case.topic);
+        let fields = [case.name.as_str(), &tp, stored, "0", &end.to_string(), lag];
+        fields.join(" ")
+    };
+    let squeeze = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    for p in 0..2 {
+        assert!(
+            squeeze(&listed).contains(&row(p, "-", end[&p], "-")),
+            "partition {p} listed with no stored offset:\n{listed}"
+        );
+    }
+
+    // After a run up to 300 per partition, the lag is the rest.
+    case.run_until_stored(&config, &end).await;
+    let (ok, listed) = offsets(&config, &["list"]);
+    assert!(ok, "{listed}");
+    for p in 0..2 {
+        assert!(
+            squeeze(&listed).contains(&row(p, &end[&p].to_string(), end[&p], "0")),
+            "partition {p} listed as caught up:\n{listed}"
+        );
+    }
+
+    // While an instance runs, moving offsets is refused and changes nothing.
+    let running = Connector::start(&config);
+    running.wait_assigned(Duration::from_secs(30)).await;
+    let (ok, refused) = offsets(
+        &config,
+        &[
+            "set",
+            "--topic",
+            &case.topic,
+            "--partition",
+            "0",
+            "--offset",
+            "100",
+        ],
+    );
+    assert!(!ok, "set must be refused while running:\n{refused}");
+    assert!(refused.contains("active member"), "{refused}");
+    assert_eq!(case.stored_offsets().await, end);
+
+    // Forced: the running instance is fenced on its next commit and reads again from 100,
+    // which changes no row (they are on their coordinates) and loses none.
+    let (ok, forced) = offsets(
+        &config,
+        &[
+            "set",
+            "--topic",
+            &case.topic,
+            "--partition",
+            "0",
+            "--offset",
+            "100",
+            "--force",
+        ],
+    );
+    assert!(ok, "{forced}");
+    assert!(
+        forced.contains(&format!("{}/0: {} -> 100", case.topic, end[&0])),
+        "the change is printed:\n{forced}"
+    );
+    landed.extend(produce(600..700).await);
+    let end = testkit::end_offsets(&landed);
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    let (status, log) = running.stop(EXIT);
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(FENCED),
+        "the running instance was fenced:\n{log}"
+    );
+    let produced: Vec<(i64, (i32, i64))> = (0..700).zip(landed.iter().copied()).collect();
+    assert_exactly_once(&case.rows().await, &produced);
+
+    // Reset by time: where the second wave starts, which is where the first one ended.
+    let at = second_starts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (ok, reset) = offsets(&config, &["reset", "--to", &at]);
+    assert!(ok, "{reset}");
+    assert_eq!(case.stored_offsets().await, first_end, "{reset}");
+    for p in 0..2 {
+        assert!(
+            reset.contains(&format!(
+                "{}/{p}: {} -> {}",
+                case.topic, end[&p], first_end[&p]
+            )),
+            "every change is printed:\n{reset}"
+        );
+    }
+    let (ok, reset) = offsets(&config, &["reset", "--to", "earliest"]);
+    assert!(ok, "{reset}");
+    assert_eq!(
+        case.stored_offsets().await,
+        end.keys().map(|p| (*p, 0)).collect::<BTreeMap<_, _>>()
+    );
+    let (ok, reset) = offsets(
+        &config,
+        &["reset", "--to", "latest", "--topic", &case.topic],
+    );
+    assert!(ok, "{reset}");
+    assert_eq!(case.stored_offsets().await, end);
+
+    // Mistakes are named.
+    let (ok, wrong) = offsets(
+        &config,
+        &[
+            "set",
+            "--topic",
+            &case.topic,
+            "--partition",
+            "7",
+            "--offset",
+            "1",
+        ],
+    );
+    assert!(
+        !ok && wrong.contains("is not a partition of its topics"),
+        "{wrong}"
+    );
+    let (ok, wrong) = offsets(&config, &["reset", "--to", "yesterday"]);
+    assert!(!ok && wrong.contains("RFC 3339"), "{wrong}");
+}

@@ -26,7 +26,7 @@ pub enum OffsetsError {
     Kafka {
         pipeline: String,
         context: String,
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     #[error("pipeline {pipeline}: database: {source}")]
     Database {
@@ -39,7 +39,7 @@ pub enum OffsetsError {
         source: sqlx::migrate::MigrateError,
     },
     #[error("{0}")]
-    Connect(#[from] PipelineError),
+    Connect(Box<PipelineError>),
     #[error("{0}")]
     Refused(String),
 }
@@ -128,7 +128,7 @@ impl<'a> Kafka<'a> {
         OffsetsError::Kafka {
             pipeline: p.config.pipeline.clone(),
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -328,7 +328,9 @@ async fn apply(
 }
 
 async fn store(p: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
-    let pool = pipeline::connect(p).await?;
+    let pool = pipeline::connect(p)
+        .await
+        .map_err(|e| OffsetsError::Connect(Box::new(e)))?;
     pool.migrate()
         .await
         .map_err(|source| OffsetsError::Migrate {

@@ -315,7 +315,7 @@ impl Bench {
         )?;
         let started = Instant::now();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
-            .args(["run", "--config"])
+            .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
             .arg(&config)
             .env(
                 "RUST_LOG",

@@ -25,11 +25,15 @@ sql -c "DELETE FROM idemsink_offsets WHERE pipeline = 'orders_pg'"
 "$BIN" validate --config connectors
 
 echo "==> running the pipeline (log: .devenv/demo-run.log) and producing $COUNT order events to $ORDERS_TOPIC"
-"$BIN" run --config connectors >.devenv/demo-run.log 2>&1 &
+METRICS_ADDR="127.0.0.1:${IDEMSINK_HTTP_PORT:-9464}"
+"$BIN" run --config connectors --http-addr "$METRICS_ADDR" >.devenv/demo-run.log 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT
 target/release/examples/demo --brokers "$KAFKA_BROKERS" --topic "$ORDERS_TOPIC" --count "$COUNT" \
   --pipeline orders_pg --database-url "$DATABASE_URL"
+echo "==> readiness and a few metrics from http://$METRICS_ADDR"
+curl -sS "http://$METRICS_ADDR/readyz"
+curl -sS "http://$METRICS_ADDR/metrics" | grep -E '^idemsink_(records_consumed|rows_written|rows_unchanged|batches_committed)_total' | head -8
 kill -TERM "$pid"
 status=0
 wait "$pid" || status=$?

@@ -14,6 +14,8 @@ pub struct Span {
     pub epoch: u64,
     pub first: i64,
     pub last: i64,
+    /// Records in the span (offsets between `first` and `last` may be transaction markers).
+    pub records: usize,
 }
 
 #[derive(Debug)]
@@ -62,6 +64,7 @@ impl Batch {
             }) {
                 Some(i) => {
                     self.spans[i].last = offset;
+                    self.spans[i].records += 1;
                     i
                 }
                 None => {
@@ -74,6 +77,7 @@ impl Batch {
                         epoch,
                         first: offset,
                         last: offset,
+                        records: 1,
                     });
                     self.spans.len() - 1
                 }

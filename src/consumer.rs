@@ -16,12 +16,14 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Offset};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::config::{LoadedPipeline, StartFrom};
+use crate::health::PipelineStatus;
 use crate::offsets::{OffsetStore, TopicPartition};
+use crate::telemetry;
 
 pub type SinkConsumer = StreamConsumer<SinkContext>;
 
@@ -40,7 +42,9 @@ pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
         .set("client.id", format!("idemsink-{}", p.config.pipeline))
         // A stored offset that is out of range (retention deleted the data) stops the
         // pipeline instead of silently skipping; users may choose earliest/latest.
-        .set("auto.offset.reset", "error");
+        .set("auto.offset.reset", "error")
+        // Statistics carry the high watermarks the consumer-lag metric is computed from.
+        .set("statistics.interval.ms", "5000");
     for (key, value) in p.properties() {
         c.set(key, value);
     }
@@ -181,6 +185,27 @@ impl Assignment {
         std::mem::take(&mut self.lock().seeks)
     }
 
+    /// How many partitions this instance owns.
+    pub fn count(&self) -> usize {
+        self.lock().owned.values().map(HashMap::len).sum()
+    }
+
+    /// The owned partitions and what the database holds for each.
+    fn stored_offsets(&self) -> Vec<(TopicPartition, Option<i64>)> {
+        let state = self.lock();
+        let mut all = Vec::new();
+        for (topic, partitions) in &state.owned {
+            for (partition, owned) in partitions {
+                let tp = TopicPartition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                all.push((tp, owned.db_next));
+            }
+        }
+        all
+    }
+
     pub fn set_paused(&self, paused: bool) {
         self.lock().paused = paused;
     }
@@ -226,14 +251,22 @@ pub struct SinkContext {
     store: OffsetStore,
     start_from: StartFrom,
     runtime: tokio::runtime::Handle,
+    /// Readiness: set on assignment, cleared when the membership is lost.
+    status: Arc<PipelineStatus>,
     /// How long a revocation waits for the batch in flight. Well inside the rebalance
     /// timeout (`max.poll.interval.ms`), so that waiting never costs the group membership.
     drain_patience: Duration,
 }
 
 impl SinkContext {
-    pub fn new(p: &LoadedPipeline, assignment: Arc<Assignment>, store: OffsetStore) -> SinkContext {
+    pub fn new(
+        p: &LoadedPipeline,
+        assignment: Arc<Assignment>,
+        store: OffsetStore,
+        status: Arc<PipelineStatus>,
+    ) -> SinkContext {
         SinkContext {
+            status,
             pipeline: p.config.pipeline.clone(),
             assignment,
             store,
@@ -254,6 +287,7 @@ impl SinkContext {
             match self.store.load(tps).await {
                 Ok(offsets) => return Ok(offsets),
                 Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    telemetry::db_retry(&self.pipeline, "loading offsets");
                     warn!(pipeline = %self.pipeline, error = %e, "reading stored offsets failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -320,6 +354,12 @@ impl SinkContext {
         }
         info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), cooperative, "assigned; starting from offsets stored in the database");
         self.apply_assignment(consumer, tpl, cooperative);
+        telemetry::rebalance(
+            &self.pipeline,
+            "assigned",
+            tps.len(),
+            self.assignment.count(),
+        );
     }
 
     fn apply_assignment(
@@ -328,6 +368,7 @@ impl SinkContext {
         tpl: &TopicPartitionList,
         cooperative: bool,
     ) {
+        self.status.set_member(true);
         let result = if cooperative {
             consumer.incremental_assign(tpl)
         } else {
@@ -357,6 +398,19 @@ impl SinkContext {
         let names: Vec<String> = tps.iter().map(ToString::to_string).collect();
         let lost = consumer.assignment_lost();
         info!(pipeline = %self.pipeline, partitions = %names.join(" "), lost, cooperative, "revoked; buffered records of these partitions are dropped");
+        if lost {
+            self.status.set_member(false);
+        }
+        telemetry::rebalance(
+            &self.pipeline,
+            "revoked",
+            tps.len(),
+            self.assignment.count(),
+        );
+        for tp in &tps {
+            // The new owner reports this partition's lag from now on.
+            telemetry::consumer_lag(&self.pipeline, tp, 0);
+        }
         self.drain();
         let result = if cooperative {
             consumer.incremental_unassign(tpl)
@@ -401,7 +455,23 @@ fn log_failure(pipeline: &str, what: &str, result: KafkaResult<()>) {
     }
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    /// librdkafka's periodic statistics carry each partition's high watermark: the lag is
+    /// what Kafka has beyond the offset stored in the database.
+    fn stats(&self, statistics: Statistics) {
+        for (tp, stored) in self.assignment.stored_offsets() {
+            let high = statistics
+                .topics
+                .get(&tp.topic)
+                .and_then(|t| t.partitions.get(&tp.partition))
+                .map(|p| p.hi_offset)
+                .filter(|high| *high >= 0);
+            if let (Some(high), Some(stored)) = (high, stored) {
+                telemetry::consumer_lag(&self.pipeline, &tp, high - stored);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn rebalance(

@@ -7,17 +7,22 @@
 //! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
 //! one file per database), [`offsets`] (the offset store), [`offsets_command`] (the
 //! `offsets` command),
-//! [`pipeline`] (the loop tying them together) and [`validate`] (the `validate` command).
+//! [`pipeline`] (the loop tying them together), [`validate`] (the `validate` command), and for
+//! operations [`telemetry`] (metrics), [`health`] and [`http`] (the `/metrics`, `/healthz` and
+//! `/readyz` listener).
 
 pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod health;
+pub mod http;
 pub mod mapping;
 pub mod offsets;
 pub mod offsets_command;
 pub mod pipeline;
 pub mod schema;
+pub mod telemetry;
 pub mod validate;
 pub mod writer;
 

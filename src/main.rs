@@ -1,17 +1,20 @@
 //! The `idemsink` command line: `run`, `validate`, `migrate` and `offsets` over pipeline
 //! files.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::{error, info};
 
 use idemsink::config::{self, LoadedPipeline};
+use idemsink::health::Health;
 use idemsink::offsets::TopicPartition;
 use idemsink::offsets_command::{self, ResetTo};
-use idemsink::{pipeline, validate};
+use idemsink::{http, pipeline, telemetry, validate};
 
 #[derive(Parser)]
 #[command(
@@ -21,12 +24,21 @@ use idemsink::{pipeline, validate};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as human-readable text, or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "IDEMSINK_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run every pipeline until SIGINT or SIGTERM.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Check the pipeline files, the database connection, the tables and the column mappings.
     Validate(ConfigArg),
     /// Create or upgrade idemsink's own tables (run also does this at start).
@@ -81,6 +93,15 @@ struct PipelineArg {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Where to serve /metrics, /healthz and /readyz; "off" serves nothing.
+    #[arg(long, env = "IDEMSINK_HTTP_ADDR", default_value = "0.0.0.0:9464")]
+    http_addr: String,
+}
+
+#[derive(clap::Args)]
 struct ConfigArg {
     /// A pipeline YAML file, or a directory whose *.yaml files are each a pipeline.
     #[arg(long, short, env = "IDEMSINK_CONFIG", default_value = "connectors")]
@@ -89,14 +110,18 @@ struct ConfigArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -130,12 +155,15 @@ fn load(a: &ConfigArg) -> Result<Vec<LoadedPipeline>, String> {
     config::load_all(&a.config).map_err(|e| e.to_string())
 }
 
-async fn run(a: ConfigArg) -> Result<(), String> {
-    let pipelines = load(&a)?;
+async fn run(a: RunArgs) -> Result<(), String> {
+    let pipelines = load(&a.config)?;
     let (stop, stopped) = watch::channel(false);
+    let health = Arc::new(Health::default());
+    let server = serve_http(&a.http_addr, health.clone(), stopped.clone()).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for p in pipelines {
-        tasks.spawn(pipeline::run(p, stopped.clone()));
+        let status = health.register(&p.config.pipeline);
+        tasks.spawn(pipeline::run(p, stopped.clone(), status));
     }
     let mut signal = std::pin::pin!(wait_for_signal());
     let mut first_error = None;
@@ -159,7 +187,36 @@ async fn run(a: ConfigArg) -> Result<(), String> {
             }
         }
     }
+    // The pipelines have ended; the listener follows them out.
+    let _ = stop.send(true);
+    if let Some(server) = server {
+        match server.await {
+            Ok(Err(e)) => error!("the HTTP listener failed: {e}"),
+            Err(e) => error!("the HTTP listener task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Starts the metrics and health listener, unless `addr` is "off".
+async fn serve_http(
+    addr: &str,
+    health: Arc<Health>,
+    stopped: watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, String> {
+    if addr == "off" {
+        return Ok(None);
+    }
+    let socket: SocketAddr = addr.parse().map_err(|e| {
+        format!("--http-addr {addr:?}: {e} (expected host:port, e.g. 0.0.0.0:9464, or off)")
+    })?;
+    let metrics = telemetry::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
+    let (bound, server) = http::serve(socket, metrics, health, stopped)
+        .await
+        .map_err(|e| format!("--http-addr {addr}: cannot listen: {e}"))?;
+    info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    Ok(Some(server))
 }
 
 async fn wait_for_signal() {

@@ -22,9 +22,11 @@ use tracing::{debug, error, info, warn};
 use crate::batch::Batch;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
 use crate::consumer::{client_config, Assignment, Owned, SinkConsumer, SinkContext};
-use crate::db::DbPool;
+use crate::db::{Backend, DbPool};
+use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
 use crate::offsets::{OffsetMove, OffsetStore};
+use crate::telemetry;
 use crate::writer::{SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
@@ -110,10 +112,12 @@ pub async fn connect(p: &LoadedPipeline) -> Result<DbPool, PipelineError> {
     })
 }
 
-/// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error.
+/// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error, reporting
+/// its readiness in `status`.
 pub async fn run(
     p: LoadedPipeline,
     mut shutdown: watch::Receiver<bool>,
+    status: Arc<PipelineStatus>,
 ) -> Result<(), PipelineError> {
     let pool = connect(&p).await?;
     let plan = prepare_sink(&p, &pool).await?;
@@ -125,7 +129,9 @@ pub async fn run(
             context: "preparing the writer",
             source,
         })?;
-    let shared = Arc::new(subscribe(&p, store)?);
+    telemetry::start_pipeline(&p.config.pipeline, pool.backend() == Backend::Postgres);
+    status.set_database(true);
+    let shared = Arc::new(subscribe(&p, store, status.clone())?);
     info!(
         pipeline = %shared.pipeline,
         database = %pool.backend(),
@@ -168,7 +174,11 @@ async fn prepare_sink(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, Pip
 }
 
 /// Creates the consumer, whose rebalances load offsets from `store`, and joins the group.
-fn subscribe(p: &LoadedPipeline, store: OffsetStore) -> Result<Shared, PipelineError> {
+fn subscribe(
+    p: &LoadedPipeline,
+    store: OffsetStore,
+    status: Arc<PipelineStatus>,
+) -> Result<Shared, PipelineError> {
     let pipeline = p.config.pipeline.clone();
     let kafka = |context| {
         let pipeline = pipeline.clone();
@@ -179,7 +189,7 @@ fn subscribe(p: &LoadedPipeline, store: OffsetStore) -> Result<Shared, PipelineE
         }
     };
     let assignment = Arc::new(Assignment::default());
-    let context = SinkContext::new(p, assignment.clone(), store.clone());
+    let context = SinkContext::new(p, assignment.clone(), store.clone(), status);
     let consumer: SinkConsumer = client_config(p)
         .create_with_context(context)
         .map_err(kafka("creating the consumer"))?;
@@ -316,9 +326,16 @@ impl Handover<'_> {
     /// Gives `batch` to the writer if it can take it now, or keeps it waiting. A writer that
     /// has stopped is noticed by the consumer loop's `closed` arm.
     fn offer(&mut self, writer: &mpsc::Sender<Batch>, batch: Batch) {
+        self.count_consumed(&batch);
         if let Err(TrySendError::Full(batch)) = writer.try_send(batch) {
             self.waiting = Some(batch);
             self.pause_at.as_mut().reset(Instant::now() + PAUSE_AFTER);
+        }
+    }
+
+    fn count_consumed(&self, batch: &Batch) {
+        for span in &batch.spans {
+            telemetry::records_consumed(&self.shared.pipeline, &span.tp, span.records);
         }
     }
 
@@ -340,6 +357,7 @@ impl Handover<'_> {
     async fn finish(mut self, writer: &mpsc::Sender<Batch>, open: Batch) {
         let left = self.waiting.take().into_iter().chain(Some(open));
         for batch in left.filter(|b| !b.is_empty()) {
+            self.count_consumed(&batch);
             if writer.send(batch).await.is_err() {
                 return; // the writer stopped on an error, which `run` reports
             }
@@ -465,22 +483,26 @@ async fn commit_batch(
             .await
             .map_err(shared.db("writing a batch"))?
         {
-            WriteOutcome::Committed { written, deleted } => {
+            WriteOutcome::Committed(rows) => {
                 for (m, epoch) in &moves {
                     assignment.committed(&m.tp, *epoch, m.next);
                 }
+                let seconds = started.elapsed().as_secs_f64();
+                telemetry::batch_committed(&shared.pipeline, batch.len(), &rows, seconds);
                 debug!(
                     pipeline = %shared.pipeline,
                     records = batch.len(),
-                    written,
-                    deleted,
-                    ms = started.elapsed().as_millis() as u64,
+                    written = rows.written,
+                    updated = rows.updated,
+                    deleted = rows.deleted,
+                    ms = (seconds * 1000.0) as u64,
                     "batch committed"
                 );
                 commit_to_kafka(shared, &offset_moves);
                 return Ok(());
             }
             WriteOutcome::Conflict(lost) => {
+                telemetry::batch_fenced(&shared.pipeline, started.elapsed().as_secs_f64());
                 let stored = shared
                     .store
                     .load(&lost)

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_exactly_once, Backend, Case, Connector, ASSIGNED, FENCED};
+use common::{assert_exactly_once, Backend, Case, Connector, TableWrites, ASSIGNED, FENCED};
 use idemsink::db::DbPool;
 use idemsink::testkit::{self, Outgoing};
 use serde_json::json;
@@ -215,46 +215,6 @@ async fn a_database_slower_than_max_poll_interval_does_not_cost_the_group_member
         running.contains("writer busy: fetching paused"),
         "fetching paused while the writer waited; log:\n{log}"
     );
-}
-
-/// A lock that makes every write to the case's table wait, held on a connection of its own.
-enum TableWrites {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    MySql(sqlx::pool::PoolConnection<sqlx::MySql>),
-}
-
-impl TableWrites {
-    async fn hold(case: &Case) -> TableWrites {
-        match &case.pool {
-            DbPool::Postgres(pool) => {
-                let mut tx = pool.begin().await.expect("begin");
-                let lock = format!("LOCK TABLE {} IN SHARE MODE", case.table);
-                sqlx::query(&lock).execute(&mut *tx).await.expect("lock");
-                TableWrites::Postgres(tx)
-            }
-            DbPool::MySql(pool) => {
-                let mut conn = pool.acquire().await.expect("connection");
-                let lock = format!("LOCK TABLES {} READ", case.table);
-                sqlx::raw_sql(&lock)
-                    .execute(&mut *conn)
-                    .await
-                    .expect("lock");
-                TableWrites::MySql(conn)
-            }
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            TableWrites::Postgres(tx) => tx.commit().await.expect("unlock"),
-            TableWrites::MySql(mut conn) => {
-                sqlx::raw_sql("UNLOCK TABLES")
-                    .execute(&mut *conn)
-                    .await
-                    .expect("unlock");
-            }
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -204,12 +204,25 @@ impl SinkPlan {
     }
 }
 
+/// What a batch did to the table.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RowCounts {
+    /// Rows inserted or updated. MySQL reports a duplicate it left as it was like an insert,
+    /// so there they count too.
+    pub written: u64,
+    /// Of the written rows, those updated.
+    pub updated: u64,
+    /// Rows that changed nothing (a duplicate, an older version). Known on PostgreSQL only.
+    pub unchanged: Option<u64>,
+    /// Rows removed by tombstones.
+    pub deleted: u64,
+}
+
 /// How a batch's transaction ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// Rows and offsets committed. `written`: rows the database reports inserted or updated
-    /// (MySQL also counts a duplicate left as it was); `deleted`: rows removed by tombstones.
-    Committed { written: u64, deleted: u64 },
+    /// Rows and offsets committed.
+    Committed(RowCounts),
     /// Rolled back: these partitions' stored offsets were not the expected ones.
     Conflict(Vec<TopicPartition>),
 }
@@ -219,12 +232,11 @@ pub enum WriteOutcome {
 async fn finish<DB: sqlx::Database>(
     tx: sqlx::Transaction<'_, DB>,
     conflicts: Vec<TopicPartition>,
-    written: u64,
-    deleted: u64,
+    rows: RowCounts,
 ) -> Result<WriteOutcome, sqlx::Error> {
     if conflicts.is_empty() {
         tx.commit().await?;
-        Ok(WriteOutcome::Committed { written, deleted })
+        Ok(WriteOutcome::Committed(rows))
     } else {
         tx.rollback().await?;
         Ok(WriteOutcome::Conflict(conflicts))

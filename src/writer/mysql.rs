@@ -13,7 +13,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
-use super::{finish, Position, SinkPlan, WriteOutcome};
+use super::{finish, Position, RowCounts, SinkPlan, WriteOutcome};
 use crate::batch::{Batch, Changes};
 use crate::config::SinkMode;
 use crate::mapping::ColumnKind;
@@ -101,20 +101,23 @@ impl MySqlWriter {
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let mut deleted = 0;
+        let mut counts = RowCounts::default();
         if let Some(delete) = &self.delete {
             let per_statement =
                 (MAX_PARAMETERS / delete.bound.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
             for rows in changes.deletes.chunks(per_statement) {
-                deleted += self.delete_rows(&mut tx, delete, batch, rows).await?;
+                counts.deleted += self.delete_rows(&mut tx, delete, batch, rows).await?;
             }
         }
-        let mut written = 0;
         for rows in changes.writes.chunks(self.rows_per_statement) {
-            written += self.insert_rows(&mut tx, batch, rows).await?;
+            let affected = self.insert_rows(&mut tx, batch, rows).await?;
+            // With CLIENT_FOUND_ROWS (sqlx always sets it) MySQL counts an insert and a
+            // duplicate left as it was as 1, an update as 2: only the updates stand out.
+            counts.written += rows.len() as u64;
+            counts.updated += affected.saturating_sub(rows.len() as u64);
         }
         let conflicts = self.store.compare_and_set_mysql(&mut tx, moves).await?;
-        finish(tx, conflicts, written, deleted).await
+        finish(tx, conflicts, counts).await
     }
 
     async fn insert_rows(

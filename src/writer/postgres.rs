@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{finish, Position, SinkPlan, WriteOutcome};
+use super::{finish, Position, RowCounts, SinkPlan, WriteOutcome};
 use crate::batch::{Batch, Changes};
 use crate::config::SinkMode;
 use crate::db::is_unique_violation;
@@ -67,29 +67,31 @@ impl PgWriter {
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let mut deleted = 0;
+        let mut counts = RowCounts::default();
         if let Some((sql, bound)) = self.delete.as_ref().filter(|_| !changes.deletes.is_empty()) {
             let query = bound.iter().fold(sqlx::query(sql), |q, c| {
                 q.bind(gather(&batch.columns[*c], &changes.deletes))
             });
-            deleted = query.execute(&mut *tx).await?.rows_affected();
+            counts.deleted = query.execute(&mut *tx).await?.rows_affected();
         }
-        let written = if changes.writes.is_empty() {
-            0
-        } else {
-            self.write_rows(&mut tx, batch, &changes.writes).await?
-        };
+        if !changes.writes.is_empty() {
+            let (written, updated) = self.write_rows(&mut tx, batch, &changes.writes).await?;
+            counts.written = written;
+            counts.updated = updated;
+        }
+        counts.unchanged = Some((changes.writes.len() as u64).saturating_sub(counts.written));
         let conflicts = self.store.compare_and_set_postgres(&mut tx, moves).await?;
-        finish(tx, conflicts, written, deleted).await
+        finish(tx, conflicts, counts).await
     }
 
-    /// Writes the rows; returns how many the database inserted or updated.
+    /// Writes the rows; returns how many the database inserted or updated, and of those
+    /// how many it updated.
     async fn write_rows(
         &self,
         tx: &mut PgConnection,
         batch: &Batch,
         rows: &[usize],
-    ) -> Result<u64, sqlx::Error> {
+    ) -> Result<(u64, u64), sqlx::Error> {
         if let Some(copy_sql) = self.copy_sql.as_ref().filter(|_| self.copy_now()) {
             sqlx::query("SAVEPOINT idemsink_rows")
                 .execute(&mut *tx)
@@ -99,7 +101,7 @@ impl PgWriter {
                     sqlx::query("RELEASE SAVEPOINT idemsink_rows")
                         .execute(&mut *tx)
                         .await?;
-                    return Ok(n);
+                    return Ok((n, 0));
                 }
                 Err(e) if is_unique_violation(&e) => {
                     sqlx::query("ROLLBACK TO SAVEPOINT idemsink_rows")
@@ -115,10 +117,11 @@ impl PgWriter {
         let insert = batch
             .columns
             .iter()
-            .fold(sqlx::query(&self.write_sql), |q, cells| {
+            .fold(sqlx::query_as(&self.write_sql), |q, cells| {
                 q.bind(gather(cells, rows))
             });
-        Ok(insert.execute(&mut *tx).await?.rows_affected())
+        let (written, updated): (i64, i64) = insert.fetch_one(&mut *tx).await?;
+        Ok((written.max(0) as u64, updated.max(0) as u64))
     }
 }
 
@@ -145,7 +148,8 @@ fn gather<'a>(cells: &'a [Option<String>], rows: &[usize]) -> Vec<Option<&'a str
 
 /// `INSERT INTO t AS t (…) SELECT r.c0::type, … FROM UNNEST($1::text[], …) AS r(c0, …)
 /// ON CONFLICT (<target>) DO NOTHING` in insert mode; in upsert mode `DO UPDATE SET` every
-/// other column `WHERE` the stored row is not newer.
+/// other column `WHERE` the stored row is not newer. It returns one row: the rows written,
+/// and of those the rows updated (a row whose `xmax` is set existed before).
 fn write_sql(plan: &SinkPlan) -> String {
     let casts: Vec<String> = plan
         .columns
@@ -173,7 +177,9 @@ fn write_sql(plan: &SinkPlan) -> String {
         format!("DO UPDATE SET {}{guard}", sets.join(", "))
     };
     format!(
-        "INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
+        "WITH written AS (INSERT INTO {} AS t ({}) SELECT {} FROM {} ON CONFLICT ({}) {action} \
+         RETURNING t.xmax::text <> '0' AS updated) \
+         SELECT count(*), count(*) FILTER (WHERE updated) FROM written",
         plan.table.quoted(plan.backend),
         plan.column_list(),
         casts.join(", "),

@@ -384,6 +384,46 @@ impl Case {
     }
 }
 
+/// A lock that makes every write to the case's table wait, held on a connection of its own.
+pub enum TableWrites {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    MySql(sqlx::pool::PoolConnection<sqlx::MySql>),
+}
+
+impl TableWrites {
+    pub async fn hold(case: &Case) -> TableWrites {
+        match &case.pool {
+            DbPool::Postgres(pool) => {
+                let mut tx = pool.begin().await.expect("begin");
+                let lock = format!("LOCK TABLE {} IN SHARE MODE", case.table);
+                sqlx::query(&lock).execute(&mut *tx).await.expect("lock");
+                TableWrites::Postgres(tx)
+            }
+            DbPool::MySql(pool) => {
+                let mut conn = pool.acquire().await.expect("connection");
+                let lock = format!("LOCK TABLES {} READ", case.table);
+                sqlx::raw_sql(&lock)
+                    .execute(&mut *conn)
+                    .await
+                    .expect("lock");
+                TableWrites::MySql(conn)
+            }
+        }
+    }
+
+    pub async fn release(self) {
+        match self {
+            TableWrites::Postgres(tx) => tx.commit().await.expect("unlock"),
+            TableWrites::MySql(mut conn) => {
+                sqlx::raw_sql("UNLOCK TABLES")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("unlock");
+            }
+        }
+    }
+}
+
 /// What an instance logs when partitions are assigned to it.
 pub const ASSIGNED: &str = "assigned; starting from offsets stored in the database";
 
@@ -550,6 +590,8 @@ impl Connector {
             .args(args)
             .arg(config)
             .env("RUST_LOG", "info,idemsink=debug")
+            // Many instances run at once: each listens on a free loopback port, which it logs.
+            .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -40,7 +40,7 @@ enum Command {
     /// Run every pipeline until SIGINT or SIGTERM.
     Run(RunArgs),
     /// Check the pipeline files, the database connection, the tables and the column mappings.
-    Validate(ConfigArg),
+    Validate(ValidateArgs),
     /// Create or upgrade idemsink's own tables (run also does this at start).
     Migrate(ConfigArg),
     /// Show or move the offsets stored in the database.
@@ -90,6 +90,15 @@ struct PipelineArg {
     /// The pipeline, when the configuration holds several.
     #[arg(long)]
     pipeline: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Check the files only, without connecting to the databases (e.g. in CI).
+    #[arg(long)]
+    offline: bool,
 }
 
 #[derive(clap::Args)]
@@ -235,8 +244,8 @@ async fn wait_for_signal() {
     }
 }
 
-async fn validate_cmd(a: ConfigArg) -> Result<(), String> {
-    let report = validate::validate(&a.config).await;
+async fn validate_cmd(a: ValidateArgs) -> Result<(), String> {
+    let report = validate::validate(&a.config.config, a.offline).await;
     for line in &report.ok {
         println!("ok: {line}");
     }

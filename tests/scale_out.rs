@@ -54,11 +54,8 @@ fn assert_wrote(log: &str, who: &str) {
 async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(backend: Backend) {
     let case = Case::new(backend, "three", 8).await;
     let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 50\n");
-    // 50 chunks of 2,000, 250 ms apart: about 15 s of streaming.
-    let streamer = case.stream(
-        case.record_chunks(0..100_000, 2000),
-        Duration::from_millis(250),
-    );
+    // Chunks of 2,000, 250 ms apart, all along: 100,000 records at least.
+    let streamer = case.stream_until_finished(100_000, 2000, Duration::from_millis(250));
     let pause = || tokio::time::sleep(Duration::from_secs(2));
 
     let a = Connector::start(&config);
@@ -75,11 +72,14 @@ async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(ba
     let b_log = b.log_text();
     b.kill();
 
-    let landed = streamer.await.expect("producer task");
+    let landed = streamer.finish().await;
     let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
     let c_log = assert_clean_exit(c.stop(EXIT));
-    assert_exactly_once(&case.rows().await, &with_ids(0..100_000, landed));
+    assert_exactly_once(
+        &case.rows().await,
+        &with_ids(0..landed.len() as i64, landed),
+    );
     assert_eq!(
         case.stored_offsets().await,
         end,
@@ -111,11 +111,8 @@ async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_
         .property("partition.assignment.strategy", "cooperative-sticky")
         .extra("batch:\n  max_records: 1000\n  max_wait_ms: 50\n")
         .write();
-    // 60 chunks of 1,000, 250 ms apart: about 17 s of streaming.
-    let streamer = case.stream(
-        case.record_chunks(0..60_000, 1000),
-        Duration::from_millis(250),
-    );
+    // Chunks of 1,000, 250 ms apart, all along: 60,000 records at least.
+    let streamer = case.stream_until_finished(60_000, 1000, Duration::from_millis(250));
     let pause = || tokio::time::sleep(Duration::from_secs(1));
 
     let first = Connector::start(&config);
@@ -145,11 +142,14 @@ async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_
         logs.push(assert_clean_exit(instance.stop(EXIT)));
     }
 
-    let landed = streamer.await.expect("producer task");
+    let landed = streamer.finish().await;
     let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
     logs.push(assert_clean_exit(first.stop(EXIT)));
-    assert_exactly_once(&case.rows().await, &with_ids(0..60_000, landed));
+    assert_exactly_once(
+        &case.rows().await,
+        &with_ids(0..landed.len() as i64, landed),
+    );
     assert_eq!(
         case.stored_offsets().await,
         end,

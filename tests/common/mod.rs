@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use idemsink::db::Backend;
@@ -299,6 +300,32 @@ impl Case {
         ids.clone().step_by(size as usize).map(chunk_of).collect()
     }
 
+    /// Produces standard records, ids 0, 1, 2…, in chunks of `chunk` records `gap` apart, in
+    /// the background: at least `min_records` of them, and on until [`Streamer::finish`].
+    pub fn stream_until_finished(&self, min_records: i64, chunk: i64, gap: Duration) -> Streamer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (producer, topic, partitions) = (self.producer(), self.topic.clone(), self.partitions);
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut landed = Vec::new();
+            let mut next = 0;
+            while next < min_records || !stopped.load(Ordering::Relaxed) {
+                let records: Vec<Outgoing> = (next..next + chunk)
+                    .map(|id| record(id, (id % i64::from(partitions)) as i32))
+                    .collect();
+                landed.extend(
+                    testkit::produce(&producer, &topic, &records)
+                        .await
+                        .expect("produce"),
+                );
+                next += chunk;
+                tokio::time::sleep(gap).await;
+            }
+            landed
+        });
+        Streamer { stop, task }
+    }
+
     /// Produces `chunks` one after another, `gap` apart, in the background; the task returns
     /// where every record landed.
     pub fn stream(
@@ -421,6 +448,21 @@ impl TableWrites {
                     .expect("unlock");
             }
         }
+    }
+}
+
+/// Records streaming in the background (see [`Case::stream_until_finished`]).
+pub struct Streamer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(i32, i64)>>,
+}
+
+impl Streamer {
+    /// Stops after the current chunk (once the minimum is reached); returns where every
+    /// record landed, record `i` at index `i`.
+    pub async fn finish(self) -> Vec<(i32, i64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("producer task")
     }
 }
 

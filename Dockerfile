@@ -37,7 +37,8 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin idemsink \
+ && groupadd --system --gid 10001 idemsink \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin idemsink \
  && mkdir -p /etc/idemsink/connectors
 COPY --from=build /src/target/release/idemsink /usr/local/bin/idemsink
 USER 10001:10001

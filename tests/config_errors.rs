@@ -168,6 +168,33 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
             "sink.table",
             "not a plain identifier",
         ),
+        (
+            "table name with a quote",
+            good.replace(&good_table, "'orders\"\"x'"),
+            "sink.table",
+            "not a plain identifier",
+        ),
+        (
+            "table name with a comment",
+            good.replace(&good_table, &format!("{good_table}--")),
+            "sink.table",
+            "not a plain identifier",
+        ),
+        (
+            "unicode table name",
+            good.replace(&good_table, "commandé"),
+            "sink.table",
+            "not a plain identifier",
+        ),
+        (
+            "hostile column name",
+            good.replace(
+                "    body: /body",
+                "    \"body) VALUES (1); DROP TABLE x; --\": /body",
+            ),
+            "sink.columns.body) VALUES (1); DROP TABLE x; --",
+            "not a plain identifier",
+        ),
     ];
     let mut cases = cases.to_vec();
     if backend == Backend::MySql {
@@ -214,4 +241,24 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
 
     let (ok, text, _) = idemsink("run", dir.path(), "pipeline: [oops\n");
     assert!(!ok && text.contains("not a valid pipeline file"), "{text}");
+
+    // A login the database refuses: the error names the database, never with the password.
+    let url = common::database_url(backend);
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let refused = format!("{scheme}://no_such_user:s3cret-pw@{host}");
+    let with_password = good.replace(&url, &refused);
+    assert!(with_password.contains("s3cret-pw"));
+    for command in ["validate", "run", "migrate"] {
+        let (ok, text, _) = idemsink(command, dir.path(), &with_password);
+        assert!(!ok, "{command}: {text}");
+        assert!(
+            text.contains(&format!("no_such_user:***@{host}")),
+            "{command} names the database: {text}"
+        );
+        assert!(
+            !text.contains("s3cret-pw"),
+            "{command} shows the password: {text}"
+        );
+    }
 }

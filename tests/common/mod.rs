@@ -601,6 +601,7 @@ pub fn assert_exactly_once(rows: &[(i64, i32, i64)], produced: &[(i64, (i32, i64
 pub fn idemsink(args: &[&std::ffi::OsStr]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_idemsink"))
         .args(args)
+        .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
         .output()
         .expect("run idemsink");
     let text = format!(

@@ -6,6 +6,7 @@
 #   scripts/devenv.sh up        install if needed, then start PostgreSQL, MariaDB and the broker (idempotent)
 #   scripts/devenv.sh down      stop what `up` started (by PID)
 #   scripts/devenv.sh env       print the environment variables the tests and demo use
+#   scripts/devenv.sh start|stop postgres|mariadb   one server alone (tests that restart one)
 #
 # Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306)
 # and IDEMSINK_KAFKA_PORT (default 9092).
@@ -102,8 +103,12 @@ mysql_up() {
   data=$(mysql_data_dir)
   if [[ ! -d "$data/mysql" ]]; then
     install -d -o mysql -g mysql "$data"
-    mariadb-install-db --user=mysql --datadir="$data" --auth-root-authentication-method=socket \
-      --skip-test-db >"$data.install.log" 2>&1 || { cat "$data.install.log" >&2; exit 1; }
+    # Two installs at once (tests with servers of their own) trip over each other: one at a time.
+    (
+      flock 9
+      mariadb-install-db --user=mysql --datadir="$data" --auth-root-authentication-method=socket \
+        --skip-test-db >"$data.install.log" 2>&1
+    ) 9>"${TMPDIR:-/tmp}/idemsink-mariadb-install.lock" || { cat "$data.install.log" >&2; exit 1; }
   fi
   if alive "$data/mariadb.pid"; then
     log "MariaDB already running on 127.0.0.1:$MYSQL_PORT"
@@ -138,23 +143,31 @@ kafka_up() {
   log "broker (Tansu, memory storage) started on 127.0.0.1:$KAFKA_PORT"
 }
 
-down() {
+pg_down() {
   local data
   data=$(pg_data_dir)
   if [[ -f "$data/PG_VERSION" ]] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null && log "PostgreSQL stopped"
   fi
+}
+
+mysql_down() {
+  local data pid
   data=$(mysql_data_dir)
   if alive "$data/mariadb.pid"; then
-    local pid
     pid=$(cat "$data/mariadb.pid")
     kill "$pid" && while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done && log "MariaDB stopped"
   fi
+}
+
+kafka_down() {
   if alive "$STATE/tansu.pid"; then
     kill "$(cat "$STATE/tansu.pid")" && log "broker stopped"
   fi
   rm -f "$STATE/tansu.pid"
 }
+
+down() { pg_down; mysql_down; kafka_down; }
 
 print_env() {
   cat <<ENV
@@ -167,10 +180,16 @@ export IDEMSINK_TEST_MYSQL_URL=mysql://idemsink:idemsink@127.0.0.1:$MYSQL_PORT/i
 ENV
 }
 
-case "${1:-}" in
-  install) install_deps ;;
-  up) install_deps; pg_up; mysql_up; kafka_up ;;
-  down) down ;;
-  env) print_env ;;
-  *) echo "usage: $0 install|up|down|env" >&2; exit 2 ;;
+case "${1:-} ${2:-}" in
+  "install "*) install_deps ;;
+  "up "*) install_deps; pg_up; mysql_up; kafka_up ;;
+  "down "*) down ;;
+  "env "*) print_env ;;
+  # One server on its own, for tests that stop and start a database of their own
+  # (with their own IDEMSINK_DEVENV_DIR and port).
+  "start postgres") pg_up ;;
+  "stop postgres") pg_down ;;
+  "start mariadb") mysql_up ;;
+  "stop mariadb") mysql_down ;;
+  *) echo "usage: $0 install|up|down|env, or start|stop postgres|mariadb" >&2; exit 2 ;;
 esac

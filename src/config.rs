@@ -34,7 +34,7 @@ const REFUSED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// Top-level keys that `IDEMSINK_<KEY>__…` environment variables may override.
-const OVERRIDABLE_SECTIONS: &[&str] = &["PIPELINE", "SOURCE__", "SINK__", "BATCH__"];
+const OVERRIDABLE_SECTIONS: &[&str] = &["PIPELINE", "SOURCE__", "SINK__", "BATCH__", "ERRORS__"];
 
 /// One pipeline, as read from one YAML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +45,30 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+    #[serde(default)]
+    pub errors: ErrorsConfig,
+}
+
+/// What to do when things go wrong.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsConfig {
+    /// How long a database operation is retried through transient faults (unreachable,
+    /// connection dropped, deadlock, serialization failure) before the pipeline stops.
+    #[serde(default = "default_retry_for_ms")]
+    pub retry_for_ms: u64,
+}
+
+fn default_retry_for_ms() -> u64 {
+    300_000
+}
+
+impl Default for ErrorsConfig {
+    fn default() -> Self {
+        ErrorsConfig {
+            retry_for_ms: default_retry_for_ms(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -490,6 +514,15 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
         bad(
             "batch.max_wait_ms",
             format!("{} is out of range 1..=600000", batch.max_wait_ms),
+        );
+    }
+    if config.errors.retry_for_ms > 86_400_000 {
+        bad(
+            "errors.retry_for_ms",
+            format!(
+                "{} is out of range 0..=86400000 (a day)",
+                config.errors.retry_for_ms
+            ),
         );
     }
 

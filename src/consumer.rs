@@ -23,12 +23,10 @@ use tracing::{error, info, warn};
 use crate::config::{LoadedPipeline, StartFrom};
 use crate::health::PipelineStatus;
 use crate::offsets::{OffsetStore, TopicPartition};
+use crate::retry::retry;
 use crate::telemetry;
 
 pub type SinkConsumer = StreamConsumer<SinkContext>;
-
-/// How long an assignment keeps retrying to read offsets before the pipeline gives up.
-const OFFSET_LOAD_PATIENCE: Duration = Duration::from_secs(30);
 
 /// librdkafka's default `max.poll.interval.ms`, which is also the group's rebalance timeout.
 const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
@@ -251,6 +249,8 @@ pub struct SinkContext {
     store: OffsetStore,
     start_from: StartFrom,
     runtime: tokio::runtime::Handle,
+    /// How long database work is retried through transient faults.
+    retry_for: Duration,
     /// Readiness: set on assignment, cleared when the membership is lost.
     status: Arc<PipelineStatus>,
     /// How long a revocation waits for the batch in flight. Well inside the rebalance
@@ -273,28 +273,22 @@ impl SinkContext {
             start_from: p.config.source.start_from,
             runtime: tokio::runtime::Handle::current(),
             drain_patience: drain_patience(p),
+            retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
         }
     }
 
-    /// Reads the stored offsets, retrying for a while: the database may be restarting.
+    /// Reads the stored offsets, retrying through transient faults (the database may be
+    /// restarting) for `errors.retry_for_ms`, but no longer than a revocation may wait: the
+    /// rebalance waits for this.
     async fn load_offsets(
         &self,
         tps: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
-        let deadline = tokio::time::Instant::now() + OFFSET_LOAD_PATIENCE;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.store.load(tps).await {
-                Ok(offsets) => return Ok(offsets),
-                Err(e) if tokio::time::Instant::now() + pause < deadline => {
-                    telemetry::db_retry(&self.pipeline, "loading offsets");
-                    warn!(pipeline = %self.pipeline, error = %e, "reading stored offsets failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let patience = self.retry_for.min(self.drain_patience);
+        retry(&self.pipeline, "loading offsets", patience, || {
+            self.store.load(tps)
+        })
+        .await
     }
 
     /// Runs a database future from the (synchronous) rebalance callback, which librdkafka

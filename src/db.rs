@@ -49,6 +49,35 @@ const MYSQL_SESSION: [&str; 2] = [
     "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
 ];
 
+/// Whether `e` may pass if the same work is tried again: the server is unreachable or
+/// restarting, the connection dropped, or the transaction lost a deadlock or a serialization
+/// conflict. Anything else (a constraint, a type, a permission) would fail the same way again.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                // deadlock, lock wait timeout, too many connections, shutdown in progress,
+                // connection killed (MariaDB), client disconnected by the server (MySQL 8)
+                return matches!(my.number(), 1213 | 1205 | 1040 | 1053 | 1927 | 4031);
+            }
+            let code = db.code().unwrap_or_default();
+            // connection exception, serialization failure, deadlock, too many connections,
+            // admin/crash shutdown, cannot connect now
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03"
+                )
+        }
+        _ => false,
+    }
+}
+
 /// A connection pool to the sink database.
 #[derive(Debug, Clone)]
 pub enum DbPool {
@@ -59,7 +88,9 @@ pub enum DbPool {
 impl DbPool {
     /// Connects with at most `max_connections`; `url` must name a backend (checked by config).
     pub async fn connect(url: &str, max_connections: u32) -> Result<DbPool, sqlx::Error> {
-        let acquire_timeout = Duration::from_secs(30);
+        // Short: a database that does not answer is waited for by `retry`, which says so in
+        // the log and keeps to the pipeline's `errors.retry_for_ms`.
+        let acquire_timeout = Duration::from_secs(5);
         match Backend::of_url(url) {
             Some(Backend::Postgres) => Ok(DbPool::Postgres(
                 PgPoolOptions::new()

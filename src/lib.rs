@@ -21,6 +21,7 @@ pub mod mapping;
 pub mod offsets;
 pub mod offsets_command;
 pub mod pipeline;
+pub mod retry;
 pub mod schema;
 pub mod telemetry;
 pub mod validate;

@@ -328,7 +328,7 @@ async fn apply(
 }
 
 async fn store(p: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
-    let pool = pipeline::connect(p)
+    let pool = pipeline::connect(p, Duration::ZERO)
         .await
         .map_err(|e| OffsetsError::Connect(Box::new(e)))?;
     pool.migrate()

@@ -26,6 +26,7 @@ use crate::db::{Backend, DbPool};
 use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
 use crate::offsets::{OffsetMove, OffsetStore};
+use crate::retry::retry;
 use crate::telemetry;
 use crate::writer::{SinkPlan, WriteOutcome, Writer};
 
@@ -64,6 +65,8 @@ pub enum PipelineError {
 /// Everything a running pipeline shares between its consumer loop and its writer.
 struct Shared {
     pipeline: String,
+    /// How long database work is retried through transient faults (`errors.retry_for_ms`).
+    retry_for: Duration,
     start_from: StartFrom,
     assignment: Arc<Assignment>,
     consumer: Arc<SinkConsumer>,
@@ -101,9 +104,14 @@ impl Shared {
 }
 
 /// Connects to the pipeline's database with a small pool: one connection writes, one
-/// serves rebalances, and spares absorb a reconnect.
-pub async fn connect(p: &LoadedPipeline) -> Result<DbPool, PipelineError> {
-    DbPool::connect(&p.config.sink.url, 4).await.map_err(|e| {
+/// serves rebalances, and spares absorb a reconnect. A database that is unreachable or
+/// starting is waited for up to `patience` (zero: one attempt, for the commands).
+pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, PipelineError> {
+    let url = &p.config.sink.url;
+    let connected = retry(&p.config.pipeline, "connecting", patience, || {
+        DbPool::connect(url, 4)
+    });
+    connected.await.map_err(|e| {
         PipelineError::Fatal(format!(
             "pipeline {}: cannot connect to {}: {e}",
             p.config.pipeline,
@@ -119,7 +127,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     status: Arc<PipelineStatus>,
 ) -> Result<(), PipelineError> {
-    let pool = connect(&p).await?;
+    let pool = connect(&p, Duration::from_millis(p.config.errors.retry_for_ms)).await?;
     let plan = prepare_sink(&p, &pool).await?;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
     let writer = Writer::new(&pool, &plan, store.clone())
@@ -197,6 +205,7 @@ fn subscribe(
     consumer.subscribe(&topics).map_err(kafka("subscribing"))?;
     Ok(Shared {
         store,
+        retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
         pipeline,
         start_from: p.config.source.start_from,
         assignment,
@@ -478,11 +487,18 @@ async fn commit_batch(
         }
         let offset_moves: Vec<OffsetMove> = moves.iter().map(|(m, _)| m.clone()).collect();
         let started = std::time::Instant::now();
-        match writer
-            .write(&batch, &offset_moves)
-            .await
-            .map_err(shared.db("writing a batch"))?
-        {
+        // A transaction that failed on a transient fault is tried again whole. If its commit
+        // went through unseen, the retry meets the offsets it moved and is fenced: the
+        // partitions then restart from there, and nothing is written twice.
+        let written = retry(
+            &shared.pipeline,
+            "writing a batch",
+            shared.retry_for,
+            || writer.write(&batch, &offset_moves),
+        )
+        .await
+        .map_err(shared.db("writing a batch"))?;
+        match written {
             WriteOutcome::Committed(rows) => {
                 for (m, epoch) in &moves {
                     assignment.committed(&m.tp, *epoch, m.next);
@@ -503,11 +519,14 @@ async fn commit_batch(
             }
             WriteOutcome::Conflict(lost) => {
                 telemetry::batch_fenced(&shared.pipeline, started.elapsed().as_secs_f64());
-                let stored = shared
-                    .store
-                    .load(&lost)
-                    .await
-                    .map_err(shared.db("re-reading offsets"))?;
+                let stored = retry(
+                    &shared.pipeline,
+                    "re-reading offsets",
+                    shared.retry_for,
+                    || shared.store.load(&lost),
+                )
+                .await
+                .map_err(shared.db("re-reading offsets"))?;
                 let mut fenced = Vec::with_capacity(lost.len());
                 for tp in &lost {
                     let Some((m, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
@@ -525,7 +544,8 @@ async fn commit_batch(
                     pipeline = %shared.pipeline,
                     partitions = %fenced.join(", "),
                     "fenced: the stored offsets of these partitions changed since this instance last \
-                     read or wrote them (another instance took them over, or they were set by hand); \
+                     read or wrote them (another instance took them over, they were set by hand, or the \
+                     acknowledgement of this instance's own commit was lost); \
                      the batch was rolled back and they restart from the offsets in the database"
                 );
             }

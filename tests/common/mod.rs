@@ -101,8 +101,99 @@ pub struct Case {
     pub table: String,
     pub partitions: i32,
     pub pool: DbPool,
+    /// The database the case's table is in.
+    pub url: String,
     pub brokers: String,
     pub dir: tempfile::TempDir,
+}
+
+/// The standard test table: `id bigint NOT NULL, body varchar(40) NOT NULL, payload json(b)`
+/// plus the Kafka coordinates, unique.
+fn standard_table(backend: Backend) -> String {
+    let (json, text) = match backend {
+        Backend::Postgres => ("jsonb", "text"),
+        Backend::MySql => ("json", "varchar(255)"),
+    };
+    format!(
+        "id bigint NOT NULL,
+         body varchar(40) NOT NULL,
+         payload {json},
+         kafka_topic {text} NOT NULL,
+         kafka_partition integer NOT NULL,
+         kafka_offset bigint NOT NULL,
+         UNIQUE (kafka_topic, kafka_partition, kafka_offset)"
+    )
+}
+
+/// A database server of one test's own, which it may stop and start again; data in a
+/// temporary folder, on a free loopback port (`scripts/devenv.sh start|stop`).
+pub struct PrivateDatabase {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivateDatabase {
+    pub fn start(backend: Backend) -> PrivateDatabase {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The server runs as its own user (postgres, mysql), which must reach its folder.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let db = PrivateDatabase { backend, dir, port };
+        db.devenv("start");
+        db
+    }
+
+    pub fn url(&self) -> String {
+        match self.backend {
+            Backend::Postgres => format!("postgres://postgres@127.0.0.1:{}/idemsink", self.port),
+            Backend::MySql => format!("mysql://idemsink:idemsink@127.0.0.1:{}/idemsink", self.port),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.devenv("stop");
+    }
+
+    pub fn start_again(&self) {
+        self.devenv("start");
+    }
+
+    fn devenv(&self, command: &str) {
+        let done = self.try_devenv(command);
+        assert!(
+            done,
+            "scripts/devenv.sh {command} for {} failed",
+            self.backend
+        );
+    }
+
+    fn try_devenv(&self, command: &str) -> bool {
+        let (server, port_var) = match self.backend {
+            Backend::Postgres => ("postgres", "IDEMSINK_PG_PORT"),
+            Backend::MySql => ("mariadb", "IDEMSINK_MYSQL_PORT"),
+        };
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/devenv.sh"))
+            .args([command, server])
+            .env("IDEMSINK_DEVENV_DIR", self.dir.path())
+            .env(port_var, self.port.to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        // Also while a failed test unwinds: a server left running would outlive the test.
+        self.try_devenv("stop");
+    }
 }
 
 impl Case {
@@ -119,27 +210,29 @@ impl Case {
         partitions: i32,
         brokers: String,
     ) -> Case {
-        let (json, text) = match backend {
-            Backend::Postgres => ("jsonb", "text"),
-            Backend::MySql => ("json", "varchar(255)"),
-        };
-        let case = Case::with_table(
+        let url = database_url(backend);
+        Case::create(
             backend,
             prefix,
             partitions,
             brokers,
-            &format!(
-                "id bigint NOT NULL,
-                 body varchar(40) NOT NULL,
-                 payload {json},
-                 kafka_topic {text} NOT NULL,
-                 kafka_partition integer NOT NULL,
-                 kafka_offset bigint NOT NULL,
-                 UNIQUE (kafka_topic, kafka_partition, kafka_offset)"
-            ),
+            url,
+            &standard_table(backend),
         )
-        .await;
-        case
+        .await
+    }
+
+    /// The same, in the database at `url` (e.g. a [`PrivateDatabase`]).
+    pub async fn in_database(backend: Backend, prefix: &str, partitions: i32, url: String) -> Case {
+        Case::create(
+            backend,
+            prefix,
+            partitions,
+            brokers(),
+            url,
+            &standard_table(backend),
+        )
+        .await
     }
 
     /// A topic with `partitions` partitions and a table with the columns in `definition`.
@@ -150,6 +243,18 @@ impl Case {
         brokers: String,
         definition: &str,
     ) -> Case {
+        let url = database_url(backend);
+        Case::create(backend, prefix, partitions, brokers, url, definition).await
+    }
+
+    async fn create(
+        backend: Backend,
+        prefix: &str,
+        partitions: i32,
+        brokers: String,
+        url: String,
+        definition: &str,
+    ) -> Case {
         let name = unique(&format!("{prefix}_{}", &backend.to_string()[..2]));
         let case = Case {
             backend,
@@ -157,7 +262,10 @@ impl Case {
             table: format!("{name}_rows"),
             name,
             partitions,
-            pool: connect(backend).await,
+            pool: DbPool::connect(&url, 4)
+                .await
+                .expect("connect to the test database"),
+            url,
             brokers,
             dir: tempfile::tempdir().expect("tempdir"),
         };
@@ -209,7 +317,7 @@ impl Case {
         PipelineFile {
             case: self,
             stem: self.name.clone(),
-            url: database_url(self.backend),
+            url: self.url.clone(),
             properties: String::new(),
             sink: STANDARD_COLUMNS.to_string(),
             extra: String::new(),
@@ -238,21 +346,7 @@ impl Case {
     /// clean exit; returns its log. Fails at once, with the log, if idemsink exits before.
     pub async fn run_until_stored(&self, config: &Path, end: &BTreeMap<i32, i64>) -> String {
         let mut connector = Connector::start(config);
-        let waited = testkit::wait_for_offsets(
-            &self.pool,
-            &self.name,
-            &self.topic,
-            end,
-            Duration::from_secs(120),
-            || match connector.exited() {
-                Some(status) => anyhow::bail!("idemsink exited ({status}) before storing {end:?}"),
-                None => Ok(()),
-            },
-        )
-        .await;
-        if let Err(e) = waited {
-            panic!("{e}; log:\n{}", connector.log_text());
-        }
+        self.wait_while_running(&mut connector, end).await;
         assert_eq!(
             &self.stored_offsets().await,
             end,
@@ -343,6 +437,25 @@ impl Case {
             }
             landed
         })
+    }
+
+    /// Waits until `connector` has stored `end`; fails at once, with its log, if it exits.
+    pub async fn wait_while_running(&self, connector: &mut Connector, end: &BTreeMap<i32, i64>) {
+        let waited = testkit::wait_for_offsets(
+            &self.pool,
+            &self.name,
+            &self.topic,
+            end,
+            Duration::from_secs(120),
+            || match connector.exited() {
+                Some(status) => anyhow::bail!("idemsink exited ({status}) before storing {end:?}"),
+                None => Ok(()),
+            },
+        )
+        .await;
+        if let Err(e) = waited {
+            panic!("{e}; log:\n{}", connector.log_text());
+        }
     }
 
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {

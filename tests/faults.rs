@@ -1,0 +1,105 @@
+//! Transient faults: the database goes away in the middle of a stream — each test has a
+//! database server of its own to stop and start — and idemsink waits, stays in the group,
+//! catches up, and loses and doubles nothing; past `errors.retry_for_ms` it stops with the
+//! reason, and a restart finishes the job.
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_exactly_once, Backend, Case, Connector, PrivateDatabase, ASSIGNED};
+use idemsink::testkit;
+
+const CATCH_UP: Duration = Duration::from_secs(60);
+const EXIT: Duration = Duration::from_secs(20);
+const RETRYING: &str = "database unavailable or busy; retrying";
+
+on_both_databases!(
+    the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group,
+    past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up,
+);
+
+/// The log up to the shutdown request: what happened while running.
+fn while_running(log: &str) -> &str {
+    log.split("shutdown requested").next().unwrap_or_default()
+}
+
+async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group(
+    backend: Backend,
+) {
+    let db = PrivateDatabase::start(backend);
+    let case = Case::in_database(backend, "dbdown", 4, db.url()).await;
+    let config = case
+        .config("batch:\n  max_records: 500\n  max_wait_ms: 50\nerrors:\n  retry_for_ms: 120000\n");
+    let mut connector = Connector::start(&config);
+    connector.wait_assigned(Duration::from_secs(30)).await;
+    // 1,000 records every 200 ms, 30,000 at least, and on until the database is back.
+    let streamer = case.stream_until_finished(30_000, 1000, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    db.stop();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    db.start_again();
+
+    let landed = streamer.finish().await;
+    let end = testkit::end_offsets(&landed);
+    case.wait_while_running(&mut connector, &end).await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "{log}");
+    assert_exactly_once(
+        &case.rows().await,
+        &(0..landed.len() as i64).zip(landed).collect::<Vec<_>>(),
+    );
+    assert_eq!(case.stored_offsets().await, end);
+    let running = while_running(&log);
+    assert!(
+        running.contains(RETRYING),
+        "it waited for the database:\n{log}"
+    );
+    assert_eq!(
+        running.matches(ASSIGNED).count(),
+        1,
+        "assigned once, never kicked out of the group:\n{log}"
+    );
+    assert!(!running.contains("revoked"), "{log}");
+    assert!(
+        running.contains("writer busy: fetching paused"),
+        "fetching paused meanwhile:\n{log}"
+    );
+}
+
+async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up(
+    backend: Backend,
+) {
+    let db = PrivateDatabase::start(backend);
+    let case = Case::in_database(backend, "dbgone", 2, db.url()).await;
+    let config = case
+        .config("batch:\n  max_records: 500\n  max_wait_ms: 50\nerrors:\n  retry_for_ms: 12000\n");
+    let producer = case.producer();
+    let mut landed = case.produce_ids(&producer, 0..1000).await;
+    let connector = Connector::start(&config);
+    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+        .await;
+
+    db.stop();
+    landed.extend(case.produce_ids(&producer, 1000..2000).await);
+    let (status, log) = connector.wait(Duration::from_secs(60));
+    assert!(!status.success(), "it must give up:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("idemsink: error: ")
+            && last.contains("database")
+            && last.contains(&case.name),
+        "the last line says which pipeline and why:\n{log}"
+    );
+    assert!(log.contains(RETRYING), "{log}");
+
+    db.start_again();
+    let end = testkit::end_offsets(&landed);
+    let log = case.run_until_stored(&config, &end).await;
+    assert_exactly_once(
+        &case.rows().await,
+        &(0..2000).zip(landed).collect::<Vec<_>>(),
+    );
+    assert!(!log.contains(RETRYING), "{log}");
+}

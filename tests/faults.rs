@@ -1,21 +1,25 @@
 //! Transient faults: the database goes away in the middle of a stream — each test has a
 //! database server of its own to stop and start — and idemsink waits, stays in the group,
 //! catches up, and loses and doubles nothing; past `errors.retry_for_ms` it stops with the
-//! reason, and a restart finishes the job.
+//! reason, and a restart finishes the job. And chaos: SIGKILLs and database restarts at once.
 
 #[macro_use]
 mod common;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::{assert_exactly_once, Backend, Case, Connector, PrivateDatabase, ASSIGNED};
 use idemsink::testkit;
+use rand::{Rng, SeedableRng};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
 const EXIT: Duration = Duration::from_secs(20);
 const RETRYING: &str = "database unavailable or busy; retrying";
 
 on_both_databases!(
+    chaos_200000_records_20_sigkills_and_2_database_restarts_lose_and_double_nothing,
     the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group,
     past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up,
 );
@@ -102,4 +106,54 @@ async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_c
         &(0..2000).zip(landed).collect::<Vec<_>>(),
     );
     assert!(!log.contains(RETRYING), "{log}");
+}
+
+/// 200,000 records stream in while the connector is killed with SIGKILL 20 times at random
+/// moments (the seed is printed) and the database is restarted twice in the middle.
+async fn chaos_200000_records_20_sigkills_and_2_database_restarts_lose_and_double_nothing(
+    backend: Backend,
+) {
+    let db = Arc::new(PrivateDatabase::start(backend));
+    let case = Case::in_database(backend, "chaos", 4, db.url()).await;
+    let config = case.config("batch:\n  max_records: 2000\n  max_wait_ms: 50\n");
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("chaos seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    // Two restarts of 2 s, at random moments 3–6 s and 9–15 s into the kills.
+    let restarts = {
+        let db = db.clone();
+        let started = tokio::time::Instant::now();
+        let first = Duration::from_millis(rng.gen_range(3000..6000));
+        let second = first + Duration::from_millis(rng.gen_range(6000..9000));
+        tokio::spawn(async move {
+            for at in [first, second] {
+                tokio::time::sleep_until(started + at).await;
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || {
+                    db.stop();
+                    std::thread::sleep(Duration::from_secs(2));
+                    db.start_again();
+                })
+                .await
+                .expect("restart");
+                eprintln!("database restarted at {at:?}");
+            }
+        })
+    };
+    // 50 chunks of 4,000, 200 ms apart, while 20 kills come 300 to 1,500 ms apart.
+    let chunks = case.record_chunks(0..200_000, 4000);
+    let (mut connector, landed) = case
+        .stream_while_killing(&config, chunks, 20, 300..1500, &mut rng)
+        .await;
+    restarts.await.expect("restarts");
+    let end = testkit::end_offsets(&landed);
+    case.wait_while_running(&mut connector, &end).await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "{log}");
+    assert_exactly_once(
+        &case.rows().await,
+        &(0..200_000).zip(landed).collect::<Vec<_>>(),
+    );
+    assert_eq!(case.stored_offsets().await, end);
 }

@@ -79,7 +79,7 @@ app.kubernetes.io/component: sink
 {{- end }}
 
 {{- define "idemsink.envFrom" -}}
-{{- if or .Values.kafka.credentials .Values.kafka.existingSecret }}
+{{- if or .Values.kafka.credentials .Values.kafka.existingSecret -}}
 envFrom:
   - secretRef:
       name: {{ include "idemsink.kafkaSecretName" . }}

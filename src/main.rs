@@ -282,24 +282,11 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
     let changes = match command {
         OffsetsCommand::List(a) => {
             let pipelines = select(&a, false)?;
-            println!(
-                "{:<24} {:<32} {:>12} {:>12} {:>12} {:>10}",
-                "pipeline", "topic/partition", "stored", "earliest", "end", "lag"
-            );
+            println!("{}", offsets_command::table_header());
             for p in &pipelines {
                 let listed = offsets_command::list(p).await.map_err(|e| e.to_string())?;
                 for o in listed {
-                    let or_dash =
-                        |n: Option<i64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
-                    println!(
-                        "{:<24} {:<32} {:>12} {:>12} {:>12} {:>10}",
-                        p.config.pipeline,
-                        o.tp.to_string(),
-                        or_dash(o.stored),
-                        o.low,
-                        o.high,
-                        or_dash(o.lag())
-                    );
+                    println!("{}", o.table_row(&p.config.pipeline));
                 }
             }
             return Ok(());

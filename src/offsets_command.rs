@@ -61,6 +61,38 @@ impl PartitionOffsets {
     }
 }
 
+/// The header of `offsets list`'s table.
+pub fn table_header() -> String {
+    table_line([
+        "pipeline",
+        "topic/partition",
+        "stored",
+        "earliest",
+        "end",
+        "lag",
+    ])
+}
+
+impl PartitionOffsets {
+    /// This partition as a line of `offsets list`'s table; `-` where nothing is stored.
+    pub fn table_row(&self, pipeline: &str) -> String {
+        let or_dash = |n: Option<i64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+        table_line([
+            pipeline,
+            &self.tp.to_string(),
+            &or_dash(self.stored),
+            &self.low.to_string(),
+            &self.high.to_string(),
+            &or_dash(self.lag()),
+        ])
+    }
+}
+
+fn table_line(cells: [&str; 6]) -> String {
+    let [pipeline, tp, stored, low, high, lag] = cells;
+    format!("{pipeline:<24} {tp:<32} {stored:>12} {low:>12} {high:>12} {lag:>10}")
+}
+
 /// A move of one partition's stored offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {

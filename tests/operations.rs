@@ -40,26 +40,39 @@ fn offsets(config: &Path, args: &[&str]) -> (bool, String) {
     idemsink(&all)
 }
 
+/// `offsets set` of one partition of the case's topic, with `extra` arguments (`--force`).
+fn set_offset(
+    case: &Case,
+    config: &Path,
+    partition: i32,
+    offset: i64,
+    extra: &[&str],
+) -> (bool, String) {
+    let (partition, offset) = (partition.to_string(), offset.to_string());
+    let mut args = vec![
+        "set",
+        "--topic",
+        &case.topic,
+        "--partition",
+        &partition,
+        "--offset",
+        &offset,
+    ];
+    args.extend_from_slice(extra);
+    offsets(config, &args)
+}
+
 async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running_instance(
     backend: Backend,
 ) {
     let case = Case::new(backend, "offsets", 2).await;
     let producer = one_record_batches(&case.brokers);
-    let produce = |ids: std::ops::Range<i64>| {
-        let records: Vec<_> = ids.map(|id| common::record(id, (id % 2) as i32)).collect();
-        let (producer, topic) = (&producer, &case.topic);
-        async move {
-            testkit::produce(producer, topic, &records)
-                .await
-                .expect("produce")
-        }
-    };
-    let mut landed = produce(0..400).await;
+    let mut landed = case.produce_ids(&producer, 0..400).await;
     let first_end = testkit::end_offsets(&landed);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second_starts = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    landed.extend(produce(400..600).await);
+    landed.extend(case.produce_ids(&producer, 400..600).await);
     let end = testkit::end_offsets(&landed);
     let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
 
@@ -97,43 +110,20 @@ async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running
     // While an instance runs, moving offsets is refused and changes nothing.
     let running = Connector::start(&config);
     running.wait_assigned(Duration::from_secs(30)).await;
-    let (ok, refused) = offsets(
-        &config,
-        &[
-            "set",
-            "--topic",
-            &case.topic,
-            "--partition",
-            "0",
-            "--offset",
-            "100",
-        ],
-    );
+    let (ok, refused) = set_offset(&case, &config, 0, 100, &[]);
     assert!(!ok, "set must be refused while running:\n{refused}");
     assert!(refused.contains("active member"), "{refused}");
     assert_eq!(case.stored_offsets().await, end);
 
     // Forced: the running instance is fenced on its next commit and reads again from 100,
     // which changes no row (they are on their coordinates) and loses none.
-    let (ok, forced) = offsets(
-        &config,
-        &[
-            "set",
-            "--topic",
-            &case.topic,
-            "--partition",
-            "0",
-            "--offset",
-            "100",
-            "--force",
-        ],
-    );
+    let (ok, forced) = set_offset(&case, &config, 0, 100, &["--force"]);
     assert!(ok, "{forced}");
     assert!(
         forced.contains(&format!("{}/0: {} -> 100", case.topic, end[&0])),
         "the change is printed:\n{forced}"
     );
-    landed.extend(produce(600..700).await);
+    landed.extend(case.produce_ids(&producer, 600..700).await);
     let end = testkit::end_offsets(&landed);
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = running.stop(EXIT);
@@ -173,18 +163,7 @@ async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running
     assert_eq!(case.stored_offsets().await, end);
 
     // Mistakes are named.
-    let (ok, wrong) = offsets(
-        &config,
-        &[
-            "set",
-            "--topic",
-            &case.topic,
-            "--partition",
-            "7",
-            "--offset",
-            "1",
-        ],
-    );
+    let (ok, wrong) = set_offset(&case, &config, 7, 1, &[]);
     assert!(
         !ok && wrong.contains("is not a partition of its topics"),
         "{wrong}"
@@ -241,15 +220,6 @@ fn sample(exposition: &str, metric: &str, pipeline: &str) -> Option<f64> {
 async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
     let case = Case::new(backend, "metrics", 2).await;
     let producer = one_record_batches(&case.brokers);
-    let produce = |ids: std::ops::Range<i64>| {
-        let records: Vec<_> = ids.map(|id| common::record(id, (id % 2) as i32)).collect();
-        let (producer, topic) = (&producer, &case.topic);
-        async move {
-            testkit::produce(producer, topic, &records)
-                .await
-                .expect("produce")
-        }
-    };
     let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
     let connector = Connector::start_command(&["run", "--log-format", "json", "--config"], &config);
     let address = http_address(&connector).await;
@@ -258,7 +228,7 @@ async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
     let (status, body) = get(&address, "/readyz");
     assert_eq!(status, 200, "ready once assigned: {body}");
 
-    let mut landed = produce(0..3000).await;
+    let mut landed = case.produce_ids(&producer, 0..3000).await;
     case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
         .await;
     let metrics = get(&address, "/metrics").1;
@@ -292,7 +262,7 @@ async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
 
     // Writes held: the lag gauge (from librdkafka's statistics, every 5 s) shows what waits.
     let held = TableWrites::hold(&case).await;
-    landed.extend(produce(3000..3400).await);
+    landed.extend(case.produce_ids(&producer, 3000..3400).await);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while sample(&get(&address, "/metrics").1, "idemsink_consumer_lag", name) != Some(400.0) {
         assert!(

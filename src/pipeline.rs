@@ -364,9 +364,10 @@ impl Handover<'_> {
 
     /// At the end of reading: hands over what is left, waiting for the writer to take it.
     async fn finish(mut self, writer: &mpsc::Sender<Batch>, open: Batch) {
+        // The waiting batch was counted when it was offered.
+        self.count_consumed(&open);
         let left = self.waiting.take().into_iter().chain(Some(open));
         for batch in left.filter(|b| !b.is_empty()) {
-            self.count_consumed(&batch);
             if writer.send(batch).await.is_err() {
                 return; // the writer stopped on an error, which `run` reports
             }

@@ -1,6 +1,8 @@
 //! A batch: converted rows held column by column (the shape the SQL writer binds), with the
 //! span of offsets each partition contributed — what the batch's transaction will commit —
 //! and, for business keys, which rows the batch's statements must touch ([`Batch::changes`]).
+//! With `errors.tolerance: all` it also keeps each record as it came from Kafka, so a row the
+//! database rejects can be dead-lettered, and the records that never became rows.
 
 use std::collections::HashMap;
 
@@ -18,6 +20,24 @@ pub struct Span {
     pub records: usize,
 }
 
+/// A record as it came from Kafka.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// The headers as JSON (see the dead-letter table's migration), if the record had any.
+    pub headers: Option<String>,
+}
+
+/// A record that goes to the dead-letter table instead of the sink table, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub record: RawRecord,
+    pub error: String,
+}
+
 #[derive(Debug)]
 pub struct Batch {
     /// One vector of cells per target column, all of the same length.
@@ -26,6 +46,12 @@ pub struct Batch {
     pub ops: Vec<RowOp>,
     /// For each row, the index of its span.
     row_span: Vec<u32>,
+    /// For each row, its record's offset.
+    row_offset: Vec<i64>,
+    /// For each row, its record as it came, when the batch keeps them (else empty).
+    raw: Vec<RawRecord>,
+    /// Records that did not become rows, with the index of their span.
+    dead_letters: Vec<(u32, DeadLetter)>,
     pub spans: Vec<Span>,
 }
 
@@ -35,19 +61,57 @@ impl Batch {
             columns: vec![Vec::new(); column_count],
             ops: Vec::new(),
             row_span: Vec::new(),
+            row_offset: Vec::new(),
+            raw: Vec::new(),
+            dead_letters: Vec::new(),
             spans: Vec::new(),
         }
     }
 
+    /// Rows in the batch.
     pub fn len(&self) -> usize {
         self.row_span.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.row_span.is_empty()
+    /// Records in the batch: its rows and its dead letters.
+    pub fn records(&self) -> usize {
+        self.row_span.len() + self.dead_letters.len()
     }
 
-    /// Adds one converted row; `cells` is drained (one cell per column).
+    /// Whether the batch holds no record (then it moves no offset either).
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The records that did not become rows.
+    pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
+        self.dead_letters.iter().map(|(_, d)| d)
+    }
+
+    /// Where a row's record came from.
+    pub fn coordinates(&self, row: usize) -> (&TopicPartition, i64) {
+        (
+            &self.spans[self.row_span[row] as usize].tp,
+            self.row_offset[row],
+        )
+    }
+
+    /// A row the database rejected, as a dead letter; `None` if the batch did not keep its
+    /// record (`errors.tolerance: none`).
+    pub fn dead_letter_for_row(&self, row: usize, error: String) -> Option<DeadLetter> {
+        let record = self.raw.get(row)?.clone();
+        let (tp, offset) = self.coordinates(row);
+        Some(DeadLetter {
+            tp: tp.clone(),
+            offset,
+            record,
+            error,
+        })
+    }
+
+    /// Adds one converted row; `cells` is drained (one cell per column). `raw` is the record
+    /// as it came, kept for a batch that may dead-letter rows: all of its rows have one.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         topic: &str,
@@ -56,8 +120,33 @@ impl Batch {
         offset: i64,
         op: RowOp,
         cells: &mut Vec<Option<String>>,
+        raw: Option<RawRecord>,
     ) {
         debug_assert_eq!(cells.len(), self.columns.len());
+        debug_assert_eq!(
+            self.raw.len(),
+            if raw.is_some() { self.len() } else { 0 },
+            "either every row keeps its record or none does"
+        );
+        let index = self.span_for(topic, partition, epoch, offset);
+        self.row_span.push(index);
+        self.row_offset.push(offset);
+        self.raw.extend(raw);
+        self.ops.push(op);
+        for (column, cell) in self.columns.iter_mut().zip(cells.drain(..)) {
+            column.push(cell);
+        }
+    }
+
+    /// Adds a record that did not become a row: it goes to the dead-letter table, and its
+    /// offset is committed like a row's.
+    pub fn push_dead_letter(&mut self, epoch: u64, dead: DeadLetter) {
+        let index = self.span_for(&dead.tp.topic, dead.tp.partition, epoch, dead.offset);
+        self.dead_letters.push((index, dead));
+    }
+
+    /// The index of the span `offset` extends (or opens) in this partition and epoch.
+    fn span_for(&mut self, topic: &str, partition: i32, epoch: u64, offset: i64) -> u32 {
         let index =
             match self.spans.iter().rposition(|s| {
                 s.tp.partition == partition && s.epoch == epoch && s.tp.topic == topic
@@ -82,11 +171,7 @@ impl Batch {
                     self.spans.len() - 1
                 }
             };
-        self.row_span.push(index as u32);
-        self.ops.push(op);
-        for (column, cell) in self.columns.iter_mut().zip(cells.drain(..)) {
-            column.push(cell);
-        }
+        index as u32
     }
 
     /// The same batch with only the spans whose flag in `keep` is set, and their rows.
@@ -104,35 +189,32 @@ impl Batch {
             }
         }
         let row_keep: Vec<bool> = self.row_span.iter().map(|s| keep[*s as usize]).collect();
-        let columns = self
-            .columns
-            .into_iter()
-            .map(|cells| {
-                cells
-                    .into_iter()
-                    .zip(&row_keep)
-                    .filter(|(_, k)| **k)
-                    .map(|(c, _)| c)
-                    .collect()
-            })
-            .collect();
-        let ops = self
-            .ops
-            .iter()
-            .zip(&row_keep)
-            .filter(|(_, k)| **k)
-            .map(|(op, _)| *op)
-            .collect();
-        let row_span = self
-            .row_span
-            .iter()
-            .filter(|s| keep[**s as usize])
-            .map(|s| renumber[*s as usize])
-            .collect();
+        let raw = if self.raw.is_empty() {
+            self.raw
+        } else {
+            retain(self.raw, &row_keep)
+        };
         Batch {
-            columns,
-            ops,
-            row_span,
+            columns: self
+                .columns
+                .into_iter()
+                .map(|cells| retain(cells, &row_keep))
+                .collect(),
+            ops: retain(self.ops, &row_keep),
+            row_offset: retain(self.row_offset, &row_keep),
+            raw,
+            row_span: self
+                .row_span
+                .iter()
+                .filter(|s| keep[**s as usize])
+                .map(|s| renumber[*s as usize])
+                .collect(),
+            dead_letters: self
+                .dead_letters
+                .into_iter()
+                .filter(|(s, _)| keep[*s as usize])
+                .map(|(s, d)| (renumber[s as usize], d))
+                .collect(),
             spans,
         }
     }
@@ -206,6 +288,15 @@ impl Batch {
     }
 }
 
+/// The items whose flag in `keep` is set.
+fn retain<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
+    items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(item, k)| k.then_some(item))
+        .collect()
+}
+
 /// Which record of a key repeated in one batch is the one written (after its last tombstone).
 #[derive(Debug, Clone, Copy)]
 pub enum Winner {
@@ -225,6 +316,18 @@ pub struct Changes {
     pub writes: Vec<usize>,
 }
 
+impl Changes {
+    /// The changes at positions `range` of the deletes followed by the writes.
+    pub fn part(&self, range: std::ops::Range<usize>) -> Changes {
+        let d = self.deletes.len();
+        Changes {
+            deletes: self.deletes[range.start.min(d)..range.end.min(d)].to_vec(),
+            writes: self.writes[range.start.saturating_sub(d)..range.end.saturating_sub(d)]
+                .to_vec(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,7 +341,7 @@ mod tests {
         let mut b = Batch::new(2);
         for (offset, (key, version, op)) in rows.iter().enumerate() {
             let mut cells = vec![Some(key.to_string()), Some(version.to_string())];
-            b.push("t", 0, 1, offset as i64, *op, &mut cells);
+            b.push("t", 0, 1, offset as i64, *op, &mut cells, None);
         }
         b
     }
@@ -337,16 +440,35 @@ mod tests {
 
     #[test]
     fn spans_follow_partitions_and_epochs_and_retain_spans_drops_the_others_rows() {
+        let raw = |v: &str| {
+            Some(RawRecord {
+                value: Some(v.as_bytes().to_vec()),
+                ..RawRecord::default()
+            })
+        };
+        let dead = |partition, offset| DeadLetter {
+            tp: TopicPartition {
+                topic: "t".into(),
+                partition,
+            },
+            offset,
+            record: RawRecord::default(),
+            error: format!("bad {partition}/{offset}"),
+        };
         let mut b = Batch::new(2);
-        b.push("t", 0, 1, 10, RowOp::Write, &mut row("a"));
-        b.push("t", 1, 1, 5, RowOp::Write, &mut row("b"));
-        b.push("t", 0, 1, 12, RowOp::Write, &mut row("c"));
-        b.push("t", 0, 2, 3, RowOp::Delete, &mut row("d"));
-        assert_eq!(b.len(), 4);
+        b.push("t", 0, 1, 10, RowOp::Write, &mut row("a"), raw("a"));
+        b.push("t", 1, 1, 5, RowOp::Write, &mut row("b"), raw("b"));
+        b.push_dead_letter(1, dead(0, 11));
+        b.push("t", 0, 1, 12, RowOp::Write, &mut row("c"), raw("c"));
+        b.push("t", 0, 2, 3, RowOp::Delete, &mut row("d"), raw("d"));
+        b.push_dead_letter(1, dead(1, 6));
+        assert_eq!((b.len(), b.records()), (4, 6));
         assert_eq!(b.spans.len(), 3);
         assert_eq!((b.spans[0].first, b.spans[0].last), (10, 12));
+        assert_eq!((b.spans[0].records, b.spans[1].records), (3, 2));
+        assert_eq!(b.coordinates(2), (&b.spans[0].tp, 12));
         let b = b.retain_spans(&[false, true, true]);
-        assert_eq!(b.len(), 2);
+        assert_eq!((b.len(), b.records()), (2, 3));
         assert_eq!(
             b.columns[0],
             vec![Some("b".to_string()), Some("d".to_string())]
@@ -356,8 +478,48 @@ mod tests {
             vec![1, 0]
         );
         assert_eq!(b.ops, vec![RowOp::Write, RowOp::Delete]);
+        assert_eq!(b.dead_letters().collect::<Vec<_>>(), vec![&dead(1, 6)]);
+        let rejected = b.dead_letter_for_row(1, "too long".into()).expect("kept");
+        assert_eq!((rejected.tp.partition, rejected.offset), (0, 3));
+        assert_eq!(rejected.record.value.as_deref(), Some(&b"d"[..]));
         let b = b.retain_spans(&[false, true]);
         assert_eq!(b.columns[0], vec![Some("d".to_string())]);
         assert_eq!(b.spans.len(), 1);
+        assert_eq!(b.dead_letters().count(), 0);
+        assert_eq!(b.coordinates(0).1, 3);
+    }
+
+    #[test]
+    fn parts_of_changes_keep_deletes_before_writes() {
+        let changes = Changes {
+            deletes: vec![3, 7],
+            writes: vec![0, 1, 5],
+        };
+        let part = |r| changes.part(r);
+        assert_eq!(part(0..5), changes);
+        assert_eq!(
+            part(1..3),
+            Changes {
+                deletes: vec![7],
+                writes: vec![0]
+            }
+        );
+        assert_eq!(
+            part(3..5),
+            Changes {
+                deletes: vec![],
+                writes: vec![1, 5]
+            }
+        );
+        assert_eq!(part(0..1).deletes, vec![3]);
+        assert!(part(2..2).writes.is_empty());
+    }
+
+    #[test]
+    fn a_batch_that_keeps_no_records_dead_letters_no_rejected_row() {
+        let mut b = Batch::new(2);
+        b.push("t", 0, 1, 7, RowOp::Write, &mut row("a"), None);
+        assert_eq!(b.dead_letter_for_row(0, "x".into()), None);
+        assert_eq!(b.coordinates(0).1, 7);
     }
 }

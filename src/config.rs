@@ -57,18 +57,45 @@ pub struct ErrorsConfig {
     /// connection dropped, deadlock, serialization failure) before the pipeline stops.
     #[serde(default = "default_retry_for_ms")]
     pub retry_for_ms: u64,
+    /// What a record that cannot become a row does: stop the pipeline, or go to the
+    /// dead-letter table.
+    #[serde(default)]
+    pub tolerance: Tolerance,
+    /// Where dead letters go (`tolerance: all`); created like `idemsink_dead_letters` if missing.
+    #[serde(default = "default_dead_letter_table")]
+    pub dead_letter_table: String,
 }
 
 fn default_retry_for_ms() -> u64 {
     300_000
 }
 
+/// The table the migrations create for dead letters.
+pub const DEFAULT_DEAD_LETTER_TABLE: &str = "idemsink_dead_letters";
+
+fn default_dead_letter_table() -> String {
+    DEFAULT_DEAD_LETTER_TABLE.to_string()
+}
+
 impl Default for ErrorsConfig {
     fn default() -> Self {
         ErrorsConfig {
             retry_for_ms: default_retry_for_ms(),
+            tolerance: Tolerance::default(),
+            dead_letter_table: default_dead_letter_table(),
         }
     }
+}
+
+/// `errors.tolerance`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tolerance {
+    /// Stop at the first bad record, naming it; nothing from it on is committed.
+    #[default]
+    None,
+    /// Write bad records to the dead-letter table, in the batch's transaction, and go on.
+    All,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -524,6 +551,15 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
                 config.errors.retry_for_ms
             ),
         );
+    }
+    let dead_letters = &config.errors.dead_letter_table;
+    match crate::schema::TableName::parse(dead_letters) {
+        Err(e) => bad("errors.dead_letter_table", e),
+        Ok(t) if crate::schema::TableName::parse(&sink.table).is_ok_and(|s| s == t) => bad(
+            "errors.dead_letter_table",
+            format!("{dead_letters} is the sink table; dead letters need a table of their own"),
+        ),
+        Ok(_) => {}
     }
 
     if errors.is_empty() {

@@ -158,6 +158,29 @@ impl DbPool {
     }
 }
 
+/// Whether the database refused a row for what it holds: a NOT NULL, CHECK, foreign-key or
+/// unique constraint, or a value that does not fit its column (too long, out of range,
+/// malformed). The same row would fail again; other rows would not.
+pub fn is_rejected_row(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    let code = db.code().unwrap_or_default();
+    // SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation).
+    if code.starts_with("22") || code.starts_with("23") {
+        return true;
+    }
+    // MySQL errors about a value that report a general SQLSTATE: data truncated, incorrect
+    // value or string, illegal value, invalid JSON, a CHECK constraint (MySQL, MariaDB).
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|my| {
+            matches!(
+                my.number(),
+                1265 | 1292 | 1300 | 1366 | 1367 | 1411 | 3140 | 3819 | 4025
+            )
+        })
+}
+
 /// A duplicate key: PostgreSQL's unique_violation, MySQL's ER_DUP_ENTRY.
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()

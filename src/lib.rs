@@ -15,6 +15,8 @@ pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letters;
+pub mod dead_letters_command;
 pub mod health;
 pub mod http;
 pub mod mapping;

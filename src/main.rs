@@ -1,5 +1,5 @@
-//! The `idemsink` command line: `run`, `validate`, `migrate` and `offsets` over pipeline
-//! files.
+//! The `idemsink` command line: `run`, `validate`, `migrate`, `offsets` and `dead-letters`
+//! over pipeline files.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ use idemsink::config::{self, LoadedPipeline};
 use idemsink::health::Health;
 use idemsink::offsets::TopicPartition;
 use idemsink::offsets_command::{self, ResetTo};
+use idemsink::{dead_letters, dead_letters_command};
 use idemsink::{http, pipeline, telemetry, validate};
 
 #[derive(Parser)]
@@ -46,6 +47,62 @@ enum Command {
     /// Show or move the offsets stored in the database.
     #[command(subcommand)]
     Offsets(OffsetsCommand),
+    /// List the records a pipeline wrote to its dead-letter table, or send them to Kafka again.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// The dead letters, in record order: id, topic/partition@offset, when, why, and the
+    /// record's key and value.
+    List {
+        #[command(flatten)]
+        pipeline: PipelineArg,
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// At most this many per pipeline.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Produce dead letters again (key, value and headers as they came) to their own topic or
+    /// to --to-topic, wait until Kafka has them all, then remove them from the table.
+    Requeue {
+        #[command(flatten)]
+        pipeline: PipelineArg,
+        #[command(flatten)]
+        filter: DeadLetterFilter,
+        /// Send them all to this topic instead of the ones they came from.
+        #[arg(long)]
+        to_topic: Option<String>,
+        /// Leave them in the table.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeadLetterFilter {
+    /// Only those from this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only those from this partition.
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Only these (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<i64>,
+}
+
+impl DeadLetterFilter {
+    fn selection(self, limit: Option<u64>) -> dead_letters::Selection {
+        dead_letters::Selection {
+            topic: self.topic,
+            partition: self.partition,
+            ids: self.ids,
+            limit,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -144,6 +201,7 @@ fn main() -> ExitCode {
             Command::Validate(a) => validate_cmd(a).await,
             Command::Migrate(a) => migrate(a).await,
             Command::Offsets(c) => offsets(c).await,
+            Command::DeadLetters(c) => dead_letters_cmd(c).await,
         }
     });
     match result {
@@ -314,6 +372,65 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
     };
     for change in changes.map_err(|e| e.to_string())? {
         println!("{change}");
+    }
+    Ok(())
+}
+
+async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
+    match command {
+        DeadLettersCommand::List {
+            pipeline,
+            filter,
+            limit,
+        } => {
+            let selection = filter.selection(Some(limit));
+            for p in select(&pipeline, false)? {
+                let listed = dead_letters_command::list(&p, &selection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "pipeline {}: {} dead letter(s){}",
+                    p.config.pipeline,
+                    listed.len(),
+                    if listed.len() as u64 == limit {
+                        format!(" (the first {limit}; --limit shows more)")
+                    } else {
+                        String::new()
+                    }
+                );
+                for letter in &listed {
+                    println!("{}", dead_letters_command::describe(letter));
+                }
+            }
+        }
+        DeadLettersCommand::Requeue {
+            pipeline,
+            filter,
+            to_topic,
+            keep,
+        } => {
+            let p = one(&pipeline)?;
+            let requeued = dead_letters_command::requeue(
+                &p,
+                &filter.selection(None),
+                to_topic.as_deref(),
+                keep,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            for r in &requeued {
+                let l = &r.letter;
+                println!(
+                    "dead letter {}: {}/{}@{} -> {}",
+                    l.id, l.topic, l.partition, l.offset, r.to_topic
+                );
+            }
+            let fate = if keep { "kept in" } else { "removed from" };
+            println!(
+                "requeued {} dead letter(s), {fate} the dead-letter table",
+                requeued.len()
+            );
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tokio::sync::mpsc::error::TrySendError;
@@ -19,16 +19,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
-use crate::batch::Batch;
-use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom};
+use crate::batch::{Batch, DeadLetter, RawRecord};
+use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Tolerance};
 use crate::consumer::{client_config, Assignment, Owned, SinkConsumer, SinkContext};
 use crate::db::{Backend, DbPool};
+use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
-use crate::offsets::{OffsetMove, OffsetStore};
+use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
+use crate::schema::TableName;
 use crate::telemetry;
-use crate::writer::{SinkPlan, WriteOutcome, Writer};
+use crate::writer::{RejectedRow, SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +51,8 @@ pub enum PipelineError {
     },
     #[error(
         "pipeline {pipeline}: record topic {topic} partition {partition} offset {offset} cannot be written: {error}; \
-         it and the records after it in its partition were not committed"
+         it and the records after it in its partition were not committed \
+         (errors.tolerance: all would write it to the dead-letter table and go on)"
     )]
     BadRecord {
         pipeline: String,
@@ -58,6 +61,18 @@ pub enum PipelineError {
         offset: i64,
         error: ConvertError,
     },
+    #[error(
+        "pipeline {pipeline}: record topic {topic} partition {partition} offset {offset} was refused by the database: \
+         {error}; the batch holding it was rolled back, so neither it nor any record after it in its partition \
+         was committed (errors.tolerance: all would write it to the dead-letter table and go on)"
+    )]
+    RefusedRecord {
+        pipeline: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        error: String,
+    },
     #[error("{0}")]
     Fatal(String),
 }
@@ -65,6 +80,9 @@ pub enum PipelineError {
 /// Everything a running pipeline shares between its consumer loop and its writer.
 struct Shared {
     pipeline: String,
+    /// `errors.tolerance: all`: bad records become dead letters, so batches keep each
+    /// record as it came.
+    dead_letters: Option<DeadLetterTable>,
     /// How long database work is retried through transient faults (`errors.retry_for_ms`).
     retry_for: Duration,
     start_from: StartFrom,
@@ -130,7 +148,8 @@ pub async fn run(
     let pool = connect(&p, Duration::from_millis(p.config.errors.retry_for_ms)).await?;
     let plan = prepare_sink(&p, &pool).await?;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
-    let writer = Writer::new(&pool, &plan, store.clone())
+    let dead_letters = dead_letter_table(&p, &pool).await?;
+    let writer = Writer::new(&pool, &plan, store.clone(), dead_letters.clone())
         .await
         .map_err(|source| PipelineError::Database {
             pipeline: p.config.pipeline.clone(),
@@ -139,7 +158,7 @@ pub async fn run(
         })?;
     telemetry::start_pipeline(&p.config.pipeline, pool.backend() == Backend::Postgres);
     status.set_database(true);
-    let shared = Arc::new(subscribe(&p, store, status.clone())?);
+    let shared = Arc::new(subscribe(&p, store, dead_letters, status.clone())?);
     info!(
         pipeline = %shared.pipeline,
         database = %pool.backend(),
@@ -181,10 +200,37 @@ async fn prepare_sink(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, Pip
     Ok(SinkPlan::prepare(p, pool).await.map_err(ConfigErrors)?)
 }
 
+/// With `errors.tolerance: all`, the dead-letter table, created if it is not the default one.
+async fn dead_letter_table(
+    p: &LoadedPipeline,
+    pool: &DbPool,
+) -> Result<Option<DeadLetterTable>, PipelineError> {
+    if p.config.errors.tolerance == Tolerance::None {
+        return Ok(None);
+    }
+    let pipeline = &p.config.pipeline;
+    let name = TableName::parse(&p.config.errors.dead_letter_table).map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {pipeline}: errors.dead_letter_table: {e}"
+        ))
+    })?;
+    let table = DeadLetterTable::new(pipeline, name, pool.backend());
+    table
+        .create_if_missing(pool)
+        .await
+        .map_err(|source| PipelineError::Database {
+            pipeline: pipeline.clone(),
+            context: "creating the dead-letter table",
+            source,
+        })?;
+    Ok(Some(table))
+}
+
 /// Creates the consumer, whose rebalances load offsets from `store`, and joins the group.
 fn subscribe(
     p: &LoadedPipeline,
     store: OffsetStore,
+    dead_letters: Option<DeadLetterTable>,
     status: Arc<PipelineStatus>,
 ) -> Result<Shared, PipelineError> {
     let pipeline = p.config.pipeline.clone();
@@ -205,6 +251,7 @@ fn subscribe(
     consumer.subscribe(&topics).map_err(kafka("subscribing"))?;
     Ok(Shared {
         store,
+        dead_letters,
         retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
         pipeline,
         start_from: p.config.source.start_from,
@@ -272,7 +319,7 @@ async fn read_loop(
             permit = batches.reserve(), if !can_offer => {
                 let Ok(permit) = permit else { return Ok(()) };
                 handover.send_waiting(permit);
-                if batch.len() >= max_records {
+                if batch.records() >= max_records {
                     handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
                 }
             }
@@ -305,7 +352,7 @@ async fn read_loop(
                 }
                 // While a batch waits for the writer, records fetched before the pause took
                 // effect gather in the next one, beyond `max_records` if need be.
-                if can_offer && batch.len() >= max_records {
+                if can_offer && batch.records() >= max_records {
                     handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
                 }
             }
@@ -375,6 +422,8 @@ impl Handover<'_> {
     }
 }
 
+/// Turns a record into a row of `batch`. One that cannot be a row becomes a dead letter
+/// with `errors.tolerance: all`, and stops the pipeline otherwise (the error).
 fn add_record(
     shared: &Shared,
     mapper: &RowMapper,
@@ -396,9 +445,38 @@ fn add_record(
         key: m.key(),
         value: m.payload(),
     };
-    let op = mapper.convert(&record, cells)?;
-    batch.push(m.topic(), m.partition(), epoch, m.offset(), op, cells);
+    let keep = shared.dead_letters.is_some();
+    match mapper.convert(&record, cells) {
+        Ok(op) => {
+            let raw = keep.then(|| raw_record(m));
+            batch.push(m.topic(), m.partition(), epoch, m.offset(), op, cells, raw);
+        }
+        Err(error) if keep => {
+            let dead = DeadLetter {
+                tp: TopicPartition {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                },
+                offset: m.offset(),
+                record: raw_record(m),
+                error: error.to_string(),
+            };
+            batch.push_dead_letter(epoch, dead);
+        }
+        Err(error) => return Err(error),
+    }
     Ok(())
+}
+
+/// The record as it came, for the dead-letter table.
+fn raw_record(m: &BorrowedMessage<'_>) -> RawRecord {
+    RawRecord {
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .and_then(|h| headers_to_json(h.iter().map(|h| (h.key, h.value)))),
+    }
 }
 
 /// Errors from the consumer: librdkafka retries transport problems itself, so only those
@@ -500,15 +578,18 @@ async fn commit_batch(
         .await
         .map_err(shared.db("writing a batch"))?;
         match written {
-            WriteOutcome::Committed(rows) => {
+            WriteOutcome::Committed { rows, rejected } => {
                 for (m, epoch) in &moves {
                     assignment.committed(&m.tp, *epoch, m.next);
                 }
                 let seconds = started.elapsed().as_secs_f64();
-                telemetry::batch_committed(&shared.pipeline, batch.len(), &rows, seconds);
+                telemetry::batch_committed(&shared.pipeline, batch.records(), &rows, seconds);
+                if rows.dead_lettered > 0 {
+                    report_dead_letters(shared, &batch, &rejected);
+                }
                 debug!(
                     pipeline = %shared.pipeline,
-                    records = batch.len(),
+                    records = batch.records(),
                     written = rows.written,
                     updated = rows.updated,
                     deleted = rows.deleted,
@@ -517,6 +598,16 @@ async fn commit_batch(
                 );
                 commit_to_kafka(shared, &offset_moves);
                 return Ok(());
+            }
+            WriteOutcome::Rejected(refused) => {
+                let (tp, offset) = batch.coordinates(refused.row);
+                return Err(PipelineError::RefusedRecord {
+                    pipeline: shared.pipeline.clone(),
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    offset,
+                    error: refused.error,
+                });
             }
             WriteOutcome::Conflict(lost) => {
                 telemetry::batch_fenced(&shared.pipeline, started.elapsed().as_secs_f64());
@@ -551,6 +642,30 @@ async fn commit_batch(
                 );
             }
         }
+    }
+}
+
+/// Dead letters are never silent: a WARN line names each (the first few of a batch) with
+/// its coordinates and why.
+fn report_dead_letters(shared: &Shared, batch: &Batch, rejected: &[RejectedRow]) {
+    const NAMED_PER_BATCH: usize = 10;
+    let table = shared
+        .dead_letters
+        .as_ref()
+        .map_or_else(String::new, |t| t.name().to_string());
+    let converted = batch
+        .dead_letters()
+        .map(|d| (&d.tp, d.offset, d.error.as_str()));
+    let refused = rejected.iter().map(|r| {
+        let (tp, offset) = batch.coordinates(r.row);
+        (tp, offset, r.error.as_str())
+    });
+    let all: Vec<_> = converted.chain(refused).collect();
+    for (tp, offset, error) in all.iter().take(NAMED_PER_BATCH) {
+        warn!(pipeline = %shared.pipeline, record = %format!("{tp}@{offset}"), %error, %table, "record dead-lettered");
+    }
+    if all.len() > NAMED_PER_BATCH {
+        warn!(pipeline = %shared.pipeline, more = all.len() - NAMED_PER_BATCH, %table, "more records of this batch dead-lettered");
     }
 }
 

@@ -13,6 +13,7 @@ const ROWS_WRITTEN: &str = "idemsink_rows_written_total";
 const ROWS_UPDATED: &str = "idemsink_rows_updated_total";
 const ROWS_UNCHANGED: &str = "idemsink_rows_unchanged_total";
 const ROWS_DELETED: &str = "idemsink_rows_deleted_total";
+const DEAD_LETTERS: &str = "idemsink_dead_letters_total";
 const BATCHES_COMMITTED: &str = "idemsink_batches_committed_total";
 const BATCHES_FENCED: &str = "idemsink_batches_fenced_total";
 const BATCH_RECORDS: &str = "idemsink_batch_records";
@@ -63,6 +64,10 @@ fn describe() {
         ROWS_DELETED,
         "Rows deleted by tombstones in committed batches."
     );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Records written to the dead-letter table by committed batches (errors.tolerance: all)."
+    );
     describe_counter!(BATCHES_COMMITTED, "Batches committed with their offsets.");
     describe_counter!(
         BATCHES_FENCED,
@@ -94,6 +99,7 @@ pub fn start_pipeline(pipeline: &str, unchanged_known: bool) {
         ROWS_WRITTEN,
         ROWS_UPDATED,
         ROWS_DELETED,
+        DEAD_LETTERS,
     ];
     if unchanged_known {
         counters.push(ROWS_UNCHANGED);
@@ -118,6 +124,7 @@ pub fn batch_committed(pipeline: &str, records: usize, rows: &RowCounts, seconds
         counter!(ROWS_UNCHANGED, &[label()]).increment(unchanged);
     }
     counter!(ROWS_DELETED, &[label()]).increment(rows.deleted);
+    counter!(DEAD_LETTERS, &[label()]).increment(rows.dead_lettered);
     histogram!(BATCH_RECORDS, &[label()]).record(records as f64);
     histogram!(TRANSACTION_SECONDS, &[label()]).record(seconds);
 }

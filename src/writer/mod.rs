@@ -1,14 +1,18 @@
 //! The SQL writer: plans the statements from the table's own description, and writes one
-//! batch — its rows, its deletes and the offsets that cover them — in one transaction.
-//! What is shared lives here: the plan ([`SinkPlan`]) and which rows a batch touches; each
+//! batch — its rows, its deletes, its dead letters and the offsets that cover them — in one
+//! transaction. What is shared lives here: the plan ([`SinkPlan`]), which rows a batch
+//! touches, and how rows the database rejects are found ([`isolate_rejected`]); each
 //! backend's statements live in its own file.
 
 mod mysql;
 mod postgres;
 
-use crate::batch::{Batch, Changes, Winner};
+use std::ops::Range;
+
+use crate::batch::{Batch, Changes, DeadLetter, Winner};
 use crate::config::{ConfigError, LoadedPipeline, SinkMode};
-use crate::db::{Backend, DbPool};
+use crate::db::{is_rejected_row, Backend, DbPool};
+use crate::dead_letters::DeadLetterTable;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::schema::{quote_list, TableName, TableSchema};
@@ -216,15 +220,177 @@ pub struct RowCounts {
     pub unchanged: Option<u64>,
     /// Rows removed by tombstones.
     pub deleted: u64,
+    /// Records written to the dead-letter table instead.
+    pub dead_lettered: u64,
+}
+
+impl std::ops::AddAssign for RowCounts {
+    fn add_assign(&mut self, other: RowCounts) {
+        self.written += other.written;
+        self.updated += other.updated;
+        self.unchanged = match (self.unchanged, other.unchanged) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.deleted += other.deleted;
+        self.dead_lettered += other.dead_lettered;
+    }
 }
 
 /// How a batch's transaction ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// Rows and offsets committed.
-    Committed(RowCounts),
+    /// Rows, dead letters and offsets committed; `rejected` are the rows the database
+    /// refused, now dead letters.
+    Committed {
+        rows: RowCounts,
+        rejected: Vec<RejectedRow>,
+    },
     /// Rolled back: these partitions' stored offsets were not the expected ones.
     Conflict(Vec<TopicPartition>),
+    /// Rolled back (`errors.tolerance: none`): the first row of the batch the database
+    /// refuses.
+    Rejected(RejectedRow),
+}
+
+/// A row of a batch the database refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRow {
+    pub row: usize,
+    pub error: String,
+}
+
+/// The statements one backend runs inside a batch's transaction.
+trait BatchStatements {
+    type Db: sqlx::Database;
+
+    fn pool(&self) -> &sqlx::Pool<Self::Db>;
+
+    /// Applies `changes` of `batch`: its deletes, then its writes. `bulk` allows the fastest
+    /// way in (PostgreSQL's COPY), which isolating single rows does without.
+    async fn apply(
+        &self,
+        conn: &mut <Self::Db as sqlx::Database>::Connection,
+        batch: &Batch,
+        changes: &Changes,
+        bulk: bool,
+    ) -> Result<RowCounts, sqlx::Error>;
+
+    async fn insert_dead_letters(
+        &self,
+        conn: &mut <Self::Db as sqlx::Database>::Connection,
+        table: &DeadLetterTable,
+        letters: &[&DeadLetter],
+    ) -> Result<(), sqlx::Error>;
+
+    /// Moves the offsets; returns the partitions whose stored offset was not the expected one.
+    async fn compare_and_set(
+        &self,
+        conn: &mut <Self::Db as sqlx::Database>::Connection,
+        moves: &[OffsetMove],
+    ) -> Result<Vec<TopicPartition>, sqlx::Error>;
+}
+
+/// Writes a batch in one transaction. The rows go in together; if the database rejects one
+/// (a constraint, a value that does not fit), the transaction starts over and the rejected
+/// rows are found by [`isolate_rejected`]: with a dead-letter table they go there and the
+/// rest commits, without one the batch rolls back naming the first.
+async fn write_batch<S: BatchStatements>(
+    statements: &S,
+    dead_letter_table: Option<&DeadLetterTable>,
+    batch: &Batch,
+    changes: &Changes,
+    moves: &[OffsetMove],
+) -> Result<WriteOutcome, sqlx::Error> {
+    let mut tx = statements.pool().begin().await?;
+    let mut rejected = Vec::new();
+    let mut counts = match statements.apply(&mut tx, batch, changes, true).await {
+        Ok(counts) => counts,
+        Err(e) if is_rejected_row(&e) => {
+            tx.rollback().await?;
+            tx = statements.pool().begin().await?;
+            let stop_at_first = dead_letter_table.is_none();
+            let counts;
+            (counts, rejected) =
+                isolate_rejected(statements, &mut tx, batch, changes, stop_at_first).await?;
+            if stop_at_first {
+                if let Some(first) = rejected.pop() {
+                    tx.rollback().await?;
+                    return Ok(WriteOutcome::Rejected(first));
+                }
+            }
+            counts
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(table) = dead_letter_table {
+        let refused: Vec<DeadLetter> = rejected
+            .iter()
+            .filter_map(|r| batch.dead_letter_for_row(r.row, r.error.clone()))
+            .collect();
+        let letters: Vec<&DeadLetter> = batch.dead_letters().chain(&refused).collect();
+        if !letters.is_empty() {
+            statements
+                .insert_dead_letters(&mut tx, table, &letters)
+                .await?;
+        }
+        counts.dead_lettered = letters.len() as u64;
+    }
+    let conflicts = statements.compare_and_set(&mut tx, moves).await?;
+    finish(tx, conflicts, counts, rejected).await
+}
+
+/// Applies `changes` part by part, each inside a savepoint, halving every part the database
+/// rejects until the rejected rows stand alone: k bad rows among n cost about 2k·log2(n)
+/// statements. The parts keep the changes' order (deletes before writes), so the rows that
+/// go in end as if the batch had gone in without the rejected ones. Returns what went in
+/// and the rejected rows in batch order; with `stop_at_first`, stops at the first.
+async fn isolate_rejected<S: BatchStatements>(
+    statements: &S,
+    conn: &mut <S::Db as sqlx::Database>::Connection,
+    batch: &Batch,
+    changes: &Changes,
+    stop_at_first: bool,
+) -> Result<(RowCounts, Vec<RejectedRow>), sqlx::Error> {
+    use sqlx::Connection;
+    let steps = changes.deletes.len() + changes.writes.len();
+    let mut counts = RowCounts::default();
+    let mut rejected = Vec::new();
+    // Parts still to try, the next one last.
+    let mut pending: Vec<Range<usize>> = Vec::new();
+    pending.push(0..steps);
+    while let Some(part) = pending.pop() {
+        let subset = changes.part(part.clone());
+        let mut savepoint = conn.begin().await?;
+        match statements
+            .apply(&mut savepoint, batch, &subset, false)
+            .await
+        {
+            Ok(applied) => {
+                savepoint.commit().await?;
+                counts += applied;
+            }
+            Err(e) if is_rejected_row(&e) => {
+                savepoint.rollback().await?;
+                if part.len() == 1 {
+                    let row = subset.deletes.iter().chain(&subset.writes).copied().next();
+                    rejected.extend(row.map(|row| RejectedRow {
+                        row,
+                        error: e.to_string(),
+                    }));
+                    if stop_at_first {
+                        break;
+                    }
+                } else {
+                    let middle = part.start + part.len() / 2;
+                    pending.push(middle..part.end);
+                    pending.push(part.start..middle);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((counts, rejected))
 }
 
 /// Ends a batch's transaction: commits it when every offset moved as expected, and rolls it
@@ -233,10 +399,11 @@ async fn finish<DB: sqlx::Database>(
     tx: sqlx::Transaction<'_, DB>,
     conflicts: Vec<TopicPartition>,
     rows: RowCounts,
+    rejected: Vec<RejectedRow>,
 ) -> Result<WriteOutcome, sqlx::Error> {
     if conflicts.is_empty() {
         tx.commit().await?;
-        Ok(WriteOutcome::Committed(rows))
+        Ok(WriteOutcome::Committed { rows, rejected })
     } else {
         tx.rollback().await?;
         Ok(WriteOutcome::Conflict(conflicts))
@@ -248,6 +415,8 @@ async fn finish<DB: sqlx::Database>(
 pub struct Writer {
     plan: SinkPlan,
     statements: Statements,
+    /// Where records the database rejects go (`errors.tolerance: all`).
+    dead_letters: Option<DeadLetterTable>,
 }
 
 #[derive(Debug)]
@@ -261,6 +430,7 @@ impl Writer {
         pool: &DbPool,
         plan: &SinkPlan,
         store: OffsetStore,
+        dead_letters: Option<DeadLetterTable>,
     ) -> Result<Writer, sqlx::Error> {
         let statements = match pool {
             DbPool::Postgres(pool) => {
@@ -273,20 +443,22 @@ impl Writer {
         Ok(Writer {
             plan: plan.clone(),
             statements,
+            dead_letters,
         })
     }
 
-    /// Applies the batch's changes, then moves the offsets by compare-and-set, in one
-    /// transaction; rolls back if any offset had moved.
+    /// Applies the batch's changes, writes its dead letters, then moves the offsets by
+    /// compare-and-set, in one transaction; rolls back if any offset had moved.
     pub async fn write(
         &self,
         batch: &Batch,
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
         let changes = self.plan.changes(batch);
+        let dead_letters = self.dead_letters.as_ref();
         match &self.statements {
-            Statements::Postgres(w) => w.write(batch, &changes, moves).await,
-            Statements::MySql(w) => w.write(batch, &changes, moves).await,
+            Statements::Postgres(w) => write_batch(w, dead_letters, batch, &changes, moves).await,
+            Statements::MySql(w) => write_batch(w, dead_letters, batch, &changes, moves).await,
         }
     }
 

@@ -13,11 +13,12 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
-use super::{finish, Position, RowCounts, SinkPlan, WriteOutcome};
-use crate::batch::{Batch, Changes};
+use super::{BatchStatements, Position, RowCounts, SinkPlan};
+use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
+use crate::dead_letters::DeadLetterTable;
 use crate::mapping::ColumnKind;
-use crate::offsets::{OffsetMove, OffsetStore};
+use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 
 /// Rows per INSERT statement, at most: large enough to amortise round trips, small enough
 /// to stay far below the server's packet and parameter limits.
@@ -51,6 +52,56 @@ struct DeleteSql {
     next_row: String,
     tail: String,
     bound: Vec<usize>,
+}
+
+impl BatchStatements for MySqlWriter {
+    type Db = MySql;
+
+    fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut MySqlConnection,
+        batch: &Batch,
+        changes: &Changes,
+        _bulk: bool,
+    ) -> Result<RowCounts, sqlx::Error> {
+        let mut counts = RowCounts::default();
+        if let Some(delete) = &self.delete {
+            let per_statement =
+                (MAX_PARAMETERS / delete.bound.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
+            for rows in changes.deletes.chunks(per_statement) {
+                counts.deleted += self.delete_rows(conn, delete, batch, rows).await?;
+            }
+        }
+        for rows in changes.writes.chunks(self.rows_per_statement) {
+            let affected = self.insert_rows(conn, batch, rows).await?;
+            // With CLIENT_FOUND_ROWS (sqlx always sets it) MySQL counts an insert and a
+            // duplicate left as it was as 1, an update as 2: only the updates stand out.
+            counts.written += rows.len() as u64;
+            counts.updated += affected.saturating_sub(rows.len() as u64);
+        }
+        Ok(counts)
+    }
+
+    async fn insert_dead_letters(
+        &self,
+        conn: &mut MySqlConnection,
+        table: &DeadLetterTable,
+        letters: &[&DeadLetter],
+    ) -> Result<(), sqlx::Error> {
+        table.insert_mysql(conn, letters).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        conn: &mut MySqlConnection,
+        moves: &[OffsetMove],
+    ) -> Result<Vec<TopicPartition>, sqlx::Error> {
+        self.store.compare_and_set_mysql(conn, moves).await
+    }
 }
 
 impl MySqlWriter {
@@ -92,32 +143,6 @@ impl MySqlWriter {
             delete: plan.delete_on_null.then(|| delete_sql(plan)),
             kinds: plan.columns.iter().map(|c| c.kind).collect(),
         })
-    }
-
-    pub async fn write(
-        &self,
-        batch: &Batch,
-        changes: &Changes,
-        moves: &[OffsetMove],
-    ) -> Result<WriteOutcome, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let mut counts = RowCounts::default();
-        if let Some(delete) = &self.delete {
-            let per_statement =
-                (MAX_PARAMETERS / delete.bound.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
-            for rows in changes.deletes.chunks(per_statement) {
-                counts.deleted += self.delete_rows(&mut tx, delete, batch, rows).await?;
-            }
-        }
-        for rows in changes.writes.chunks(self.rows_per_statement) {
-            let affected = self.insert_rows(&mut tx, batch, rows).await?;
-            // With CLIENT_FOUND_ROWS (sqlx always sets it) MySQL counts an insert and a
-            // duplicate left as it was as 1, an update as 2: only the updates stand out.
-            counts.written += rows.len() as u64;
-            counts.updated += affected.saturating_sub(rows.len() as u64);
-        }
-        let conflicts = self.store.compare_and_set_mysql(&mut tx, moves).await?;
-        finish(tx, conflicts, counts).await
     }
 
     async fn insert_rows(

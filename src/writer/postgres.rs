@@ -12,13 +12,14 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::{finish, Position, RowCounts, SinkPlan, WriteOutcome};
-use crate::batch::{Batch, Changes};
+use super::{BatchStatements, Position, RowCounts, SinkPlan};
+use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
 use crate::db::is_unique_violation;
-use crate::offsets::{OffsetMove, OffsetStore};
+use crate::dead_letters::DeadLetterTable;
+use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 
 #[derive(Debug)]
 pub struct PgWriter {
@@ -32,6 +33,54 @@ pub struct PgWriter {
     /// `DELETE … USING UNNEST(<key>…) WHERE <guard>`, with the bound columns' indices.
     delete: Option<(String, Vec<usize>)>,
     store: OffsetStore,
+}
+
+impl BatchStatements for PgWriter {
+    type Db = Postgres;
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch,
+        changes: &Changes,
+        bulk: bool,
+    ) -> Result<RowCounts, sqlx::Error> {
+        let mut counts = RowCounts::default();
+        if let Some((sql, bound)) = self.delete.as_ref().filter(|_| !changes.deletes.is_empty()) {
+            let query = bound.iter().fold(sqlx::query(sql), |q, c| {
+                q.bind(gather(&batch.columns[*c], &changes.deletes))
+            });
+            counts.deleted = query.execute(&mut *conn).await?.rows_affected();
+        }
+        if !changes.writes.is_empty() {
+            let (written, updated) = self.write_rows(conn, batch, &changes.writes, bulk).await?;
+            counts.written = written;
+            counts.updated = updated;
+        }
+        counts.unchanged = Some((changes.writes.len() as u64).saturating_sub(counts.written));
+        Ok(counts)
+    }
+
+    async fn insert_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        table: &DeadLetterTable,
+        letters: &[&DeadLetter],
+    ) -> Result<(), sqlx::Error> {
+        table.insert_postgres(conn, letters).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        conn: &mut PgConnection,
+        moves: &[OffsetMove],
+    ) -> Result<Vec<TopicPartition>, sqlx::Error> {
+        self.store.compare_and_set_postgres(conn, moves).await
+    }
 }
 
 impl PgWriter {
@@ -60,39 +109,16 @@ impl PgWriter {
         }
     }
 
-    pub async fn write(
-        &self,
-        batch: &Batch,
-        changes: &Changes,
-        moves: &[OffsetMove],
-    ) -> Result<WriteOutcome, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let mut counts = RowCounts::default();
-        if let Some((sql, bound)) = self.delete.as_ref().filter(|_| !changes.deletes.is_empty()) {
-            let query = bound.iter().fold(sqlx::query(sql), |q, c| {
-                q.bind(gather(&batch.columns[*c], &changes.deletes))
-            });
-            counts.deleted = query.execute(&mut *tx).await?.rows_affected();
-        }
-        if !changes.writes.is_empty() {
-            let (written, updated) = self.write_rows(&mut tx, batch, &changes.writes).await?;
-            counts.written = written;
-            counts.updated = updated;
-        }
-        counts.unchanged = Some((changes.writes.len() as u64).saturating_sub(counts.written));
-        let conflicts = self.store.compare_and_set_postgres(&mut tx, moves).await?;
-        finish(tx, conflicts, counts).await
-    }
-
     /// Writes the rows; returns how many the database inserted or updated, and of those
-    /// how many it updated.
+    /// how many it updated. `bulk` lets them go in by COPY.
     async fn write_rows(
         &self,
         tx: &mut PgConnection,
         batch: &Batch,
         rows: &[usize],
+        bulk: bool,
     ) -> Result<(u64, u64), sqlx::Error> {
-        if let Some(copy_sql) = self.copy_sql.as_ref().filter(|_| self.copy_now()) {
+        if let Some(copy_sql) = self.copy_sql.as_ref().filter(|_| bulk && self.copy_now()) {
             sqlx::query("SAVEPOINT idemsink_rows")
                 .execute(&mut *tx)
                 .await?;

@@ -1,0 +1,362 @@
+//! The dead-letter table: records a pipeline with `errors.tolerance: all` could not write,
+//! kept as they came from Kafka (key, value, headers) with the reason. Rows go in inside the
+//! batch's transaction (see the writer), keyed on the record's coordinates so that a replay
+//! adds nothing; the `dead-letters` command lists them and re-queues them to a topic.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sqlx::{Executor, MySqlConnection, PgConnection};
+
+use crate::batch::DeadLetter;
+use crate::config::DEFAULT_DEAD_LETTER_TABLE;
+use crate::db::{Backend, DbPool};
+use crate::schema::TableName;
+
+/// One pipeline's dead letters, in one table.
+#[derive(Debug, Clone)]
+pub struct DeadLetterTable {
+    pipeline: String,
+    table: TableName,
+    backend: Backend,
+}
+
+/// A record header as the table keeps it: text when the value is UTF-8, else base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredHeader {
+    key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+/// A Kafka header: its name and value (a header may have no value).
+pub type Header = (String, Option<Vec<u8>>);
+
+/// Headers as the table's `headers` column holds them; `None` for a record without any.
+pub fn headers_to_json<'a>(
+    headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> Option<String> {
+    let stored: Vec<StoredHeader> = headers
+        .map(|(key, value)| {
+            let text = value.map(std::str::from_utf8);
+            StoredHeader {
+                key: key.to_string(),
+                value: match text {
+                    Some(Ok(t)) => Some(t.to_string()),
+                    _ => None,
+                },
+                value_base64: match (value, text) {
+                    (Some(bytes), Some(Err(_))) => Some(BASE64.encode(bytes)),
+                    _ => None,
+                },
+            }
+        })
+        .collect();
+    // Serialising plain strings cannot fail.
+    (!stored.is_empty()).then(|| serde_json::to_string(&stored).unwrap_or_default())
+}
+
+/// The headers the `headers` column describes, as they were.
+pub fn headers_from_json(json: &str) -> Result<Vec<Header>, String> {
+    let stored: Vec<StoredHeader> = serde_json::from_str(json)
+        .map_err(|e| format!("headers are not as idemsink writes them: {e}"))?;
+    stored
+        .into_iter()
+        .map(|h| {
+            let value = match (h.value, h.value_base64) {
+                (Some(text), _) => Some(text.into_bytes()),
+                (None, Some(b64)) => Some(
+                    BASE64
+                        .decode(b64)
+                        .map_err(|e| format!("header {}: bad base64: {e}", h.key))?,
+                ),
+                (None, None) => None,
+            };
+            Ok((h.key, value))
+        })
+        .collect()
+}
+
+/// A dead letter as read back from the table.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub record_key: Option<Vec<u8>>,
+    pub record_value: Option<Vec<u8>>,
+    pub headers: Option<String>,
+    pub error: String,
+    /// When it was written, as the database prints it (UTC).
+    pub failed_at: String,
+}
+
+/// Which dead letters a command concerns.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub ids: Vec<i64>,
+    pub limit: Option<u64>,
+}
+
+/// Binds a dead letter's values in the order of [`DeadLetterTable::insert_sql`], for either
+/// backend's query type.
+macro_rules! bind_dead_letter {
+    ($query:expr, $pipeline:expr, $letter:expr) => {
+        $query
+            .bind($pipeline.as_str())
+            .bind($letter.tp.topic.as_str())
+            .bind($letter.tp.partition)
+            .bind($letter.offset)
+            .bind($letter.record.key.as_deref())
+            .bind($letter.record.value.as_deref())
+            .bind($letter.record.headers.as_deref())
+            .bind($letter.error.as_str())
+    };
+}
+
+/// Binds `bound` in order, for either backend's query type.
+macro_rules! bind_all {
+    ($query:expr, $bound:expr) => {
+        $bound.iter().fold($query, |q, b| match b {
+            Bound::Text(t) => q.bind(*t),
+            Bound::Int(n) => q.bind(*n),
+        })
+    };
+}
+
+/// A value a filter binds.
+#[derive(Debug, Clone, Copy)]
+enum Bound<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+impl DeadLetterTable {
+    pub fn new(pipeline: &str, table: TableName, backend: Backend) -> DeadLetterTable {
+        DeadLetterTable {
+            pipeline: pipeline.to_string(),
+            table,
+            backend,
+        }
+    }
+
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    pub fn name(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Creates the table when it is not the one the migrations made, with the same columns
+    /// and keys. Run after the migrations.
+    pub async fn create_if_missing(&self, pool: &DbPool) -> Result<(), sqlx::Error> {
+        let default = TableName::parse(DEFAULT_DEAD_LETTER_TABLE).map_err(sqlx::Error::Protocol)?;
+        if self.table == default {
+            return Ok(());
+        }
+        let template = default.quoted(self.backend);
+        let table = self.table.quoted(self.backend);
+        match pool {
+            DbPool::Postgres(pool) => {
+                let sql =
+                    format!("CREATE TABLE IF NOT EXISTS {table} (LIKE {template} INCLUDING ALL)");
+                pool.execute(sql.as_str()).await?;
+            }
+            DbPool::MySql(pool) => {
+                let sql = format!("CREATE TABLE IF NOT EXISTS {table} LIKE {template}");
+                pool.execute(sql.as_str()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn quoted(&self, column: &str) -> String {
+        crate::schema::quote(self.backend, column)
+    }
+
+    /// `pipeline, topic, partition, offset` quoted for the backend.
+    fn coordinates(&self) -> String {
+        ["pipeline", "topic", "partition", "offset"]
+            .map(|c| self.quoted(c))
+            .join(", ")
+    }
+
+    /// `INSERT` of one dead letter; a record already there (a replay) is left as it is.
+    fn insert_sql(&self) -> String {
+        let (placeholders, on_conflict) = match self.backend {
+            Backend::Postgres => (
+                "$1, $2, $3, $4, $5, $6, $7::jsonb, $8",
+                format!("ON CONFLICT ({}) DO NOTHING", self.coordinates()),
+            ),
+            Backend::MySql => (
+                "?, ?, ?, ?, ?, ?, ?, ?",
+                "ON DUPLICATE KEY UPDATE id = id".to_string(),
+            ),
+        };
+        format!(
+            "INSERT INTO {} ({}, record_key, record_value, headers, error) VALUES ({placeholders}) {on_conflict}",
+            self.table.quoted(self.backend),
+            self.coordinates(),
+        )
+    }
+
+    /// Adds dead letters inside the batch's transaction (PostgreSQL).
+    pub async fn insert_postgres(
+        &self,
+        conn: &mut PgConnection,
+        letters: &[&DeadLetter],
+    ) -> Result<(), sqlx::Error> {
+        let sql = self.insert_sql();
+        for letter in letters {
+            bind_dead_letter!(sqlx::query(&sql), self.pipeline, letter)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds dead letters inside the batch's transaction (MySQL, MariaDB).
+    pub async fn insert_mysql(
+        &self,
+        conn: &mut MySqlConnection,
+        letters: &[&DeadLetter],
+    ) -> Result<(), sqlx::Error> {
+        let sql = self.insert_sql();
+        for letter in letters {
+            bind_dead_letter!(sqlx::query(&sql), self.pipeline, letter)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The `WHERE` clause that picks `selection` of this pipeline's dead letters, and the
+    /// values it binds, in order.
+    fn filter<'s>(&'s self, selection: &'s Selection) -> (String, Vec<Bound<'s>>) {
+        let mut bound = vec![Bound::Text(&self.pipeline)];
+        let mut conditions = vec!["pipeline".to_string()];
+        if let Some(topic) = &selection.topic {
+            conditions.push("topic".to_string());
+            bound.push(Bound::Text(topic));
+        }
+        if let Some(partition) = selection.partition {
+            conditions.push(self.quoted("partition"));
+            bound.push(Bound::Int(i64::from(partition)));
+        }
+        let mut clause: Vec<String> = conditions
+            .iter()
+            .enumerate()
+            .map(|(i, column)| format!("{column} = {}", self.placeholder(i + 1)))
+            .collect();
+        if !selection.ids.is_empty() {
+            let list: Vec<String> = (0..selection.ids.len())
+                .map(|i| self.placeholder(bound.len() + i + 1))
+                .collect();
+            clause.push(format!("id IN ({})", list.join(", ")));
+            bound.extend(selection.ids.iter().map(|id| Bound::Int(*id)));
+        }
+        (clause.join(" AND "), bound)
+    }
+
+    fn placeholder(&self, n: usize) -> String {
+        match self.backend {
+            Backend::Postgres => format!("${n}"),
+            Backend::MySql => "?".to_string(),
+        }
+    }
+
+    /// The selected dead letters, in the order of their records.
+    pub async fn list(
+        &self,
+        pool: &DbPool,
+        selection: &Selection,
+    ) -> Result<Vec<StoredDeadLetter>, sqlx::Error> {
+        let (clause, bound) = self.filter(selection);
+        // MySQL hands ascii_bin columns over as binary: `topic` is cast back to text.
+        let (topic, headers, failed_at) = match self.backend {
+            Backend::Postgres => (
+                "topic",
+                "headers::text AS headers",
+                "to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            ),
+            Backend::MySql => (
+                "CAST(topic AS CHAR) AS topic",
+                "headers",
+                "DATE_FORMAT(failed_at, '%Y-%m-%dT%H:%i:%s.%fZ')",
+            ),
+        };
+        let limit = selection
+            .limit
+            .map_or_else(String::new, |n| format!(" LIMIT {n}"));
+        let (partition, offset) = (self.quoted("partition"), self.quoted("offset"));
+        let sql = format!(
+            "SELECT id, {topic}, {partition}, {offset}, record_key, record_value, {headers}, error, \
+             {failed_at} AS failed_at FROM {} WHERE {clause} ORDER BY topic, {partition}, {offset}{limit}",
+            self.table.quoted(self.backend),
+        );
+        match pool {
+            DbPool::Postgres(pool) => bind_all!(sqlx::query_as(&sql), bound).fetch_all(pool).await,
+            DbPool::MySql(pool) => bind_all!(sqlx::query_as(&sql), bound).fetch_all(pool).await,
+        }
+    }
+
+    /// Removes the dead letters with these ids (after they were re-queued); returns how many.
+    pub async fn delete(&self, pool: &DbPool, ids: &[i64]) -> Result<u64, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let selection = Selection {
+            ids: ids.to_vec(),
+            ..Selection::default()
+        };
+        let (clause, bound) = self.filter(&selection);
+        let sql = format!(
+            "DELETE FROM {} WHERE {clause}",
+            self.table.quoted(self.backend)
+        );
+        let done = match pool {
+            DbPool::Postgres(pool) => bind_all!(sqlx::query(&sql), bound)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            DbPool::MySql(pool) => bind_all!(sqlx::query(&sql), bound)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+        };
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_survive_the_table_text_and_binary_and_empty() {
+        let binary = [0xff_u8, 0x00, 0xfe];
+        let headers = [
+            ("trace", Some(&b"abc"[..])),
+            ("raw", Some(&binary[..])),
+            ("flag", None),
+            ("trace", Some(&b""[..])),
+        ];
+        let json = headers_to_json(headers.iter().copied()).expect("some headers");
+        assert!(json.contains(r#"{"key":"trace","value":"abc"}"#), "{json}");
+        assert!(json.contains(r#""value_base64":"/wD+""#), "{json}");
+        let back = headers_from_json(&json).expect("parses");
+        let expected: Vec<Header> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(back, expected);
+        assert_eq!(headers_to_json(std::iter::empty()), None);
+        assert!(headers_from_json("{").is_err());
+    }
+}

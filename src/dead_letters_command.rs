@@ -1,0 +1,266 @@
+//! The `dead-letters` command: lists a pipeline's dead letters, and re-queues them — key,
+//! value and headers as they came — to their topic or another one, so that records fixed at
+//! the source or refused by a since-corrected table can go through the pipeline again.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::LoadedPipeline;
+use crate::db::DbPool;
+use crate::dead_letters::{headers_from_json, DeadLetterTable, Selection, StoredDeadLetter};
+use crate::pipeline::{self, PipelineError};
+use crate::schema::TableName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLettersError {
+    #[error("pipeline {pipeline}: dead-letter table {table}: {source}")]
+    Database {
+        pipeline: String,
+        table: String,
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Connect(Box<PipelineError>),
+    #[error("pipeline {pipeline}: errors.dead_letter_table: {reason}")]
+    Table { pipeline: String, reason: String },
+    #[error(
+        "pipeline {pipeline}: kafka: {context}: {source}; {delivered} record(s) were delivered before it, \
+         none was removed from the dead-letter table (re-queuing again re-sends those)"
+    )]
+    Kafka {
+        pipeline: String,
+        context: String,
+        delivered: usize,
+        source: Box<KafkaError>,
+    },
+    #[error("pipeline {pipeline}: dead letter {id}: {reason}")]
+    Corrupt {
+        pipeline: String,
+        id: i64,
+        reason: String,
+    },
+}
+
+/// A pipeline's dead-letter table and a connection to it.
+struct Opened {
+    pool: DbPool,
+    table: DeadLetterTable,
+}
+
+impl Opened {
+    async fn new(p: &LoadedPipeline) -> Result<Opened, DeadLettersError> {
+        let pipeline = &p.config.pipeline;
+        let name = TableName::parse(&p.config.errors.dead_letter_table).map_err(|reason| {
+            DeadLettersError::Table {
+                pipeline: pipeline.clone(),
+                reason,
+            }
+        })?;
+        let pool = pipeline::connect(p, Duration::ZERO)
+            .await
+            .map_err(|e| DeadLettersError::Connect(Box::new(e)))?;
+        let table = DeadLetterTable::new(pipeline, name, pool.backend());
+        Ok(Opened { pool, table })
+    }
+
+    fn error(&self, source: sqlx::Error) -> DeadLettersError {
+        DeadLettersError::Database {
+            pipeline: self.table.pipeline().to_string(),
+            table: self.table.name().to_string(),
+            source,
+        }
+    }
+}
+
+/// The pipeline's dead letters that `selection` picks, in record order.
+pub async fn list(
+    p: &LoadedPipeline,
+    selection: &Selection,
+) -> Result<Vec<StoredDeadLetter>, DeadLettersError> {
+    let opened = Opened::new(p).await?;
+    let listed = opened.table.list(&opened.pool, selection).await;
+    opened.pool.close().await;
+    listed.map_err(|e| opened.error(e))
+}
+
+/// A dead letter as `dead-letters list` prints it: a line with its id, record, time and
+/// error, then its key and value (text shown as text, bytes as hex, long ones cut).
+pub fn describe(letter: &StoredDeadLetter) -> String {
+    format!(
+        "{:>8}  {}/{}@{}  {}  {}\n          key: {}  value: {}",
+        letter.id,
+        letter.topic,
+        letter.partition,
+        letter.offset,
+        letter.failed_at,
+        letter.error,
+        preview(letter.record_key.as_deref()),
+        preview(letter.record_value.as_deref()),
+    )
+}
+
+/// Bytes for a terminal: quoted and escaped text if UTF-8, else hex; at most 200 characters.
+fn preview(bytes: Option<&[u8]>) -> String {
+    const MAX: usize = 200;
+    let Some(bytes) = bytes else {
+        return "(null)".to_string();
+    };
+    let shown = match std::str::from_utf8(bytes) {
+        Ok(text) => format!("{text:?}"),
+        Err(_) => format!(
+            "0x{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    };
+    if shown.chars().count() > MAX {
+        let cut: String = shown.chars().take(MAX).collect();
+        format!("{cut}… ({} bytes)", bytes.len())
+    } else {
+        shown
+    }
+}
+
+/// A dead letter sent back to Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    pub letter: StoredDeadLetter,
+    pub to_topic: String,
+}
+
+/// Produces the selected dead letters again, to `to_topic` or each to its own topic, waits
+/// until the broker has them all, then (unless `keep`) removes them from the table. A crash
+/// between the two leaves them in the table: re-queuing is at least once.
+pub async fn requeue(
+    p: &LoadedPipeline,
+    selection: &Selection,
+    to_topic: Option<&str>,
+    keep: bool,
+) -> Result<Vec<Requeued>, DeadLettersError> {
+    let opened = Opened::new(p).await?;
+    let letters = opened
+        .table
+        .list(&opened.pool, selection)
+        .await
+        .map_err(|e| opened.error(e))?;
+    let requeued = produce(p, letters, to_topic).await?;
+    if !keep {
+        let ids: Vec<i64> = requeued.iter().map(|r| r.letter.id).collect();
+        opened
+            .table
+            .delete(&opened.pool, &ids)
+            .await
+            .map_err(|e| opened.error(e))?;
+    }
+    opened.pool.close().await;
+    Ok(requeued)
+}
+
+async fn produce(
+    p: &LoadedPipeline,
+    letters: Vec<StoredDeadLetter>,
+    to_topic: Option<&str>,
+) -> Result<Vec<Requeued>, DeadLettersError> {
+    let pipeline = &p.config.pipeline;
+    let kafka = |context: String, delivered, source| DeadLettersError::Kafka {
+        pipeline: pipeline.clone(),
+        context,
+        delivered,
+        source: Box::new(source),
+    };
+    if letters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let producer: FutureProducer = producer_config(p)
+        .create()
+        .map_err(|e| kafka("creating a producer".into(), 0, e))?;
+    // Every dead letter is checked before the first is sent.
+    let mut headers: Vec<Option<OwnedHeaders>> = letters
+        .iter()
+        .map(|letter| stored_headers(pipeline, letter))
+        .collect::<Result<_, _>>()?;
+    let mut delivered = Vec::with_capacity(letters.len());
+    // Queued a chunk at a time (within librdkafka's queue), each chunk then awaited.
+    for (chunk, chunk_headers) in letters
+        .chunks(REQUEUE_CHUNK)
+        .zip(headers.chunks_mut(REQUEUE_CHUNK))
+    {
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        for (letter, headers) in chunk.iter().zip(chunk_headers) {
+            let topic = to_topic.unwrap_or(&letter.topic);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(key) = &letter.record_key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(value) = &letter.record_value {
+                record = record.payload(value.as_slice());
+            }
+            if let Some(headers) = headers.take() {
+                record = record.headers(headers);
+            }
+            let context = || format!("re-queuing dead letter {} to {topic}", letter.id);
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| kafka(context(), delivered.len(), e))?;
+            deliveries.push((letter, topic, delivery, context()));
+        }
+        for (letter, topic, delivery, context) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => delivered.push(Requeued {
+                    letter: letter.clone(),
+                    to_topic: topic.to_string(),
+                }),
+                Ok(Err((e, _))) => return Err(kafka(context, delivered.len(), e)),
+                Err(_) => return Err(kafka(context, delivered.len(), KafkaError::Canceled)),
+            }
+        }
+    }
+    Ok(delivered)
+}
+
+/// Records queued to the producer before waiting for their acknowledgements.
+const REQUEUE_CHUNK: usize = 10_000;
+
+/// A dead letter's headers, as Kafka headers again.
+fn stored_headers(
+    pipeline: &str,
+    letter: &StoredDeadLetter,
+) -> Result<Option<OwnedHeaders>, DeadLettersError> {
+    let Some(json) = &letter.headers else {
+        return Ok(None);
+    };
+    let headers = headers_from_json(json).map_err(|reason| DeadLettersError::Corrupt {
+        pipeline: pipeline.to_string(),
+        id: letter.id,
+        reason,
+    })?;
+    Ok(Some(headers.iter().fold(
+        OwnedHeaders::new(),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: value.as_deref(),
+            })
+        },
+    )))
+}
+
+/// The pipeline's own connection settings (TLS, SASL) for a producer that waits for every
+/// replica and never writes a record twice.
+fn producer_config(p: &LoadedPipeline) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &p.config.source.brokers).set(
+        "client.id",
+        format!("idemsink-{}-requeue", p.config.pipeline),
+    );
+    for (key, value) in p.properties() {
+        c.set(key, value);
+    }
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000");
+    c
+}

@@ -769,6 +769,30 @@ sink:
     }
 
     #[test]
+    fn errors_tolerance_and_dead_letter_table_default_parse_and_are_checked() {
+        let env = [("DATABASE_URL", "postgres://u@h/db")];
+        let p = load(GOOD, &env).expect("valid");
+        assert_eq!(p.config.errors.tolerance, Tolerance::None);
+        assert_eq!(p.config.errors.dead_letter_table, DEFAULT_DEAD_LETTER_TABLE);
+        let with = |errors: &str| format!("{GOOD}errors:\n{errors}");
+        let p = load(
+            &with("  tolerance: all\n  dead_letter_table: audit.bad_orders\n"),
+            &env,
+        )
+        .expect("valid");
+        assert_eq!(p.config.errors.tolerance, Tolerance::All);
+        assert_eq!(p.config.errors.dead_letter_table, "audit.bad_orders");
+        let e = only_error(&with("  tolerance: some\n"), &env);
+        assert_eq!(e.key, "errors.tolerance");
+        assert!(e.message.contains("unknown variant `some`"), "{e}");
+        let e = only_error(&with("  dead_letter_table: \"bad; drop table x\"\n"), &env);
+        assert_eq!(e.key, "errors.dead_letter_table");
+        let e = only_error(&with("  dead_letter_table: public.orders\n"), &env);
+        assert_eq!(e.key, "errors.dead_letter_table");
+        assert!(e.message.contains("is the sink table"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_its_section() {
         let text = GOOD.replace(
             "  table: public.orders",

@@ -107,21 +107,25 @@ async fn poison_case(backend: Backend, prefix: &str, partitions: i32) -> Case {
     case
 }
 
-fn poison_config(case: &Case, tolerance: &str, max_records: usize) -> std::path::PathBuf {
+/// The case's pipeline with `n` mapped, batches of at most `max_records`, and `errors` lines.
+fn poison_config(case: &Case, errors: &str, max_records: usize) -> std::path::PathBuf {
     case.config_with(
         &format!("{STANDARD_COLUMNS}    n: /n\n"),
-        &format!(
-            "batch:\n  max_records: {max_records}\n  max_wait_ms: 20\nerrors:\n  tolerance: {tolerance}\n"
-        ),
+        &format!("batch:\n  max_records: {max_records}\n  max_wait_ms: 20\nerrors:\n{errors}"),
     )
 }
 
 /// A dead letter as the tests read it back: coordinates, key, value, error.
 type Letter = (String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>, String);
 
+/// The case's dead letters in the default table, in record order.
 async fn dead_letters(case: &Case) -> Vec<Letter> {
+    dead_letters_in(case, "idemsink_dead_letters").await
+}
+
+async fn dead_letters_in(case: &Case, table: &str) -> Vec<Letter> {
     let sql = format!(
-        "SELECT {t}, {p}, {o}, record_key, record_value, error FROM idemsink_dead_letters \
+        "SELECT {t}, {p}, {o}, record_key, record_value, error FROM {table} \
          WHERE pipeline = '{}' ORDER BY {p}, {o}",
         case.name,
         p = case.quote("partition"),
@@ -142,7 +146,7 @@ async fn poison_records_go_to_the_dead_letter_table_once_and_every_good_record_l
     backend: Backend,
 ) {
     let case = poison_case(backend, "poison", 4).await;
-    let config = poison_config(&case, "all", 200);
+    let config = poison_config(&case, "  tolerance: all\n", 200);
     let records: Vec<Outgoing> = (0..4000).map(|id| record(id, (id % 4) as i32)).collect();
     let chunks: Vec<Vec<Outgoing>> = records.chunks(250).map(<[Outgoing]>::to_vec).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -209,7 +213,7 @@ async fn with_tolerance_none_the_run_stops_at_the_first_refused_record_naming_it
 ) {
     // Ids 0..=302 are good; 303 is refused by the CHECK constraint, 350 by the foreign key.
     let case = poison_case(backend, "refused", 1).await;
-    let config = poison_config(&case, "none", 50);
+    let config = poison_config(&case, "  tolerance: none\n", 50);
     let records: Vec<Outgoing> = (0..400)
         .map(|id| match Poison::of(id) {
             Some(Poison::NegativeId | Poison::UnknownN) => record(id, 0),
@@ -270,7 +274,13 @@ async fn with_tolerance_none_the_run_stops_at_the_first_refused_record_naming_it
 
 async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(backend: Backend) {
     let case = poison_case(backend, "requeue", 1).await;
-    let config = poison_config(&case, "all", 100);
+    // A dead-letter table of its own, which idemsink creates like the default one.
+    let table = format!("{}_dlq", case.name);
+    let config = poison_config(
+        &case,
+        &format!("  tolerance: all\n  dead_letter_table: {table}\n"),
+        100,
+    );
     let producer = case.producer();
     // Ids 0..5 are good; -1, -2, -3 are refused by the CHECK; they carry headers, one binary.
     let mut landed = case.produce_ids(&producer, 0..5).await;
@@ -376,7 +386,7 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
         ]
     );
     assert_eq!(
-        dead_letters(&case).await.len(),
+        dead_letters_in(&case, &table).await.len(),
         3,
         "--keep leaves it in the table"
     );
@@ -397,7 +407,7 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
         ok && out.contains("requeued 3 dead letter(s), removed from"),
         "{out}"
     );
-    assert!(dead_letters(&case).await.is_empty(), "{out}");
+    assert!(dead_letters_in(&case, &table).await.is_empty(), "{out}");
     let end = BTreeMap::from([(0, end[&0] + 3)]);
     case.run_until_stored(&config, &end).await;
     let mut ids: Vec<i64> = case.rows().await.iter().map(|r| r.0).collect();

@@ -363,7 +363,8 @@ async fn awkward_values_arrive_byte_for_byte_on_first_write_and_on_replay(backen
 }
 
 /// A row the database itself refuses (here a CHECK constraint idemsink cannot know about)
-/// stops the pipeline with the database's reason; nothing of that batch is committed.
+/// stops the pipeline with the database's reason and the first refused record's
+/// coordinates; nothing of that batch is committed.
 async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_nothing_of_its_batch(
     backend: Backend,
 ) {
@@ -374,7 +375,7 @@ async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_no
     ))
     .await;
     let producer = case.producer();
-    case.produce_ids(&producer, 0..60).await;
+    let landed = case.produce_ids(&producer, 0..60).await;
     let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 200\n");
     let (status, log) = Connector::start(&config).wait(Duration::from_secs(60));
     assert!(!status.success(), "the run must fail; log:\n{log}");
@@ -382,9 +383,15 @@ async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_no
         .lines()
         .rfind(|l| !l.trim().is_empty())
         .unwrap_or_default();
+    let record = format!(
+        "record topic {} partition 0 offset {} was refused by the database",
+        case.topic, landed[50].1
+    );
     assert!(
-        last.starts_with("idemsink: error: ") && last.contains("id_below_50"),
-        "the reason names the constraint: {last}"
+        last.starts_with("idemsink: error: ")
+            && last.contains("id_below_50")
+            && last.contains(&record),
+        "the reason names the first refused record and the constraint: {last}"
     );
     assert!(
         case.rows().await.is_empty(),

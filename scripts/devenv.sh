@@ -185,11 +185,13 @@ case "${1:-} ${2:-}" in
   "up "*) install_deps; pg_up; mysql_up; kafka_up ;;
   "down "*) down ;;
   "env "*) print_env ;;
-  # One server on its own, for tests that stop and start a database of their own
-  # (with their own IDEMSINK_DEVENV_DIR and port).
+  # One server on its own, for tests that stop and start a database or broker of their
+  # own (with their own IDEMSINK_DEVENV_DIR and port).
   "start postgres") pg_up ;;
   "stop postgres") pg_down ;;
   "start mariadb") mysql_up ;;
   "stop mariadb") mysql_down ;;
-  *) echo "usage: $0 install|up|down|env, or start|stop postgres|mariadb" >&2; exit 2 ;;
+  "start broker") kafka_up ;;
+  "stop broker") kafka_down ;;
+  *) echo "usage: $0 install|up|down|env, or start|stop postgres|mariadb|broker" >&2; exit 2 ;;
 esac

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use common::{assert_exactly_once, Backend, Case, Connector, PrivateDatabase, ASSIGNED};
+use common::{
+    assert_exactly_once, Backend, Case, Connector, PrivateBroker, PrivateDatabase, ASSIGNED,
+};
 use idemsink::testkit;
 use rand::{Rng, SeedableRng};
 
@@ -22,11 +24,50 @@ on_both_databases!(
     chaos_200000_records_20_sigkills_and_2_database_restarts_lose_and_double_nothing,
     the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group,
     past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up,
+    the_broker_unreachable_for_10_s_during_a_stream_costs_nothing,
 );
 
 /// The log up to the shutdown request: what happened while running.
 fn while_running(log: &str) -> &str {
     log.split("shutdown requested").next().unwrap_or_default()
+}
+
+/// The broker freezes (SIGSTOP: connections stay open and nothing answers, as with a network
+/// partition) for 10 s while records stream in; idemsink keeps running, and once the broker
+/// is back every record lands exactly once. (A broker restart cannot be shown here: the
+/// available broker keeps topics in memory and loses them when it stops.)
+async fn the_broker_unreachable_for_10_s_during_a_stream_costs_nothing(backend: Backend) {
+    let broker = PrivateBroker::start();
+    let case = Case::on_broker(backend, "brokerdown", 4, broker.address()).await;
+    let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
+    let mut connector = Connector::start(&config);
+    connector.wait_assigned(Duration::from_secs(30)).await;
+    let streamer = case.stream(
+        case.record_chunks(0..20_000, 1000),
+        Duration::from_millis(300),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        connector.exited().is_none(),
+        "idemsink keeps running while the broker is unreachable; log:\n{}",
+        connector.log_text()
+    );
+    let stored: i64 = case.stored_offsets().await.values().sum();
+    assert!(
+        stored < 20_000,
+        "the broker froze in the middle of the stream ({stored} stored)"
+    );
+    broker.signal("CONT");
+    let landed = streamer.await.expect("producer task");
+    let end = testkit::end_offsets(&landed);
+    case.wait_while_running(&mut connector, &end).await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "clean exit; log:\n{log}");
+    let produced: Vec<(i64, (i32, i64))> = (0..20_000).zip(landed).collect();
+    assert_exactly_once(&case.rows().await, &produced);
+    assert_eq!(case.stored_offsets().await, end);
 }
 
 async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group(

@@ -142,10 +142,7 @@ impl PrivateDatabase {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("chmod");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let db = PrivateDatabase { backend, dir, port };
         db.devenv("start");
         db
@@ -187,6 +184,71 @@ impl PrivateDatabase {
             .status()
             .is_ok_and(|s| s.success())
     }
+}
+
+/// A Tansu broker of one test's own (memory storage), which it may freeze with SIGSTOP to
+/// make it unreachable; on a free loopback port (`scripts/devenv.sh start|stop broker`).
+pub struct PrivateBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let broker = PrivateBroker {
+            dir: tempfile::tempdir().expect("tempdir"),
+            port: free_port(),
+        };
+        assert!(
+            broker.devenv("start"),
+            "scripts/devenv.sh start broker failed"
+        );
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Sends the broker process `signal` (`STOP`, `CONT`).
+    pub fn signal(&self, signal: &str) {
+        assert!(self.try_signal(signal), "kill -{signal} (the broker)");
+    }
+
+    fn try_signal(&self, signal: &str) -> bool {
+        let Ok(pid) = std::fs::read_to_string(self.dir.path().join("tansu.pid")) else {
+            return false;
+        };
+        Command::new("kill")
+            .args([format!("-{signal}"), pid.trim().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn devenv(&self, command: &str) -> bool {
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/devenv.sh"))
+            .args([command, "broker"])
+            .env("IDEMSINK_DEVENV_DIR", self.dir.path())
+            .env("IDEMSINK_KAFKA_PORT", self.port.to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        // A frozen broker would not stop.
+        self.try_signal("CONT");
+        self.devenv("stop");
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Drop for PrivateDatabase {

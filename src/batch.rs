@@ -4,7 +4,7 @@
 //! With `errors.tolerance: all` it also keeps each record as it came from Kafka, so a row the
 //! database rejects can be dead-lettered, and the records that never became rows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::mapping::{version_key, ColumnKind, RowOp};
 use crate::offsets::TopicPartition;
@@ -222,12 +222,13 @@ impl Batch {
     /// The rows the batch's statements touch so that the result equals applying every record
     /// one by one, in order — a statement may touch a key only once. Per key, the last
     /// tombstone is kept (deletes run first), then one write from the records after it,
-    /// chosen by `winner`. Without a key every row is written as it is.
-    pub fn changes(&self, key: &[usize], winner: Winner) -> Changes {
+    /// chosen by `winner`. Without a key every row is written as it is. Rows in `skip` (the
+    /// database refused them) count as if they were not in the batch.
+    pub fn changes(&self, key: &[usize], winner: Winner, skip: &HashSet<usize>) -> Changes {
         if key.is_empty() {
             return Changes {
                 deletes: Vec::new(),
-                writes: (0..self.len()).collect(),
+                writes: (0..self.len()).filter(|r| !skip.contains(r)).collect(),
             };
         }
         #[derive(Default)]
@@ -237,7 +238,7 @@ impl Batch {
         }
         let mut by_key: HashMap<Vec<&str>, Latest> = HashMap::new();
         let mut unkeyed = Vec::new();
-        for row in 0..self.len() {
+        for row in (0..self.len()).filter(|r| !skip.contains(r)) {
             let cells: Option<Vec<&str>> = key
                 .iter()
                 .map(|c| self.columns[*c][row].as_deref())
@@ -317,6 +318,15 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// The same changes without the rows in `rows`.
+    pub fn without(&self, rows: &HashSet<usize>) -> Changes {
+        let keep = |list: &[usize]| list.iter().copied().filter(|r| !rows.contains(r)).collect();
+        Changes {
+            deletes: keep(&self.deletes),
+            writes: keep(&self.writes),
+        }
+    }
+
     /// The changes at positions `range` of the deletes followed by the writes.
     pub fn part(&self, range: std::ops::Range<usize>) -> Changes {
         let d = self.deletes.len();
@@ -419,7 +429,7 @@ mod tests {
         for rows in &cases {
             let b = keyed(rows);
             for winner in [Winner::First, Winner::Last, newest] {
-                let changes = b.changes(&[0], winner);
+                let changes = b.changes(&[0], winner, &HashSet::new());
                 assert_eq!(
                     apply(&b, &changes),
                     one_by_one(&b, winner),
@@ -429,7 +439,7 @@ mod tests {
         }
         let b = keyed(&cases[0]);
         assert_eq!(
-            b.changes(&[0], newest),
+            b.changes(&[0], newest, &HashSet::new()),
             Changes {
                 deletes: vec![],
                 writes: vec![1, 2]
@@ -487,6 +497,57 @@ mod tests {
         assert_eq!(b.spans.len(), 1);
         assert_eq!(b.dead_letters().count(), 0);
         assert_eq!(b.coordinates(0).1, 3);
+    }
+
+    #[test]
+    fn skipped_rows_count_as_absent_so_the_next_candidate_of_their_key_is_written() {
+        use RowOp::{Delete as D, Write as W};
+        let rows = [
+            ("a", 1, W),
+            ("a", 2, W),
+            ("b", 1, W),
+            ("a", 0, D),
+            ("a", 3, W),
+        ];
+        let b = keyed(&rows);
+        let none = HashSet::new();
+        let all = b.changes(&[0], Winner::Last, &none);
+        assert_eq!(
+            all,
+            Changes {
+                deletes: vec![3],
+                writes: vec![2, 4]
+            }
+        );
+        // The write after the tombstone refused: only the tombstone is left for `a`.
+        let skip = HashSet::from([4]);
+        let without = b.changes(&[0], Winner::Last, &skip);
+        assert_eq!(
+            without,
+            Changes {
+                deletes: vec![3],
+                writes: vec![2]
+            }
+        );
+        assert_eq!(without, all.without(&skip), "nothing else of `a` to write");
+        // The tombstone refused too: `a` ends as its last write before it.
+        let skip = HashSet::from([3, 4]);
+        let without = b.changes(&[0], Winner::Last, &skip);
+        assert_eq!(
+            without,
+            Changes {
+                deletes: vec![],
+                writes: vec![1, 2]
+            }
+        );
+        assert_ne!(
+            without,
+            all.without(&skip),
+            "the write before the tombstone replaces them"
+        );
+        // Without a key, skipping only drops rows.
+        let unkeyed = b.changes(&[], Winner::Last, &HashSet::from([1]));
+        assert_eq!(unkeyed.writes, vec![0, 2, 3, 4]);
     }
 
     #[test]

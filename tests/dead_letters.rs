@@ -24,6 +24,7 @@ on_both_databases!(
     poison_records_go_to_the_dead_letter_table_once_and_every_good_record_lands_once_across_kills_and_replays,
     with_tolerance_none_the_run_stops_at_the_first_refused_record_naming_it_and_commits_nothing_after_it,
     dead_letters_are_listed_and_requeued_with_their_key_value_and_headers,
+    in_upsert_mode_a_refused_version_leaves_its_key_at_the_last_version_not_refused,
 );
 
 const EXIT: Duration = Duration::from_secs(20);
@@ -417,6 +418,55 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
         vec![-3, -2, -1, 0, 1, 2, 3, 4],
         "the fixed records landed once"
     );
+}
+
+/// With a business key a batch writes one record per key; when the database refuses that
+/// one, the record before it of the same key is written instead, as if the refused record
+/// had never been there.
+async fn in_upsert_mode_a_refused_version_leaves_its_key_at_the_last_version_not_refused(
+    backend: Backend,
+) {
+    let case = Case::with_table(
+        backend,
+        "upsertdl",
+        1,
+        common::brokers(),
+        "order_id bigint NOT NULL PRIMARY KEY, status varchar(20) NOT NULL CHECK (status <> 'bogus')",
+    )
+    .await;
+    let config = case.config_with(
+        "  mode: upsert\n  key: [order_id]\n  columns:\n    order_id: $key\n    status: /status\n",
+        "batch:\n  max_records: 1000\n  max_wait_ms: 500\nerrors:\n  tolerance: all\n",
+    );
+    let events = [
+        (1, "new"),
+        (1, "paid"),
+        (1, "bogus"),
+        (2, "bogus"),
+        (3, "new"),
+        (3, "bogus"),
+        (3, "bogus"),
+    ];
+    let records: Vec<Outgoing> = events
+        .iter()
+        .map(|(id, status)| Outgoing::json(0, &id.to_string(), &json!({ "status": status })))
+        .collect();
+    // All produced before idemsink starts, so that they come in one batch.
+    let landed = testkit::produce(&case.producer(), &case.topic, &records)
+        .await
+        .expect("produce");
+    case.run_until_stored(&config, &testkit::end_offsets(&landed))
+        .await;
+    let rows = case
+        .texts(&format!(
+            "SELECT concat(order_id, '=', status) FROM {} ORDER BY order_id",
+            case.table
+        ))
+        .await;
+    assert_eq!(rows, vec!["1=paid", "3=new"]);
+    let refused: Vec<i64> = dead_letters(&case).await.iter().map(|d| d.2).collect();
+    let expected: Vec<i64> = [2, 3, 5, 6].iter().map(|i| landed[*i].1).collect();
+    assert_eq!(refused, expected, "each refused record is a dead letter");
 }
 
 /// Key, value and headers of the first `count` records of a topic's partition 0.

@@ -7,6 +7,7 @@
 mod mysql;
 mod postgres;
 
+use std::collections::HashSet;
 use std::ops::Range;
 
 use crate::batch::{Batch, Changes, DeadLetter, Winner};
@@ -170,10 +171,10 @@ impl SinkPlan {
         }
     }
 
-    /// The rows of `batch` its statements touch.
-    fn changes(&self, batch: &Batch) -> Changes {
+    /// The rows of `batch` its statements touch, leaving out the rows in `refused`.
+    fn changes(&self, batch: &Batch, refused: &HashSet<usize>) -> Changes {
         let key: &[usize] = if self.keyed { &self.conflict } else { &[] };
-        batch.changes(key, self.winner())
+        batch.changes(key, self.winner(), refused)
     }
 
     /// The columns an upsert sets: every mapped column outside the conflict target, with
@@ -291,36 +292,44 @@ trait BatchStatements {
     ) -> Result<Vec<TopicPartition>, sqlx::Error>;
 }
 
-/// Writes a batch in one transaction. The rows go in together; if the database rejects one
-/// (a constraint, a value that does not fit), the transaction starts over and the rejected
-/// rows are found by [`isolate_rejected`]: with a dead-letter table they go there and the
-/// rest commits, without one the batch rolls back naming the first.
+/// Writes a batch in one transaction. The rows go in together; if the database refuses one
+/// (a constraint, a value that does not fit), the transaction starts over and the refused
+/// rows are found by [`isolate_rejected`]: without a dead-letter table the batch rolls back
+/// naming the first; with one they go there and the rest commits — as if the refused
+/// records had not been in the batch. With a business key that can change which record of
+/// a key is written (the one before a refused one), so then the batch is planned again
+/// without the refused rows until nothing new is refused.
 async fn write_batch<S: BatchStatements>(
     statements: &S,
+    plan: &SinkPlan,
     dead_letter_table: Option<&DeadLetterTable>,
     batch: &Batch,
-    changes: &Changes,
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
+    let mut changes = plan.changes(batch, &HashSet::new());
     let mut tx = statements.pool().begin().await?;
     let mut rejected = Vec::new();
-    let mut counts = match statements.apply(&mut tx, batch, changes, true).await {
+    let mut counts = match statements.apply(&mut tx, batch, &changes, true).await {
         Ok(counts) => counts,
-        Err(e) if is_rejected_row(&e) => {
+        Err(e) if is_rejected_row(&e) => loop {
             tx.rollback().await?;
             tx = statements.pool().begin().await?;
             let stop_at_first = dead_letter_table.is_none();
-            let counts;
-            (counts, rejected) =
-                isolate_rejected(statements, &mut tx, batch, changes, stop_at_first).await?;
-            if stop_at_first {
-                if let Some(first) = rejected.pop() {
-                    tx.rollback().await?;
-                    return Ok(WriteOutcome::Rejected(first));
-                }
+            let (counts, found) =
+                isolate_rejected(statements, &mut tx, batch, &changes, stop_at_first).await?;
+            if let (true, Some(first)) = (stop_at_first, found.first()) {
+                let first = first.clone();
+                tx.rollback().await?;
+                return Ok(WriteOutcome::Rejected(first));
             }
-            counts
-        }
+            rejected.extend(found);
+            let refused: HashSet<usize> = rejected.iter().map(|r| r.row).collect();
+            let replanned = plan.changes(batch, &refused);
+            if replanned == changes.without(&refused) {
+                break counts; // what went in is the batch without the refused rows
+            }
+            changes = replanned;
+        },
         Err(e) => return Err(e),
     };
     if let Some(table) = dead_letter_table {
@@ -454,11 +463,10 @@ impl Writer {
         batch: &Batch,
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
-        let changes = self.plan.changes(batch);
-        let dead_letters = self.dead_letters.as_ref();
+        let (plan, dead_letters) = (&self.plan, self.dead_letters.as_ref());
         match &self.statements {
-            Statements::Postgres(w) => write_batch(w, dead_letters, batch, &changes, moves).await,
-            Statements::MySql(w) => write_batch(w, dead_letters, batch, &changes, moves).await,
+            Statements::Postgres(w) => write_batch(w, plan, dead_letters, batch, moves).await,
+            Statements::MySql(w) => write_batch(w, plan, dead_letters, batch, moves).await,
         }
     }
 

@@ -223,6 +223,10 @@ fn load(a: &ConfigArg) -> Result<Vec<LoadedPipeline>, String> {
 }
 
 async fn run(a: RunArgs) -> Result<(), String> {
+    // Listening first: a SIGTERM that comes while starting (a pod deleted at once) is a clean
+    // shutdown too, not the default action's kill.
+    let signal =
+        shutdown_signal().map_err(|e| format!("cannot listen for SIGTERM and SIGINT: {e}"))?;
     let pipelines = load(&a.config)?;
     let (stop, stopped) = watch::channel(false);
     let health = Arc::new(Health::default());
@@ -232,7 +236,7 @@ async fn run(a: RunArgs) -> Result<(), String> {
         let status = health.register(&p.config.pipeline);
         tasks.spawn(pipeline::run(p, stopped.clone(), status));
     }
-    let mut signal = std::pin::pin!(wait_for_signal());
+    let mut signal = std::pin::pin!(signal);
     let mut first_error = None;
     loop {
         tokio::select! {
@@ -286,20 +290,17 @@ async fn serve_http(
     Ok(Some(server))
 }
 
-async fn wait_for_signal() {
+/// Resolves on the first SIGTERM or SIGINT; the handlers are in place once this returns.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot listen for SIGTERM: {e}");
-            std::future::pending::<()>().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    })
 }
 
 async fn validate_cmd(a: ValidateArgs) -> Result<(), String> {

@@ -868,8 +868,14 @@ impl Connector {
         }
     }
 
-    /// SIGTERM, then the exit status and log.
-    pub fn stop(self, timeout: Duration) -> (ExitStatus, String) {
+    /// SIGTERM, then the exit status and log. idemsink listens for signals before it logs
+    /// anything: a process that has not logged yet is given up to 10 s to get there, so that
+    /// the signal is not met by the default action.
+    pub fn stop(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log_text().is_empty() && self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.signal("TERM");
         self.wait(timeout)
     }

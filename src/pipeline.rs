@@ -593,6 +593,7 @@ async fn commit_batch(
                     written = rows.written,
                     updated = rows.updated,
                     deleted = rows.deleted,
+                    dead_lettered = rows.dead_lettered,
                     ms = (seconds * 1000.0) as u64,
                     "batch committed"
                 );

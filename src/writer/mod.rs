@@ -314,13 +314,13 @@ async fn write_batch<S: BatchStatements>(
         Err(e) if is_rejected_row(&e) => loop {
             tx.rollback().await?;
             tx = statements.pool().begin().await?;
-            let stop_at_first = dead_letter_table.is_none();
-            let (counts, found) =
-                isolate_rejected(statements, &mut tx, batch, &changes, stop_at_first).await?;
-            if let (true, Some(first)) = (stop_at_first, found.first()) {
-                let first = first.clone();
-                tx.rollback().await?;
-                return Ok(WriteOutcome::Rejected(first));
+            let (counts, found) = isolate_rejected(statements, &mut tx, batch, &changes).await?;
+            if dead_letter_table.is_none() {
+                if let Some(first) = found.into_iter().min_by_key(|r| r.row) {
+                    tx.rollback().await?;
+                    return Ok(WriteOutcome::Rejected(first));
+                }
+                break counts; // refused once, then not: the database changed meanwhile
             }
             rejected.extend(found);
             let refused: HashSet<usize> = rejected.iter().map(|r| r.row).collect();
@@ -353,13 +353,12 @@ async fn write_batch<S: BatchStatements>(
 /// rejects until the rejected rows stand alone: k bad rows among n cost about 2k·log2(n)
 /// statements. The parts keep the changes' order (deletes before writes), so the rows that
 /// go in end as if the batch had gone in without the rejected ones. Returns what went in
-/// and the rejected rows in batch order; with `stop_at_first`, stops at the first.
+/// and the rejected rows.
 async fn isolate_rejected<S: BatchStatements>(
     statements: &S,
     conn: &mut <S::Db as sqlx::Database>::Connection,
     batch: &Batch,
     changes: &Changes,
-    stop_at_first: bool,
 ) -> Result<(RowCounts, Vec<RejectedRow>), sqlx::Error> {
     use sqlx::Connection;
     let steps = changes.deletes.len() + changes.writes.len();
@@ -387,9 +386,6 @@ async fn isolate_rejected<S: BatchStatements>(
                         row,
                         error: e.to_string(),
                     }));
-                    if stop_at_first {
-                        break;
-                    }
                 } else {
                     let middle = part.start + part.len() / 2;
                     pending.push(middle..part.end);

@@ -21,14 +21,41 @@ pub struct DeadLetterTable {
     backend: Backend,
 }
 
-/// A record header as the table keeps it: text when the value is UTF-8, else base64.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A record header as the table keeps it: name and value as text, or in base64 when they are
+/// not UTF-8 or hold a NUL (which PostgreSQL's `jsonb` cannot store).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct StoredHeader {
-    key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value_base64: Option<String>,
+}
+
+/// Bytes as (text, base64): text when they are UTF-8 without a NUL.
+fn text_or_base64(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => (Some(text.to_string()), None),
+        _ => (None, Some(BASE64.encode(bytes))),
+    }
+}
+
+/// The bytes `text_or_base64` described.
+fn from_text_or_base64(
+    text: Option<String>,
+    b64: Option<String>,
+) -> Result<Option<Vec<u8>>, String> {
+    match (text, b64) {
+        (Some(text), _) => Ok(Some(text.into_bytes())),
+        (None, Some(b64)) => BASE64
+            .decode(b64)
+            .map(Some)
+            .map_err(|e| format!("bad base64: {e}")),
+        (None, None) => Ok(None),
+    }
 }
 
 /// A Kafka header: its name and value (a header may have no value).
@@ -40,17 +67,13 @@ pub fn headers_to_json<'a>(
 ) -> Option<String> {
     let stored: Vec<StoredHeader> = headers
         .map(|(key, value)| {
-            let text = value.map(std::str::from_utf8);
+            let (key, key_base64) = text_or_base64(key.as_bytes());
+            let (value, value_base64) = value.map_or((None, None), text_or_base64);
             StoredHeader {
-                key: key.to_string(),
-                value: match text {
-                    Some(Ok(t)) => Some(t.to_string()),
-                    _ => None,
-                },
-                value_base64: match (value, text) {
-                    (Some(bytes), Some(Err(_))) => Some(BASE64.encode(bytes)),
-                    _ => None,
-                },
+                key,
+                key_base64,
+                value,
+                value_base64,
             }
         })
         .collect();
@@ -65,18 +88,24 @@ pub fn headers_from_json(json: &str) -> Result<Vec<Header>, String> {
     stored
         .into_iter()
         .map(|h| {
-            let value = match (h.value, h.value_base64) {
-                (Some(text), _) => Some(text.into_bytes()),
-                (None, Some(b64)) => Some(
-                    BASE64
-                        .decode(b64)
-                        .map_err(|e| format!("header {}: bad base64: {e}", h.key))?,
-                ),
-                (None, None) => None,
-            };
-            Ok((h.key, value))
+            let key = from_text_or_base64(h.key, h.key_base64)
+                .map_err(|e| format!("a header name: {e}"))?
+                .ok_or("a header without a name")?;
+            let key = String::from_utf8(key).map_err(|e| format!("a header name: {e}"))?;
+            let value = from_text_or_base64(h.value, h.value_base64)
+                .map_err(|e| format!("header {key}: {e}"))?;
+            Ok((key, value))
         })
         .collect()
+}
+
+/// An error text the database can store: PostgreSQL's text cannot hold NUL.
+fn storable(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.contains('\0') {
+        error.replace('\0', "\\0").into()
+    } else {
+        error.into()
+    }
 }
 
 /// A dead letter as read back from the table.
@@ -115,7 +144,7 @@ macro_rules! bind_dead_letter {
             .bind($letter.record.key.as_deref())
             .bind($letter.record.value.as_deref())
             .bind($letter.record.headers.as_deref())
-            .bind($letter.error.as_str())
+            .bind(storable(&$letter.error).as_ref())
     };
 }
 
@@ -346,10 +375,13 @@ mod tests {
             ("raw", Some(&binary[..])),
             ("flag", None),
             ("trace", Some(&b""[..])),
+            ("nul", Some(&b"a\0b"[..])),
+            ("name\0with nul", Some(&b"x"[..])),
         ];
         let json = headers_to_json(headers.iter().copied()).expect("some headers");
         assert!(json.contains(r#"{"key":"trace","value":"abc"}"#), "{json}");
         assert!(json.contains(r#""value_base64":"/wD+""#), "{json}");
+        assert!(!json.contains("\\u0000"), "no NUL for jsonb: {json}");
         let back = headers_from_json(&json).expect("parses");
         let expected: Vec<Header> = headers
             .iter()
@@ -358,5 +390,15 @@ mod tests {
         assert_eq!(back, expected);
         assert_eq!(headers_to_json(std::iter::empty()), None);
         assert!(headers_from_json("{").is_err());
+        assert!(headers_from_json(r#"[{"value":"x"}]"#).is_err());
+    }
+
+    #[test]
+    fn error_texts_lose_their_nul_bytes_and_nothing_else() {
+        assert_eq!(storable("a\0b"), "a\\0b");
+        assert!(matches!(
+            storable("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
     }
 }

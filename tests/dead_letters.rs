@@ -283,7 +283,8 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
         100,
     );
     let producer = case.producer();
-    // Ids 0..5 are good; -1, -2, -3 are refused by the CHECK; they carry headers, one binary.
+    // Ids 0..5 are good; -1, -2, -3 are refused by the CHECK; they carry headers: text,
+    // binary, without a value, and with a NUL (which PostgreSQL's jsonb cannot hold as text).
     let mut landed = case.produce_ids(&producer, 0..5).await;
     let binary = [0xff_u8, 0x00, 0x7f];
     for id in 1..=3 {
@@ -301,6 +302,10 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
             .insert(Header::<&[u8]> {
                 key: "empty",
                 value: None,
+            })
+            .insert(Header {
+                key: "nul",
+                value: Some("a\0b"),
             });
         let sent = producer
             .send(
@@ -384,6 +389,7 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
             ("trace".to_string(), Some(b"t1".to_vec())),
             ("raw".to_string(), Some(binary.to_vec())),
             ("empty".to_string(), None),
+            ("nul".to_string(), Some(b"a\0b".to_vec())),
         ]
     );
     assert_eq!(

@@ -262,3 +262,47 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
         );
     }
 }
+
+/// Broken YAML, wrong shapes and binary garbage are errors naming the file, from `validate`
+/// and `run`, never a panic (exit code 101) or a hang.
+#[test]
+fn malformed_files_are_refused_with_the_file_named_and_no_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let texts: [&[u8]; 6] = [
+        b"pipeline: [unclosed\n",
+        b"pipeline: p\nsource: {brokers: b, topics: t\n",
+        b"- just\n- a list\n",
+        b"pipeline: p\n\tsource: tabs\n",
+        b"\xff\xfe\x00garbage\x00",
+        b"",
+    ];
+    for text in texts {
+        let file = dir
+            .path()
+            .join(format!("{}.yaml", common::unique("broken")));
+        std::fs::write(&file, text).expect("write");
+        for args in [&["validate"][..], &["run", "--http-addr", "off"][..]] {
+            let command = args[0];
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
+                .args(args)
+                .arg("--config")
+                .arg(&file)
+                .output()
+                .expect("run idemsink");
+            let said = String::from_utf8_lossy(&output.stderr).to_string()
+                + &String::from_utf8_lossy(&output.stdout);
+            let shown = String::from_utf8_lossy(text);
+            assert_ne!(output.status.code(), Some(0), "{command} {shown:?}: {said}");
+            assert_ne!(
+                output.status.code(),
+                Some(101),
+                "{command} {shown:?} panicked: {said}"
+            );
+            assert!(!said.contains("panicked"), "{command} {shown:?}: {said}");
+            assert!(
+                said.contains(&file.display().to_string()),
+                "{command} {shown:?}: the file is named: {said}"
+            );
+        }
+    }
+}

@@ -143,9 +143,31 @@ impl DbPool {
                 migrator.run(pool).await
             }
             DbPool::MySql(pool) => {
+                // sqlx takes its migration lock with `GET_LOCK(…, -1)`, which MariaDB answers
+                // at once with NULL instead of waiting: instances starting together would
+                // apply the same migration at once ("partially applied"). So idemsink takes
+                // the lock itself, with a real timeout, on the connection that migrates.
+                let mut conn = pool.acquire().await?;
+                let locked: Option<i64> =
+                    sqlx::query_scalar("SELECT GET_LOCK('idemsink_migrations', ?)")
+                        .bind(MIGRATION_LOCK_WAIT_SECONDS)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                if locked != Some(1) {
+                    return Err(sqlx::Error::Protocol(format!(
+                        "another instance held the migration lock for {MIGRATION_LOCK_WAIT_SECONDS} s"
+                    ))
+                    .into());
+                }
                 let mut migrator = sqlx::migrate!("migrations/mysql");
                 migrator.set_ignore_missing(true);
-                migrator.run(pool).await
+                migrator.set_locking(false);
+                let migrated = migrator.run_direct(&mut *conn).await;
+                let released = sqlx::query("SELECT RELEASE_LOCK('idemsink_migrations')")
+                    .execute(&mut *conn)
+                    .await;
+                migrated?;
+                released.map(|_| ()).map_err(Into::into)
             }
         }
     }
@@ -180,6 +202,9 @@ pub fn is_rejected_row(e: &sqlx::Error) -> bool {
             )
         })
 }
+
+/// How long an instance waits for another one's migrations (MySQL).
+const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 
 /// A duplicate key: PostgreSQL's unique_violation, MySQL's ER_DUP_ENTRY.
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -25,6 +25,11 @@ pub enum DeadLettersError {
     },
     #[error("{0}")]
     Connect(Box<PipelineError>),
+    #[error("pipeline {pipeline}: creating idemsink's tables failed: {source}")]
+    Migrate {
+        pipeline: String,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("pipeline {pipeline}: errors.dead_letter_table: {reason}")]
     Table { pipeline: String, reason: String },
     #[error(
@@ -63,8 +68,21 @@ impl Opened {
         let pool = pipeline::connect(p, Duration::ZERO)
             .await
             .map_err(|e| DeadLettersError::Connect(Box::new(e)))?;
+        // A database idemsink has not run on yet simply has no dead letters.
+        pool.migrate()
+            .await
+            .map_err(|source| DeadLettersError::Migrate {
+                pipeline: pipeline.clone(),
+                source,
+            })?;
         let table = DeadLetterTable::new(pipeline, name, pool.backend());
-        Ok(Opened { pool, table })
+        let opened = Opened { pool, table };
+        opened
+            .table
+            .create_if_missing(&opened.pool)
+            .await
+            .map_err(|e| opened.error(e))?;
+        Ok(opened)
     }
 
     fn error(&self, source: sqlx::Error) -> DeadLettersError {

@@ -320,6 +320,22 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
             .expect("produce a record with headers");
         landed.push((sent.partition, sent.offset));
     }
+    let config_arg = config.as_os_str();
+    let list = || {
+        idemsink(&[
+            "dead-letters".as_ref(),
+            "list".as_ref(),
+            "-c".as_ref(),
+            config_arg,
+        ])
+    };
+    // Before idemsink has run, the table does not exist yet: there is nothing to list.
+    let (ok, out) = list();
+    assert!(
+        ok && out.contains(&format!("pipeline {}: 0 dead letter(s)", case.name)),
+        "{out}"
+    );
+
     let end = testkit::end_offsets(&landed);
     let log = case.run_until_stored(&config, &end).await;
     assert_eq!(
@@ -329,13 +345,7 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
     );
     assert_eq!(case.rows().await.len(), 5);
 
-    let config_arg = config.as_os_str();
-    let (ok, out) = idemsink(&[
-        "dead-letters".as_ref(),
-        "list".as_ref(),
-        "-c".as_ref(),
-        config_arg,
-    ]);
+    let (ok, out) = list();
     assert!(ok, "{out}");
     assert!(
         out.contains(&format!("pipeline {}: 3 dead letter(s)", case.name)),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Executor, MySqlConnection, PgConnection};
 
 use crate::batch::DeadLetter;
-use crate::config::DEFAULT_DEAD_LETTER_TABLE;
+use crate::config::{LoadedPipeline, DEFAULT_DEAD_LETTER_TABLE};
 use crate::db::{Backend, DbPool};
 use crate::schema::TableName;
 
@@ -19,6 +19,8 @@ pub struct DeadLetterTable {
     pipeline: String,
     table: TableName,
     backend: Backend,
+    /// The `INSERT` of one dead letter ([`DeadLetterTable::insert_sql`]).
+    insert_sql: String,
 }
 
 /// A record header as the table keeps it: name and value as text, or in base64 when they are
@@ -166,12 +168,20 @@ enum Bound<'a> {
 }
 
 impl DeadLetterTable {
-    pub fn new(pipeline: &str, table: TableName, backend: Backend) -> DeadLetterTable {
-        DeadLetterTable {
-            pipeline: pipeline.to_string(),
+    /// The pipeline's dead-letter table (`errors.dead_letter_table`), created like
+    /// `idemsink_dead_letters` if it is another one and missing. Run after the migrations.
+    pub async fn open(p: &LoadedPipeline, pool: &DbPool) -> Result<DeadLetterTable, sqlx::Error> {
+        let table = TableName::parse(&p.config.errors.dead_letter_table)
+            .map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        let mut opened = DeadLetterTable {
+            pipeline: p.config.pipeline.clone(),
             table,
-            backend,
-        }
+            backend: pool.backend(),
+            insert_sql: String::new(),
+        };
+        opened.insert_sql = opened.insert_sql();
+        opened.create_if_missing(pool).await?;
+        Ok(opened)
     }
 
     pub fn pipeline(&self) -> &str {
@@ -183,8 +193,8 @@ impl DeadLetterTable {
     }
 
     /// Creates the table when it is not the one the migrations made, with the same columns
-    /// and keys. Run after the migrations.
-    pub async fn create_if_missing(&self, pool: &DbPool) -> Result<(), sqlx::Error> {
+    /// and keys.
+    async fn create_if_missing(&self, pool: &DbPool) -> Result<(), sqlx::Error> {
         let default = TableName::parse(DEFAULT_DEAD_LETTER_TABLE).map_err(sqlx::Error::Protocol)?;
         if self.table == default {
             return Ok(());
@@ -241,9 +251,8 @@ impl DeadLetterTable {
         conn: &mut PgConnection,
         letters: &[&DeadLetter],
     ) -> Result<(), sqlx::Error> {
-        let sql = self.insert_sql();
         for letter in letters {
-            bind_dead_letter!(sqlx::query(&sql), self.pipeline, letter)
+            bind_dead_letter!(sqlx::query(&self.insert_sql), self.pipeline, letter)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -256,9 +265,8 @@ impl DeadLetterTable {
         conn: &mut MySqlConnection,
         letters: &[&DeadLetter],
     ) -> Result<(), sqlx::Error> {
-        let sql = self.insert_sql();
         for letter in letters {
-            bind_dead_letter!(sqlx::query(&sql), self.pipeline, letter)
+            bind_dead_letter!(sqlx::query(&self.insert_sql), self.pipeline, letter)
                 .execute(&mut *conn)
                 .await?;
         }

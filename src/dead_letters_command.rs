@@ -13,7 +13,6 @@ use crate::config::LoadedPipeline;
 use crate::db::DbPool;
 use crate::dead_letters::{headers_from_json, DeadLetterTable, Selection, StoredDeadLetter};
 use crate::pipeline::{self, PipelineError};
-use crate::schema::TableName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLettersError {
@@ -25,13 +24,6 @@ pub enum DeadLettersError {
     },
     #[error("{0}")]
     Connect(Box<PipelineError>),
-    #[error("pipeline {pipeline}: creating idemsink's tables failed: {source}")]
-    Migrate {
-        pipeline: String,
-        source: sqlx::migrate::MigrateError,
-    },
-    #[error("pipeline {pipeline}: errors.dead_letter_table: {reason}")]
-    Table { pipeline: String, reason: String },
     #[error(
         "pipeline {pipeline}: kafka: {context}: {source}; {delivered} record(s) were delivered before it, \
          none was removed from the dead-letter table (re-queuing again re-sends those)"
@@ -58,31 +50,19 @@ struct Opened {
 
 impl Opened {
     async fn new(p: &LoadedPipeline) -> Result<Opened, DeadLettersError> {
-        let pipeline = &p.config.pipeline;
-        let name = TableName::parse(&p.config.errors.dead_letter_table).map_err(|reason| {
-            DeadLettersError::Table {
-                pipeline: pipeline.clone(),
-                reason,
-            }
-        })?;
-        let pool = pipeline::connect(p, Duration::ZERO)
+        // A database idemsink has not run on yet simply has no dead letters.
+        let pool = pipeline::connect_migrated(p, Duration::ZERO)
             .await
             .map_err(|e| DeadLettersError::Connect(Box::new(e)))?;
-        // A database idemsink has not run on yet simply has no dead letters.
-        pool.migrate()
-            .await
-            .map_err(|source| DeadLettersError::Migrate {
-                pipeline: pipeline.clone(),
-                source,
-            })?;
-        let table = DeadLetterTable::new(pipeline, name, pool.backend());
-        let opened = Opened { pool, table };
-        opened
-            .table
-            .create_if_missing(&opened.pool)
-            .await
-            .map_err(|e| opened.error(e))?;
-        Ok(opened)
+        let table =
+            DeadLetterTable::open(p, &pool)
+                .await
+                .map_err(|source| DeadLettersError::Database {
+                    pipeline: p.config.pipeline.clone(),
+                    table: p.config.errors.dead_letter_table.clone(),
+                    source,
+                })?;
+        Ok(Opened { pool, table })
     }
 
     fn error(&self, source: sqlx::Error) -> DeadLettersError {
@@ -200,7 +180,9 @@ async fn produce(
         .iter()
         .map(|letter| stored_headers(pipeline, letter))
         .collect::<Result<_, _>>()?;
-    let mut delivered = Vec::with_capacity(letters.len());
+    // The topic each record was delivered to, in order.
+    let mut delivered: Vec<String> = Vec::with_capacity(letters.len());
+    let context = |id: i64, topic: &str| format!("re-queuing dead letter {id} to {topic}");
     // Queued a chunk at a time (within librdkafka's queue), each chunk then awaited.
     for (chunk, chunk_headers) in letters
         .chunks(REQUEUE_CHUNK)
@@ -219,24 +201,28 @@ async fn produce(
             if let Some(headers) = headers.take() {
                 record = record.headers(headers);
             }
-            let context = || format!("re-queuing dead letter {} to {topic}", letter.id);
             let delivery = producer
                 .send_result(record)
-                .map_err(|(e, _)| kafka(context(), delivered.len(), e))?;
-            deliveries.push((letter, topic, delivery, context()));
+                .map_err(|(e, _)| kafka(context(letter.id, topic), delivered.len(), e))?;
+            deliveries.push((letter.id, topic, delivery));
         }
-        for (letter, topic, delivery, context) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => delivered.push(Requeued {
-                    letter: letter.clone(),
-                    to_topic: topic.to_string(),
-                }),
-                Ok(Err((e, _))) => return Err(kafka(context, delivered.len(), e)),
-                Err(_) => return Err(kafka(context, delivered.len(), KafkaError::Canceled)),
-            }
+        for (id, topic, delivery) in deliveries {
+            let failed = match delivery.await {
+                Ok(Ok(_)) => {
+                    delivered.push(topic.to_string());
+                    continue;
+                }
+                Ok(Err((e, _))) => e,
+                Err(_) => KafkaError::Canceled,
+            };
+            return Err(kafka(context(id, topic), delivered.len(), failed));
         }
     }
-    Ok(delivered)
+    Ok(letters
+        .into_iter()
+        .zip(delivered)
+        .map(|(letter, to_topic)| Requeued { letter, to_topic })
+        .collect())
 }
 
 /// Records queued to the producer before waiting for their acknowledgements.

@@ -325,12 +325,9 @@ async fn migrate(a: ConfigArg) -> Result<(), String> {
         if !done.insert(p.config.sink.url.clone()) {
             continue;
         }
-        let pool = pipeline::connect(p, std::time::Duration::ZERO)
+        let pool = pipeline::connect_migrated(p, std::time::Duration::ZERO)
             .await
             .map_err(|e| e.to_string())?;
-        pool.migrate()
-            .await
-            .map_err(|e| format!("{}: migration failed: {e}", p.file.display()))?;
         pool.close().await;
         println!("migrated {}", config::redact_url(&p.config.sink.url));
     }

@@ -33,11 +33,6 @@ pub enum OffsetsError {
         pipeline: String,
         source: sqlx::Error,
     },
-    #[error("pipeline {pipeline}: creating the offsets table failed: {source}")]
-    Migrate {
-        pipeline: String,
-        source: sqlx::migrate::MigrateError,
-    },
     #[error("{0}")]
     Connect(Box<PipelineError>),
     #[error("{0}")]
@@ -360,15 +355,9 @@ async fn apply(
 }
 
 async fn store(p: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
-    let pool = pipeline::connect(p, Duration::ZERO)
+    let pool = pipeline::connect_migrated(p, Duration::ZERO)
         .await
         .map_err(|e| OffsetsError::Connect(Box::new(e)))?;
-    pool.migrate()
-        .await
-        .map_err(|source| OffsetsError::Migrate {
-            pipeline: p.config.pipeline.clone(),
-            source,
-        })?;
     Ok(OffsetStore::new(&p.config.pipeline, pool))
 }
 

@@ -28,7 +28,6 @@ use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
-use crate::schema::TableName;
 use crate::telemetry;
 use crate::writer::{RejectedRow, SinkPlan, WriteOutcome, Writer};
 
@@ -138,6 +137,22 @@ pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, P
     })
 }
 
+/// Connects as [`connect`] does, then creates or upgrades idemsink's own tables (offsets,
+/// dead letters): what `run` and every command that reads those tables start with.
+pub async fn connect_migrated(
+    p: &LoadedPipeline,
+    patience: Duration,
+) -> Result<DbPool, PipelineError> {
+    let pool = connect(p, patience).await?;
+    pool.migrate().await.map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {}: creating idemsink's tables failed: {e}",
+            p.config.pipeline
+        ))
+    })?;
+    Ok(pool)
+}
+
 /// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error, reporting
 /// its readiness in `status`.
 pub async fn run(
@@ -145,8 +160,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     status: Arc<PipelineStatus>,
 ) -> Result<(), PipelineError> {
-    let pool = connect(&p, Duration::from_millis(p.config.errors.retry_for_ms)).await?;
-    let plan = prepare_sink(&p, &pool).await?;
+    let pool = connect_migrated(&p, Duration::from_millis(p.config.errors.retry_for_ms)).await?;
+    let plan = SinkPlan::prepare(&p, &pool).await.map_err(ConfigErrors)?;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
     let dead_letters = dead_letter_table(&p, &pool).await?;
     let writer = Writer::new(&pool, &plan, store.clone(), dead_letters.clone())
@@ -189,17 +204,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Creates idemsink's tables if needed, then checks the mapping against the target table.
-async fn prepare_sink(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, PipelineError> {
-    let pipeline = &p.config.pipeline;
-    pool.migrate().await.map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {pipeline}: creating the offsets table failed: {e}"
-        ))
-    })?;
-    Ok(SinkPlan::prepare(p, pool).await.map_err(ConfigErrors)?)
-}
-
 /// With `errors.tolerance: all`, the dead-letter table, created if it is not the default one.
 async fn dead_letter_table(
     p: &LoadedPipeline,
@@ -208,19 +212,11 @@ async fn dead_letter_table(
     if p.config.errors.tolerance == Tolerance::None {
         return Ok(None);
     }
-    let pipeline = &p.config.pipeline;
-    let name = TableName::parse(&p.config.errors.dead_letter_table).map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {pipeline}: errors.dead_letter_table: {e}"
-        ))
-    })?;
-    let table = DeadLetterTable::new(pipeline, name, pool.backend());
-    table
-        .create_if_missing(pool)
+    let table = DeadLetterTable::open(p, pool)
         .await
         .map_err(|source| PipelineError::Database {
-            pipeline: pipeline.clone(),
-            context: "creating the dead-letter table",
+            pipeline: p.config.pipeline.clone(),
+            context: "opening the dead-letter table",
             source,
         })?;
     Ok(Some(table))

@@ -11,12 +11,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Backend, Case, Connector};
+use common::{Backend, Case, Connector, EXIT};
 use idemsink::testkit::{self, Outgoing};
 use rand::{Rng, SeedableRng};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(20);
 
 /// One record about an order: a new version of it, or its tombstone.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{assert_exactly_once, idemsink, Backend, Case, Connector, STANDARD_COLUMNS};
+use common::{assert_exactly_once, idemsink, Backend, Case, Connector, EXIT, STANDARD_COLUMNS};
 use idemsink::testkit::{self, Outgoing};
 use rand::SeedableRng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -26,8 +26,6 @@ on_both_databases!(
     dead_letters_are_listed_and_requeued_with_their_key_value_and_headers,
     in_upsert_mode_a_refused_version_leaves_its_key_at_the_last_version_not_refused,
 );
-
-const EXIT: Duration = Duration::from_secs(20);
 
 /// The kinds of bad record the tests mix into a stream, and what the dead letter's error
 /// must say about each.
@@ -226,15 +224,7 @@ async fn with_tolerance_none_the_run_stops_at_the_first_refused_record_naming_it
         .expect("produce");
     let bad_offset = landed[303].1;
     for attempt in 1..=2 {
-        let (status, log) = Connector::start(&config).wait(Duration::from_secs(60));
-        assert!(
-            !status.success(),
-            "attempt {attempt}: the run fails; log:\n{log}"
-        );
-        let last = log
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or_default();
+        let (last, _) = Connector::run_to_failure(&config, &format!("attempt {attempt}"));
         for needle in [
             format!(
                 "record topic {} partition 0 offset {bad_offset} was refused by the database",

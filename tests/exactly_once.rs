@@ -7,16 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_exactly_once, Backend, Case, Connector};
+use common::{assert_exactly_once, with_ids, Backend, Case, Connector, EXIT};
 use idemsink::testkit::{self, Outgoing};
 use rand::{Rng, SeedableRng};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(20);
-
-fn with_ids(ids: std::ops::Range<i64>, landed: Vec<(i32, i64)>) -> Vec<(i64, (i32, i64))> {
-    ids.zip(landed).collect()
-}
 
 on_both_databases!(
     lands_20000_records_over_4_partitions_exactly_once_then_replays_change_nothing,
@@ -100,12 +95,7 @@ async fn sigkill_at_random_moments_while_streaming_loses_and_doubles_nothing(bac
     let (connector, landed) = case
         .stream_while_killing(&config, chunks, 5, 500..3000, &mut rng)
         .await;
-    let end = testkit::end_offsets(&landed);
-    case.wait_for_offsets(&end, CATCH_UP).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "log:\n{log}");
-    assert_exactly_once(&case.rows().await, &with_ids(0..50_000, landed));
-    assert_eq!(case.stored_offsets().await, end);
+    case.stop_caught_up(connector, landed).await;
 }
 
 /// Produces `transactions` transactions of 100 records each over the case's partitions,
@@ -185,15 +175,7 @@ async fn bad_record_stops_the_pipeline(backend: Backend, bad_value: &[u8], expec
 
     for attempt in 1..=2 {
         // A restart meets the same record again: nothing was skipped.
-        let (status, log) = Connector::start(&config).wait(Duration::from_secs(60));
-        assert!(
-            !status.success(),
-            "attempt {attempt}: the run must fail; log:\n{log}"
-        );
-        let last = log
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or_default();
+        let (last, _) = Connector::run_to_failure(&config, &format!("attempt {attempt}"));
         for needle in [
             format!("pipeline {}", case.name),
             format!("topic {}", case.topic),
@@ -377,12 +359,7 @@ async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_no
     let producer = case.producer();
     let landed = case.produce_ids(&producer, 0..60).await;
     let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 200\n");
-    let (status, log) = Connector::start(&config).wait(Duration::from_secs(60));
-    assert!(!status.success(), "the run must fail; log:\n{log}");
-    let last = log
-        .lines()
-        .rfind(|l| !l.trim().is_empty())
-        .unwrap_or_default();
+    let (last, _) = Connector::run_to_failure(&config, "refused row");
     let record = format!(
         "record topic {} partition 0 offset {} was refused by the database",
         case.topic, landed[50].1

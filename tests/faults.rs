@@ -18,7 +18,6 @@ use idemsink::testkit;
 use rand::{Rng, SeedableRng};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
-const EXIT: Duration = Duration::from_secs(20);
 const RETRYING: &str = "database unavailable or busy; retrying";
 
 on_both_databases!(
@@ -94,13 +93,8 @@ async fn the_broker_unreachable_for_10_s_during_a_stream_costs_nothing(backend: 
     );
     broker.signal("CONT");
     let landed = streamer.await.expect("producer task");
-    let end = testkit::end_offsets(&landed);
-    case.wait_while_running(&mut connector, &end).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "clean exit; log:\n{log}");
-    let produced: Vec<(i64, (i32, i64))> = (0..20_000).zip(landed).collect();
-    assert_exactly_once(&case.rows().await, &produced);
-    assert_eq!(case.stored_offsets().await, end);
+    assert_eq!(landed.len(), 20_000);
+    case.stop_caught_up(connector, landed).await;
 }
 
 async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group(
@@ -110,7 +104,7 @@ async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_gr
     let case = Case::in_database(backend, "dbdown", 4, db.url()).await;
     let config = case
         .config("batch:\n  max_records: 500\n  max_wait_ms: 50\nerrors:\n  retry_for_ms: 120000\n");
-    let mut connector = Connector::start(&config);
+    let connector = Connector::start(&config);
     connector.wait_assigned(Duration::from_secs(30)).await;
     // 1,000 records every 200 ms, 30,000 at least, and on until the database is back.
     let streamer = case.stream_until_finished(30_000, 1000, Duration::from_millis(200));
@@ -120,15 +114,7 @@ async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_gr
     db.start_again();
 
     let landed = streamer.finish().await;
-    let end = testkit::end_offsets(&landed);
-    case.wait_while_running(&mut connector, &end).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "{log}");
-    assert_exactly_once(
-        &case.rows().await,
-        &(0..landed.len() as i64).zip(landed).collect::<Vec<_>>(),
-    );
-    assert_eq!(case.stored_offsets().await, end);
+    let log = case.stop_caught_up(connector, landed).await;
     let running = while_running(&log);
     assert!(
         running.contains(RETRYING),
@@ -217,17 +203,10 @@ async fn chaos_200000_records_20_sigkills_and_2_database_restarts_lose_and_doubl
     };
     // 50 chunks of 4,000, 200 ms apart, while 20 kills come 300 to 1,500 ms apart.
     let chunks = case.record_chunks(0..200_000, 4000);
-    let (mut connector, landed) = case
+    let (connector, landed) = case
         .stream_while_killing(&config, chunks, 20, 300..1500, &mut rng)
         .await;
     restarts.await.expect("restarts");
-    let end = testkit::end_offsets(&landed);
-    case.wait_while_running(&mut connector, &end).await;
-    let (status, log) = connector.stop(EXIT);
-    assert!(status.success(), "{log}");
-    assert_exactly_once(
-        &case.rows().await,
-        &(0..200_000).zip(landed).collect::<Vec<_>>(),
-    );
-    assert_eq!(case.stored_offsets().await, end);
+    assert_eq!(landed.len(), 200_000);
+    case.stop_caught_up(connector, landed).await;
 }

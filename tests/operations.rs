@@ -10,12 +10,11 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_exactly_once, idemsink, Backend, Case, Connector, TableWrites, FENCED};
+use common::{assert_exactly_once, idemsink, Backend, Case, Connector, TableWrites, EXIT, FENCED};
 use idemsink::testkit;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
-const EXIT: Duration = Duration::from_secs(20);
 const CATCH_UP: Duration = Duration::from_secs(60);
 
 on_both_databases!(

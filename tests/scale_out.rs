@@ -12,14 +12,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_exactly_once, Backend, Case, Connector, TableWrites, ASSIGNED, FENCED};
+use common::{
+    assert_exactly_once, with_ids, Backend, Case, Connector, TableWrites, ASSIGNED, EXIT, FENCED,
+};
 use idemsink::db::DbPool;
 use idemsink::testkit::{self, Outgoing};
 use serde_json::json;
 
 const JOIN: Duration = Duration::from_secs(30);
 const CATCH_UP: Duration = Duration::from_secs(60);
-const EXIT: Duration = Duration::from_secs(20);
 
 on_both_databases!(
     three_instances_share_8_partitions_while_one_stops_and_one_is_killed,
@@ -28,10 +29,6 @@ on_both_databases!(
     a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins,
     a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
 );
-
-fn with_ids(ids: std::ops::Range<i64>, landed: Vec<(i32, i64)>) -> Vec<(i64, (i32, i64))> {
-    ids.zip(landed).collect()
-}
 
 fn assert_clean_exit((status, log): (std::process::ExitStatus, String)) -> String {
     assert!(

@@ -57,6 +57,14 @@ macro_rules! on_pool {
 /// librdkafka group settings the tests rely on. Tansu completes a group join after about
 /// half the session timeout, and a killed member holds its partitions until the session
 /// times out: with 2 s, a (re)start consumes within ~1–3 s.
+/// How long a stopped idemsink may take to exit.
+pub const EXIT: Duration = Duration::from_secs(20);
+
+/// Records with ids `ids`, in order, paired with where each landed.
+pub fn with_ids(ids: std::ops::Range<i64>, landed: Vec<(i32, i64)>) -> Vec<(i64, (i32, i64))> {
+    ids.zip(landed).collect()
+}
+
 pub const GROUP_PROPERTIES: &str = "session.timeout.ms: 2000\n    heartbeat.interval.ms: 200";
 
 pub fn brokers() -> String {
@@ -520,6 +528,34 @@ impl Case {
         }
     }
 
+    /// Waits until `connector` has stored the end offsets of `landed` (records with ids 0,
+    /// 1, 2… in that order), stops it with SIGTERM and asserts a clean exit, that every
+    /// record is in the table exactly once, and that the stored offsets are the end offsets.
+    /// Returns the log.
+    pub async fn stop_caught_up(
+        &self,
+        mut connector: Connector,
+        landed: Vec<(i32, i64)>,
+    ) -> String {
+        let end = testkit::end_offsets(&landed);
+        self.wait_while_running(&mut connector, &end).await;
+        let (status, log) = connector.stop(EXIT);
+        assert!(
+            status.success(),
+            "SIGTERM must end in a clean exit; log:\n{log}"
+        );
+        assert_exactly_once(
+            &self.rows().await,
+            &with_ids(0..landed.len() as i64, landed),
+        );
+        assert_eq!(
+            self.stored_offsets().await,
+            end,
+            "offsets equal the end offsets"
+        );
+        log
+    }
+
     pub async fn wait_for_offsets(&self, end: &BTreeMap<i32, i64>, timeout: Duration) {
         testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout, || Ok(()))
             .await
@@ -818,6 +854,18 @@ impl Connector {
             child: Some(child),
             log,
         }
+    }
+
+    /// Runs `config` until idemsink exits by itself (60 s at most), asserts that it failed,
+    /// and returns the last line it printed (its one-line reason) and the whole log.
+    pub fn run_to_failure(config: &Path, label: &str) -> (String, String) {
+        let (status, log) = Connector::start(config).wait(Duration::from_secs(60));
+        assert!(!status.success(), "{label}: the run must fail; log:\n{log}");
+        let last = log
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        (last.to_string(), log)
     }
 
     pub fn pid(&self) -> i32 {

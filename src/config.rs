@@ -33,6 +33,17 @@ const REFUSED_PROPERTIES: &[(&str, &str)] = &[
     ("metadata.broker.list", "use source.brokers"),
 ];
 
+/// librdkafka properties the broker decides under the consumer group protocol (KIP-848).
+const CLASSIC_GROUP_PROPERTIES: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol.type",
+];
+
+/// The librdkafka property whose value idemsink applies itself (see [`OffsetReset`]).
+pub const AUTO_OFFSET_RESET: &str = "auto.offset.reset";
+
 /// Top-level keys that `IDEMSINK_<KEY>__…` environment variables may override.
 const OVERRIDABLE_SECTIONS: &[&str] = &["PIPELINE", "SOURCE__", "SINK__", "BATCH__", "ERRORS__"];
 
@@ -108,6 +119,33 @@ pub struct SourceConfig {
     pub start_from: StartFrom,
     #[serde(default)]
     pub properties: BTreeMap<String, Value>,
+}
+
+/// What happens when the offset a partition resumes from is no longer in Kafka (retention
+/// deleted records before they were written, or the topic was re-created): the value of
+/// `source.properties.auto.offset.reset`. idemsink applies it itself and always tells
+/// librdkafka `error`, so that every skip is logged with its offsets and counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// Stop the pipeline, naming the partition and both offsets (the default).
+    #[default]
+    Stop,
+    /// Go on from the first offset Kafka has.
+    Earliest,
+    /// Go on from the end.
+    Latest,
+}
+
+impl OffsetReset {
+    /// librdkafka's spellings of `auto.offset.reset`.
+    fn parse(value: &str) -> Option<OffsetReset> {
+        match value {
+            "error" => Some(OffsetReset::Stop),
+            "earliest" | "smallest" | "beginning" => Some(OffsetReset::Earliest),
+            "latest" | "largest" | "end" => Some(OffsetReset::Latest),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -233,6 +271,16 @@ impl LoadedPipeline {
             .group_id
             .clone()
             .unwrap_or_else(|| format!("idemsink-{}", self.config.pipeline))
+    }
+
+    /// `source.properties.auto.offset.reset`, checked when the file was loaded.
+    pub fn offset_reset(&self) -> OffsetReset {
+        self.config
+            .source
+            .properties
+            .get(AUTO_OFFSET_RESET)
+            .and_then(|v| OffsetReset::parse(&scalar_text(v)))
+            .unwrap_or_default()
     }
 
     /// librdkafka properties from `source.properties`, as strings.
@@ -472,11 +520,28 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
     {
         bad("source.group_id", "must not be empty".into());
     }
+    let consumer_protocol = source
+        .properties
+        .get("group.protocol")
+        .is_some_and(|v| scalar_text(v) == "consumer");
     for (key, value) in &source.properties {
         if let Some((_, why)) = REFUSED_PROPERTIES.iter().find(|(k, _)| k == key) {
             bad(
                 &format!("source.properties.{key}"),
                 format!("may not be set: {why}"),
+            );
+        } else if key == AUTO_OFFSET_RESET && OffsetReset::parse(&scalar_text(value)).is_none() {
+            bad(
+                &format!("source.properties.{key}"),
+                "must be error (stop, the default), earliest or latest".into(),
+            );
+        } else if consumer_protocol && CLASSIC_GROUP_PROPERTIES.contains(&key.as_str()) {
+            bad(
+                &format!("source.properties.{key}"),
+                "is the broker's to decide with group.protocol: consumer (KIP-848): set \
+                 group.consumer.session.timeout.ms and group.consumer.heartbeat.interval.ms on the \
+                 broker or on the group, and group.remote.assignor here"
+                    .into(),
             );
         } else if value.is_object() || value.is_array() || value.is_null() {
             bad(
@@ -831,6 +896,48 @@ sink:
             only_error(&text, &[("DATABASE_URL", "postgres://h/d")]).key,
             "source.properties.enable.auto.commit"
         );
+    }
+
+    #[test]
+    fn auto_offset_reset_is_applied_by_idemsink_and_checked() {
+        let env = [("DATABASE_URL", "postgres://h/d")];
+        let with = |line: &str| GOOD.replace("session.timeout.ms: 6000", line);
+        let policy = |line: &str| load(&with(line), &env).expect("valid").offset_reset();
+        assert_eq!(
+            policy("fetch.min.bytes: 1"),
+            OffsetReset::Stop,
+            "the default"
+        );
+        assert_eq!(policy("auto.offset.reset: error"), OffsetReset::Stop);
+        assert_eq!(policy("auto.offset.reset: smallest"), OffsetReset::Earliest);
+        assert_eq!(policy("auto.offset.reset: earliest"), OffsetReset::Earliest);
+        assert_eq!(policy("auto.offset.reset: end"), OffsetReset::Latest);
+        let e = only_error(&with("auto.offset.reset: newest"), &env);
+        assert_eq!(e.key, "source.properties.auto.offset.reset");
+        assert!(e.message.contains("earliest or latest"), "{e}");
+        let p = load(&with("auto.offset.reset: earliest"), &env).expect("valid");
+        assert_eq!(
+            crate::consumer::client_config(&p).get("auto.offset.reset"),
+            Some("error"),
+            "librdkafka never skips on its own"
+        );
+    }
+
+    #[test]
+    fn the_consumer_protocol_refuses_what_the_broker_decides() {
+        let env = [("DATABASE_URL", "postgres://h/d")];
+        let text = GOOD.replace(
+            "session.timeout.ms: 6000",
+            "group.protocol: consumer\n    session.timeout.ms: 6000",
+        );
+        let e = only_error(&text, &env);
+        assert_eq!(e.key, "source.properties.session.timeout.ms");
+        assert!(e.message.contains("KIP-848"), "{e}");
+        let text = GOOD.replace(
+            "session.timeout.ms: 6000",
+            "group.protocol: consumer\n    group.remote.assignor: uniform",
+        );
+        load(&text, &env).expect("the consumer protocol on its own is valid");
     }
 
     #[test]

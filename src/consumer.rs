@@ -20,7 +20,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, Statistics};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::config::{LoadedPipeline, StartFrom};
+use crate::config::{LoadedPipeline, OffsetReset, StartFrom, AUTO_OFFSET_RESET};
 use crate::health::PipelineStatus;
 use crate::offsets::{OffsetStore, TopicPartition};
 use crate::retry::retry;
@@ -31,6 +31,9 @@ pub type SinkConsumer = StreamConsumer<SinkContext>;
 /// librdkafka's default `max.poll.interval.ms`, which is also the group's rebalance timeout.
 const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
+/// How long a watermark request may take.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The consumer settings for a pipeline. The last four are what the guarantee rests on and
 /// cannot be overridden (`config` refuses them in `source.properties`).
 pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
@@ -38,15 +41,17 @@ pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
     c.set("bootstrap.servers", &p.config.source.brokers)
         .set("group.id", p.group_id())
         .set("client.id", format!("idemsink-{}", p.config.pipeline))
-        // A stored offset that is out of range (retention deleted the data) stops the
-        // pipeline instead of silently skipping; users may choose earliest/latest.
-        .set("auto.offset.reset", "error")
-        // Statistics carry the high watermarks the consumer-lag metric is computed from.
+        // Partitions added to a topic are noticed within this (librdkafka's default: 5 min).
+        .set("topic.metadata.refresh.interval.ms", "30000")
+        // Statistics carry the watermarks the consumer-lag metrics are computed from.
         .set("statistics.interval.ms", "5000");
     for (key, value) in p.properties() {
         c.set(key, value);
     }
-    c.set("isolation.level", "read_committed")
+    // An offset out of range is idemsink's to handle (`source.properties.auto.offset.reset`
+    // says how), so that no skip goes unlogged or uncounted.
+    c.set(AUTO_OFFSET_RESET, "error")
+        .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
@@ -61,8 +66,24 @@ pub struct Owned {
     pub epoch: u64,
     /// The offset in the database, as last read or committed by this instance.
     pub db_next: Option<i64>,
-    /// The next offset the consumer loop accepts (None: whatever comes first).
+    /// Everything before it is covered, by the database or by a batch of this epoch: the
+    /// next offset the consumer loop accepts (None: whatever comes first).
     read_next: Option<i64>,
+    /// A seek is owed to the consumer loop. Until it has succeeded nothing of the partition is
+    /// taken: what arrives meanwhile was fetched from the old position.
+    seeking: bool,
+}
+
+/// A seek the consumer loop owes a partition, in the epoch that asked for it: after a
+/// compare-and-set conflict, or to pass over offsets Kafka no longer has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seek {
+    pub tp: TopicPartition,
+    pub epoch: u64,
+    /// `None`: the consumer is already there (assigned at that offset); only the cover is owed.
+    pub offset: Option<Offset>,
+    /// Where the stored offset moves once the seek is done, even if no record follows.
+    pub cover: Option<i64>,
 }
 
 /// Partitions owned by this instance, shared by the rebalance hook, the consumer loop and
@@ -81,7 +102,7 @@ pub struct Assignment {
 struct AssignmentState {
     owned: HashMap<String, HashMap<i32, Owned>>,
     next_epoch: u64,
-    seeks: Vec<(TopicPartition, Offset)>,
+    seeks: Vec<Seek>,
     fatal: Option<String>,
     /// The consumer loop paused fetching because the writer is behind; partitions assigned
     /// meanwhile start paused too.
@@ -93,13 +114,14 @@ impl AssignmentState {
         self.owned.get_mut(&tp.topic)?.get_mut(&tp.partition)
     }
 
-    /// Owns `tp` from the stored offset on, in a new epoch.
-    fn start_epoch(&mut self, tp: &TopicPartition, stored: Option<i64>) {
+    /// Owns `tp` in a new epoch: the database holds `stored`, reading goes on from `read_next`.
+    fn start_epoch(&mut self, tp: &TopicPartition, stored: Option<i64>, read_next: Option<i64>) {
         self.next_epoch += 1;
         let owned = Owned {
             epoch: self.next_epoch,
             db_next: stored,
-            read_next: stored,
+            read_next,
+            seeking: false,
         };
         self.owned
             .entry(tp.topic.clone())
@@ -126,19 +148,33 @@ impl Assignment {
     }
 
     /// For the consumer loop: whether to take a record, and in which epoch. Drops records of
-    /// partitions not owned, and those before the position (already written or re-delivered).
+    /// partitions not owned or waiting for a seek, and those before the position (already
+    /// written or re-delivered).
     pub fn accept(&self, topic: &str, partition: i32, offset: i64) -> Option<u64> {
         let mut state = self.lock();
         let owned = state.owned.get_mut(topic)?.get_mut(&partition)?;
-        if owned.read_next.is_some_and(|next| offset < next) {
+        if owned.seeking || owned.read_next.is_some_and(|next| offset < next) {
             return None;
         }
         owned.read_next = Some(offset + 1);
         Some(owned.epoch)
     }
 
-    fn assign(&self, tp: &TopicPartition, stored: Option<i64>) {
-        self.lock().start_epoch(tp, stored);
+    /// For the consumer loop: the consumer has read up to `position` (exclusive), past
+    /// offsets that held no record for it (transaction markers, aborted records). Returns the
+    /// epoch to cover them in, if they are not covered yet.
+    pub fn cover_to(&self, tp: &TopicPartition, position: i64) -> Option<u64> {
+        let mut state = self.lock();
+        let owned = state.get_mut(tp)?;
+        if owned.seeking || owned.read_next.is_some_and(|next| position <= next) {
+            return None;
+        }
+        owned.read_next = Some(position);
+        Some(owned.epoch)
+    }
+
+    fn assign(&self, tp: &TopicPartition, stored: Option<i64>, read_from: Option<i64>) {
+        self.lock().start_epoch(tp, stored, read_from);
     }
 
     fn revoke(&self, tp: &TopicPartition) {
@@ -171,16 +207,73 @@ impl Assignment {
         if state.get_mut(tp).is_none_or(|o| o.epoch != epoch) {
             return; // revoked, or reassigned meanwhile with its offset loaded afresh
         }
-        state.start_epoch(tp, stored);
-        state
-            .seeks
-            .push((tp.clone(), start_offset(stored, start_from)));
+        state.start_epoch(tp, stored, stored);
+        self.owe_seek(state, tp, Some(start_offset(stored, start_from)), None);
+    }
+
+    /// Offsets Kafka no longer has: reading goes on from `to` (see [`OffsetReset`]). Forward,
+    /// the epoch stays, so the records before the gap that are already batched still commit;
+    /// backward (the topic was re-created), a new epoch drops whatever was read before.
+    /// Returns where the partition stood, or `None` if it is not owned.
+    pub fn skip_to(&self, tp: &TopicPartition, to: i64) -> Option<Option<i64>> {
+        let mut state = self.lock();
+        let owned = *state.get_mut(tp)?;
+        if owned.read_next.is_some_and(|next| to < next) {
+            state.start_epoch(tp, owned.db_next, Some(to));
+        } else if let Some(o) = state.get_mut(tp) {
+            o.read_next = Some(to);
+        }
+        self.owe_seek(state, tp, None, Some(to));
+        Some(owned.read_next)
+    }
+
+    /// Records that reading an assigned partition starts at `to`, past its stored offset, so
+    /// that the database moves there even if no record follows.
+    fn owe_cover(&self, tp: &TopicPartition, to: i64) {
+        self.owe_seek(self.lock(), tp, None, Some(to));
+    }
+
+    fn owe_seek(
+        &self,
+        mut state: MutexGuard<'_, AssignmentState>,
+        tp: &TopicPartition,
+        offset: Option<Offset>,
+        cover: Option<i64>,
+    ) {
+        let Some(owned) = state.get_mut(tp) else {
+            return;
+        };
+        owned.seeking = offset.is_some();
+        let epoch = owned.epoch;
+        state.seeks.push(Seek {
+            tp: tp.clone(),
+            epoch,
+            offset,
+            cover,
+        });
         drop(state);
         self.wake.notify_one();
     }
 
-    pub fn take_seeks(&self) -> Vec<(TopicPartition, Offset)> {
+    pub fn take_seeks(&self) -> Vec<Seek> {
         std::mem::take(&mut self.lock().seeks)
+    }
+
+    /// Whether `seek` is still owed: the partition is owned in its epoch. A seek of an epoch
+    /// that has ended (revoked, reset again) must not be applied.
+    pub fn seek_owed(&self, seek: &Seek) -> bool {
+        self.owned(&seek.tp).is_some_and(|o| o.epoch == seek.epoch)
+    }
+
+    /// The consumer is now at the seek's offset: the partition's records are taken again.
+    pub fn seek_done(&self, seek: &Seek) {
+        if let Some(owned) = self
+            .lock()
+            .get_mut(&seek.tp)
+            .filter(|o| o.epoch == seek.epoch)
+        {
+            owned.seeking = false;
+        }
     }
 
     /// How many partitions this instance owns.
@@ -188,8 +281,8 @@ impl Assignment {
         self.lock().owned.values().map(HashMap::len).sum()
     }
 
-    /// The owned partitions and what the database holds for each.
-    fn stored_offsets(&self) -> Vec<(TopicPartition, Option<i64>)> {
+    /// The owned partitions and their state.
+    pub fn all_owned(&self) -> Vec<(TopicPartition, Owned)> {
         let state = self.lock();
         let mut all = Vec::new();
         for (topic, partitions) in &state.owned {
@@ -198,7 +291,7 @@ impl Assignment {
                     topic: topic.clone(),
                     partition: *partition,
                 };
-                all.push((tp, owned.db_next));
+                all.push((tp, *owned));
             }
         }
         all
@@ -212,7 +305,7 @@ impl Assignment {
         self.lock().paused
     }
 
-    fn set_fatal(&self, reason: String) {
+    pub fn set_fatal(&self, reason: String) {
         self.lock().fatal.get_or_insert(reason);
         self.wake.notify_one();
     }
@@ -220,6 +313,105 @@ impl Assignment {
     /// A failure inside a rebalance that the pipeline cannot continue from.
     pub fn fatal(&self) -> Option<String> {
         self.lock().fatal.clone()
+    }
+}
+
+impl Owned {
+    /// Where reading stands: the next offset taken.
+    pub fn read_next(&self) -> Option<i64> {
+        self.read_next
+    }
+}
+
+/// A partition whose position is outside what Kafka has, and where reading goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfRange {
+    pub tp: TopicPartition,
+    /// The offset reading stood at: the next to write.
+    pub at: i64,
+    /// The offset stored in the database (`at` on assignment; below it when the records in
+    /// between are batched).
+    pub stored: Option<i64>,
+    /// Kafka's log start offset and end offset.
+    pub low: i64,
+    pub high: i64,
+}
+
+impl OutOfRange {
+    /// `Some` if `at` lies outside `[low, high]`.
+    pub fn check(
+        tp: &TopicPartition,
+        at: i64,
+        stored: Option<i64>,
+        (low, high): (i64, i64),
+    ) -> Option<OutOfRange> {
+        (at < low || at > high).then(|| OutOfRange {
+            tp: tp.clone(),
+            at,
+            stored,
+            low,
+            high,
+        })
+    }
+
+    /// Where `policy` goes on from, or `None` to stop.
+    pub fn resume_at(&self, policy: OffsetReset) -> Option<i64> {
+        match policy {
+            OffsetReset::Stop => None,
+            OffsetReset::Earliest => Some(self.low),
+            OffsetReset::Latest => Some(self.high),
+        }
+    }
+
+    /// The one line that stops a pipeline: what is missing, where, and what to do.
+    pub fn stop_reason(&self, pipeline: &str) -> String {
+        let what = if self.at < self.low {
+            format!(
+                "offsets {}..{} were deleted from Kafka (retention) before they were written",
+                self.at,
+                self.low - 1
+            )
+        } else {
+            "the offset is beyond the end of the partition (was the topic deleted and re-created?)"
+                .to_string()
+        };
+        let stored = self
+            .stored
+            .map_or_else(|| "none".to_string(), |s| s.to_string());
+        format!(
+            "pipeline {pipeline}: topic {} partition {}: the next offset to write, {}, is outside what \
+             Kafka has (stored offset {stored}, log start offset {}, end offset {}): {what}; nothing \
+             from it on was written. Set source.properties.auto.offset.reset to earliest or latest \
+             to go on without them, or move the offset with `idemsink offsets set`",
+            self.tp.topic, self.tp.partition, self.at, self.low, self.high
+        )
+    }
+
+    /// Logs and counts what going on from `to` passes over (never silent).
+    pub fn report_skip(&self, pipeline: &str, to: i64) {
+        if self.at < to {
+            warn!(
+                pipeline,
+                partition = %self.tp,
+                first_skipped = self.at,
+                last_skipped = to - 1,
+                skipped = to - self.at,
+                log_start_offset = self.low,
+                "offsets skipped: Kafka no longer has them (retention deleted them before they were \
+                 written); going on as auto.offset.reset says"
+            );
+            telemetry::records_skipped(pipeline, &self.tp, "retention", to - self.at);
+        } else {
+            warn!(
+                pipeline,
+                partition = %self.tp,
+                stored = self.at,
+                end_offset = self.high,
+                resume_at = to,
+                "the stored offset is beyond the end of the partition (the topic was re-created or \
+                 truncated); reading it again from {to} as auto.offset.reset says"
+            );
+        }
     }
 }
 
@@ -248,6 +440,8 @@ pub struct SinkContext {
     pub assignment: Arc<Assignment>,
     store: OffsetStore,
     start_from: StartFrom,
+    /// What to do when a partition's offset is outside what Kafka has.
+    offset_reset: OffsetReset,
     runtime: tokio::runtime::Handle,
     /// How long database work is retried through transient faults.
     retry_for: Duration,
@@ -271,6 +465,7 @@ impl SinkContext {
             assignment,
             store,
             start_from: p.config.source.start_from,
+            offset_reset: p.offset_reset(),
             runtime: tokio::runtime::Handle::current(),
             drain_patience: drain_patience(p),
             retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
@@ -298,6 +493,51 @@ impl SinkContext {
             tokio::task::block_in_place(|| self.runtime.block_on(f))
         } else {
             self.runtime.block_on(f)
+        }
+    }
+
+    /// Where reading a partition whose stored offset is `stored` starts: there, if Kafka still
+    /// has it; otherwise where `auto.offset.reset` says (logged and counted), or an error that
+    /// names the partition and both offsets. If the watermarks cannot be read, the stored
+    /// offset is used, and a fetch out of range is caught by the consumer loop instead.
+    fn check_range(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tp: &TopicPartition,
+        stored: i64,
+    ) -> Result<i64, String> {
+        let watermarks = match consumer.fetch_watermarks(&tp.topic, tp.partition, WATERMARK_TIMEOUT)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot read the watermarks; starting at the stored offset");
+                return Ok(stored);
+            }
+        };
+        let Some(out) = OutOfRange::check(tp, stored, Some(stored), watermarks) else {
+            return Ok(stored);
+        };
+        let to = out
+            .resume_at(self.offset_reset)
+            .ok_or_else(|| out.stop_reason(&self.pipeline))?;
+        out.report_skip(&self.pipeline, to);
+        Ok(to)
+    }
+
+    /// A partition with no stored offset under `start_from: latest` starts at its end offset
+    /// now, and that start is stored with the next batch: a restart or a handover before the
+    /// first record must not move it forward past records produced meanwhile. (`earliest`
+    /// needs no fixing: what it skips is what retention deletes.)
+    fn fixed_start(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition) -> Option<i64> {
+        if self.start_from != StartFrom::Latest {
+            return None;
+        }
+        match consumer.fetch_watermarks(&tp.topic, tp.partition, WATERMARK_TIMEOUT) {
+            Ok((_, end)) => Some(end),
+            Err(e) => {
+                warn!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot read the end offset; starting from the end as the broker resolves it");
+                None
+            }
         }
     }
 
@@ -333,15 +573,30 @@ impl SinkContext {
         let mut loaded = Vec::with_capacity(tps.len());
         for tp in &tps {
             let offset = stored.get(tp).copied();
-            if let Err(e) = tpl.set_partition_offset(
-                &tp.topic,
-                tp.partition,
-                start_offset(offset, self.start_from),
-            ) {
+            let read_from = match offset {
+                Some(n) => match self.check_range(consumer, tp, n) {
+                    Ok(from) => Some(from),
+                    Err(reason) => {
+                        // Assigning nothing: the pipeline stops before reading a record.
+                        error!("{reason}");
+                        self.assignment.set_fatal(reason);
+                        return;
+                    }
+                },
+                None => self.fixed_start(consumer, tp),
+            };
+            let start = match read_from {
+                Some(n) => Offset::Offset(n),
+                None => start_offset(None, self.start_from),
+            };
+            if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, start) {
                 error!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot set start offset");
             }
-            self.assignment.assign(tp, offset);
-            loaded.push(match offset {
+            self.assignment.assign(tp, offset, read_from);
+            if let Some(from) = read_from.filter(|from| Some(*from) != offset) {
+                self.assignment.owe_cover(tp, from);
+            }
+            loaded.push(match read_from {
                 Some(n) => format!("{tp}@{n}"),
                 None => format!("{tp}@{:?}", self.start_from).to_lowercase(),
             });
@@ -403,7 +658,7 @@ impl SinkContext {
         );
         for tp in &tps {
             // The new owner reports this partition's lag from now on.
-            telemetry::consumer_lag(&self.pipeline, tp, 0);
+            telemetry::consumer_lag(&self.pipeline, tp, 0, 0);
         }
         self.drain();
         let result = if cooperative {
@@ -433,6 +688,67 @@ impl SinkContext {
     }
 }
 
+/// The consumer loop met a fetch out of range, after which librdkafka fetches nothing more of
+/// that partition (`auto.offset.reset` is always `error` for it). Finds the owned partitions
+/// whose position is outside what Kafka has now and, as `auto.offset.reset` says, returns the
+/// one-line reason to stop, or logs and counts the skip and fetches them again from there.
+/// Returns how many partitions it found.
+pub fn recover_out_of_range(consumer: &SinkConsumer) -> Result<usize, String> {
+    let context = consumer.context();
+    let pipeline = &context.pipeline;
+    let mut found = 0;
+    for (tp, owned) in context.assignment.all_owned() {
+        let Some(at) = owned.read_next() else {
+            continue;
+        };
+        let watermarks = consumer
+            .fetch_watermarks(&tp.topic, tp.partition, WATERMARK_TIMEOUT)
+            .map_err(|e| format!("pipeline {pipeline}: a fetch was out of range, and the watermarks of {tp} cannot be read: {e}"))?;
+        let Some(out) = OutOfRange::check(&tp, at, owned.db_next, watermarks) else {
+            continue;
+        };
+        found += 1;
+        let to = out
+            .resume_at(context.offset_reset)
+            .ok_or_else(|| out.stop_reason(pipeline))?;
+        out.report_skip(pipeline, to);
+        context.assignment.skip_to(&tp, to);
+        fetch_again(consumer, &tp, to)
+            .map_err(|e| format!("pipeline {pipeline}: cannot fetch {tp} again from {to}: {e}"))?;
+    }
+    Ok(found)
+}
+
+/// Restarts fetching a partition that librdkafka stopped, at `to`: a seek is refused in that
+/// state, a new assignment is not. Under the eager protocol the whole assignment is given
+/// again, every other partition from where the consumer loop stands in it.
+fn fetch_again(consumer: &SinkConsumer, tp: &TopicPartition, to: i64) -> KafkaResult<()> {
+    let context = consumer.context();
+    let mut list = TopicPartitionList::new();
+    if matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
+        list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(to))?;
+        consumer.incremental_unassign(&list)?;
+        consumer.incremental_assign(&list)?;
+    } else {
+        for (other, owned) in context.assignment.all_owned() {
+            let offset = match owned.read_next() {
+                _ if &other == tp => Offset::Offset(to),
+                Some(n) => Offset::Offset(n),
+                None => start_offset(None, context.start_from),
+            };
+            list.add_partition_offset(&other.topic, other.partition, offset)?;
+        }
+        consumer.assign(&list)?;
+    }
+    if context.assignment.paused() {
+        consumer.pause(&list)?;
+    }
+    Ok(())
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
@@ -452,16 +768,25 @@ fn log_failure(pipeline: &str, what: &str, result: KafkaResult<()>) {
 impl ClientContext for SinkContext {
     /// librdkafka's periodic statistics carry each partition's high watermark: the lag is
     /// what Kafka has beyond the offset stored in the database.
+    /// An open producer transaction holds read_committed readers at the last stable offset:
+    /// what lies beyond it is reported apart from the lag.
     fn stats(&self, statistics: Statistics) {
-        for (tp, stored) in self.assignment.stored_offsets() {
-            let high = statistics
+        for (tp, owned) in self.assignment.all_owned() {
+            let Some(partition) = statistics
                 .topics
                 .get(&tp.topic)
                 .and_then(|t| t.partitions.get(&tp.partition))
-                .map(|p| p.hi_offset)
-                .filter(|high| *high >= 0);
-            if let (Some(high), Some(stored)) = (high, stored) {
-                telemetry::consumer_lag(&self.pipeline, &tp, high - stored);
+                .filter(|p| p.hi_offset >= 0 && p.ls_offset >= 0)
+            else {
+                continue;
+            };
+            if let Some(stored) = owned.db_next {
+                telemetry::consumer_lag(
+                    &self.pipeline,
+                    &tp,
+                    partition.ls_offset - stored,
+                    partition.hi_offset - partition.ls_offset,
+                );
             }
         }
     }
@@ -489,7 +814,15 @@ impl ConsumerContext for SinkContext {
                 error!(pipeline = %self.pipeline, error = ?other, "rebalance failed; dropping the whole assignment");
                 self.assignment.revoke_all();
                 self.drain();
-                log_failure(&self.pipeline, "unassign", consumer.unassign());
+                // Under a cooperative protocol librdkafka refuses the eager unassign().
+                let result = if cooperative {
+                    consumer
+                        .assignment()
+                        .and_then(|all| consumer.incremental_unassign(&all))
+                } else {
+                    consumer.unassign()
+                };
+                log_failure(&self.pipeline, "unassign", result);
             }
         }
     }
@@ -538,15 +871,19 @@ mod tests {
         );
     }
 
+    fn tp(partition: i32) -> TopicPartition {
+        TopicPartition {
+            topic: "t".into(),
+            partition,
+        }
+    }
+
     #[test]
     fn accept_filters_by_ownership_and_position_and_reset_starts_a_new_epoch() {
         let a = Assignment::default();
-        let tp = TopicPartition {
-            topic: "t".into(),
-            partition: 0,
-        };
+        let tp = tp(0);
         assert_eq!(a.accept("t", 0, 5), None, "not owned");
-        a.assign(&tp, Some(10));
+        a.assign(&tp, Some(10), Some(10));
         assert_eq!(a.accept("t", 0, 9), None, "before the stored offset");
         let epoch = a.accept("t", 0, 10).expect("taken");
         assert_eq!(a.accept("t", 0, 10), None, "re-delivered");
@@ -556,7 +893,12 @@ mod tests {
         let after = a.owned(&tp).expect("owned");
         assert_ne!(after.epoch, epoch);
         assert_eq!(after.db_next, Some(20));
-        assert_eq!(a.take_seeks(), vec![(tp.clone(), Offset::Offset(20))]);
+        let seeks = a.take_seeks();
+        assert_eq!(seeks.len(), 1);
+        assert_eq!(
+            (seeks[0].offset, seeks[0].epoch),
+            (Some(Offset::Offset(20)), after.epoch)
+        );
         assert_eq!(a.accept("t", 0, 19), None);
         a.committed(&tp, epoch, 99);
         assert_eq!(
@@ -566,5 +908,112 @@ mod tests {
         );
         a.revoke(&tp);
         assert_eq!(a.accept("t", 0, 25), None);
+    }
+
+    /// The gap after a reset: a record fetched before the seek (offset 30, past the stored 20)
+    /// must not be taken in the new epoch, or the seek's re-delivery of 20..30 would be
+    /// dropped as already covered and the compare-and-set would skip them.
+    #[test]
+    fn after_a_reset_nothing_is_taken_until_the_seek_is_done() {
+        let a = Assignment::default();
+        let tp = tp(0);
+        a.assign(&tp, Some(10), Some(10));
+        let epoch = a.accept("t", 0, 29).expect("taken");
+        a.reset(&tp, epoch, Some(20), StartFrom::Earliest);
+        assert_eq!(a.accept("t", 0, 30), None, "in flight from before the seek");
+        assert_eq!(a.cover_to(&tp, 31), None, "the position is the old one");
+        let seek = a.take_seeks().pop().expect("a seek");
+        assert!(a.seek_owed(&seek));
+        a.seek_done(&seek);
+        assert_eq!(
+            a.accept("t", 0, 20),
+            Some(seek.epoch),
+            "re-delivered from 20"
+        );
+    }
+
+    #[test]
+    fn a_seek_of_an_ended_epoch_is_not_owed() {
+        let a = Assignment::default();
+        let tp = tp(0);
+        a.assign(&tp, Some(10), Some(10));
+        let epoch = a.owned(&tp).expect("owned").epoch;
+        a.reset(&tp, epoch, Some(5), StartFrom::Earliest);
+        let stale = a.take_seeks().pop().expect("a seek");
+        a.revoke(&tp);
+        a.assign(&tp, Some(7), Some(7));
+        assert!(!a.seek_owed(&stale), "revoked and assigned again since");
+        assert!(a.accept("t", 0, 7).is_some(), "the new epoch reads");
+    }
+
+    #[test]
+    fn positions_past_markers_are_covered_once_and_never_backwards() {
+        let a = Assignment::default();
+        let tp = tp(0);
+        a.assign(&tp, Some(10), Some(10));
+        let epoch = a.accept("t", 0, 10).expect("taken");
+        assert_eq!(a.cover_to(&tp, 11), None, "nothing past the record");
+        assert_eq!(a.cover_to(&tp, 12), Some(epoch), "its commit marker");
+        assert_eq!(a.cover_to(&tp, 12), None, "covered already");
+        assert_eq!(a.accept("t", 0, 11), None, "below the cover");
+        assert_eq!(a.accept("t", 0, 12), Some(epoch));
+    }
+
+    #[test]
+    fn a_skip_forward_keeps_the_epoch_and_a_skip_backward_starts_a_new_one() {
+        let a = Assignment::default();
+        let tp = tp(0);
+        a.assign(&tp, Some(10), Some(10));
+        let epoch = a.accept("t", 0, 10).expect("taken");
+        assert_eq!(a.skip_to(&tp, 50), Some(Some(11)));
+        assert_eq!(
+            a.owned(&tp).map(|o| o.epoch),
+            Some(epoch),
+            "batched 10 still commits"
+        );
+        let cover = a.take_seeks().pop().expect("owed");
+        assert_eq!((cover.offset, cover.cover), (None, Some(50)));
+        assert_eq!(a.accept("t", 0, 49), None);
+        assert_eq!(a.accept("t", 0, 50), Some(epoch));
+        assert_eq!(a.skip_to(&tp, 0), Some(Some(51)));
+        let after = a.owned(&tp).expect("owned");
+        assert_ne!(
+            after.epoch, epoch,
+            "what was read before the topic was re-created is dropped"
+        );
+        assert_eq!(
+            after.db_next,
+            Some(10),
+            "the compare-and-set still expects the stored offset"
+        );
+        assert_eq!(a.accept("t", 0, 0), Some(after.epoch));
+    }
+
+    #[test]
+    fn out_of_range_offsets_name_the_partition_and_both_offsets() {
+        let tp = tp(3);
+        assert_eq!(OutOfRange::check(&tp, 100, Some(100), (50, 200)), None);
+        assert_eq!(
+            OutOfRange::check(&tp, 200, Some(200), (50, 200)),
+            None,
+            "the end is in range"
+        );
+        let gone = OutOfRange::check(&tp, 10, Some(10), (50, 200)).expect("deleted");
+        assert_eq!(gone.resume_at(OffsetReset::Stop), None);
+        assert_eq!(gone.resume_at(OffsetReset::Earliest), Some(50));
+        assert_eq!(gone.resume_at(OffsetReset::Latest), Some(200));
+        let reason = gone.stop_reason("p");
+        for needle in [
+            "pipeline p",
+            "topic t partition 3",
+            "stored offset 10,",
+            "next offset to write, 10,",
+            "log start offset 50",
+            "offsets 10..49 were deleted",
+        ] {
+            assert!(reason.contains(needle), "{needle}: {reason}");
+        }
+        let beyond = OutOfRange::check(&tp, 300, Some(300), (0, 200)).expect("beyond");
+        assert!(beyond.stop_reason("p").contains("beyond the end"));
     }
 }

@@ -341,8 +341,11 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
             println!("{}", offsets_command::table_header());
             for p in &pipelines {
                 let listed = offsets_command::list(p).await.map_err(|e| e.to_string())?;
-                for o in listed {
+                for o in &listed {
                     println!("{}", o.table_row(&p.config.pipeline));
+                }
+                if let Some(note) = offsets_command::held_note(&listed) {
+                    println!("{note}");
                 }
             }
             return Ok(());

@@ -44,15 +44,25 @@ pub enum OffsetsError {
 pub struct PartitionOffsets {
     pub tp: TopicPartition,
     pub stored: Option<i64>,
+    /// The log start offset.
     pub low: i64,
+    /// The last stable offset: a read_committed reader (idemsink) reads up to here. It stops
+    /// short of `high` while a producer transaction is open.
+    pub stable: i64,
+    /// The end offset (high watermark).
     pub high: i64,
 }
 
 impl PartitionOffsets {
-    /// Records in Kafka not yet committed to the database. With no stored offset the
+    /// Offsets idemsink can read now beyond the stored offset. With no stored offset the
     /// pipeline starts from `start_from`, so the lag is not known.
     pub fn lag(&self) -> Option<i64> {
-        self.stored.map(|s| (self.high - s).max(0))
+        self.stored.map(|s| (self.stable - s).max(0))
+    }
+
+    /// Offsets no read_committed reader may pass until their producer transactions end.
+    pub fn held(&self) -> i64 {
+        (self.high - self.stable).max(0)
     }
 }
 
@@ -63,8 +73,10 @@ pub fn table_header() -> String {
         "topic/partition",
         "stored",
         "earliest",
+        "stable",
         "end",
         "lag",
+        "held",
     ])
 }
 
@@ -77,15 +89,34 @@ impl PartitionOffsets {
             &self.tp.to_string(),
             &or_dash(self.stored),
             &self.low.to_string(),
+            &self.stable.to_string(),
             &self.high.to_string(),
             &or_dash(self.lag()),
+            &self.held().to_string(),
         ])
     }
 }
 
-fn table_line(cells: [&str; 6]) -> String {
-    let [pipeline, tp, stored, low, high, lag] = cells;
-    format!("{pipeline:<24} {tp:<32} {stored:>12} {low:>12} {high:>12} {lag:>10}")
+/// What `offsets list` prints under its table when a partition is held by an open transaction.
+pub fn held_note(listed: &[PartitionOffsets]) -> Option<String> {
+    let held: Vec<String> = listed
+        .iter()
+        .filter(|o| o.held() > 0)
+        .map(|o| o.tp.to_string())
+        .collect();
+    (!held.is_empty()).then(|| {
+        format!(
+            "held: {} have an open producer transaction at their stable offset; idemsink reads \
+             read_committed, so nothing after it is written until that transaction commits or aborts \
+             (the broker aborts it after the producer's transaction.timeout.ms)",
+            held.join(", ")
+        )
+    })
+}
+
+fn table_line(cells: [&str; 8]) -> String {
+    let [pipeline, tp, stored, low, stable, high, lag, held] = cells;
+    format!("{pipeline:<24} {tp:<32} {stored:>12} {low:>12} {stable:>12} {high:>12} {lag:>10} {held:>8}")
 }
 
 /// A move of one partition's stored offset.
@@ -139,16 +170,27 @@ impl std::str::FromStr for ResetTo {
 /// A pipeline's Kafka side for this command: metadata, watermarks and the group.
 struct Kafka<'a> {
     p: &'a LoadedPipeline,
+    /// Reads as the pipeline does (read_committed): its end offsets are the stable offsets.
     consumer: BaseConsumer,
+    /// Reads uncommitted: its end offsets are the high watermarks.
+    uncommitted: BaseConsumer,
 }
 
 impl<'a> Kafka<'a> {
     fn connect(p: &'a LoadedPipeline) -> Result<Kafka<'a>, OffsetsError> {
-        // The pipeline's own settings (TLS, SASL); this client never joins the group.
+        // The pipeline's own settings (TLS, SASL); these clients never join the group.
         let consumer = client_config(p)
             .create()
             .map_err(|e| Self::error(p, "creating a client", e))?;
-        Ok(Kafka { p, consumer })
+        let uncommitted = client_config(p)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .map_err(|e| Self::error(p, "creating a client", e))?;
+        Ok(Kafka {
+            p,
+            consumer,
+            uncommitted,
+        })
     }
 
     fn error(p: &LoadedPipeline, context: impl Into<String>, source: KafkaError) -> OffsetsError {
@@ -177,10 +219,19 @@ impl<'a> Kafka<'a> {
         Ok(all)
     }
 
+    /// The log start offset and the last stable offset: the range the pipeline reads.
     fn watermarks(&self, tp: &TopicPartition) -> Result<(i64, i64), OffsetsError> {
         self.consumer
             .fetch_watermarks(&tp.topic, tp.partition, KAFKA_TIMEOUT)
             .map_err(|e| Self::error(self.p, format!("reading the watermarks of {tp}"), e))
+    }
+
+    /// The high watermark, past open transactions.
+    fn high_watermark(&self, tp: &TopicPartition) -> Result<i64, OffsetsError> {
+        self.uncommitted
+            .fetch_watermarks(&tp.topic, tp.partition, KAFKA_TIMEOUT)
+            .map(|(_, high)| high)
+            .map_err(|e| Self::error(self.p, format!("reading the end offset of {tp}"), e))
     }
 
     /// Members of the pipeline's consumer group: running instances.
@@ -234,12 +285,14 @@ pub async fn list(p: &LoadedPipeline) -> Result<Vec<PartitionOffsets>, OffsetsEr
             .partitions()?
             .into_iter()
             .map(|tp| {
-                let (low, high) = kafka.watermarks(&tp)?;
+                let (low, stable) = kafka.watermarks(&tp)?;
+                let high = kafka.high_watermark(&tp)?;
                 let stored = stored.get(&tp).copied();
                 Ok(PartitionOffsets {
                     tp,
                     stored,
                     low,
+                    stable,
                     high,
                 })
             })
@@ -411,11 +464,23 @@ mod tests {
             tp: tp.clone(),
             stored,
             low: 5,
-            high: 100,
+            stable: 100,
+            high: 130,
         };
-        assert_eq!(at(Some(40)).lag(), Some(60));
+        assert_eq!(at(Some(40)).lag(), Some(60), "up to the stable offset");
         assert_eq!(at(Some(100)).lag(), Some(0));
         assert_eq!(at(Some(120)).lag(), Some(0), "never negative");
         assert_eq!(at(None).lag(), None);
+        assert_eq!(at(Some(100)).held(), 30, "behind an open transaction");
+        let note = held_note(&[at(Some(100))]).expect("a note");
+        assert!(
+            note.contains("t/0") && note.contains("open producer transaction"),
+            "{note}"
+        );
+        let caught_up = PartitionOffsets {
+            high: 100,
+            ..at(Some(100))
+        };
+        assert_eq!(held_note(&[caught_up]), None);
     }
 }

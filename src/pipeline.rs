@@ -21,7 +21,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batch, DeadLetter, RawRecord};
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Tolerance};
-use crate::consumer::{client_config, Assignment, Owned, SinkConsumer, SinkContext};
+use crate::consumer::{
+    client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer, SinkContext,
+};
 use crate::db::{Backend, DbPool};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
@@ -297,6 +299,8 @@ async fn read_loop(
     // Armed when a batch gets its first row; fires if the batch is still open then.
     let flush_timer = tokio::time::sleep(max_wait);
     tokio::pin!(flush_timer);
+    let mut idle = tokio::time::interval(COVER_WHEN_IDLE);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let can_offer = handover.waiting.is_none();
         let may_pause = !can_offer && !handover.paused;
@@ -310,25 +314,33 @@ async fn read_loop(
                 if let Some(reason) = shared.assignment.fatal() {
                     return Err(PipelineError::Fatal(reason));
                 }
-                apply_seeks(shared);
+                apply_seeks(shared, &mut batch).await?;
             }
             permit = batches.reserve(), if !can_offer => {
                 let Ok(permit) = permit else { return Ok(()) };
                 handover.send_waiting(permit);
                 if batch.records() >= max_records {
-                    handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
+                    handover.offer(&batches, cut(shared, &mut batch));
                 }
             }
             _ = handover.pause_at.as_mut(), if may_pause => handover.pause(),
             _ = &mut flush_timer, if can_offer && !batch.is_empty() => {
-                handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
+                handover.offer(&batches, cut(shared, &mut batch));
+            }
+            // Caught up: offsets read past without a record (a transaction's commit or abort
+            // marker) are committed on their own, so the stored offsets reach the end offsets.
+            _ = idle.tick(), if can_offer && batch.is_empty() => {
+                cover_positions(shared, &mut batch);
+                if !batch.is_empty() {
+                    handover.offer(&batches, cut(shared, &mut batch));
+                }
             }
             // Records are taken while no batch waits, or once fetching is paused: then only
             // what was fetched before the pause still arrives.
             received = shared.consumer.recv(), if can_offer || handover.paused => {
                 let message = match received {
                     Ok(m) => m,
-                    Err(e) => { consumer_error(&shared.pipeline, e)?; continue; }
+                    Err(e) => { consumer_error(shared, e)?; continue; }
                 };
                 let opens_batch = batch.is_empty();
                 if let Err(error) = add_record(shared, &mapper, &message, &mut batch, &mut cells) {
@@ -349,13 +361,49 @@ async fn read_loop(
                 // While a batch waits for the writer, records fetched before the pause took
                 // effect gather in the next one, beyond `max_records` if need be.
                 if can_offer && batch.records() >= max_records {
-                    handover.offer(&batches, std::mem::replace(&mut batch, Batch::new(columns)));
+                    handover.offer(&batches, cut(shared, &mut batch));
                 }
             }
         }
     }
+    cover_positions(shared, &mut batch);
     handover.finish(&batches, batch).await;
     Ok(())
+}
+
+/// How often a caught-up consumer loop looks for offsets to cover without a record.
+const COVER_WHEN_IDLE: Duration = Duration::from_secs(1);
+
+/// Takes the open batch for the writer, leaving an empty one: first it covers the offsets
+/// read past after its last record of each partition.
+fn cut(shared: &Shared, batch: &mut Batch) -> Batch {
+    cover_positions(shared, batch);
+    let columns = batch.columns.len();
+    std::mem::replace(batch, Batch::new(columns))
+}
+
+/// Extends `batch` over the offsets the consumer has read past that held no record for a
+/// read_committed reader: transaction markers, and records of aborted transactions. The
+/// consumer's position moves past them (librdkafka counts a marker as consumed) while the
+/// consumer loop, the only reader, has taken every record before it; so committing up to the
+/// position skips nothing. Without this a transactional topic's stored offsets would stop one
+/// short of the end, and a run of aborted transactions would never be committed past.
+fn cover_positions(shared: &Shared, batch: &mut Batch) {
+    let Ok(positions) = shared.consumer.position() else {
+        return;
+    };
+    for element in positions.elements() {
+        let Offset::Offset(position) = element.offset() else {
+            continue; // nothing consumed since the assignment or the last seek
+        };
+        let tp = TopicPartition {
+            topic: element.topic().to_string(),
+            partition: element.partition(),
+        };
+        if let Some(epoch) = shared.assignment.cover_to(&tp, position) {
+            batch.cover(&tp, epoch, position);
+        }
+    }
 }
 
 /// How long a batch waits for the writer before fetching pauses. Until then the consumer
@@ -476,39 +524,92 @@ fn raw_record(m: &BorrowedMessage<'_>) -> RawRecord {
 }
 
 /// Errors from the consumer: librdkafka retries transport problems itself, so only those
-/// that mean data would be skipped or the client is unusable stop the pipeline.
-fn consumer_error(pipeline: &str, e: KafkaError) -> Result<(), PipelineError> {
-    let fatal = match &e {
-        KafkaError::MessageConsumption(code) => matches!(code, RDKafkaErrorCode::AutoOffsetReset),
-        KafkaError::MessageConsumptionFatal(_) => true,
-        _ => false,
-    };
-    if fatal {
-        return Err(PipelineError::Kafka {
+/// that mean data would be skipped or the client is unusable stop the pipeline. A fetch out
+/// of range is handled as `auto.offset.reset` says ([`recover_out_of_range`]).
+fn consumer_error(shared: &Shared, e: KafkaError) -> Result<(), PipelineError> {
+    let pipeline = &shared.pipeline;
+    match &e {
+        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset) => {
+            let found = tokio::task::block_in_place(|| recover_out_of_range(&shared.consumer))
+                .map_err(PipelineError::Fatal)?;
+            if found == 0 {
+                warn!(pipeline = %pipeline, error = %e, "a fetch was out of range, but no partition this instance reads stands outside what Kafka has now");
+            }
+            Ok(())
+        }
+        KafkaError::MessageConsumptionFatal(_) => Err(PipelineError::Kafka {
             pipeline: pipeline.to_string(),
-            context: "consuming (a stored offset out of range means retention deleted records never written; \
-                      set source.properties.auto.offset.reset to accept skipping them)",
+            context: "consuming",
             source: e,
-        });
+        }),
+        _ => {
+            warn!(pipeline = %pipeline, error = %e, "consumer error; librdkafka retries");
+            Ok(())
+        }
     }
-    warn!(pipeline, error = %e, "consumer error; librdkafka retries");
+}
+
+/// How often a seek is tried before the pipeline stops, and how long each may take.
+const SEEK_ATTEMPTS: u32 = 10;
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies what the writer (a fenced batch) or a skip asked of the consumer, each in its
+/// epoch: the seek, then the offsets to cover. A seek of an epoch that has ended (the
+/// partition was revoked or reset again) is dropped.
+async fn apply_seeks(shared: &Shared, batch: &mut Batch) -> Result<(), PipelineError> {
+    for seek in shared.assignment.take_seeks() {
+        if let Some(offset) = seek.offset {
+            if !seek_until_done(shared, &seek, offset).await? {
+                continue;
+            }
+        }
+        if !shared.assignment.seek_owed(&seek) {
+            continue;
+        }
+        shared.assignment.seek_done(&seek);
+        if let Some(to) = seek.cover {
+            batch.cover(&seek.tp, seek.epoch, to);
+        }
+    }
     Ok(())
 }
 
-fn apply_seeks(shared: &Shared) {
-    for (tp, offset) in shared.assignment.take_seeks() {
-        match shared
-            .consumer
-            .seek(&tp.topic, tp.partition, offset, Duration::from_secs(10))
-        {
+/// Seeks, retrying a failure (librdkafka refuses a seek while a partition's fetch is still
+/// starting); past [`SEEK_ATTEMPTS`] the pipeline stops, as reading on from the old position
+/// would skip or repeat records. False if the seek is no longer owed.
+async fn seek_until_done(
+    shared: &Shared,
+    seek: &Seek,
+    offset: Offset,
+) -> Result<bool, PipelineError> {
+    let tp = &seek.tp;
+    for attempt in 1..=SEEK_ATTEMPTS {
+        if !shared.assignment.seek_owed(seek) {
+            return Ok(false);
+        }
+        let sought = tokio::task::block_in_place(|| {
+            shared
+                .consumer
+                .seek(&tp.topic, tp.partition, offset, SEEK_TIMEOUT)
+        });
+        match sought {
             Ok(()) => {
-                info!(pipeline = %shared.pipeline, partition = %tp, ?offset, "rewound to the offset stored in the database")
+                info!(pipeline = %shared.pipeline, partition = %tp, ?offset, "rewound to the offset stored in the database");
+                return Ok(true);
+            }
+            Err(e) if attempt < SEEK_ATTEMPTS => {
+                warn!(pipeline = %shared.pipeline, partition = %tp, ?offset, attempt, error = %e, "seek failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => {
-                warn!(pipeline = %shared.pipeline, partition = %tp, error = %e, "seek failed (partition probably revoked)")
+                return Err(PipelineError::Fatal(format!(
+                "pipeline {}: cannot seek {tp} to {offset:?} after {SEEK_ATTEMPTS} attempts: {e}",
+                shared.pipeline
+            )))
             }
         }
     }
+    Ok(false)
 }
 
 /// Commits batches one after another until the consumer loop hangs up.
@@ -552,7 +653,7 @@ async fn commit_batch(
                 let m = OffsetMove {
                     tp: s.tp.clone(),
                     expected: o.db_next,
-                    next: s.last + 1,
+                    next: s.next,
                 };
                 (m, s.epoch)
             })

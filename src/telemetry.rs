@@ -22,6 +22,8 @@ const DB_RETRIES: &str = "idemsink_db_retries_total";
 const REBALANCES: &str = "idemsink_rebalances_total";
 const ASSIGNED_PARTITIONS: &str = "idemsink_assigned_partitions";
 const CONSUMER_LAG: &str = "idemsink_consumer_lag";
+const TRANSACTION_HELD: &str = "idemsink_open_transaction_offsets";
+const RECORDS_SKIPPED: &str = "idemsink_records_skipped_total";
 
 /// Installs the process-wide recorder; its handle renders the exposition text.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
@@ -87,7 +89,18 @@ fn describe() {
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions this instance owns.");
     describe_gauge!(
         CONSUMER_LAG,
-        "Records in Kafka beyond the offset committed in the database (high watermark minus stored offset)."
+        "Offsets a read_committed reader can read now beyond the offset committed in the database \
+         (last stable offset minus stored offset)."
+    );
+    describe_gauge!(
+        TRANSACTION_HELD,
+        "Offsets held back by open producer transactions: high watermark minus last stable offset. \
+         No reader may pass them until their transactions commit or abort."
+    );
+    describe_counter!(
+        RECORDS_SKIPPED,
+        "Offsets skipped without being written, by reason (retention: deleted before they were \
+         written, with auto.offset.reset earliest or latest)."
     );
 }
 
@@ -145,7 +158,19 @@ pub fn rebalance(pipeline: &str, kind: &'static str, partitions: usize, owned: u
     gauge!(ASSIGNED_PARTITIONS, "pipeline" => pipeline.to_string()).set(owned as f64);
 }
 
-pub fn consumer_lag(pipeline: &str, tp: &TopicPartition, lag: i64) {
-    gauge!(CONSUMER_LAG, "pipeline" => pipeline.to_string(), "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
-        .set(lag.max(0) as f64);
+/// What Kafka has beyond the stored offset: `lag` readable now, `held` behind open transactions.
+pub fn consumer_lag(pipeline: &str, tp: &TopicPartition, lag: i64, held: i64) {
+    let labels = [
+        ("pipeline", pipeline.to_string()),
+        ("topic", tp.topic.clone()),
+        ("partition", tp.partition.to_string()),
+    ];
+    gauge!(CONSUMER_LAG, &labels).set(lag.max(0) as f64);
+    gauge!(TRANSACTION_HELD, &labels).set(held.max(0) as f64);
+}
+
+/// Offsets of a partition passed over without being written, and why.
+pub fn records_skipped(pipeline: &str, tp: &TopicPartition, reason: &'static str, count: i64) {
+    counter!(RECORDS_SKIPPED, "pipeline" => pipeline.to_string(), "topic" => tp.topic.clone(), "partition" => tp.partition.to_string(), "reason" => reason)
+        .increment(count.max(0) as u64);
 }

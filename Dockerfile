@@ -18,8 +18,9 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first, so that a change to idemsink's own code reuses their layer.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches examples \
+RUN mkdir -p src/bin benches examples \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && echo 'fn main() {}' > src/bin/txn_producer.rs \
  && echo 'fn main() {}' > benches/pipeline.rs && echo 'fn main() {}' > examples/demo.rs \
  && cargo build --release --locked --bin idemsink \
  && rm -rf src benches examples

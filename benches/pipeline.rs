@@ -169,7 +169,7 @@ impl Bench {
             "run {run}: produced {records} records in {:.1?}",
             started.elapsed()
         );
-        let end = testkit::end_offsets(&landed);
+        let end = testkit::end_offsets(brokers, &topic).await?;
 
         let consume = consume_only(brokers, &topic, records as usize).await?;
         let load = self.load_ceiling(&tag, &topic, &outgoing, &landed).await?;

@@ -69,11 +69,18 @@ pub fn producer(brokers: &str) -> Result<FutureProducer> {
         .context("producer")
 }
 
-/// A transactional producer (`init_transactions` already done).
-pub fn transactional_producer(brokers: &str, transactional_id: &str) -> Result<FutureProducer> {
+/// A transactional producer (`init_transactions` already done). The broker aborts a
+/// transaction left open longer than `timeout` (`transaction.timeout.ms`).
+pub fn transactional_producer(
+    brokers: &str,
+    transactional_id: &str,
+    timeout: Duration,
+) -> Result<FutureProducer> {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", timeout.as_millis().to_string())
+        .set("linger.ms", "5")
         .create()
         .context("transactional producer")?;
     p.init_transactions(Duration::from_secs(30))
@@ -97,6 +104,15 @@ impl Outgoing {
             value: Some(value.to_string().into_bytes()),
         }
     }
+}
+
+/// The standard test record: `{"id": id, "body": "record <id>", "n": id % 7}`, keyed by the id.
+pub fn standard_record(id: i64, partition: i32) -> Outgoing {
+    Outgoing::json(
+        partition,
+        &id.to_string(),
+        &serde_json::json!({"id": id, "body": format!("record {id}"), "n": id % 7}),
+    )
 }
 
 /// Sends every record and waits for all acknowledgements; returns the (partition, offset)
@@ -132,17 +148,70 @@ pub async fn produce(
     Ok(landed)
 }
 
-/// The end offset of each partition after the given deliveries: last offset + 1.
-///
-/// Taken from delivery reports rather than from the broker's ListOffsets, which Tansu 0.6
-/// answers wrongly after idempotent batches (it counts a batch as one record).
-pub fn end_offsets(landed: &[(i32, i64)]) -> BTreeMap<i32, i64> {
-    let mut end = BTreeMap::new();
-    for (partition, offset) in landed {
-        let e = end.entry(*partition).or_insert(0);
-        *e = (*e).max(offset + 1);
+/// Kafka's end offset (high watermark, ListOffsets) of every partition of `topic` that holds
+/// anything: with transactions, one past the last marker.
+pub async fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+    let (brokers, topic) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut end = BTreeMap::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                if high > 0 {
+                    end.insert(p.id(), high);
+                }
+            }
+        }
+        Ok(end)
+    })
+    .await
+    .context("end offsets task")?
+}
+
+/// An admin client for tests: partitions added, records deleted.
+pub fn admin(brokers: &str) -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("admin client")
+}
+
+/// Deletes every record of `partition` before `before` (Kafka's DeleteRecords), as retention
+/// does: the log start offset moves to `before`.
+pub async fn delete_records(brokers: &str, topic: &str, partition: i32, before: i64) -> Result<()> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))?;
+    let deleted = admin(brokers)?
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .context("delete records")?;
+    for e in deleted.elements() {
+        if let Err(err) = e.error() {
+            bail!("deleting records of {topic}/{partition}: {err}");
+        }
     }
-    end
+    Ok(())
+}
+
+/// Grows `topic` to `partitions` partitions (Kafka's CreatePartitions).
+pub async fn add_partitions(brokers: &str, topic: &str, partitions: usize) -> Result<()> {
+    let grow = rdkafka::admin::NewPartitions::new(topic, partitions);
+    for result in admin(brokers)?
+        .create_partitions([&grow], &AdminOptions::new())
+        .await
+        .context("create partitions")?
+    {
+        if let Err((name, code)) = result {
+            bail!("adding partitions to {name}: {code}");
+        }
+    }
+    Ok(())
 }
 
 /// The offsets a pipeline has stored for a topic (none before its offsets table exists).

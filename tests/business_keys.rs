@@ -177,14 +177,16 @@ fn records(events: &[Event], partitions: i32) -> Vec<Outgoing> {
 }
 
 /// Produces the events; returns where each landed.
-async fn produce(case: &Case, events: &[Event]) -> Vec<(i32, i64)> {
+/// Produces the events; returns Kafka's end offsets after them.
+async fn produce(case: &Case, events: &[Event]) -> BTreeMap<i32, i64> {
     testkit::produce(
         &case.producer(),
         &case.topic,
         &records(events, case.partitions),
     )
     .await
-    .expect("produce")
+    .expect("produce");
+    case.end_offsets().await
 }
 
 async fn table_state(case: &Case) -> BTreeMap<i64, (i64, String)> {
@@ -251,7 +253,7 @@ async fn duplicate_business_keys_keep_the_newest_in_upsert_and_the_first_in_inse
     let events = versions_with_resends();
     for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
         let case = orders_case(backend, "dupkey", 3).await;
-        let end = testkit::end_offsets(&produce(&case, &events).await);
+        let end = produce(&case, &events).await;
         let config = case.config_with(
             &rule.sink(false),
             "batch:\n  max_records: 250\n  max_wait_ms: 50\n",
@@ -308,7 +310,7 @@ async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backe
     }
     for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
         let case = orders_case(backend, "batchkey", 1).await;
-        let end = testkit::end_offsets(&produce(&case, &events).await);
+        let end = produce(&case, &events).await;
         // Everything is in the topic before the run: batches hold hundreds of records.
         let config = case.config_with(
             &rule.sink(true),
@@ -333,15 +335,12 @@ async fn an_older_version_arriving_after_a_newer_one_changes_nothing(backend: Ba
     let config = case.config_with(&Rule::NewerBy.sink(false), "");
     let connector = Connector::start(&config);
     let newer: Vec<Event> = (0..50).map(|id| event(id, 5, id as usize)).collect();
-    case.wait_for_offsets(
-        &testkit::end_offsets(&produce(&case, &newer).await),
-        CATCH_UP,
-    )
-    .await;
+    case.wait_for_offsets(&produce(&case, &newer).await, CATCH_UP)
+        .await;
     let older: Vec<Event> = (0..50).map(|id| event(id, 3, 100 + id as usize)).collect();
     let newest: Vec<Event> = (0..10).map(|id| event(id, 6, 200 + id as usize)).collect();
     produce(&case, &older).await;
-    let end = testkit::end_offsets(&produce(&case, &newest).await);
+    let end = produce(&case, &newest).await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = connector.stop(EXIT);
     assert!(status.success(), "log:\n{log}");
@@ -374,7 +373,7 @@ async fn tombstones_delete_and_a_reinsert_after_a_tombstone_leaves_the_row(backe
     ];
     // Each step in its own batches, so deletes and re-inserts meet committed rows.
     for step in &steps {
-        let end = testkit::end_offsets(&produce(&case, step).await);
+        let end = produce(&case, step).await;
         case.wait_for_offsets(&end, CATCH_UP).await;
     }
     let (status, log) = connector.stop(EXIT);
@@ -417,10 +416,10 @@ async fn sigkill_restarts_in_upsert_mode_end_in_the_state_of_applying_every_reco
         .chunks(1000)
         .map(|chunk| records(chunk, case.partitions))
         .collect();
-    let (connector, landed) = case
+    let (connector, _) = case
         .stream_while_killing(&config, chunks, 5, 500..2500, &mut rng)
         .await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = connector.stop(EXIT);
     assert!(status.success(), "log:\n{log}");

@@ -152,7 +152,7 @@ async fn poison_records_go_to_the_dead_letter_table_once_and_every_good_record_l
     let (mut connector, landed) = case
         .stream_while_killing(&config, chunks, 3, 700..2000, &mut rng)
         .await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_while_running(&mut connector, &end).await;
     let (status, log) = connector.stop(EXIT);
     assert!(status.success(), "clean exit; log:\n{log}");
@@ -326,7 +326,7 @@ async fn dead_letters_are_listed_and_requeued_with_their_key_value_and_headers(b
         "{out}"
     );
 
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let log = case.run_until_stored(&config, &end).await;
     assert_eq!(
         log.matches("record dead-lettered").count(),
@@ -461,7 +461,7 @@ async fn in_upsert_mode_a_refused_version_leaves_its_key_at_the_last_version_not
     let landed = testkit::produce(&case.producer(), &case.topic, &records)
         .await
         .expect("produce");
-    case.run_until_stored(&config, &testkit::end_offsets(&landed))
+    case.run_until_stored(&config, &case.end_offsets().await)
         .await;
     let rows = case
         .texts(&format!(

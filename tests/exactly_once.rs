@@ -1,6 +1,6 @@
 //! The exactly-once guarantee against a real broker and a real database — each test runs on
 //! PostgreSQL and on MariaDB — with idemsink running as a separate process: full runs,
-//! SIGKILL at random moments, replays, transactions, and bad records.
+//! SIGKILL at random moments, replays and bad records (transactions: `tests/transactions.rs`).
 
 #[macro_use]
 mod common;
@@ -16,7 +16,6 @@ const CATCH_UP: Duration = Duration::from_secs(120);
 on_both_databases!(
     lands_20000_records_over_4_partitions_exactly_once_then_replays_change_nothing,
     sigkill_at_random_moments_while_streaming_loses_and_doubles_nothing,
-    records_of_committed_producer_transactions_land,
     a_value_that_is_not_json_stops_the_run_naming_the_record,
     a_missing_field_for_a_not_null_column_stops_the_run_naming_the_record,
     a_batch_whose_offset_moved_underneath_is_rolled_back_and_reading_resumes_from_the_database,
@@ -30,7 +29,7 @@ async fn lands_20000_records_over_4_partitions_exactly_once_then_replays_change_
     let case = Case::new(backend, "full", 4).await;
     let producer = case.producer();
     let landed = case.produce_ids(&producer, 0..20_000).await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let produced = with_ids(0..20_000, landed);
     let config = case.config("batch:\n  max_records: 2000\n  max_wait_ms: 50\n");
 
@@ -96,63 +95,6 @@ async fn sigkill_at_random_moments_while_streaming_loses_and_doubles_nothing(bac
         .stream_while_killing(&config, chunks, 5, 500..3000, &mut rng)
         .await;
     case.stop_caught_up(connector, landed).await;
-}
-
-/// Produces `transactions` transactions of 100 records each over the case's partitions,
-/// aborting those `abort` selects; returns the committed records and where they landed.
-async fn produce_transactions(
-    case: &Case,
-    transactions: i64,
-    abort: impl Fn(i64) -> bool,
-) -> Vec<(i64, (i32, i64))> {
-    use rdkafka::producer::Producer;
-    let producer =
-        testkit::transactional_producer(&case.brokers, &common::unique("txid")).expect("producer");
-    let mut committed = Vec::new();
-    for tx in 0..transactions {
-        producer.begin_transaction().expect("begin");
-        let ids = tx * 100..(tx + 1) * 100;
-        let landed = case.produce_ids(&producer, ids.clone()).await;
-        if abort(tx) {
-            producer
-                .abort_transaction(Duration::from_secs(30))
-                .expect("abort");
-        } else {
-            producer
-                .commit_transaction(Duration::from_secs(30))
-                .expect("commit");
-            committed.extend(with_ids(ids, landed));
-        }
-    }
-    committed
-}
-
-/// Runs the case's pipeline over the committed transactions and checks they landed exactly
-/// once. Control markers take offsets: the stored next offset is one past the last record.
-async fn assert_committed_transactions_land(case: &Case, committed: &[(i64, (i32, i64))]) {
-    let end = testkit::end_offsets(&committed.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-    case.run_until_stored(&case.config(""), &end).await;
-    assert_exactly_once(&case.rows().await, committed);
-}
-
-async fn records_of_committed_producer_transactions_land(backend: Backend) {
-    let case = Case::new(backend, "txn", 2).await;
-    let committed = produce_transactions(&case, 3, |_| false).await;
-    assert_committed_transactions_land(&case, &committed).await;
-}
-
-/// Needs a broker that reports aborted transactions in Fetch (Apache Kafka); Tansu 0.6 and
-/// librdkafka's mock cluster do not, so a read_committed consumer would see aborted records
-/// there. Run with IDEMSINK_TEST_KAFKA=host:port (scripts/test.sh then includes it).
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs a broker that filters aborted transactions: set IDEMSINK_TEST_KAFKA to an Apache Kafka broker"]
-async fn records_of_aborted_producer_transactions_never_land() {
-    let kafka = std::env::var("IDEMSINK_TEST_KAFKA")
-        .expect("IDEMSINK_TEST_KAFKA must name an Apache Kafka broker for this test; it cannot pass without checking");
-    let case = Case::on_broker(Backend::Postgres, "abort", 2, kafka).await;
-    let committed = produce_transactions(&case, 6, |tx| tx % 2 == 1).await;
-    assert_eq!(committed.len(), 300);
-    assert_committed_transactions_land(&case, &committed).await;
 }
 
 /// Produces 100 good records, one bad one, 100 good ones to a single partition; the run must
@@ -228,7 +170,7 @@ async fn a_batch_whose_offset_moved_underneath_is_rolled_back_and_reading_resume
     let case = Case::new(backend, "fence", 2).await;
     let producer = case.producer();
     let first = case.produce_ids(&producer, 0..1000).await;
-    let end_first = testkit::end_offsets(&first);
+    let end_first = case.end_offsets().await;
     let connector =
         Connector::start(&case.config("batch:\n  max_records: 5000\n  max_wait_ms: 200\n"));
     case.wait_for_offsets(&end_first, CATCH_UP).await;
@@ -242,7 +184,7 @@ async fn a_batch_whose_offset_moved_underneath_is_rolled_back_and_reading_resume
     ))
     .await;
     let second = case.produce_ids(&producer, 1000..2000).await;
-    let end = testkit::end_offsets(&second);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = connector.stop(EXIT);
     assert!(status.success(), "log:\n{log}");
@@ -288,10 +230,10 @@ async fn awkward_values_arrive_byte_for_byte_on_first_write_and_on_replay(backen
             Outgoing::json(0, &i.to_string(), &value)
         })
         .collect();
-    let landed = testkit::produce(&case.producer(), &case.topic, &records)
+    testkit::produce(&case.producer(), &case.topic, &records)
         .await
         .expect("produce");
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let config = case.config("");
     let text = std::fs::read_to_string(&config)
         .expect("read config")
@@ -393,7 +335,7 @@ async fn a_table_with_row_level_security_is_written_by_insert_exactly_once() {
     }
     let producer = case.producer();
     let landed = case.produce_ids(&producer, 0..3000).await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let log = case
         .run_until_stored(
             &case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n"),

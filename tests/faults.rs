@@ -14,7 +14,6 @@ use common::{
     assert_exactly_once, Backend, Case, Connector, PrivateBroker, PrivateDatabase, ASSIGNED,
 };
 use idemsink::db::DbPool;
-use idemsink::testkit;
 use rand::{Rng, SeedableRng};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
@@ -25,6 +24,7 @@ on_both_databases!(
     the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group,
     past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up,
     the_broker_unreachable_for_10_s_during_a_stream_costs_nothing,
+    the_broker_killed_and_restarted_twice_during_a_stream_loses_and_doubles_nothing,
     instances_starting_together_on_a_fresh_database_migrate_it_once,
 );
 
@@ -66,8 +66,7 @@ async fn instances_starting_together_on_a_fresh_database_migrate_it_once(backend
 
 /// The broker freezes (SIGSTOP: connections stay open and nothing answers, as with a network
 /// partition) for 10 s while records stream in; idemsink keeps running, and once the broker
-/// is back every record lands exactly once. (A broker restart cannot be shown here: the
-/// available broker keeps topics in memory and loses them when it stops.)
+/// is back every record lands exactly once.
 async fn the_broker_unreachable_for_10_s_during_a_stream_costs_nothing(backend: Backend) {
     let broker = PrivateBroker::start();
     let case = Case::on_broker(backend, "brokerdown", 4, broker.address()).await;
@@ -94,6 +93,47 @@ async fn the_broker_unreachable_for_10_s_during_a_stream_costs_nothing(backend: 
     broker.signal("CONT");
     let landed = streamer.await.expect("producer task");
     assert_eq!(landed.len(), 20_000);
+    case.stop_caught_up(connector, landed).await;
+}
+
+/// The broker crashes (SIGKILL) twice in the middle of a 200,000-record stream and comes back
+/// on its own storage each time (a JVM start takes seconds): idemsink never exits, and every
+/// record lands exactly once with the stored offsets at the end offsets.
+async fn the_broker_killed_and_restarted_twice_during_a_stream_loses_and_doubles_nothing(
+    backend: Backend,
+) {
+    let broker = PrivateBroker::start();
+    let case = Case::on_broker(backend, "brokerkill", 4, broker.address()).await;
+    let config = case.config(
+        "batch:
+  max_records: 2000
+  max_wait_ms: 50
+",
+    );
+    let mut connector = Connector::start(&config);
+    connector.wait_assigned(Duration::from_secs(30)).await;
+    let streamer = case.stream(
+        case.record_chunks(0..200_000, 2000),
+        Duration::from_millis(100),
+    );
+    for kill in 1..=2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let stored: i64 = case.stored_offsets().await.values().sum();
+        assert!(
+            stored < 200_000,
+            "kill {kill} comes in the middle of the stream ({stored} stored)"
+        );
+        broker.kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker.start_again();
+        assert!(
+            connector.exited().is_none(),
+            "idemsink keeps running through broker crash {kill}; log:\n{}",
+            connector.log_text()
+        );
+    }
+    let landed = streamer.await.expect("producer task");
+    assert_eq!(landed.len(), 200_000);
     case.stop_caught_up(connector, landed).await;
 }
 
@@ -142,7 +182,7 @@ async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_c
     let producer = case.producer();
     let mut landed = case.produce_ids(&producer, 0..1000).await;
     let connector = Connector::start(&config);
-    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
         .await;
 
     db.stop();
@@ -159,7 +199,7 @@ async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_c
     assert!(log.contains(RETRYING), "{log}");
 
     db.start_again();
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let log = case.run_until_stored(&config, &end).await;
     assert_exactly_once(
         &case.rows().await,

@@ -10,10 +10,10 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_exactly_once, idemsink, Backend, Case, Connector, TableWrites, EXIT, FENCED};
-use idemsink::testkit;
-use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
+use common::{
+    assert_exactly_once, http_get, idemsink, metric_sum, Backend, Case, Connector, TableWrites,
+    EXIT, FENCED,
+};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
 
@@ -21,16 +21,6 @@ on_both_databases!(
     metrics_and_health_of_a_real_run_match_what_landed,
     offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running_instance,
 );
-
-/// One record per produce batch: Tansu's ListOffsets counts a batch as one record, and
-/// `offsets list` shows Kafka's end offsets as ListOffsets gives them.
-fn one_record_batches(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("batch.num.messages", "1")
-        .create()
-        .expect("producer")
-}
 
 fn offsets(config: &Path, args: &[&str]) -> (bool, String) {
     let mut all: Vec<&OsStr> = vec!["offsets".as_ref(), args[0].as_ref(), "--config".as_ref()];
@@ -65,14 +55,14 @@ async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running
     backend: Backend,
 ) {
     let case = Case::new(backend, "offsets", 2).await;
-    let producer = one_record_batches(&case.brokers);
+    let producer = case.producer();
     let mut landed = case.produce_ids(&producer, 0..400).await;
-    let first_end = testkit::end_offsets(&landed);
+    let first_end = case.end_offsets().await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second_starts = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
     landed.extend(case.produce_ids(&producer, 400..600).await);
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
 
     // Before any run: nothing stored, so no lag is known.
@@ -80,7 +70,9 @@ async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running
     assert!(ok, "{listed}");
     let row = |p: i32, stored: &str, end: i64, lag: &str| {
         let tp = format!("{}/{p}", case.topic);
-        let fields = [case.name.as_str(), &tp, stored, "0", &end.to_string(), lag];
+        // No transaction: the stable offset is the end offset, and nothing is held.
+        let end = end.to_string();
+        let fields = [case.name.as_str(), &tp, stored, "0", &end, &end, lag, "0"];
         fields.join(" ")
     };
     let squeeze = |text: &str| -> Vec<String> {
@@ -123,7 +115,7 @@ async fn offsets_are_listed_with_lag_set_and_reset_and_not_moved_under_a_running
         "the change is printed:\n{forced}"
     );
     landed.extend(case.produce_ids(&producer, 600..700).await);
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let (status, log) = running.stop(EXIT);
     assert!(status.success(), "{log}");
@@ -193,47 +185,27 @@ async fn http_address(connector: &Connector) -> String {
         .expect("the listener's address is logged")
 }
 
-fn get(address: &str, path: &str) -> (u16, String) {
-    match ureq::get(&format!("http://{address}{path}")).call() {
-        Ok(r) => (r.status(), r.into_string().expect("body")),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
-        Err(e) => panic!("GET {path}: {e}"),
-    }
-}
-
-/// The sum of every sample of `metric` for this pipeline (over its other labels).
-fn sample(exposition: &str, metric: &str, pipeline: &str) -> Option<f64> {
-    let samples: Vec<f64> = exposition
-        .lines()
-        .filter(|l| {
-            l.starts_with(&format!("{metric}{{")) && l.contains(&format!("pipeline=\"{pipeline}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!samples.is_empty()).then(|| samples.iter().sum())
-}
-
 /// 3,000 records land while `/metrics` is scraped: its counters equal what the table and
 /// the log show, `/readyz` turns ready once the group assigned the partitions, the lag
 /// gauge shows the records held back while writes wait, and every log line is JSON.
 async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
     let case = Case::new(backend, "metrics", 2).await;
-    let producer = one_record_batches(&case.brokers);
+    let producer = case.producer();
     let config = case.config("batch:\n  max_records: 500\n  max_wait_ms: 50\n");
     let connector = Connector::start_command(&["run", "--log-format", "json", "--config"], &config);
     let address = http_address(&connector).await;
-    assert_eq!(get(&address, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(&address, "/healthz"), (200, "ok\n".to_string()));
     connector.wait_assigned(Duration::from_secs(30)).await;
-    let (status, body) = get(&address, "/readyz");
+    let (status, body) = http_get(&address, "/readyz");
     assert_eq!(status, 200, "ready once assigned: {body}");
 
     let mut landed = case.produce_ids(&producer, 0..3000).await;
-    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
         .await;
-    let metrics = get(&address, "/metrics").1;
+    let metrics = http_get(&address, "/metrics").1;
     let name = &case.name;
     let value = |metric: &str| {
-        sample(&metrics, metric, name).unwrap_or_else(|| panic!("{metric} missing:\n{metrics}"))
+        metric_sum(&metrics, metric, name).unwrap_or_else(|| panic!("{metric} missing:\n{metrics}"))
     };
     let rows = case.rows().await.len() as f64;
     assert_eq!(rows, 3000.0);
@@ -263,16 +235,21 @@ async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
     let held = TableWrites::hold(&case).await;
     landed.extend(case.produce_ids(&producer, 3000..3400).await);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while sample(&get(&address, "/metrics").1, "idemsink_consumer_lag", name) != Some(400.0) {
+    while metric_sum(
+        &http_get(&address, "/metrics").1,
+        "idemsink_consumer_lag",
+        name,
+    ) != Some(400.0)
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "lag never showed the 400 waiting records:\n{}",
-            get(&address, "/metrics").1
+            http_get(&address, "/metrics").1
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     held.release().await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
 
     let (status, log) = connector.stop(EXIT);
@@ -288,30 +265,24 @@ async fn metrics_and_health_of_a_real_run_match_what_landed(backend: Backend) {
     case.forget_offsets().await;
     let again = Connector::start(&config);
     case.wait_for_offsets(&end, CATCH_UP).await;
-    let log = again.log_text();
-    let address = log
-        .lines()
-        .find_map(|l| l.split("address=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("address logged")
-        .to_string();
-    let metrics = get(&address, "/metrics").1;
+    let address = again.http_address().await;
+    let metrics = http_get(&address, "/metrics").1;
     assert_eq!(
-        sample(&metrics, "idemsink_records_consumed_total", name),
+        metric_sum(&metrics, "idemsink_records_consumed_total", name),
         Some(3400.0)
     );
     assert_eq!(
-        sample(&metrics, "idemsink_rows_updated_total", name),
+        metric_sum(&metrics, "idemsink_rows_updated_total", name),
         Some(0.0)
     );
     if backend == Backend::Postgres {
         assert_eq!(
-            sample(&metrics, "idemsink_rows_written_total", name),
+            metric_sum(&metrics, "idemsink_rows_written_total", name),
             Some(0.0),
             "{metrics}"
         );
         assert_eq!(
-            sample(&metrics, "idemsink_rows_unchanged_total", name),
+            metric_sum(&metrics, "idemsink_rows_unchanged_total", name),
             Some(3400.0),
             "{metrics}"
         );

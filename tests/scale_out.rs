@@ -2,10 +2,14 @@
 //! instances joining and leaving while records stream, a zombie paused in the middle of a
 //! write, and a database slower than `max.poll.interval.ms`.
 //!
-//! Group timings these tests rely on (see `common::GROUP_PROPERTIES`): sessions of 2 s, so
-//! a member that stops heartbeating (SIGKILL, SIGSTOP) loses its partitions about 2 s later;
-//! Tansu completes a join or a rejoin in about 1 s; librdkafka enforces `max.poll.interval.ms`
-//! in the client, so a member that stops polling leaves the group by itself.
+//! Each runs under the classic group protocol and under KIP-848's consumer protocol, where
+//! the broker assigns partitions (always incrementally) and sets the session.
+//!
+//! Group timings these tests rely on: sessions of 2 s (`common::GROUP_PROPERTIES` under the
+//! classic protocol; the development broker's `group.consumer.session.timeout.ms` under the
+//! consumer protocol), so a member that stops heartbeating (SIGKILL, SIGSTOP) loses its
+//! partitions about 2 s later; librdkafka enforces `max.poll.interval.ms` in the client, so a
+//! member that stops polling leaves the group by itself.
 
 #[macro_use]
 mod common;
@@ -13,7 +17,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_exactly_once, with_ids, Backend, Case, Connector, TableWrites, ASSIGNED, EXIT, FENCED,
+    assert_exactly_once, with_ids, Backend, Case, Connector, GroupProtocol, TableWrites, ASSIGNED,
+    EXIT, FENCED,
 };
 use idemsink::db::DbPool;
 use idemsink::testkit::{self, Outgoing};
@@ -24,11 +29,34 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 
 on_both_databases!(
     three_instances_share_8_partitions_while_one_stops_and_one_is_killed,
+    three_instances_share_8_partitions_while_one_stops_and_one_is_killed_under_kip848,
     scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict,
+    scaling_from_1_to_4_instances_and_back_under_kip848,
     a_zombie_paused_mid_write_is_fenced_in_insert_mode,
+    a_zombie_paused_mid_write_is_fenced_in_insert_mode_under_kip848,
     a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins,
     a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
 );
+
+async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(backend: Backend) {
+    three_instances_share_8_partitions(backend, GroupProtocol::Classic).await;
+}
+
+async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed_under_kip848(
+    backend: Backend,
+) {
+    three_instances_share_8_partitions(backend, GroupProtocol::Consumer).await;
+}
+
+async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict(
+    backend: Backend,
+) {
+    scaling_from_1_to_4_instances_and_back(backend, GroupProtocol::Classic).await;
+}
+
+async fn scaling_from_1_to_4_instances_and_back_under_kip848(backend: Backend) {
+    scaling_from_1_to_4_instances_and_back(backend, GroupProtocol::Consumer).await;
+}
 
 fn assert_clean_exit((status, log): (std::process::ExitStatus, String)) -> String {
     assert!(
@@ -36,6 +64,17 @@ fn assert_clean_exit((status, log): (std::process::ExitStatus, String)) -> Strin
         "SIGTERM must end in a clean exit; log:\n{log}"
     );
     log
+}
+
+/// Rebalances were incremental under the consumer protocol (KIP-848 has no eager mode), and
+/// eager under the classic protocol's default strategy.
+fn assert_protocol(log: &str, protocol: GroupProtocol, incremental_if_classic: bool) {
+    let incremental = protocol == GroupProtocol::Consumer || incremental_if_classic;
+    let expected = format!("cooperative={incremental}");
+    assert!(
+        log.contains(&expected),
+        "{protocol:?}: rebalances logged {expected}; log:\n{log}"
+    );
 }
 
 fn assert_wrote(log: &str, who: &str) {
@@ -46,11 +85,15 @@ fn assert_wrote(log: &str, who: &str) {
 }
 
 /// Three instances start one after another on 8 partitions while 100,000 records stream
-/// (eager rebalancing, librdkafka's default); the first then leaves with SIGTERM and the
-/// second dies by SIGKILL, and the third takes everything over.
-async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(backend: Backend) {
+/// (eager rebalancing, librdkafka's default, under the classic protocol); the first then
+/// leaves with SIGTERM and the second dies by SIGKILL, and the third takes everything over.
+async fn three_instances_share_8_partitions(backend: Backend, protocol: GroupProtocol) {
     let case = Case::new(backend, "three", 8).await;
-    let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 50\n");
+    let config = case
+        .pipeline()
+        .protocol(protocol)
+        .extra("batch:\n  max_records: 1000\n  max_wait_ms: 50\n")
+        .write();
     // Chunks of 2,000, 250 ms apart, all along: 100,000 records at least.
     let streamer = case.stream_until_finished(100_000, 2000, Duration::from_millis(250));
     let pause = || tokio::time::sleep(Duration::from_secs(2));
@@ -70,7 +113,7 @@ async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(ba
     b.kill();
 
     let landed = streamer.finish().await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let c_log = assert_clean_exit(c.stop(EXIT));
     assert_exactly_once(
@@ -84,28 +127,42 @@ async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(ba
     );
     for (log, who) in [(&a_log, "A"), (&b_log, "B"), (&c_log, "C")] {
         assert_wrote(log, who);
+        assert_protocol(log, protocol, false);
     }
-    let last_assignment = c_log.lines().rfind(|l| l.contains(ASSIGNED));
-    let took_all = last_assignment
-        .is_some_and(|line| (0..8).all(|p| line.contains(&format!("{}/{p}@", case.topic))));
+    // An eager assignment lists every partition the instance owns; an incremental one only
+    // those it gains.
+    let assignments: Vec<&str> = c_log.lines().filter(|l| l.contains(ASSIGNED)).collect();
+    let looked_at = match protocol {
+        GroupProtocol::Classic => &assignments[assignments.len().saturating_sub(1)..],
+        GroupProtocol::Consumer => &assignments[..],
+    };
+    let took_all = (0..8).all(|p| {
+        looked_at
+            .iter()
+            .any(|line| line.contains(&format!("{}/{p}@", case.topic)))
+    });
     assert!(
         took_all,
         "C took over all 8 partitions after A left and B died; log:\n{c_log}"
     );
 }
 
-/// One instance, then four, then one again, with the cooperative-sticky strategy
-/// (incremental assign and unassign) while 60,000 records stream. Every handover drains the
-/// batch in flight before the partition moves, so no instance is ever fenced — even when the
-/// second instance joins while writes to the table are held for 3 s, so that the first
-/// instance's batch is still in flight when its partitions are revoked, and for 3 s after.
-async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_conflict(
-    backend: Backend,
-) {
+/// One instance, then four, then one again, with incremental assign and unassign (the
+/// cooperative-sticky strategy under the classic protocol; always under the consumer one)
+/// while 60,000 records stream. Every handover drains the batch in flight before the partition
+/// moves, so no instance is ever fenced — even when the second instance joins while writes to
+/// the table are held for 3 s, so that the first instance's batch is still in flight when its
+/// partitions are revoked, and for 3 s after.
+async fn scaling_from_1_to_4_instances_and_back(backend: Backend, protocol: GroupProtocol) {
     let case = Case::new(backend, "scale", 8).await;
-    let config = case
-        .pipeline()
-        .property("partition.assignment.strategy", "cooperative-sticky")
+    let file = case.pipeline().protocol(protocol);
+    let file = match protocol {
+        GroupProtocol::Classic => {
+            file.property("partition.assignment.strategy", "cooperative-sticky")
+        }
+        GroupProtocol::Consumer => file,
+    };
+    let config = file
         .extra("batch:\n  max_records: 1000\n  max_wait_ms: 50\n")
         .write();
     // Chunks of 1,000, 250 ms apart, all along: 60,000 records at least.
@@ -140,7 +197,7 @@ async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_
     }
 
     let landed = streamer.finish().await;
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     logs.push(assert_clean_exit(first.stop(EXIT)));
     assert_exactly_once(
@@ -154,10 +211,7 @@ async fn scaling_from_1_to_4_instances_and_back_hands_partitions_over_without_a_
     );
     for (i, log) in logs.iter().enumerate() {
         assert_wrote(log, &format!("instance {i}"));
-        assert!(
-            log.contains("cooperative=true"),
-            "the cooperative protocol was in use; log:\n{log}"
-        );
+        assert_protocol(log, protocol, true);
         assert!(
             !log.contains(FENCED),
             "a graceful handover fenced a batch: it was not drained; log:\n{log}"
@@ -180,7 +234,7 @@ async fn a_database_slower_than_max_poll_interval_does_not_cost_the_group_member
     let connector = Connector::start(&config);
     connector.wait_assigned(JOIN).await;
     let first = case.produce_ids(&producer, 0..1000).await;
-    case.wait_for_offsets(&testkit::end_offsets(&first), CATCH_UP)
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
         .await;
 
     let held = TableWrites::hold(&case).await;
@@ -192,7 +246,7 @@ async fn a_database_slower_than_max_poll_interval_does_not_cost_the_group_member
     held.release().await;
 
     let second = streamer.await.expect("producer task");
-    let end = testkit::end_offsets(&second);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let log = assert_clean_exit(connector.stop(EXIT));
     let landed: Vec<(i32, i64)> = first.into_iter().chain(second).collect();
@@ -252,21 +306,29 @@ impl Mode {
 }
 
 async fn a_zombie_paused_mid_write_is_fenced_in_insert_mode(backend: Backend) {
-    a_zombie_paused_mid_write_is_fenced(backend, Mode::Insert).await;
+    a_zombie_paused_mid_write_is_fenced(backend, Mode::Insert, GroupProtocol::Classic).await;
+}
+
+async fn a_zombie_paused_mid_write_is_fenced_in_insert_mode_under_kip848(backend: Backend) {
+    a_zombie_paused_mid_write_is_fenced(backend, Mode::Insert, GroupProtocol::Consumer).await;
 }
 
 async fn a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins(
     backend: Backend,
 ) {
-    a_zombie_paused_mid_write_is_fenced(backend, Mode::UpsertNewerBy).await;
+    a_zombie_paused_mid_write_is_fenced(backend, Mode::UpsertNewerBy, GroupProtocol::Classic).await;
 }
 
 /// A owns both partitions and is in the middle of writing wave 2 — inside its transaction,
 /// before touching a row, held there by a [`Trap`] — when it is frozen with SIGSTOP for longer
 /// than its session. B takes the partitions over and commits waves 2 and 3. A is continued:
-/// its late batch must be rolled back by the offsets compare-and-set, with one WARN line,
-/// and then both instances carry on with wave 4.
-async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
+/// its late batches must be rolled back by the offsets compare-and-set, with one WARN line
+/// each, and then both instances carry on with wave 4.
+async fn a_zombie_paused_mid_write_is_fenced(
+    backend: Backend,
+    mode: Mode,
+    protocol: GroupProtocol,
+) {
     let case = match mode {
         Mode::Insert => Case::new(backend, "zombie", 2).await,
         Mode::UpsertNewerBy => {
@@ -279,6 +341,7 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
     let batches = "batch:\n  max_records: 300\n  max_wait_ms: 50\n";
     let a_config = case
         .pipeline()
+        .protocol(protocol)
         .named("a")
         .url(&trap.zombie_url())
         .sink(mode.sink())
@@ -286,6 +349,7 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
         .write();
     let b_config = case
         .pipeline()
+        .protocol(protocol)
         .named("b")
         .sink(mode.sink())
         .extra(batches)
@@ -305,7 +369,7 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
     let a = Connector::start(&a_config);
     a.wait_assigned(JOIN).await;
     landed.extend(produce(1).await);
-    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
         .await;
 
     let held = trap.arm().await;
@@ -316,7 +380,7 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
     landed.extend(produce(3).await);
     let b = Connector::start(&b_config);
     b.wait_assigned(JOIN).await;
-    case.wait_for_offsets(&testkit::end_offsets(&landed), CATCH_UP)
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
         .await;
 
     a.signal("CONT");
@@ -324,7 +388,7 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
     a.wait_for_log(FENCED, 1, JOIN).await;
 
     landed.extend(produce(4).await);
-    let end = testkit::end_offsets(&landed);
+    let end = case.end_offsets().await;
     case.wait_for_offsets(&end, CATCH_UP).await;
     let a_log = assert_clean_exit(a.stop(EXIT));
     let b_log = assert_clean_exit(b.stop(EXIT));
@@ -333,12 +397,24 @@ async fn a_zombie_paused_mid_write_is_fenced(backend: Backend, mode: Mode) {
         end,
         "offsets equal the end offsets"
     );
-    assert_eq!(
-        a_log.matches(FENCED).count(),
-        1,
-        "one WARN line for the late batch; log:\n{a_log}"
+    // One WARN line per late batch: the trapped one, and possibly one more that was waiting
+    // for the writer with the other partition's records. Each names its partitions, and no
+    // partition is fenced twice: after its first fence it reads from the database again.
+    let fences: Vec<&str> = a_log.lines().filter(|l| l.contains(FENCED)).collect();
+    assert!(
+        !fences.is_empty(),
+        "the late batch was fenced; log:\n{a_log}"
     );
+    for p in 0..case.partitions {
+        let named = format!("{}/{p} (expected", case.topic);
+        let times = fences.iter().filter(|l| l.contains(&named)).count();
+        assert!(
+            times <= 1,
+            "partition {p} fenced {times} times; log:\n{a_log}"
+        );
+    }
     assert!(!b_log.contains(FENCED), "B was never fenced; log:\n{b_log}");
+    assert_protocol(&b_log, protocol, false);
 
     let late = trap.late_writes().await;
     assert!(

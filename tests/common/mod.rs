@@ -16,7 +16,6 @@ pub use idemsink::db::Backend;
 use idemsink::db::DbPool;
 use idemsink::testkit::{self, Outgoing};
 use rdkafka::producer::FutureProducer;
-use serde_json::json;
 
 /// Instantiates `async fn name(backend: Backend)` test bodies as `postgres::name` and
 /// `mysql::name`, each a multi-threaded tokio test.
@@ -54,9 +53,6 @@ macro_rules! on_pool {
     };
 }
 
-/// librdkafka group settings the tests rely on. Tansu completes a group join after about
-/// half the session timeout, and a killed member holds its partitions until the session
-/// times out: with 2 s, a (re)start consumes within ~1–3 s.
 /// How long a stopped idemsink may take to exit.
 pub const EXIT: Duration = Duration::from_secs(20);
 
@@ -65,6 +61,9 @@ pub fn with_ids(ids: std::ops::Range<i64>, landed: Vec<(i32, i64)>) -> Vec<(i64,
     ids.zip(landed).collect()
 }
 
+/// librdkafka group settings the tests rely on (classic protocol): a killed member holds its
+/// partitions until its session times out, so 2 s makes a takeover quick. The development
+/// broker allows sessions from 1 s (`scripts/devenv.sh`).
 pub const GROUP_PROPERTIES: &str = "session.timeout.ms: 2000\n    heartbeat.interval.ms: 200";
 
 pub fn brokers() -> String {
@@ -194,11 +193,13 @@ impl PrivateDatabase {
     }
 }
 
-/// A Tansu broker of one test's own (memory storage), which it may freeze with SIGSTOP to
-/// make it unreachable; on a free loopback port (`scripts/devenv.sh start|stop broker`).
+/// An Apache Kafka broker of one test's own, which it may freeze (SIGSTOP), kill (SIGKILL)
+/// and start again on the same storage; on free loopback ports (`scripts/devenv.sh
+/// start|stop|kill broker`).
 pub struct PrivateBroker {
     dir: tempfile::TempDir,
     port: u16,
+    controller_port: u16,
 }
 
 impl PrivateBroker {
@@ -206,12 +207,23 @@ impl PrivateBroker {
         let broker = PrivateBroker {
             dir: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
+            controller_port: free_port(),
         };
+        broker.start_again();
+        broker
+    }
+
+    /// Starts the broker (again), on the storage it had: topics and records survive.
+    pub fn start_again(&self) {
         assert!(
-            broker.devenv("start"),
+            self.devenv("start"),
             "scripts/devenv.sh start broker failed"
         );
-        broker
+    }
+
+    /// SIGKILL: the broker dies at once, as in a crash.
+    pub fn kill(&self) {
+        assert!(self.devenv("kill"), "scripts/devenv.sh kill broker failed");
     }
 
     pub fn address(&self) -> String {
@@ -224,7 +236,7 @@ impl PrivateBroker {
     }
 
     fn try_signal(&self, signal: &str) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.dir.path().join("tansu.pid")) else {
+        let Ok(pid) = std::fs::read_to_string(self.dir.path().join("kafka.pid")) else {
             return false;
         };
         Command::new("kill")
@@ -238,6 +250,12 @@ impl PrivateBroker {
             .args([command, "broker"])
             .env("IDEMSINK_DEVENV_DIR", self.dir.path())
             .env("IDEMSINK_KAFKA_PORT", self.port.to_string())
+            .env(
+                "IDEMSINK_KAFKA_CONTROLLER_PORT",
+                self.controller_port.to_string(),
+            )
+            // The shared broker has 512 MB; a test's own needs less.
+            .env("IDEMSINK_KAFKA_HEAP", "256m")
             .status()
             .is_ok_and(|s| s.success())
     }
@@ -247,7 +265,7 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         // A frozen broker would not stop.
         self.try_signal("CONT");
-        self.devenv("stop");
+        self.devenv("kill");
     }
 }
 
@@ -388,7 +406,9 @@ impl Case {
             case: self,
             stem: self.name.clone(),
             url: self.url.clone(),
+            group: GROUP_PROPERTIES,
             properties: String::new(),
+            source: String::new(),
             sink: STANDARD_COLUMNS.to_string(),
             extra: String::new(),
         }
@@ -537,7 +557,7 @@ impl Case {
         mut connector: Connector,
         landed: Vec<(i32, i64)>,
     ) -> String {
-        let end = testkit::end_offsets(&landed);
+        let end = self.end_offsets().await;
         self.wait_while_running(&mut connector, &end).await;
         let (status, log) = connector.stop(EXIT);
         assert!(
@@ -560,6 +580,14 @@ impl Case {
         testkit::wait_for_offsets(&self.pool, &self.name, &self.topic, end, timeout, || Ok(()))
             .await
             .expect("caught up");
+    }
+
+    /// Kafka's end offsets of the case's topic (ListOffsets), for every partition that holds
+    /// anything.
+    pub async fn end_offsets(&self) -> BTreeMap<i32, i64> {
+        testkit::end_offsets(&self.brokers, &self.topic)
+            .await
+            .expect("end offsets")
     }
 
     pub async fn stored_offsets(&self) -> BTreeMap<i32, i64> {
@@ -693,18 +721,44 @@ pub const STANDARD_COLUMNS: &str = "  columns:
     kafka_offset: $offset
 ";
 
+/// Kafka's consumer group protocols: `classic` (librdkafka assigns, eager or
+/// cooperative-sticky) and `consumer` (KIP-848: the broker assigns, always incremental).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProtocol {
+    Classic,
+    Consumer,
+}
+
 /// A pipeline file of a [`Case`]: its name, database URL, consumer properties, sink lines
 /// and extra sections can differ between the instances of one test.
 pub struct PipelineFile<'a> {
     case: &'a Case,
     stem: String,
     url: String,
+    group: &'static str,
     properties: String,
+    source: String,
     sink: String,
     extra: String,
 }
 
 impl PipelineFile<'_> {
+    /// The consumer group protocol: under `consumer` (KIP-848) the broker sets the session
+    /// (2 s on the development broker), so [`GROUP_PROPERTIES`] are left out.
+    pub fn protocol(mut self, protocol: GroupProtocol) -> Self {
+        self.group = match protocol {
+            GroupProtocol::Classic => GROUP_PROPERTIES,
+            GroupProtocol::Consumer => "group.protocol: consumer",
+        };
+        self
+    }
+
+    /// Lines of the `source` section after `properties` (e.g. `  start_from: latest\n`).
+    pub fn source(mut self, lines: &str) -> Self {
+        self.source = lines.to_string();
+        self
+    }
+
     /// The file name (without `.yaml`), for instances that need files of their own.
     pub fn named(mut self, stem: &str) -> Self {
         self.stem = stem.to_string();
@@ -739,8 +793,8 @@ source:
   brokers: {brokers}
   topics: [{topic}]
   properties:
-    {GROUP_PROPERTIES}{properties}
-sink:
+    {group}{properties}
+{source}sink:
   url: {url}
   table: {table}
 {sink}{extra}",
@@ -748,6 +802,8 @@ sink:
             brokers = self.case.brokers,
             topic = self.case.topic,
             properties = self.properties,
+            source = self.source,
+            group = self.group,
             url = self.url,
             table = self.case.table,
             sink = self.sink,
@@ -770,11 +826,7 @@ pub fn logged_counts(log: &str, field: &str) -> Vec<u64> {
 
 /// The standard test record: `{"id": id, "body": "record <id>"}`, keyed by the id.
 pub fn record(id: i64, partition: i32) -> Outgoing {
-    Outgoing::json(
-        partition,
-        &id.to_string(),
-        &json!({"id": id, "body": format!("record {id}"), "n": id % 7}),
-    )
+    testkit::standard_record(id, partition)
 }
 
 /// Asserts that the table holds exactly the produced records, each once, at the coordinates
@@ -928,6 +980,18 @@ impl Connector {
         self.wait(timeout)
     }
 
+    /// Where the instance serves /metrics, /healthz and /readyz, from its (text) log.
+    pub async fn http_address(&self) -> String {
+        self.wait_for_log("serving /metrics", 1, Duration::from_secs(30))
+            .await;
+        self.log_text()
+            .lines()
+            .find_map(|l| l.split("address=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(|a| a.trim_matches('"').to_string())
+            .expect("the listener's address is logged")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -958,4 +1022,25 @@ impl Drop for Connector {
             let _ = child.wait();
         }
     }
+}
+
+/// GET `path` from an instance's HTTP listener: the status and the body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    match ureq::get(&format!("http://{address}{path}")).call() {
+        Ok(r) => (r.status(), r.into_string().expect("body")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
+/// The sum of every sample of `metric` for this pipeline (over its other labels).
+pub fn metric_sum(exposition: &str, metric: &str, pipeline: &str) -> Option<f64> {
+    let samples: Vec<f64> = exposition
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!("{metric}{{")) && l.contains(&format!("pipeline=\"{pipeline}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
 }

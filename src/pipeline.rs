@@ -342,6 +342,8 @@ async fn read_loop(
                     Ok(m) => m,
                     Err(e) => { consumer_error(shared, e)?; continue; }
                 };
+                #[cfg(feature = "testkit")]
+                crate::testkit::hold_received(message.offset()).await;
                 let opens_batch = batch.is_empty();
                 if let Err(error) = add_record(shared, &mapper, &message, &mut batch, &mut cells) {
                     let failed = PipelineError::BadRecord {
@@ -618,10 +620,59 @@ async fn write_loop(
     writer: Writer,
     mut inbox: mpsc::Receiver<Batch>,
 ) -> Result<(), PipelineError> {
-    while let Some(batch) = inbox.recv().await {
-        commit_batch(&shared, &writer, batch).await?;
+    loop {
+        match tokio::time::timeout(WATCH_WHEN_IDLE, inbox.recv()).await {
+            Ok(Some(batch)) => commit_batch(&shared, &writer, batch).await?,
+            Ok(None) => return Ok(()),
+            Err(_idle) => watch_offsets(&shared).await,
+        }
     }
-    Ok(())
+}
+
+/// How long the writer may be idle before it checks that the stored offsets are still those
+/// it last saw: a caught-up instance notices a forced rewind (`offsets set|reset --force`)
+/// or a deleted offsets row within this, not only when its next batch is fenced.
+const WATCH_WHEN_IDLE: Duration = Duration::from_secs(5);
+
+/// The writer is idle: a partition whose stored offset is no longer what this instance last
+/// read or committed restarts from there, as after a fenced batch. One attempt: if the
+/// database does not answer, the next batch meets that fault and is retried as usual.
+async fn watch_offsets(shared: &Shared) {
+    let _writing = shared.assignment.writing.lock().await;
+    let owned = shared.assignment.all_owned();
+    if owned.is_empty() {
+        return;
+    }
+    let partitions: Vec<TopicPartition> = owned.iter().map(|(tp, _)| tp.clone()).collect();
+    let stored = match shared.store.load(&partitions).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            debug!(pipeline = %shared.pipeline, error = %e, "checking the stored offsets failed");
+            return;
+        }
+    };
+    let mut moved = Vec::new();
+    for (tp, o) in owned {
+        let now = stored.get(&tp).copied();
+        if now != o.db_next {
+            moved.push(format!(
+                "{tp} (expected {}, found {})",
+                offset_text(o.db_next),
+                offset_text(now)
+            ));
+            shared
+                .assignment
+                .reset(&tp, o.epoch, now, shared.start_from);
+        }
+    }
+    if !moved.is_empty() {
+        warn!(
+            pipeline = %shared.pipeline,
+            partitions = %moved.join(", "),
+            "the stored offsets of these partitions changed while this instance was idle (moved \
+             by hand, or written by another instance); they restart from the offsets in the database"
+        );
+    }
 }
 
 /// Writes one batch. Partitions whose stored offset moved under us are dropped from it, reset

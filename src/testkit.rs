@@ -58,6 +58,33 @@ pub async fn create_topic(
     }
 }
 
+/// The environment variable naming a hold file: see [`hold_received`].
+pub const HOLD_FILE_ENV: &str = "IDEMSINK_TESTKIT_HOLD_FILE";
+
+/// Test hook in the consumer loop, between receiving a record and taking it: while the file
+/// named by [`HOLD_FILE_ENV`] exists and holds an offset at or below the record's, the loop
+/// waits. A test puts a reset of the partition into that window deterministically (the gap
+/// after a reset). Only in builds with the `testkit` feature.
+pub async fn hold_received(offset: i64) {
+    let Some(path) = std::env::var_os(HOLD_FILE_ENV) else {
+        return;
+    };
+    let from = |text: String| text.trim().parse::<i64>().ok();
+    let held = |p: &std::ffi::OsStr| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(from)
+            .is_some_and(|from| offset >= from)
+    };
+    if held(&path) {
+        tracing::info!(offset, "testkit: holding a received record");
+        while held(&path) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(offset, "testkit: released the record");
+    }
+}
+
 /// An idempotent producer that waits for all replicas.
 pub fn producer(brokers: &str) -> Result<FutureProducer> {
     ClientConfig::new()

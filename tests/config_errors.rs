@@ -197,7 +197,54 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
         ),
     ];
     let mut cases = cases.to_vec();
+    // The "not older" guard compares Kafka positions: as numbers, within one topic.
+    let (text_type, json_type) = match backend {
+        Backend::Postgres => ("text", "jsonb"),
+        Backend::MySql => ("varchar(40)", "json"),
+    };
+    for kind in [text_type, json_type] {
+        let texty = table(
+            &pool,
+            &format!("id bigint NOT NULL PRIMARY KEY, body varchar(100), kafka_partition int, kafka_offset {kind}"),
+        )
+        .await;
+        cases.push((
+            "the offset in a non-integer column under the guard",
+            keyed_config(
+                backend,
+                &texty,
+                "  mode: upsert\n  key: [id]\n  columns:\n    id: $key\n    body: /body\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+            ),
+            "sink.columns.kafka_offset",
+            "needs an integer column",
+        ));
+    }
+    cases.push((
+        "several topics, positions compared without the topic",
+        keyed(
+            "  mode: upsert\n  key: [id]\n  columns:\n    id: $key\n    body: /body\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+        )
+        .replace("  topics: [t]", "  topics: [t, u]"),
+        "sink.columns",
+        "map $topic to a column",
+    ));
     if backend == Backend::MySql {
+        // A unique key on an AUTO_INCREMENT column the pipeline writes can collide.
+        let generated = table(
+            &pool,
+            "id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY, order_no varchar(20) NOT NULL UNIQUE, body varchar(100)",
+        )
+        .await;
+        cases.push((
+            "an AUTO_INCREMENT key the pipeline writes",
+            keyed_config(
+                backend,
+                &generated,
+                "  mode: upsert\n  key: [order_no]\n  columns:\n    id: /id\n    order_no: $key\n    body: /body\n",
+            ),
+            "sink.key",
+            "has another unique key (id)",
+        ));
         // ON DUPLICATE KEY reacts to every unique key, so a second one is refused.
         let two_keys = table(
             &pool,
@@ -227,6 +274,48 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
             line.contains(message),
             "{what}: `{line}` should say `{message}`"
         );
+    }
+
+    // What stays allowed: one topic; several with $topic mapped; a version column; an
+    // AUTO_INCREMENT key the database fills in.
+    let positions = table(
+        &pool,
+        "id bigint NOT NULL PRIMARY KEY, body varchar(100), kafka_topic varchar(200), kafka_partition int, kafka_offset bigint",
+    )
+    .await;
+    let upsert = |columns: &str| {
+        keyed_config(
+            backend,
+            &positions,
+            &format!(
+                "  mode: upsert\n  key: [id]\n  columns:\n    id: $key\n    body: /body\n{columns}"
+            ),
+        )
+    };
+    let allowed = [
+        upsert("    kafka_partition: $partition\n    kafka_offset: $offset\n"),
+        upsert(
+            "    kafka_topic: $topic\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+        )
+        .replace("  topics: [t]", "  topics: [t, u]"),
+    ];
+    for text in allowed {
+        let (ok, output, _) = idemsink("validate", dir.path(), &text);
+        assert!(ok, "allowed:\n{text}\n{output}");
+    }
+    if backend == Backend::MySql {
+        let generated = table(
+            &pool,
+            "id bigint NOT NULL AUTO_INCREMENT PRIMARY KEY, order_no varchar(20) NOT NULL UNIQUE, body varchar(100)",
+        )
+        .await;
+        let text = keyed_config(
+            backend,
+            &generated,
+            "  mode: upsert\n  key: [order_no]\n  columns:\n    order_no: $key\n    body: /body\n",
+        );
+        let (ok, output, _) = idemsink("validate", dir.path(), &text);
+        assert!(ok, "the database fills id in:\n{output}");
     }
 
     // `run` refuses the same way, with a one-line reason and a non-zero exit.

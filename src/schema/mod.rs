@@ -215,17 +215,20 @@ impl TableSchema {
     /// The unique keys other than the one on `columns` that a written row could collide
     /// with: those without an `AUTO_INCREMENT` column. MySQL's `ON DUPLICATE KEY` reacts to
     /// a collision on any of them as if it were the conflict target.
-    pub fn other_collidable_keys(&self, columns: &[&str]) -> Vec<&UniqueKey> {
+    pub fn other_collidable_keys(&self, columns: &[&str], mapped: &[&str]) -> Vec<&UniqueKey> {
+        // A key on an AUTO_INCREMENT column cannot collide while the database fills that
+        // column in; once the pipeline writes the column itself, it can.
+        let generated = |name: &String| {
+            !mapped.contains(&name.as_str())
+                && self
+                    .columns
+                    .iter()
+                    .any(|c| &c.name == name && c.auto_increment)
+        };
         self.unique_keys
             .iter()
             .filter(|key| !same_columns(&key.columns, columns))
-            .filter(|key| {
-                !key.columns.iter().any(|k| {
-                    self.columns
-                        .iter()
-                        .any(|c| &c.name == k && c.auto_increment)
-                })
-            })
+            .filter(|key| !key.columns.iter().any(generated))
             .collect()
     }
 }

@@ -47,6 +47,48 @@ pub struct SinkPlan {
     pub copy_allowed: bool,
 }
 
+/// When the "not older" guard orders rows by their Kafka position (an upsert without
+/// `newer_by`, or tombstones), the position must be comparable: numbers, not text (where
+/// `'999' >= '1000'`), and never across topics (partition 0 of two topics are unrelated).
+fn position_guard_problems(
+    p: &LoadedPipeline,
+    columns: &[ColumnPlan],
+    position: Option<Position>,
+    newer_by: Option<usize>,
+) -> Vec<ConfigError> {
+    let sink = &p.config.sink;
+    let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || sink.delete_on_null;
+    let Some(position) = position.filter(|_| guarded) else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for c in [position.partition, position.offset] {
+        let column = &columns[c];
+        if !matches!(column.kind, crate::mapping::ColumnKind::Integer { .. }) {
+            problems.push(p.error(
+                &format!("sink.columns.{}", column.name),
+                format!(
+                    "`{}` has type {}: an older record is told from a newer one by comparing the Kafka \
+                     position it holds, which needs an integer column (as text, '999' would be newer \
+                     than '1000')",
+                    column.name,
+                    column.kind.sql_name()
+                ),
+            ));
+        }
+    }
+    if position.topic.is_none() && p.config.source.topics.len() > 1 {
+        problems.push(p.error(
+            "sink.columns",
+            "several topics are read and $topic is not mapped: an older record is told from a newer \
+             one by its partition and offset, which only compare within one topic; map $topic to a \
+             column (and keep it in the rows), or set sink.newer_by"
+                .to_string(),
+        ));
+    }
+    problems
+}
+
 impl SinkPlan {
     /// Describes the target table and checks the mapping against it. Problems come back
     /// with the file and key they concern.
@@ -123,14 +165,16 @@ impl SinkPlan {
                 ),
             ));
         }
+        problems.extend(position_guard_problems(p, &columns, position, newer_by));
         if backend == Backend::MySql {
-            for other in schema.other_collidable_keys(&target) {
+            let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+            for other in schema.other_collidable_keys(&target, &mapped) {
                 problems.push(p.error(
                     key_name,
                     format!(
                         "table {table} has another unique key ({}): MySQL's ON DUPLICATE KEY would treat a row \
                          colliding on it as a duplicate of ({}) and silently skip or overwrite it; make ({}) the \
-                         only unique key besides AUTO_INCREMENT ones",
+                         only unique key besides AUTO_INCREMENT ones the pipeline does not write",
                         other.columns.join(", "),
                         target.join(", "),
                         target.join(", ")

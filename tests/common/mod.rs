@@ -889,6 +889,11 @@ impl Connector {
     }
 
     pub fn start_command(args: &[&str], config: &Path) -> Connector {
+        Self::start_with_env(args, config, &[])
+    }
+
+    /// The same, with environment variables of its own (e.g. a testkit hook).
+    pub fn start_with_env(args: &[&str], config: &Path, env: &[(&str, &Path)]) -> Connector {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let log = config.with_extension(format!("{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let stderr = std::fs::File::create(&log).expect("log file");
@@ -898,6 +903,7 @@ impl Connector {
             .env("RUST_LOG", "info,idemsink=debug")
             // Many instances run at once: each listens on a free loopback port, which it logs.
             .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -226,6 +226,31 @@ pub async fn delete_records(brokers: &str, topic: &str, partition: i32, before: 
     Ok(())
 }
 
+/// Deletes `topic` and creates it again, empty, with `partitions` partitions; waits while the
+/// broker finishes the deletion.
+pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    for result in admin(brokers)?
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .context("delete topic")?
+    {
+        if let Err((name, code)) = result {
+            bail!("deleting topic {name}: {code}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match create_topic(brokers, topic, partitions, false).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "topic not deleted yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Grows `topic` to `partitions` partitions (Kafka's CreatePartitions).
 pub async fn add_partitions(brokers: &str, topic: &str, partitions: usize) -> Result<()> {
     let grow = rdkafka::admin::NewPartitions::new(topic, partitions);

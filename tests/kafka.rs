@@ -25,6 +25,7 @@ on_both_databases!(
     a_transaction_left_open_holds_reading_at_its_first_offset_until_the_broker_aborts_it,
     records_deleted_before_they_were_written_stop_the_pipeline_or_are_skipped_as_configured,
     records_deleted_while_running_ahead_of_the_reader_are_skipped_logged_and_counted,
+    a_stored_offset_beyond_the_end_of_a_recreated_topic_stops_the_pipeline_or_is_read_again,
     start_from_latest_starts_exactly_at_the_end_fixed_when_first_assigned,
     partitions_added_while_running_are_picked_up_and_written_exactly_once,
 );
@@ -400,6 +401,57 @@ async fn records_deleted_while_running_ahead_of_the_reader_are_skipped_logged_an
     produced.retain(|(_, (p, o))| *p != 0 || !(gap_start..end[&0] - 100).contains(o));
     assert_exactly_once(&rows, &produced);
     assert_eq!(case.stored_offsets().await, end);
+}
+
+/// The topic is deleted and created again while idemsink is stopped: the stored offset (500)
+/// is beyond the new end (100). A restart stops with one line naming the partition, the stored
+/// offset and the end offset, and writes nothing (before, `auto.offset.reset: earliest` read
+/// from 0 and dropped everything below 500 without a word). With `earliest` it reads the new
+/// topic from its start, saying why; the operator had cleared the old rows, whose coordinates
+/// the new records reuse.
+async fn a_stored_offset_beyond_the_end_of_a_recreated_topic_stops_the_pipeline_or_is_read_again(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "recreated", 1).await;
+    let batch = "batch:\n  max_records: 200\n  max_wait_ms: 20\n";
+    let config = case.config(batch);
+    case.produce_ids(&case.producer(), 0..500).await;
+    case.run_until_stored(&config, &case.end_offsets().await)
+        .await;
+    testkit::recreate_topic(&case.brokers, &case.topic, 1)
+        .await
+        .expect("re-create the topic");
+    let landed = case.produce_ids(&case.producer(), 500..600).await;
+
+    let before = case.snapshot().await;
+    let (last, _) = Connector::run_to_failure(&config, "topic re-created");
+    for needle in [
+        "idemsink: error: ",
+        &format!("topic {} partition 0", case.topic),
+        "stored offset 500,",
+        "end offset 100",
+        "beyond the end of the partition",
+    ] {
+        assert!(last.contains(needle), "{needle:?} in the last line: {last}");
+    }
+    assert_eq!(case.snapshot().await, before, "nothing written");
+
+    case.exec(&format!("DELETE FROM {}", case.table)).await;
+    let config = case
+        .pipeline()
+        .property("auto.offset.reset", "earliest")
+        .extra(batch)
+        .write();
+    let end = case.end_offsets().await;
+    assert_eq!(end, BTreeMap::from([(0, 100)]));
+    let log = case.run_until_stored(&config, &end).await;
+    assert!(
+        log.contains("the stored offset is beyond the end of the partition")
+            && log.contains("stored=500")
+            && log.contains("end_offset=100"),
+        "{log}"
+    );
+    assert_exactly_once(&case.rows().await, &with_ids(500..600, landed));
 }
 
 /// `start_from: latest` with producers batching normally: the start is each partition's end

@@ -66,7 +66,7 @@ pub struct PipelineConfig {
 pub struct ErrorsConfig {
     /// How long a database operation is retried through transient faults (unreachable,
     /// connection dropped, deadlock, serialization failure) before the pipeline stops.
-    #[serde(default = "default_retry_for_ms")]
+    #[serde(default = "default_retry_for_ms", deserialize_with = "scalar")]
     pub retry_for_ms: u64,
     /// What a record that cannot become a row does: stop the pipeline, or go to the
     /// dead-letter table.
@@ -171,7 +171,7 @@ pub struct SinkConfig {
     #[serde(default)]
     pub newer_by: Option<String>,
     /// A record with a null value (a tombstone) deletes the row with its key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "scalar")]
     pub delete_on_null: bool,
     pub columns: BTreeMap<String, String>,
 }
@@ -198,10 +198,38 @@ impl fmt::Display for SinkMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    #[serde(default = "default_max_records")]
+    #[serde(default = "default_max_records", deserialize_with = "scalar")]
     pub max_records: usize,
-    #[serde(default = "default_max_wait_ms")]
+    #[serde(default = "default_max_wait_ms", deserialize_with = "scalar")]
     pub max_wait_ms: u64,
+}
+
+/// A number or boolean as YAML types it, or as text: environment overrides are always text
+/// (they are not re-typed, so that a string such as a group id `007` stays what it was).
+fn scalar<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Typed<T> {
+        Value(T),
+        Text(String),
+    }
+    match Typed::<T>::deserialize(deserializer) {
+        Ok(Typed::Value(value)) => Ok(value),
+        Ok(Typed::Text(text)) => text.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "expected a {}, got {text:?}",
+                std::any::type_name::<T>()
+            ))
+        }),
+        Err(_) => Err(serde::de::Error::custom(format!(
+            "expected a {}",
+            std::any::type_name::<T>()
+        ))),
+    }
 }
 
 fn default_max_records() -> usize {
@@ -392,7 +420,8 @@ pub fn load_file(
             config::Environment::with_prefix("IDEMSINK")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
+                // Strings stay strings (`007`, `1e5`); typed keys parse their text (`scalar`).
+                .try_parsing(false)
                 .list_separator(",")
                 .with_list_parse_key("source.topics")
                 .source(Some(overrides)),
@@ -831,6 +860,29 @@ sink:
         let p = load(GOOD, &env).expect("valid");
         assert_eq!(p.config.sink.url, "postgres://other/db");
         assert_eq!(p.config.batch.max_records, 42);
+    }
+
+    #[test]
+    fn environment_overrides_keep_strings_as_they_are_and_type_what_is_typed() {
+        let env = [
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("IDEMSINK_SOURCE__GROUP_ID", "007"),
+            ("IDEMSINK_PIPELINE", "1e5"),
+            ("IDEMSINK_BATCH__MAX_WAIT_MS", "250"),
+            ("IDEMSINK_ERRORS__RETRY_FOR_MS", "1000"),
+            ("IDEMSINK_SINK__DELETE_ON_NULL", "true"),
+        ];
+        let p = load(GOOD, &env[..5]).expect("valid");
+        assert_eq!(p.group_id(), "007", "not re-typed to 7");
+        assert_eq!(p.config.pipeline, "1e5", "not re-typed to 100000.0");
+        assert_eq!(p.config.batch.max_wait_ms, 250);
+        assert_eq!(p.config.errors.retry_for_ms, 1000);
+        // Parsed as true: tombstones then need a business key, which GOOD does not have.
+        let e = only_error(GOOD, &[env[0], env[5]]);
+        assert_eq!(e.key, "sink.delete_on_null");
+        let e = only_error(GOOD, &[env[0], ("IDEMSINK_BATCH__MAX_RECORDS", "lots")]);
+        assert_eq!(e.key, "batch.max_records");
+        assert!(e.message.contains("\"lots\""), "{e}");
     }
 
     #[test]

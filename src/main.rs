@@ -174,12 +174,18 @@ struct ConfigArg {
     config: PathBuf,
 }
 
+/// Silences sqlx's "ignoring unrecognized connect parameter" line, which prints the value.
+const SQLX_URL_PARAMETERS: &str = "sqlx_postgres::options::parse=error";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
+                // sqlx logs a URL parameter it does not know with its value: a mistyped
+                // password parameter would be printed. At any RUST_LOG.
+                .add_directive(SQLX_URL_PARAMETERS.parse().expect("a valid directive")),
         )
         .with_writer(std::io::stderr);
     match cli.log_format {

@@ -350,6 +350,52 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
             "{command} shows the password: {text}"
         );
     }
+
+    // Every form a password takes in a URL, with every log line a run prints (RUST_LOG=trace):
+    // never a password. Port 1 refuses connections; the retry bound keeps `run` short.
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    let mut forms = vec![
+        format!("{scheme}://u:Top/Secret2@127.0.0.1:1/idemsink"),
+        format!("{scheme}://u:Top?Secret3@127.0.0.1:1/idemsink"),
+        format!("{scheme}://u:Top@Secret4@127.0.0.1:1/idemsink"),
+    ];
+    if backend == Backend::Postgres {
+        forms.extend([
+            "postgres://127.0.0.1:1/idemsink?user=u&password=TopSecret1".to_string(),
+            "postgres://u@127.0.0.1:1/idemsink?passwrd=TopSecret5".to_string(),
+            "postgres:///idemsink?host=/nonexistent&password=TopSecret6".to_string(),
+        ]);
+    }
+    for form in forms {
+        let text = format!(
+            "{}errors:\n  retry_for_ms: 300\n",
+            good.replace(&url, &form)
+        );
+        let file = dir
+            .path()
+            .join(format!("{}.yaml", common::unique("secret")));
+        std::fs::write(&file, &text).expect("write");
+        for command in ["validate", "run", "migrate"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
+                .args([command, "--config"])
+                .arg(&file)
+                .env("RUST_LOG", "trace")
+                .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
+                .output()
+                .expect("run idemsink");
+            let printed = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{command} {form}: {printed}");
+            let leaked: Vec<&str> = printed.lines().filter(|l| l.contains("Secret")).collect();
+            assert!(
+                leaked.is_empty(),
+                "{command} {form} printed the password: {leaked:#?}"
+            );
+        }
+    }
 }
 
 /// Broken YAML, wrong shapes and binary garbage are errors naming the file, from `validate`

@@ -162,7 +162,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     status: Arc<PipelineStatus>,
 ) -> Result<(), PipelineError> {
-    let pool = connect_migrated(&p, Duration::from_millis(p.config.errors.retry_for_ms)).await?;
+    // Waiting for the database may take `errors.retry_for_ms`: a shutdown meanwhile ends it.
+    let pool = tokio::select! {
+        pool = connect_migrated(&p, Duration::from_millis(p.config.errors.retry_for_ms)) => pool?,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            info!(pipeline = %p.config.pipeline, "shutdown requested while waiting for the database; nothing was read");
+            return Ok(());
+        }
+    };
     let plan = SinkPlan::prepare(&p, &pool).await.map_err(ConfigErrors)?;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
     let dead_letters = dead_letter_table(&p, &pool).await?;

@@ -26,7 +26,41 @@ on_both_databases!(
     the_broker_unreachable_for_10_s_during_a_stream_costs_nothing,
     the_broker_killed_and_restarted_twice_during_a_stream_loses_and_doubles_nothing,
     instances_starting_together_on_a_fresh_database_migrate_it_once,
+    sigterm_while_waiting_for_the_database_at_start_up_ends_the_run_at_once,
 );
+
+/// SIGTERM while idemsink still waits for its database at start-up (unreachable, retried for
+/// `errors.retry_for_ms`, two minutes here) ends the run at once and cleanly, as a pod deleted
+/// during a database outage expects.
+async fn sigterm_while_waiting_for_the_database_at_start_up_ends_the_run_at_once(backend: Backend) {
+    let case = Case::new(backend, "startwait", 1).await;
+    let port = common::free_port();
+    let nowhere = match backend {
+        Backend::Postgres => format!("postgres://postgres@127.0.0.1:{port}/idemsink"),
+        Backend::MySql => format!("mysql://idemsink:idemsink@127.0.0.1:{port}/idemsink"),
+    };
+    let config = case
+        .pipeline()
+        .url(&nowhere)
+        .extra("errors:\n  retry_for_ms: 120000\n")
+        .write();
+    let connector = Connector::start(&config);
+    connector
+        .wait_for_log(RETRYING, 1, Duration::from_secs(30))
+        .await;
+    let asked = std::time::Instant::now();
+    let (status, log) = connector.stop(Duration::from_secs(20));
+    assert!(status.success(), "a clean exit; log:\n{log}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "it took {:?}; log:\n{log}",
+        asked.elapsed()
+    );
+    assert!(
+        log.contains("shutdown requested while waiting for the database"),
+        "{log}"
+    );
+}
 
 /// The log up to the shutdown request: what happened while running.
 fn while_running(log: &str) -> &str {

@@ -67,11 +67,12 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             }
             let code = db.code().unwrap_or_default();
             // connection exception, serialization failure, deadlock, too many connections,
-            // admin/crash shutdown, cannot connect now
+            // a statement or lock timeout (statement_timeout, lock_timeout: a wait that ended,
+            // as MySQL's 1205), admin/crash shutdown, cannot connect now
             code.starts_with("08")
                 || matches!(
                     &*code,
-                    "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03"
+                    "40001" | "40P01" | "53300" | "57014" | "55P03" | "57P01" | "57P02" | "57P03"
                 )
         }
         _ => false,

@@ -29,6 +29,34 @@ on_both_databases!(
     sigterm_while_waiting_for_the_database_at_start_up_ends_the_run_at_once,
 );
 
+/// PostgreSQL's `statement_timeout` (57014) ends a write that waits on a lock; like MySQL's
+/// lock wait timeout it is retried within `errors.retry_for_ms`, not fatal: once the lock is
+/// gone, every record lands exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_timeout_is_retried_until_the_lock_goes() {
+    let case = Case::new(Backend::Postgres, "stmt_timeout", 1).await;
+    let url = format!("{}?options=-c%20statement_timeout%3D300", case.url);
+    let config = case
+        .pipeline()
+        .url(&url)
+        .extra("batch:\n  max_records: 100\n  max_wait_ms: 20\nerrors:\n  retry_for_ms: 60000\n")
+        .write();
+    let held = common::TableWrites::hold(&case).await;
+    let landed = case.produce_ids(&case.producer(), 0..300).await;
+    let connector = Connector::start(&config);
+    connector
+        .wait_for_log(RETRYING, 3, Duration::from_secs(30))
+        .await;
+    assert!(
+        connector.log_text().contains("57014")
+            || connector.log_text().contains("statement timeout"),
+        "the retries were statement timeouts:\n{}",
+        connector.log_text()
+    );
+    held.release().await;
+    case.stop_caught_up(connector, landed).await;
+}
+
 /// SIGTERM while idemsink still waits for its database at start-up (unreachable, retried for
 /// `errors.retry_for_ms`, two minutes here) ends the run at once and cleanly, as a pod deleted
 /// during a database outage expects.

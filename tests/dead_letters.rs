@@ -27,6 +27,57 @@ on_both_databases!(
     in_upsert_mode_a_refused_version_leaves_its_key_at_the_last_version_not_refused,
 );
 
+/// PostgreSQL checks a `DEFERRABLE INITIALLY DEFERRED` constraint at COMMIT, outside the
+/// isolation of refused rows, which made a refused record fatal even with `tolerance: all`.
+/// idemsink makes every constraint immediate in its batch transactions: the record is named
+/// (`tolerance: none`) or dead-lettered (`all`) like any other refused row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deferred_constraint_refuses_its_record_like_any_other() {
+    let case = Case::new(Backend::Postgres, "deferred", 1).await;
+    case.exec(&format!(
+        "CREATE TABLE {name}_known (n integer PRIMARY KEY);
+         INSERT INTO {name}_known (n) VALUES (0), (1);
+         ALTER TABLE {table} ADD COLUMN n integer;
+         ALTER TABLE {table} ADD CONSTRAINT {name}_n_known FOREIGN KEY (n)
+           REFERENCES {name}_known (n) DEFERRABLE INITIALLY DEFERRED;",
+        name = case.name,
+        table = case.table,
+    ))
+    .await;
+    let records: Vec<Outgoing> = (0..100i64)
+        .map(|id| {
+            let n = if id == 50 { 7 } else { id % 2 };
+            Outgoing::json(0, &id.to_string(), &json!({"id": id, "body": "b", "n": n}))
+        })
+        .collect();
+    let landed = testkit::produce(&case.producer(), &case.topic, &records)
+        .await
+        .expect("produce");
+    let refused_at = landed[50].1;
+
+    let (last, _) =
+        Connector::run_to_failure(&poison_config(&case, "  tolerance: none\n", 30), "none");
+    for needle in [
+        format!("offset {refused_at}"),
+        format!("{}_n_known", case.name),
+    ] {
+        assert!(last.contains(&needle), "{needle:?} in: {last}");
+    }
+    let end = case.end_offsets().await;
+    case.run_until_stored(&poison_config(&case, "  tolerance: all\n", 30), &end)
+        .await;
+    let letters = dead_letters(&case).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].2, refused_at);
+    assert!(
+        letters[0].5.contains(&format!("{}_n_known", case.name)),
+        "{letters:?}"
+    );
+    let mut produced: Vec<(i64, (i32, i64))> = (0..100).zip(landed).collect();
+    produced.remove(50);
+    assert_exactly_once(&case.rows().await, &produced);
+}
+
 /// The kinds of bad record the tests mix into a stream, and what the dead letter's error
 /// must say about each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -311,6 +311,11 @@ trait BatchStatements {
 
     fn pool(&self) -> &sqlx::Pool<Self::Db>;
 
+    /// Starts a batch's transaction.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
+        self.pool().begin().await
+    }
+
     /// Applies `changes` of `batch`: its deletes, then its writes. `bulk` allows the fastest
     /// way in (PostgreSQL's COPY), which isolating single rows does without.
     async fn apply(
@@ -351,13 +356,13 @@ async fn write_batch<S: BatchStatements>(
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
     let mut changes = plan.changes(batch, &HashSet::new());
-    let mut tx = statements.pool().begin().await?;
+    let mut tx = statements.begin().await?;
     let mut rejected = Vec::new();
     let mut counts = match statements.apply(&mut tx, batch, &changes, true).await {
         Ok(counts) => counts,
         Err(e) if is_rejected_row(&e) => loop {
             tx.rollback().await?;
-            tx = statements.pool().begin().await?;
+            tx = statements.begin().await?;
             let (counts, found) = isolate_rejected(statements, &mut tx, batch, &changes).await?;
             if dead_letter_table.is_none() {
                 if let Some(first) = found.into_iter().min_by_key(|r| r.row) {

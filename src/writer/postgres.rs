@@ -42,6 +42,17 @@ impl BatchStatements for PgWriter {
         &self.pool
     }
 
+    /// Deferred constraints are checked at each statement, not at COMMIT: a row they refuse is
+    /// then found and named (or dead-lettered) like any other, instead of failing the commit
+    /// of the whole batch outside the isolation of refused rows.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     async fn apply(
         &self,
         conn: &mut PgConnection,

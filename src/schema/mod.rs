@@ -213,8 +213,8 @@ impl TableSchema {
     }
 
     /// The unique keys other than the one on `columns` that a written row could collide
-    /// with: those without an `AUTO_INCREMENT` column. MySQL's `ON DUPLICATE KEY` reacts to
-    /// a collision on any of them as if it were the conflict target.
+    /// with: those without a generated column (AUTO_INCREMENT, identity, serial) that the
+    /// pipeline leaves to the database (`mapped` are the columns it writes).
     pub fn other_collidable_keys(&self, columns: &[&str], mapped: &[&str]) -> Vec<&UniqueKey> {
         // A key on an AUTO_INCREMENT column cannot collide while the database fills that
         // column in; once the pipeline writes the column itself, it can.

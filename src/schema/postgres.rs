@@ -21,10 +21,14 @@ pub(super) async fn load(
     .bind(oid)
     .fetch_one(&mut *conn)
     .await?;
-    let rows: Vec<(String, String, String, i32, bool, bool, bool)> = sqlx::query_as(
+    // A generated key (identity, or serial's nextval default) is the database's to fill in.
+    type Row = (String, String, String, i32, bool, bool, bool, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypmod,
-                a.attnotnull, a.atthasdef OR a.attidentity <> '', a.attgenerated <> ''
+                a.attnotnull, a.atthasdef OR a.attidentity <> '', a.attgenerated <> '',
+                a.attidentity <> '' OR COALESCE(pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%', false)
            FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
           WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
           ORDER BY a.attnum",
     )
@@ -34,14 +38,16 @@ pub(super) async fn load(
     let columns = rows
         .into_iter()
         .map(
-            |(name, type_text, typname, typmod, not_null, has_default, generated)| TableColumn {
-                kind: kind(&typname, typmod),
-                name,
-                type_text,
-                not_null,
-                has_default,
-                generated,
-                auto_increment: false,
+            |(name, type_text, typname, typmod, not_null, has_default, generated, sequence)| {
+                TableColumn {
+                    kind: kind(&typname, typmod),
+                    name,
+                    type_text,
+                    not_null,
+                    has_default,
+                    generated,
+                    auto_increment: sequence,
+                }
             },
         )
         .collect();

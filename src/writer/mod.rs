@@ -166,21 +166,27 @@ impl SinkPlan {
             ));
         }
         problems.extend(position_guard_problems(p, &columns, position, newer_by));
-        if backend == Backend::MySql {
-            let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-            for other in schema.other_collidable_keys(&target, &mapped) {
-                problems.push(p.error(
-                    key_name,
-                    format!(
-                        "table {table} has another unique key ({}): MySQL's ON DUPLICATE KEY would treat a row \
-                         colliding on it as a duplicate of ({}) and silently skip or overwrite it; make ({}) the \
-                         only unique key besides AUTO_INCREMENT ones the pipeline does not write",
-                        other.columns.join(", "),
-                        target.join(", "),
-                        target.join(", ")
-                    ),
-                ));
-            }
+        // The same rule on both databases: the conflict target is the only key a written row
+        // may collide on. What a collision elsewhere would do differs, and neither is wanted.
+        let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        for other in schema.other_collidable_keys(&target, &mapped) {
+            let consequence = match backend {
+                Backend::MySql => "MySQL's ON DUPLICATE KEY would treat a row colliding on it as a \
+                                   duplicate and silently skip or overwrite it",
+                Backend::Postgres => "ON CONFLICT covers only the conflict target, so PostgreSQL would \
+                                      refuse every row colliding on it (a retried producer's duplicate \
+                                      would stop the pipeline, or go to the dead-letter table)",
+            };
+            problems.push(p.error(
+                key_name,
+                format!(
+                    "table {table} has another unique key ({}): {consequence}; make ({}) the only \
+                     unique key besides generated ones (AUTO_INCREMENT, identity, serial) the pipeline \
+                     does not write, or make the other key the conflict target (sink.key)",
+                    other.columns.join(", "),
+                    target.join(", ")
+                ),
+            ));
         }
         if !problems.is_empty() {
             return Err(problems);

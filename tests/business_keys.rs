@@ -431,3 +431,52 @@ async fn sigkill_restarts_in_upsert_mode_end_in_the_state_of_applying_every_reco
     );
     assert_never_older_over_newer(&audit(&case).await, Rule::LastWins);
 }
+
+/// MySQL: tombstones for a text key whose column has a collation of its own (utf8mb4_bin, not
+/// the connection's) delete their rows: the keys the batch binds, as a derived table, compare
+/// in the column's collation. (A doubt of the review, error 1267 "Illegal mix of collations";
+/// not so on MariaDB 10.11, and this keeps it that way.)
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_a_tombstone_deletes_a_text_key_in_a_collation_of_its_own() {
+    let case = Case::with_table(
+        Backend::MySql,
+        "tomb_collation",
+        1,
+        common::brokers(),
+        "code varchar(20) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+         body varchar(40) NOT NULL,
+         kafka_partition integer,
+         kafka_offset bigint",
+    )
+    .await;
+    let config = case.config_with(
+        "  mode: upsert\n  key: [code]\n  delete_on_null: true\n  columns:\n    code: $key\n    body: /body\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+        "batch:\n  max_records: 100\n  max_wait_ms: 20\n",
+    );
+    let write = |code: &str| Outgoing::json(0, code, &serde_json::json!({"body": code}));
+    let delete = |code: &str| Outgoing {
+        partition: 0,
+        key: Some(code.as_bytes().to_vec()),
+        value: None,
+    };
+    // The rows first; then several tombstones in one batch, whose keys are bound as a
+    // derived table (UNION ALL) and meet the stored rows.
+    for records in [
+        ["keep", "a", "b", "c"].map(write).to_vec(),
+        ["a", "b", "c"].map(delete).to_vec(),
+    ] {
+        testkit::produce(&case.producer(), &case.topic, &records)
+            .await
+            .expect("produce");
+        let end = case.end_offsets().await;
+        let log = case.run_until_stored(&config, &end).await;
+        assert!(!log.contains("1267"), "{log}");
+    }
+    let codes = case
+        .texts(&format!(
+            "SELECT CAST(code AS CHAR) FROM {} ORDER BY code",
+            case.table
+        ))
+        .await;
+    assert_eq!(codes, ["keep"]);
+}

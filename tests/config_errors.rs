@@ -385,19 +385,9 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
             .join(format!("{}.yaml", common::unique("secret")));
         std::fs::write(&file, &text).expect("write");
         for command in ["validate", "run", "migrate"] {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
-                .args([command, "--config"])
-                .arg(&file)
-                .env("RUST_LOG", "trace")
-                .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
-                .output()
-                .expect("run idemsink");
-            let printed = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(!out.status.success(), "{command} {form}: {printed}");
+            let args = [command.as_ref(), "--config".as_ref(), file.as_os_str()];
+            let (ok, printed) = common::idemsink_with_env(&args, &[("RUST_LOG", "trace")]);
+            assert!(!ok, "{command} {form}: {printed}");
             let leaked: Vec<&str> = printed.lines().filter(|l| l.contains("Secret")).collect();
             assert!(
                 leaked.is_empty(),

@@ -862,9 +862,15 @@ pub fn assert_exactly_once(rows: &[(i64, i32, i64)], produced: &[(i64, (i32, i64
 /// Runs the idemsink binary to completion with `args`; returns whether it succeeded and its
 /// stdout followed by its stderr. It must never panic, whatever the outcome.
 pub fn idemsink(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    idemsink_with_env(args, &[])
+}
+
+/// [`idemsink`] with environment variables of its own (e.g. `RUST_LOG`).
+pub fn idemsink_with_env(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_idemsink"))
         .args(args)
         .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
         .output()
         .expect("run idemsink");
     let text = format!(

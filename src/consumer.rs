@@ -354,8 +354,18 @@ impl OutOfRange {
         })
     }
 
+    /// Applies `policy`: where reading goes on from, the skip logged and counted; or the
+    /// one-line reason to stop.
+    pub fn resolve(&self, pipeline: &str, policy: OffsetReset) -> Result<i64, String> {
+        let to = self
+            .resume_at(policy)
+            .ok_or_else(|| self.stop_reason(pipeline))?;
+        self.report_skip(pipeline, to);
+        Ok(to)
+    }
+
     /// Where `policy` goes on from, or `None` to stop.
-    pub fn resume_at(&self, policy: OffsetReset) -> Option<i64> {
+    fn resume_at(&self, policy: OffsetReset) -> Option<i64> {
         match policy {
             OffsetReset::Stop => None,
             OffsetReset::Earliest => Some(self.low),
@@ -364,7 +374,7 @@ impl OutOfRange {
     }
 
     /// The one line that stops a pipeline: what is missing, where, and what to do.
-    pub fn stop_reason(&self, pipeline: &str) -> String {
+    fn stop_reason(&self, pipeline: &str) -> String {
         let what = if self.at < self.low {
             format!(
                 "offsets {}..{} were deleted from Kafka (retention) before they were written",
@@ -388,7 +398,7 @@ impl OutOfRange {
     }
 
     /// Logs and counts what going on from `to` passes over (never silent).
-    pub fn report_skip(&self, pipeline: &str, to: i64) {
+    fn report_skip(&self, pipeline: &str, to: i64) {
         if self.at < to {
             warn!(
                 pipeline,
@@ -514,14 +524,10 @@ impl SinkContext {
                 return Ok(stored);
             }
         };
-        let Some(out) = OutOfRange::check(tp, stored, Some(stored), watermarks) else {
-            return Ok(stored);
-        };
-        let to = out
-            .resume_at(self.offset_reset)
-            .ok_or_else(|| out.stop_reason(&self.pipeline))?;
-        out.report_skip(&self.pipeline, to);
-        Ok(to)
+        match OutOfRange::check(tp, stored, Some(stored), watermarks) {
+            Some(out) => out.resolve(&self.pipeline, self.offset_reset),
+            None => Ok(stored),
+        }
     }
 
     /// A partition with no stored offset under `start_from: latest` starts at its end offset
@@ -708,10 +714,7 @@ pub fn recover_out_of_range(consumer: &SinkConsumer) -> Result<usize, String> {
             continue;
         };
         found += 1;
-        let to = out
-            .resume_at(context.offset_reset)
-            .ok_or_else(|| out.stop_reason(pipeline))?;
-        out.report_skip(pipeline, to);
+        let to = out.resolve(pipeline, context.offset_reset)?;
         context.assignment.skip_to(&tp, to);
         fetch_again(consumer, &tp, to)
             .map_err(|e| format!("pipeline {pipeline}: cannot fetch {tp} again from {to}: {e}"))?;

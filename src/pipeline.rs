@@ -662,14 +662,7 @@ async fn watch_offsets(shared: &Shared) {
     for (tp, o) in owned {
         let now = stored.get(&tp).copied();
         if now != o.db_next {
-            moved.push(format!(
-                "{tp} (expected {}, found {})",
-                offset_text(o.db_next),
-                offset_text(now)
-            ));
-            shared
-                .assignment
-                .reset(&tp, o.epoch, now, shared.start_from);
+            moved.push(restart_from_database(shared, &tp, o.epoch, o.db_next, now));
         }
     }
     if !moved.is_empty() {
@@ -781,12 +774,7 @@ async fn commit_batch(
                         continue;
                     };
                     let now = stored.get(tp).copied();
-                    fenced.push(format!(
-                        "{tp} (expected {}, found {})",
-                        offset_text(m.expected),
-                        offset_text(now)
-                    ));
-                    assignment.reset(tp, *epoch, now, shared.start_from);
+                    fenced.push(restart_from_database(shared, tp, *epoch, m.expected, now));
                 }
                 warn!(
                     pipeline = %shared.pipeline,
@@ -823,6 +811,24 @@ fn report_dead_letters(shared: &Shared, batch: &Batch, rejected: &[RejectedRow])
     if all.len() > NAMED_PER_BATCH {
         warn!(pipeline = %shared.pipeline, more = all.len() - NAMED_PER_BATCH, %table, "more records of this batch dead-lettered");
     }
+}
+
+/// A partition whose stored offset is not the one this instance expected starts over from
+/// the offset the database holds now, in a new epoch (the consumer loop seeks there). Returns
+/// how the move reads in the WARN line that reports it.
+fn restart_from_database(
+    shared: &Shared,
+    tp: &TopicPartition,
+    epoch: u64,
+    expected: Option<i64>,
+    now: Option<i64>,
+) -> String {
+    shared.assignment.reset(tp, epoch, now, shared.start_from);
+    format!(
+        "{tp} (expected {}, found {})",
+        offset_text(expected),
+        offset_text(now)
+    )
 }
 
 fn offset_text(offset: Option<i64>) -> String {

@@ -260,6 +260,17 @@ async fn a_transaction_left_open_holds_reading_at_its_first_offset_until_the_bro
     assert_exactly_once(&case.rows().await, &committed);
 }
 
+/// Runs `config` until idemsink stops by itself: its last line must hold every one of
+/// `needles`, and nothing may have been written (rows and offsets as they were).
+async fn stops_writing_nothing(case: &Case, config: &std::path::Path, needles: &[&str]) {
+    let before = case.snapshot().await;
+    let (last, _) = Connector::run_to_failure(config, needles.last().copied().unwrap_or_default());
+    for needle in needles {
+        assert!(last.contains(needle), "{needle:?} in the last line: {last}");
+    }
+    assert_eq!(case.snapshot().await, before, "nothing written");
+}
+
 /// Offsets the case's partition 0 holds after `ids` were produced to two partitions (even ids
 /// go to partition 0): the ids whose records sit at offsets `offsets` of partition 0.
 fn ids_at(produced: &[(i64, (i32, i64))], offsets: std::ops::Range<i64>) -> Vec<i64> {
@@ -294,19 +305,19 @@ async fn records_deleted_before_they_were_written_stop_the_pipeline_or_are_skipp
         .await
         .expect("delete records");
 
-    let before = case.snapshot().await;
-    let (last, _) = Connector::run_to_failure(&config, "records deleted");
-    for needle in [
-        "idemsink: error: ",
-        &format!("pipeline {}", case.name),
-        &format!("topic {} partition 0", case.topic),
-        "stored offset 500,",
-        "log start offset 800",
-        "offsets 500..799 were deleted",
-    ] {
-        assert!(last.contains(needle), "{needle:?} in the last line: {last}");
-    }
-    assert_eq!(case.snapshot().await, before, "nothing written");
+    stops_writing_nothing(
+        &case,
+        &config,
+        &[
+            "idemsink: error: ",
+            &format!("pipeline {}", case.name),
+            &format!("topic {} partition 0", case.topic),
+            "stored offset 500,",
+            "log start offset 800",
+            "offsets 500..799 were deleted",
+        ],
+    )
+    .await;
 
     let config = case
         .pipeline()
@@ -423,18 +434,18 @@ async fn a_stored_offset_beyond_the_end_of_a_recreated_topic_stops_the_pipeline_
         .expect("re-create the topic");
     let landed = case.produce_ids(&case.producer(), 500..600).await;
 
-    let before = case.snapshot().await;
-    let (last, _) = Connector::run_to_failure(&config, "topic re-created");
-    for needle in [
-        "idemsink: error: ",
-        &format!("topic {} partition 0", case.topic),
-        "stored offset 500,",
-        "end offset 100",
-        "beyond the end of the partition",
-    ] {
-        assert!(last.contains(needle), "{needle:?} in the last line: {last}");
-    }
-    assert_eq!(case.snapshot().await, before, "nothing written");
+    stops_writing_nothing(
+        &case,
+        &config,
+        &[
+            "idemsink: error: ",
+            &format!("topic {} partition 0", case.topic),
+            "stored offset 500,",
+            "end offset 100",
+            "beyond the end of the partition",
+        ],
+    )
+    .await;
 
     case.exec(&format!("DELETE FROM {}", case.table)).await;
     let config = case

@@ -216,8 +216,8 @@ impl TableSchema {
     /// with: those without a generated column (AUTO_INCREMENT, identity, serial) that the
     /// pipeline leaves to the database (`mapped` are the columns it writes).
     pub fn other_collidable_keys(&self, columns: &[&str], mapped: &[&str]) -> Vec<&UniqueKey> {
-        // A key on an AUTO_INCREMENT column cannot collide while the database fills that
-        // column in; once the pipeline writes the column itself, it can.
+        // A key on a generated column cannot collide while the database fills that column
+        // in; once the pipeline writes the column itself, it can.
         let generated = |name: &String| {
             !mapped.contains(&name.as_str())
                 && self

@@ -13,6 +13,8 @@
 # Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306),
 # IDEMSINK_KAFKA_PORT (default 9092) and IDEMSINK_KAFKA_CONTROLLER_PORT (default: Kafka's + 1).
 # IDEMSINK_KAFKA_BROKERS=host:port uses an existing Kafka instead: nothing is started for it.
+# IDEMSINK_MYSQL_OPTIONS adds mariadbd options (e.g. --max-allowed-packet=1M, as a server
+# in production may have).
 # Kafka's jars are resolved by Maven from scripts/kafka/pom.xml (the version is pinned there)
 # into .devenv/ once; the broker's storage (.devenv/kafka-data) is kept across restarts.
 set -euo pipefail
@@ -135,7 +137,8 @@ mysql_up() {
   else
     nohup mariadbd --user=mysql --datadir="$data" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
       --socket="$data/mariadb.sock" --pid-file="$data/mariadb.pid" --max-connections=500 \
-      --innodb-buffer-pool-size=512M --log-error="$data.log" >/dev/null 2>&1 &
+      --innodb-buffer-pool-size=512M --log-error="$data.log" ${IDEMSINK_MYSQL_OPTIONS:-} \
+      >/dev/null 2>&1 &
     wait_port 127.0.0.1 "$MYSQL_PORT" MariaDB
     log "MariaDB started on 127.0.0.1:$MYSQL_PORT"
   fi

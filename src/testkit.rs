@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -85,13 +87,15 @@ pub async fn hold_received(offset: i64) {
     }
 }
 
-/// An idempotent producer that waits for all replicas.
+/// An idempotent producer that waits for all replicas. It sends records up to 64 MB, which
+/// a topic takes once [`allow_record_bytes`] let it.
 pub fn producer(brokers: &str) -> Result<FutureProducer> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
+        .set("message.max.bytes", (64 << 20).to_string())
         .create()
         .context("producer")
 }
@@ -207,6 +211,20 @@ pub fn admin(brokers: &str) -> Result<AdminClient<DefaultClientContext>> {
         .set("bootstrap.servers", brokers)
         .create()
         .context("admin client")
+}
+
+/// Lets `topic` take record batches up to `bytes` (Kafka's default is 1 MB).
+pub async fn allow_record_bytes(brokers: &str, topic: &str, bytes: usize) -> Result<()> {
+    let limit = bytes.to_string();
+    let change = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", &limit);
+    for result in admin(brokers)?
+        .alter_configs([&change], &AdminOptions::new())
+        .await
+        .context("alter topic config")?
+    {
+        result.map_err(|(_, code)| anyhow::anyhow!("max.message.bytes of {topic}: {code}"))?;
+    }
+    Ok(())
 }
 
 /// Deletes every record of `partition` before `before` (Kafka's DeleteRecords), as retention

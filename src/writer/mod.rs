@@ -259,6 +259,52 @@ impl SinkPlan {
     }
 }
 
+/// How much one statement may carry. Rows are bound as parameters, and every server caps a
+/// message: MySQL at `max_allowed_packet` (error 1153, and the connection is closed),
+/// PostgreSQL at 1 GB for a message or a value. A batch of large rows goes in as several
+/// statements, each within both bounds; a row larger than `bytes` goes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatementLimit {
+    rows: usize,
+    bytes: usize,
+}
+
+/// What one bound cell costs beyond its text: the length prefix and type of a parameter.
+const CELL_OVERHEAD: usize = 16;
+
+/// The bytes `columns` of `row` add to a statement.
+fn row_bytes(batch: &Batch, columns: &[usize], row: usize) -> usize {
+    columns
+        .iter()
+        .map(|c| batch.columns[*c][row].as_ref().map_or(0, String::len) + CELL_OVERHEAD)
+        .sum()
+}
+
+/// Splits `rows` into consecutive runs, one statement each, within `limit` (see
+/// [`StatementLimit`]); `columns` are the cells a statement binds for each row.
+fn statement_parts<'r>(
+    batch: &Batch,
+    columns: &[usize],
+    rows: &'r [usize],
+    limit: StatementLimit,
+) -> Vec<&'r [usize]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let size = row_bytes(batch, columns, *row);
+        let full = i - start == limit.rows || (i > start && bytes + size > limit.bytes);
+        if full {
+            parts.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        parts.push(&rows[start..]);
+    }
+    parts
+}
+
 /// What a batch did to the table.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RowCounts {
@@ -300,7 +346,7 @@ pub enum WriteOutcome {
     /// Rolled back: these partitions' stored offsets were not the expected ones.
     Conflict(Vec<TopicPartition>),
     /// Rolled back (`errors.tolerance: none`): the first row of the batch the database
-    /// refuses.
+    /// refuses. Whatever the tolerance: a row no statement can carry.
     Rejected(RejectedRow),
 }
 
@@ -332,6 +378,11 @@ trait BatchStatements {
         bulk: bool,
     ) -> Result<RowCounts, sqlx::Error>;
 
+    /// A row of `changes` no statement can carry, found before anything is sent.
+    fn too_large(&self, _batch: &Batch, _changes: &Changes) -> Option<RejectedRow> {
+        None
+    }
+
     async fn insert_dead_letters(
         &self,
         conn: &mut <Self::Db as sqlx::Database>::Connection,
@@ -362,6 +413,9 @@ async fn write_batch<S: BatchStatements>(
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
     let mut changes = plan.changes(batch, &HashSet::new());
+    if let Some(row) = statements.too_large(batch, &changes) {
+        return Ok(WriteOutcome::Rejected(row));
+    }
     let mut tx = statements.begin().await?;
     let mut rejected = Vec::new();
     let mut counts = match statements.apply(&mut tx, batch, &changes, true).await {
@@ -382,6 +436,10 @@ async fn write_batch<S: BatchStatements>(
             let replanned = plan.changes(batch, &refused);
             if replanned == changes.without(&refused) {
                 break counts; // what went in is the batch without the refused rows
+            }
+            if let Some(row) = statements.too_large(batch, &replanned) {
+                tx.rollback().await?;
+                return Ok(WriteOutcome::Rejected(row));
             }
             changes = replanned;
         },
@@ -527,5 +585,42 @@ impl Writer {
             Statements::Postgres(w) => w.rows_by(),
             Statements::MySql(_) => "insert",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of one column whose row `i` holds `sizes[i]` bytes.
+    fn batch_of(sizes: &[usize]) -> Batch {
+        let mut batch = Batch::new(1);
+        batch.columns[0] = sizes.iter().map(|n| Some("x".repeat(*n))).collect();
+        batch
+    }
+
+    fn part_lengths(sizes: &[usize], limit: StatementLimit) -> Vec<usize> {
+        let batch = batch_of(sizes);
+        let rows: Vec<usize> = (0..sizes.len()).collect();
+        statement_parts(&batch, &[0], &rows, limit)
+            .iter()
+            .map(|p| p.len())
+            .collect()
+    }
+
+    #[test]
+    fn statements_are_bounded_by_rows_and_by_bytes_and_a_large_row_goes_alone() {
+        let rows = |rows| StatementLimit {
+            rows,
+            bytes: usize::MAX,
+        };
+        assert_eq!(part_lengths(&[1; 7], rows(3)), [3, 3, 1]);
+        assert_eq!(part_lengths(&[], rows(3)), Vec::<usize>::new());
+        let bytes = |bytes| StatementLimit { rows: 1000, bytes };
+        // Each row costs its bytes and CELL_OVERHEAD.
+        let row = 100 - CELL_OVERHEAD;
+        assert_eq!(part_lengths(&[row; 5], bytes(200)), [2, 2, 1]);
+        assert_eq!(part_lengths(&[row; 5], bytes(199)), [1, 1, 1, 1, 1]);
+        assert_eq!(part_lengths(&[row, 1000, row, row], bytes(250)), [1, 1, 2]);
     }
 }

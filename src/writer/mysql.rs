@@ -1,6 +1,7 @@
 //! MySQL and MariaDB statements for a batch: multi-row `INSERT … ON DUPLICATE KEY UPDATE`
-//! in chunks (the protocol binds at most 65,535 parameters per statement), and deletes as a
-//! join against the batch's keys. Never `INSERT IGNORE`: it would also turn truncation and
+//! in chunks (the protocol binds at most 65,535 parameters per statement, and a statement
+//! must fit in the server's `max_allowed_packet`), and deletes as a join against the
+//! batch's keys. Never `INSERT IGNORE`: it would also turn truncation and
 //! NOT NULL violations into warnings, and a bad row must fail as it does in PostgreSQL.
 //!
 //! `ON DUPLICATE KEY UPDATE` assigns left to right, each assignment seeing the ones before.
@@ -13,7 +14,10 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
-use super::{BatchStatements, Position, RowCounts, SinkPlan};
+use super::{
+    row_bytes, statement_parts, BatchStatements, Position, RejectedRow, RowCounts, SinkPlan,
+    StatementLimit,
+};
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
 use crate::dead_letters::DeadLetterTable;
@@ -21,9 +25,14 @@ use crate::mapping::ColumnKind;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 
 /// Rows per INSERT statement, at most: large enough to amortise round trips, small enough
-/// to stay far below the server's packet and parameter limits.
+/// to keep a statement's text and plan small.
 const MAX_ROWS_PER_STATEMENT: usize = 1000;
 const MAX_PARAMETERS: usize = 65_535;
+/// Bytes per statement, at most, whatever `max_allowed_packet` allows: a statement is built
+/// in memory on both sides before it runs.
+const MAX_STATEMENT_BYTES: usize = 64 << 20;
+/// What a statement's packet holds besides its parameters' cells.
+const PACKET_HEADER_BYTES: usize = 1024;
 
 #[derive(Debug)]
 pub struct MySqlWriter {
@@ -36,6 +45,13 @@ pub struct MySqlWriter {
     /// ` [AS idemsink_new] ON DUPLICATE KEY UPDATE …`.
     insert_tail: String,
     rows_per_statement: usize,
+    /// The bound on an INSERT, and on a DELETE, from the server's `max_allowed_packet`.
+    insert_limit: StatementLimit,
+    delete_limit: StatementLimit,
+    /// `max_allowed_packet`: one statement, with all its parameters, must fit in it.
+    max_packet: usize,
+    /// Every column's index: an INSERT binds them all.
+    all_columns: Vec<usize>,
     /// The INSERT for a full chunk, prepared once and reused.
     full_insert: String,
     delete: Option<DeleteSql>,
@@ -70,13 +86,11 @@ impl BatchStatements for MySqlWriter {
     ) -> Result<RowCounts, sqlx::Error> {
         let mut counts = RowCounts::default();
         if let Some(delete) = &self.delete {
-            let per_statement =
-                (MAX_PARAMETERS / delete.bound.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
-            for rows in changes.deletes.chunks(per_statement) {
+            for rows in statement_parts(batch, &delete.bound, &changes.deletes, self.delete_limit) {
                 counts.deleted += self.delete_rows(conn, delete, batch, rows).await?;
             }
         }
-        for rows in changes.writes.chunks(self.rows_per_statement) {
+        for rows in statement_parts(batch, &self.all_columns, &changes.writes, self.insert_limit) {
             let affected = self.insert_rows(conn, batch, rows).await?;
             // With CLIENT_FOUND_ROWS (sqlx always sets it) MySQL counts an insert and a
             // duplicate left as it was as 1, an update as 2: only the updates stand out.
@@ -84,6 +98,30 @@ impl BatchStatements for MySqlWriter {
             counts.updated += affected.saturating_sub(rows.len() as u64);
         }
         Ok(counts)
+    }
+
+    /// MySQL refuses a packet over `max_allowed_packet` and closes the connection; a row
+    /// that cannot fit even alone is named before anything is sent. A dead letter could not
+    /// hold it either, so it stops the pipeline whatever `errors.tolerance` says.
+    fn too_large(&self, batch: &Batch, changes: &Changes) -> Option<RejectedRow> {
+        let deletes = changes.deletes.iter().map(|row| {
+            let bound = self.delete.as_ref().map_or(&[][..], |d| &d.bound[..]);
+            (*row, row_bytes(batch, bound, *row))
+        });
+        let writes =
+            (changes.writes.iter()).map(|row| (*row, row_bytes(batch, &self.all_columns, *row)));
+        deletes
+            .chain(writes)
+            .find(|(_, bytes)| bytes + PACKET_HEADER_BYTES > self.max_packet)
+            .map(|(row, bytes)| RejectedRow {
+                row,
+                error: format!(
+                    "the row needs a statement of about {bytes} bytes, more than the server's \
+                     max_allowed_packet ({} bytes) lets one statement carry; raise it (SET GLOBAL \
+                     max_allowed_packet = …, or in the server's configuration) and restart",
+                    self.max_packet
+                ),
+            })
     }
 
     async fn insert_dead_letters(
@@ -129,8 +167,21 @@ impl MySqlWriter {
             .collect();
         let insert_row = format!("({})", placeholders.join(", "));
         let insert_tail = on_duplicate_key(plan, row_alias);
-        let rows_per_statement =
-            (MAX_PARAMETERS / plan.columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
+        let max_packet: i64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS SIGNED)")
+            .fetch_one(&pool)
+            .await?;
+        let max_packet = usize::try_from(max_packet).unwrap_or(usize::MAX);
+        let bytes = max_packet
+            .saturating_sub(PACKET_HEADER_BYTES)
+            .min(MAX_STATEMENT_BYTES);
+        let per_statement =
+            |bound: usize| (MAX_PARAMETERS / bound.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
+        let rows_per_statement = per_statement(plan.columns.len());
+        let delete = plan.delete_on_null.then(|| delete_sql(plan));
+        let delete_limit = StatementLimit {
+            rows: per_statement(delete.as_ref().map_or(1, |d| d.bound.len())),
+            bytes,
+        };
         let full_insert = insert_sql(&insert_head, &insert_row, &insert_tail, rows_per_statement);
         Ok(MySqlWriter {
             pool,
@@ -140,7 +191,14 @@ impl MySqlWriter {
             insert_row,
             insert_tail,
             rows_per_statement,
-            delete: plan.delete_on_null.then(|| delete_sql(plan)),
+            insert_limit: StatementLimit {
+                rows: rows_per_statement,
+                bytes,
+            },
+            delete_limit,
+            max_packet,
+            all_columns: (0..plan.columns.len()).collect(),
+            delete,
             kinds: plan.columns.iter().map(|c| c.kind).collect(),
         })
     }

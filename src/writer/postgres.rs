@@ -1,5 +1,6 @@
-//! PostgreSQL statements for a batch: one statement per kind of change whatever the batch's
-//! size, binding one `text[]` per column and casting in SQL (`UNNEST($1::text[], …)`).
+//! PostgreSQL statements for a batch: one statement per kind of change whatever the number
+//! of rows (several only past 64 MB), binding one `text[]` per column and casting in SQL
+//! (`UNNEST($1::text[], …)`).
 //!
 //! Rows go in by `COPY … FROM STDIN` when the table allows it: PostgreSQL inserts COPY rows
 //! in bulk, far faster than an INSERT of the same rows. `COPY` cannot skip or update existing
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::{BatchStatements, Position, RowCounts, SinkPlan};
+use super::{statement_parts, BatchStatements, Position, RowCounts, SinkPlan, StatementLimit};
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
 use crate::db::is_unique_violation;
@@ -32,8 +33,17 @@ pub struct PgWriter {
     write_sql: String,
     /// `DELETE … USING UNNEST(<key>…) WHERE <guard>`, with the bound columns' indices.
     delete: Option<(String, Vec<usize>)>,
+    /// Every column's index: an INSERT binds them all.
+    all_columns: Vec<usize>,
     store: OffsetStore,
 }
+
+/// A statement binds one array per column, all in one message: PostgreSQL refuses a message
+/// or a value over 1 GB, so a batch of large rows is written in parts well below that.
+const STATEMENT_LIMIT: StatementLimit = StatementLimit {
+    rows: usize::MAX,
+    bytes: 64 << 20,
+};
 
 impl BatchStatements for PgWriter {
     type Db = Postgres;
@@ -61,11 +71,13 @@ impl BatchStatements for PgWriter {
         bulk: bool,
     ) -> Result<RowCounts, sqlx::Error> {
         let mut counts = RowCounts::default();
-        if let Some((sql, bound)) = self.delete.as_ref().filter(|_| !changes.deletes.is_empty()) {
-            let query = bound.iter().fold(sqlx::query(sql), |q, c| {
-                q.bind(gather(&batch.columns[*c], &changes.deletes))
-            });
-            counts.deleted = query.execute(&mut *conn).await?.rows_affected();
+        if let Some((sql, bound)) = &self.delete {
+            for rows in statement_parts(batch, bound, &changes.deletes, STATEMENT_LIMIT) {
+                let query = bound.iter().fold(sqlx::query(sql), |q, c| {
+                    q.bind(gather(&batch.columns[*c], rows))
+                });
+                counts.deleted += query.execute(&mut *conn).await?.rows_affected();
+            }
         }
         if !changes.writes.is_empty() {
             let (written, updated) = self.write_rows(conn, batch, &changes.writes, bulk).await?;
@@ -108,6 +120,7 @@ impl PgWriter {
             }),
             write_sql: write_sql(plan),
             delete: plan.delete_on_null.then(|| delete_sql(plan)),
+            all_columns: (0..plan.columns.len()).collect(),
             store,
         }
     }
@@ -151,14 +164,19 @@ impl PgWriter {
                 Err(e) => return Err(e),
             }
         }
-        let insert = batch
-            .columns
-            .iter()
-            .fold(sqlx::query_as(&self.write_sql), |q, cells| {
-                q.bind(gather(cells, rows))
-            });
-        let (written, updated): (i64, i64) = insert.fetch_one(&mut *tx).await?;
-        Ok((written.max(0) as u64, updated.max(0) as u64))
+        let (mut written, mut updated) = (0, 0);
+        for part in statement_parts(batch, &self.all_columns, rows, STATEMENT_LIMIT) {
+            let insert = batch
+                .columns
+                .iter()
+                .fold(sqlx::query_as(&self.write_sql), |q, cells| {
+                    q.bind(gather(cells, part))
+                });
+            let (w, u): (i64, i64) = insert.fetch_one(&mut *tx).await?;
+            written += w.max(0) as u64;
+            updated += u.max(0) as u64;
+        }
+        Ok((written, updated))
     }
 }
 

@@ -138,10 +138,17 @@ pub struct PrivateDatabase {
     backend: Backend,
     dir: tempfile::TempDir,
     port: u16,
+    /// MariaDB server options (`IDEMSINK_MYSQL_OPTIONS`).
+    options: String,
 }
 
 impl PrivateDatabase {
     pub fn start(backend: Backend) -> PrivateDatabase {
+        PrivateDatabase::start_with_options(backend, "")
+    }
+
+    /// A MariaDB server started with `options` (e.g. `--max-allowed-packet=1M`).
+    pub fn start_with_options(backend: Backend, options: &str) -> PrivateDatabase {
         let dir = tempfile::tempdir().expect("tempdir");
         // The server runs as its own user (postgres, mysql), which must reach its folder.
         std::fs::set_permissions(
@@ -150,7 +157,13 @@ impl PrivateDatabase {
         )
         .expect("chmod");
         let port = free_port();
-        let db = PrivateDatabase { backend, dir, port };
+        let options = options.to_string();
+        let db = PrivateDatabase {
+            backend,
+            dir,
+            port,
+            options,
+        };
         db.devenv("start");
         db
     }
@@ -187,6 +200,8 @@ impl PrivateDatabase {
         Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/devenv.sh"))
             .args([command, server])
             .env("IDEMSINK_DEVENV_DIR", self.dir.path())
+            .env("IDEMSINK_MYSQL_OPTIONS", &self.options)
+            .env("IDEMSINK_MYSQL_OPTIONS", &self.options)
             .env(port_var, self.port.to_string())
             .status()
             .is_ok_and(|s| s.success())

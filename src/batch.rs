@@ -250,7 +250,17 @@ impl Batch {
     /// tombstone is kept (deletes run first), then one write from the records after it,
     /// chosen by `winner`. Without a key every row is written as it is. Rows in `skip` (the
     /// database refused them) count as if they were not in the batch.
-    pub fn changes(&self, key: &[usize], winner: Winner, skip: &HashSet<usize>) -> Changes {
+    ///
+    /// Two rows have the same key when the database says so: `groups` holds, per row, an id
+    /// equal for rows whose keys the database finds equal (a case-insensitive collation,
+    /// `1.0 = 1`); without it, when the key's text is equal.
+    pub fn changes(
+        &self,
+        key: &[usize],
+        groups: Option<&[usize]>,
+        winner: Winner,
+        skip: &HashSet<usize>,
+    ) -> Changes {
         if key.is_empty() {
             return Changes {
                 deletes: Vec::new(),
@@ -262,7 +272,12 @@ impl Batch {
             delete: Option<usize>,
             write: Option<(usize, Option<i64>)>,
         }
-        let mut by_key: HashMap<Vec<&str>, Latest> = HashMap::new();
+        #[derive(PartialEq, Eq, Hash)]
+        enum KeyOf<'a> {
+            Cells(Vec<&'a str>),
+            Group(usize),
+        }
+        let mut by_key: HashMap<KeyOf<'_>, Latest> = HashMap::new();
         let mut unkeyed = Vec::new();
         for row in (0..self.len()).filter(|r| !skip.contains(r)) {
             let cells: Option<Vec<&str>> = key
@@ -274,7 +289,11 @@ impl Batch {
                 unkeyed.push(row);
                 continue;
             };
-            let latest = by_key.entry(cells).or_default();
+            let key_of = match groups {
+                Some(groups) => KeyOf::Group(groups[row]),
+                None => KeyOf::Cells(cells),
+            };
+            let latest = by_key.entry(key_of).or_default();
             if self.ops[row] == RowOp::Delete {
                 *latest = Latest {
                     delete: Some(row),
@@ -455,7 +474,7 @@ mod tests {
         for rows in &cases {
             let b = keyed(rows);
             for winner in [Winner::First, Winner::Last, newest] {
-                let changes = b.changes(&[0], winner, &HashSet::new());
+                let changes = b.changes(&[0], None, winner, &HashSet::new());
                 assert_eq!(
                     apply(&b, &changes),
                     one_by_one(&b, winner),
@@ -465,12 +484,30 @@ mod tests {
         }
         let b = keyed(&cases[0]);
         assert_eq!(
-            b.changes(&[0], newest, &HashSet::new()),
+            b.changes(&[0], None, newest, &HashSet::new()),
             Changes {
                 deletes: vec![],
                 writes: vec![1, 2]
             },
             "the first of the greatest versions, in batch order"
+        );
+    }
+
+    #[test]
+    fn keys_the_database_finds_equal_are_one_key_whatever_their_text() {
+        use RowOp::{Delete as D, Write as W};
+        let b = keyed(&[("a", 1, W), ("A", 0, D), ("a ", 2, W), ("b", 3, W)]);
+        let by_text = b.changes(&[0], None, Winner::Last, &HashSet::new());
+        assert_eq!(by_text.writes, [0, 2, 3], "as text, three keys");
+        // The database says a, A and "a " are one key: its last write follows the tombstone.
+        let groups = [0, 0, 0, 3];
+        let by_database = b.changes(&[0], Some(&groups), Winner::Last, &HashSet::new());
+        assert_eq!(
+            by_database,
+            Changes {
+                deletes: vec![1],
+                writes: vec![2, 3]
+            }
         );
     }
 
@@ -537,7 +574,7 @@ mod tests {
         ];
         let b = keyed(&rows);
         let none = HashSet::new();
-        let all = b.changes(&[0], Winner::Last, &none);
+        let all = b.changes(&[0], None, Winner::Last, &none);
         assert_eq!(
             all,
             Changes {
@@ -547,7 +584,7 @@ mod tests {
         );
         // The write after the tombstone refused: only the tombstone is left for `a`.
         let skip = HashSet::from([4]);
-        let without = b.changes(&[0], Winner::Last, &skip);
+        let without = b.changes(&[0], None, Winner::Last, &skip);
         assert_eq!(
             without,
             Changes {
@@ -558,7 +595,7 @@ mod tests {
         assert_eq!(without, all.without(&skip), "nothing else of `a` to write");
         // The tombstone refused too: `a` ends as its last write before it.
         let skip = HashSet::from([3, 4]);
-        let without = b.changes(&[0], Winner::Last, &skip);
+        let without = b.changes(&[0], None, Winner::Last, &skip);
         assert_eq!(
             without,
             Changes {
@@ -572,7 +609,7 @@ mod tests {
             "the write before the tombstone replaces them"
         );
         // Without a key, skipping only drops rows.
-        let unkeyed = b.changes(&[], Winner::Last, &HashSet::from([1]));
+        let unkeyed = b.changes(&[], None, Winner::Last, &HashSet::from([1]));
         assert_eq!(unkeyed.writes, vec![0, 2, 3, 4]);
     }
 

@@ -174,6 +174,26 @@ pub struct SinkConfig {
     #[serde(default, deserialize_with = "scalar")]
     pub delete_on_null: bool,
     pub columns: BTreeMap<String, String>,
+    /// How long one statement waits for a lock another session holds (PostgreSQL's
+    /// `lock_timeout`, InnoDB's `innodb_lock_wait_timeout`) before the batch is retried.
+    #[serde(default = "default_lock_timeout_ms", deserialize_with = "scalar")]
+    pub lock_timeout_ms: u64,
+    /// How long the database lets one of idemsink's sessions stay idle inside a transaction
+    /// before it ends the session (PostgreSQL's `idle_in_transaction_session_timeout`,
+    /// MySQL's `wait_timeout`): a frozen instance's locks are released after this long.
+    #[serde(
+        default = "default_idle_in_transaction_timeout_ms",
+        deserialize_with = "scalar"
+    )]
+    pub idle_in_transaction_timeout_ms: u64,
+}
+
+fn default_lock_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_idle_in_transaction_timeout_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -637,6 +657,18 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             format!("{} is out of range 1..=600000", batch.max_wait_ms),
         );
     }
+    for (key, ms) in [
+        ("sink.lock_timeout_ms", sink.lock_timeout_ms),
+        (
+            "sink.idle_in_transaction_timeout_ms",
+            sink.idle_in_transaction_timeout_ms,
+        ),
+    ] {
+        // MySQL counts these in whole seconds.
+        if !(1_000..=86_400_000).contains(&ms) {
+            bad(key, format!("{ms} is out of range 1000..=86400000"));
+        }
+    }
     if config.errors.retry_for_ms > 86_400_000 {
         bad(
             "errors.retry_for_ms",
@@ -930,6 +962,25 @@ sink:
         let e = only_error(GOOD, &[env[0], ("IDEMSINK_BATCH__MAX_RECORDS", "lots")]);
         assert_eq!(e.key, "batch.max_records");
         assert!(e.message.contains("\"lots\""), "{e}");
+    }
+
+    #[test]
+    fn session_limits_default_and_are_checked() {
+        let env = [("DATABASE_URL", "postgres://u@h/db")];
+        let p = load(GOOD, &env).expect("valid");
+        assert_eq!(p.config.sink.lock_timeout_ms, 10_000);
+        assert_eq!(p.config.sink.idle_in_transaction_timeout_ms, 60_000);
+        for (key, value) in [
+            ("IDEMSINK_SINK__LOCK_TIMEOUT_MS", "0"),
+            ("IDEMSINK_SINK__IDLE_IN_TRANSACTION_TIMEOUT_MS", "999"),
+        ] {
+            let e = only_error(GOOD, &[env[0], (key, value)]);
+            assert!(
+                key.ends_with(&e.key.replace("sink.", "").to_uppercase()),
+                "{key}: {e}"
+            );
+            assert!(e.message.contains("out of range 1000..=86400000"), "{e}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::config::{LoadedPipeline, OffsetReset, StartFrom, AUTO_OFFSET_RESET};
+use crate::db::is_transient;
 use crate::health::PipelineStatus;
 use crate::offsets::{OffsetStore, TopicPartition};
 use crate::retry::retry;
@@ -107,6 +108,11 @@ struct AssignmentState {
     /// The consumer loop paused fetching because the writer is behind; partitions assigned
     /// meanwhile start paused too.
     paused: bool,
+    /// Partitions assigned while the database did not answer, in their epochs: owned but
+    /// paused, and nothing taken, until their stored offsets are loaded.
+    unloaded: Vec<(TopicPartition, u64)>,
+    /// Since when the database has not answered for them.
+    unloaded_since: Option<Instant>,
 }
 
 impl AssignmentState {
@@ -175,6 +181,76 @@ impl Assignment {
 
     fn assign(&self, tp: &TopicPartition, stored: Option<i64>, read_from: Option<i64>) {
         self.lock().start_epoch(tp, stored, read_from);
+    }
+
+    /// Owns `tp` without its stored offset yet (the database did not answer): nothing of
+    /// it is taken until [`Assignment::loaded`].
+    fn assign_unloaded(&self, tp: &TopicPartition) {
+        let mut state = self.lock();
+        state.start_epoch(tp, None, None);
+        let epoch = state.next_epoch;
+        if let Some(owned) = state.get_mut(tp) {
+            owned.seeking = true;
+        }
+        state.unloaded.push((tp.clone(), epoch));
+        state.unloaded_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The partitions still waiting for their stored offsets, and since when the database
+    /// has not answered for them; a partition revoked meanwhile is forgotten.
+    pub fn unloaded(&self) -> (Vec<(TopicPartition, u64)>, Option<Instant>) {
+        let mut state = self.lock();
+        let still_owned: Vec<(TopicPartition, u64)> = state
+            .unloaded
+            .iter()
+            .filter(|(tp, epoch)| {
+                state
+                    .owned
+                    .get(&tp.topic)
+                    .and_then(|m| m.get(&tp.partition))
+                    .is_some_and(|o| o.epoch == *epoch)
+            })
+            .cloned()
+            .collect();
+        if still_owned.is_empty() {
+            state.unloaded_since = None;
+        }
+        state.unloaded.clone_from(&still_owned);
+        (still_owned, state.unloaded_since)
+    }
+
+    /// The stored offset of an unloaded partition is known now: reading starts at
+    /// `read_from` (`start` for librdkafka), once the consumer loop has sought there.
+    fn loaded(
+        &self,
+        tp: &TopicPartition,
+        epoch: u64,
+        stored: Option<i64>,
+        read_from: Option<i64>,
+        start: Offset,
+    ) {
+        let mut state = self.lock();
+        state.unloaded.retain(|(t, e)| !(t == tp && *e == epoch));
+        if state.unloaded.is_empty() {
+            state.unloaded_since = None;
+        }
+        let Some(owned) = state.get_mut(tp).filter(|o| o.epoch == epoch) else {
+            return;
+        };
+        owned.db_next = stored;
+        owned.read_next = read_from;
+        let cover = read_from.filter(|from| Some(*from) != stored);
+        self.owe_seek(state, tp, Some(start), cover);
+    }
+
+    /// Whether a partition waits for its stored offset.
+    pub fn has_unloaded(&self) -> bool {
+        !self.lock().unloaded.is_empty()
+    }
+
+    /// Whether `tp` waits for its stored offset (and stays paused meanwhile).
+    pub fn is_unloaded(&self, tp: &TopicPartition) -> bool {
+        self.lock().unloaded.iter().any(|(t, _)| t == tp)
     }
 
     fn revoke(&self, tp: &TopicPartition) {
@@ -301,7 +377,7 @@ impl Assignment {
         self.lock().paused = paused;
     }
 
-    fn paused(&self) -> bool {
+    pub fn paused(&self) -> bool {
         self.lock().paused
     }
 
@@ -510,9 +586,9 @@ impl SinkContext {
     /// has it; otherwise where `auto.offset.reset` says (logged and counted), or an error that
     /// names the partition and both offsets. If the watermarks cannot be read, the stored
     /// offset is used, and a fetch out of range is caught by the consumer loop instead.
-    fn check_range(
+    fn check_range<C: Consumer<Self>>(
         &self,
-        consumer: &BaseConsumer<Self>,
+        consumer: &C,
         tp: &TopicPartition,
         stored: i64,
     ) -> Result<i64, String> {
@@ -534,7 +610,7 @@ impl SinkContext {
     /// now, and that start is stored with the next batch: a restart or a handover before the
     /// first record must not move it forward past records produced meanwhile. (`earliest`
     /// needs no fixing: what it skips is what retention deletes.)
-    fn fixed_start(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition) -> Option<i64> {
+    fn fixed_start<C: Consumer<Self>>(&self, consumer: &C, tp: &TopicPartition) -> Option<i64> {
         if self.start_from != StartFrom::Latest {
             return None;
         }
@@ -565,6 +641,10 @@ impl SinkContext {
         }
         let stored = match self.block_on(self.load_offsets(&tps)) {
             Ok(stored) => stored,
+            Err(e) if is_transient(&e) => {
+                self.assign_unloaded(consumer, tpl, &tps, &e, cooperative);
+                return;
+            }
             Err(e) => {
                 // Without the stored offsets there is no safe place to start: assign nothing.
                 let reason = format!(
@@ -579,21 +659,14 @@ impl SinkContext {
         let mut loaded = Vec::with_capacity(tps.len());
         for tp in &tps {
             let offset = stored.get(tp).copied();
-            let read_from = match offset {
-                Some(n) => match self.check_range(consumer, tp, n) {
-                    Ok(from) => Some(from),
-                    Err(reason) => {
-                        // Assigning nothing: the pipeline stops before reading a record.
-                        error!("{reason}");
-                        self.assignment.set_fatal(reason);
-                        return;
-                    }
-                },
-                None => self.fixed_start(consumer, tp),
-            };
-            let start = match read_from {
-                Some(n) => Offset::Offset(n),
-                None => start_offset(None, self.start_from),
+            let (read_from, start) = match self.start_of(consumer, tp, offset) {
+                Ok(start) => start,
+                Err(reason) => {
+                    // Assigning nothing: the pipeline stops before reading a record.
+                    error!("{reason}");
+                    self.assignment.set_fatal(reason);
+                    return;
+                }
             };
             if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, start) {
                 error!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot set start offset");
@@ -615,6 +688,102 @@ impl SinkContext {
             tps.len(),
             self.assignment.count(),
         );
+    }
+
+    /// Where reading a partition whose stored offset is `stored` starts: the offset the
+    /// consumer loop takes first (`None`: whatever comes first), and where librdkafka starts.
+    /// An error is the one-line reason to stop (see [`SinkContext::check_range`]).
+    fn start_of<C: Consumer<Self>>(
+        &self,
+        consumer: &C,
+        tp: &TopicPartition,
+        stored: Option<i64>,
+    ) -> Result<(Option<i64>, Offset), String> {
+        let read_from = match stored {
+            Some(n) => Some(self.check_range(consumer, tp, n)?),
+            None => self.fixed_start(consumer, tp),
+        };
+        let start = match read_from {
+            Some(n) => Offset::Offset(n),
+            None => start_offset(None, self.start_from),
+        };
+        Ok((read_from, start))
+    }
+
+    /// The database did not answer within a rebalance's patience. The partitions are
+    /// assigned, but paused at their end and owned with nothing taken, and the consumer loop
+    /// loads their offsets once the database answers ([`SinkContext::load_unloaded`]), then
+    /// seeks there: the rebalance completes in time, and the outage is waited out for
+    /// `errors.retry_for_ms`, as any other.
+    fn assign_unloaded(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &mut TopicPartitionList,
+        tps: &[TopicPartition],
+        error: &sqlx::Error,
+        cooperative: bool,
+    ) {
+        for tp in tps {
+            // A valid position, never fetched from while paused (the seek replaces it).
+            if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::End) {
+                error!(pipeline = %self.pipeline, partition = %tp, error = %e, "cannot set start offset");
+            }
+            self.assignment.assign_unloaded(tp);
+        }
+        let names: Vec<String> = tps.iter().map(ToString::to_string).collect();
+        warn!(pipeline = %self.pipeline, partitions = %names.join(" "), %error, cooperative, "assigned, but the stored offsets cannot be read now; these partitions stay paused until the database answers (for errors.retry_for_ms)");
+        self.apply_assignment(consumer, tpl, cooperative);
+        log_failure(&self.pipeline, "pause", consumer.pause(tpl));
+        telemetry::rebalance(
+            &self.pipeline,
+            "assigned",
+            tps.len(),
+            self.assignment.count(),
+        );
+    }
+
+    /// For the consumer loop: tries once to load the offsets of the partitions assigned
+    /// while the database did not answer, and has the loop seek each to its start. Err is
+    /// the one-line reason to stop: a permanent error, an offset outside what Kafka has
+    /// (unless `auto.offset.reset` says otherwise), or `errors.retry_for_ms` spent.
+    pub async fn load_unloaded(&self, consumer: &SinkConsumer) -> Result<(), String> {
+        let (unloaded, since) = self.assignment.unloaded();
+        if unloaded.is_empty() {
+            return Ok(());
+        }
+        let tps: Vec<TopicPartition> = unloaded.iter().map(|(tp, _)| tp.clone()).collect();
+        let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
+        let stored = match self.store.load(&tps).await {
+            Ok(stored) => stored,
+            Err(e) if is_transient(&e) && waited < self.retry_for => {
+                telemetry::db_retry(&self.pipeline, "loading offsets");
+                warn!(pipeline = %self.pipeline, error = %e, waited_s = waited.as_secs(), gives_up_in_s = (self.retry_for - waited).as_secs(), "database unavailable or busy; loading the assigned partitions' offsets again shortly");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(format!(
+                    "pipeline {}: cannot read stored offsets on assignment (waited {} s): {e}",
+                    self.pipeline,
+                    waited.as_secs()
+                ))
+            }
+        };
+        let mut loaded = Vec::with_capacity(unloaded.len());
+        for (tp, epoch) in &unloaded {
+            let offset = stored.get(tp).copied();
+            let (read_from, start) =
+                tokio::task::block_in_place(|| self.start_of(consumer, tp, offset))?;
+            self.assignment.loaded(tp, *epoch, offset, read_from, start);
+            loaded.push(format!(
+                "{tp}@{}",
+                read_from.map_or_else(
+                    || format!("{:?}", self.start_from).to_lowercase(),
+                    |n| n.to_string()
+                )
+            ));
+        }
+        info!(pipeline = %self.pipeline, partitions = %loaded.join(" "), "the database answered; starting from offsets stored in the database");
+        Ok(())
     }
 
     fn apply_assignment(

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Executor;
 
 /// Which database a pipeline writes to.
@@ -68,15 +68,74 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // connection exception, serialization failure, deadlock, too many connections,
             // a statement or lock timeout (statement_timeout, lock_timeout: a wait that ended,
-            // as MySQL's 1205), admin/crash shutdown, cannot connect now
+            // as MySQL's 1205), admin/crash shutdown, cannot connect now, the session ended
+            // for idling inside its transaction or idling at all (the transaction rolled back)
             code.starts_with("08")
                 || matches!(
                     &*code,
-                    "40001" | "40P01" | "53300" | "57014" | "55P03" | "57P01" | "57P02" | "57P03"
+                    "40001"
+                        | "40P01"
+                        | "53300"
+                        | "57014"
+                        | "55P03"
+                        | "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "25P03"
+                        | "57P05"
                 )
         }
         _ => false,
     }
+}
+
+/// A lock wait that ended unanswered: PostgreSQL's `lock_timeout`, MySQL's
+/// `innodb_lock_wait_timeout`. Another session holds what the statement needs.
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    match db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        Some(my) => my.number() == 1205,
+        None => db.code().is_some_and(|c| c == "55P03"),
+    }
+}
+
+/// The user lacks a privilege (MySQL's 1227, PostgreSQL's insufficient_privilege).
+pub fn is_access_denied(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    match db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        Some(my) => my.number() == 1227,
+        None => db.code().is_some_and(|c| c == "42501"),
+    }
+}
+
+/// How long idemsink's sessions wait, and may be left waiting. Without bounds, a frozen
+/// instance (a zombie) that wrote rows holds their locks for as long as it is frozen, and
+/// the instance that took its partitions over waits on them with no word in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// One lock wait, at most; the batch is then retried.
+    pub lock_timeout: Duration,
+    /// A session idle inside a transaction this long is ended by the server, which rolls
+    /// its transaction back and releases its locks.
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> SessionLimits {
+        SessionLimits {
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whole seconds, rounded up: MySQL's timeouts count seconds.
+fn seconds(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
 }
 
 /// A connection pool to the sink database.
@@ -87,32 +146,67 @@ pub enum DbPool {
 }
 
 impl DbPool {
-    /// Connects with at most `max_connections`; `url` must name a backend (checked by config).
+    /// Connects with at most `max_connections` and the default [`SessionLimits`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<DbPool, sqlx::Error> {
+        DbPool::connect_with_limits(url, max_connections, SessionLimits::default()).await
+    }
+
+    /// Connects with at most `max_connections`, each session within `limits`; `url` must
+    /// name a backend (checked by config).
+    pub async fn connect_with_limits(
+        url: &str,
+        max_connections: u32,
+        limits: SessionLimits,
+    ) -> Result<DbPool, sqlx::Error> {
         // Short: a database that does not answer is waited for by `retry`, which says so in
         // the log and keeps to the pipeline's `errors.retry_for_ms`.
         let acquire_timeout = Duration::from_secs(5);
         match Backend::of_url(url) {
-            Some(Backend::Postgres) => Ok(DbPool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(acquire_timeout)
-                    .connect(url)
-                    .await?,
-            )),
+            Some(Backend::Postgres) => {
+                let mut options = PgConnectOptions::from_str(url)?.options([
+                    ("lock_timeout", limits.lock_timeout.as_millis().to_string()),
+                    (
+                        "idle_in_transaction_session_timeout",
+                        limits.idle_in_transaction.as_millis().to_string(),
+                    ),
+                ]);
+                // Named, so that another instance waiting on this one's locks can tell who
+                // holds them (pg_stat_activity); a name in the URL is kept.
+                if options.get_application_name().is_none() {
+                    options = options.application_name("idemsink");
+                }
+                Ok(DbPool::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(max_connections)
+                        .acquire_timeout(acquire_timeout)
+                        .connect_with(options)
+                        .await?,
+                ))
+            }
             Some(Backend::MySql) => {
                 // sqlx's MySQL URL parser wants `mysql://`; `mariadb://` is the same thing.
                 let url = url.replacen("mariadb://", "mysql://", 1);
                 let options = MySqlConnectOptions::from_str(&url)?.timezone(Some("+00:00".into()));
+                // MySQL has no timeout for a session idle inside a transaction alone (MariaDB
+                // has, MySQL not): `wait_timeout` ends any idle session, so the pool closes
+                // its idle connections well before the server would.
+                let limits_sql = format!(
+                    "SET SESSION innodb_lock_wait_timeout = {}, wait_timeout = {}",
+                    seconds(limits.lock_timeout),
+                    seconds(limits.idle_in_transaction)
+                );
                 Ok(DbPool::MySql(
                     MySqlPoolOptions::new()
                         .max_connections(max_connections)
                         .acquire_timeout(acquire_timeout)
-                        .after_connect(|conn, _| {
+                        .idle_timeout(limits.idle_in_transaction / 2)
+                        .after_connect(move |conn, _| {
+                            let limits_sql = limits_sql.clone();
                             Box::pin(async move {
                                 for statement in MYSQL_SESSION {
                                     conn.execute(statement).await?;
                                 }
+                                conn.execute(limits_sql.as_str()).await?;
                                 Ok(())
                             })
                         })

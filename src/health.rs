@@ -1,9 +1,10 @@
 //! What `/healthz` and `/readyz` answer: the process is alive, and every pipeline has its
-//! database and its place in the consumer group.
+//! database and its place in the consumer group, and its writer is not stuck.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The pipelines of this process and how far each has come.
 #[derive(Debug, Default)]
@@ -12,12 +13,27 @@ pub struct Health {
 }
 
 /// One pipeline's readiness, set by the pipeline itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PipelineStatus {
     /// Connected, migrated, and the table checked.
     database: AtomicBool,
     /// In the consumer group: an assignment came since the last loss of membership.
     member: AtomicBool,
+    /// The writer's batch has failed since then, and is being retried; with the last error.
+    failing: Mutex<Option<(Instant, String)>>,
+    /// How long a batch may keep failing before the pipeline counts as stuck.
+    stuck_after: Mutex<Duration>,
+}
+
+impl Default for PipelineStatus {
+    fn default() -> PipelineStatus {
+        PipelineStatus {
+            database: AtomicBool::new(false),
+            member: AtomicBool::new(false),
+            failing: Mutex::new(None),
+            stuck_after: Mutex::new(Duration::from_secs(30)),
+        }
+    }
 }
 
 impl PipelineStatus {
@@ -29,15 +45,49 @@ impl PipelineStatus {
         self.member.store(member, Ordering::Relaxed);
     }
 
-    fn problem(&self) -> Option<&'static str> {
+    /// A batch that keeps failing longer than `bound` (a lock another session holds, the
+    /// database gone) makes the pipeline unready until a batch commits.
+    pub fn set_stuck_after(&self, bound: Duration) {
+        *lock(&self.stuck_after) = bound;
+    }
+
+    /// The writer's attempt at a batch failed and will be retried.
+    pub fn write_failed(&self, error: &dyn std::fmt::Display) {
+        let mut failing = lock(&self.failing);
+        let since = failing
+            .as_ref()
+            .map_or_else(Instant::now, |(since, _)| *since);
+        *failing = Some((since, error.to_string()));
+    }
+
+    /// The writer's batch went through (or the pipeline no longer writes it).
+    pub fn write_done(&self) {
+        *lock(&self.failing) = None;
+    }
+
+    fn problem(&self) -> Option<String> {
         if !self.database.load(Ordering::Relaxed) {
-            Some("no database connection yet")
-        } else if !self.member.load(Ordering::Relaxed) {
-            Some("not in the consumer group")
-        } else {
-            None
+            return Some("no database connection yet".to_string());
+        }
+        if !self.member.load(Ordering::Relaxed) {
+            return Some("not in the consumer group".to_string());
+        }
+        let stuck_after = *lock(&self.stuck_after);
+        match &*lock(&self.failing) {
+            Some((since, error)) if since.elapsed() >= stuck_after => Some(format!(
+                "writer stuck: the batch has been failing and retried for {} s: {error}",
+                since.elapsed().as_secs()
+            )),
+            _ => None,
         }
     }
+}
+
+/// A poisoned lock still holds a usable value here: each is a plain value written whole.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Health {
@@ -66,9 +116,7 @@ impl Health {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<PipelineStatus>>> {
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.pipelines)
     }
 }
 
@@ -93,5 +141,26 @@ mod tests {
         assert_eq!(health.readiness(), Ok(()));
         a.set_member(false);
         assert!(health.readiness().is_err());
+    }
+
+    #[test]
+    fn a_batch_failing_past_the_bound_makes_its_pipeline_unready_until_one_commits() {
+        let health = Health::default();
+        let a = health.register("a");
+        a.set_database(true);
+        a.set_member(true);
+        a.set_stuck_after(Duration::from_millis(50));
+        a.write_failed(&"lock timeout");
+        assert_eq!(health.readiness(), Ok(()), "not stuck before the bound");
+        std::thread::sleep(Duration::from_millis(60));
+        a.write_failed(&"lock timeout again");
+        let problems = health.readiness().expect_err("stuck past the bound");
+        assert!(
+            problems[0].starts_with("a: writer stuck: the batch has been failing")
+                && problems[0].ends_with(": lock timeout again"),
+            "{problems:?}"
+        );
+        a.write_done();
+        assert_eq!(health.readiness(), Ok(()));
     }
 }

@@ -24,7 +24,7 @@ use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Toleran
 use crate::consumer::{
     client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer, SinkContext,
 };
-use crate::db::{Backend, DbPool};
+use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool, SessionLimits};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, RecordRef, RowMapper};
@@ -90,10 +90,13 @@ struct Shared {
     assignment: Arc<Assignment>,
     consumer: Arc<SinkConsumer>,
     store: OffsetStore,
+    /// What `/readyz` says of this pipeline.
+    status: Arc<PipelineStatus>,
 }
 
 impl Shared {
-    /// Stops or restarts fetching for every partition this instance holds.
+    /// Stops or restarts fetching for every partition this instance holds (those waiting for
+    /// their stored offsets stay paused).
     fn pause_fetching(&self, paused: bool) {
         self.assignment.set_paused(paused);
         let consumer = &self.consumer;
@@ -101,7 +104,7 @@ impl Shared {
             if paused {
                 consumer.pause(&tpl)
             } else {
-                consumer.resume(&tpl)
+                consumer.resume(&self.without_unloaded(&tpl))
             }
         });
         match result {
@@ -110,6 +113,31 @@ impl Shared {
             Err(e) => {
                 error!(pipeline = %self.pipeline, paused, error = %e, "pausing or resuming fetching failed")
             }
+        }
+    }
+
+    fn without_unloaded(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let tp = TopicPartition {
+                topic: e.topic().to_string(),
+                partition: e.partition(),
+            };
+            if !self.assignment.is_unloaded(&tp) {
+                list.add_partition(e.topic(), e.partition());
+            }
+        }
+        list
+    }
+
+    /// Restarts fetching these partitions.
+    fn resume(&self, tps: &[TopicPartition]) {
+        let mut list = TopicPartitionList::new();
+        for tp in tps {
+            list.add_partition(&tp.topic, tp.partition);
+        }
+        if let Err(e) = self.consumer.resume(&list) {
+            error!(pipeline = %self.pipeline, error = %e, "resuming fetching failed");
         }
     }
 
@@ -127,8 +155,12 @@ impl Shared {
 /// starting is waited for up to `patience` (zero: one attempt, for the commands).
 pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, PipelineError> {
     let url = &p.config.sink.url;
+    let limits = SessionLimits {
+        lock_timeout: Duration::from_millis(p.config.sink.lock_timeout_ms),
+        idle_in_transaction: Duration::from_millis(p.config.sink.idle_in_transaction_timeout_ms),
+    };
     let connected = retry(&p.config.pipeline, "connecting", patience, || {
-        DbPool::connect(url, 4)
+        DbPool::connect_with_limits(url, 4, limits)
     });
     connected.await.map_err(|e| {
         PipelineError::Fatal(format!(
@@ -248,7 +280,10 @@ fn subscribe(
         }
     };
     let assignment = Arc::new(Assignment::default());
-    let context = SinkContext::new(p, assignment.clone(), store.clone(), status);
+    // A lock wait ends after `lock_timeout_ms` and the batch is retried: a batch still
+    // failing after three such waits is stuck, not unlucky.
+    status.set_stuck_after(Duration::from_millis(3 * p.config.sink.lock_timeout_ms));
+    let context = SinkContext::new(p, assignment.clone(), store.clone(), status.clone());
     let consumer: SinkConsumer = client_config(p)
         .create_with_context(context)
         .map_err(kafka("creating the consumer"))?;
@@ -262,6 +297,7 @@ fn subscribe(
         start_from: p.config.source.start_from,
         assignment,
         consumer: Arc::new(consumer),
+        status,
     })
 }
 
@@ -308,6 +344,8 @@ async fn read_loop(
     tokio::pin!(flush_timer);
     let mut idle = tokio::time::interval(COVER_WHEN_IDLE);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut load_again = tokio::time::interval(LOAD_UNLOADED_EVERY);
+    load_again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let can_offer = handover.waiting.is_none();
         let may_pause = !can_offer && !handover.paused;
@@ -331,6 +369,11 @@ async fn read_loop(
                 }
             }
             _ = handover.pause_at.as_mut(), if may_pause => handover.pause(),
+            // Partitions assigned while the database did not answer wait for their offsets.
+            _ = load_again.tick(), if shared.assignment.has_unloaded() => {
+                shared.consumer.context().load_unloaded(&shared.consumer).await.map_err(PipelineError::Fatal)?;
+                apply_seeks(shared, &mut batch).await?;
+            }
             _ = &mut flush_timer, if can_offer && !batch.is_empty() => {
                 handover.offer(&batches, cut(shared, &mut batch));
             }
@@ -382,6 +425,9 @@ async fn read_loop(
 
 /// How often a caught-up consumer loop looks for offsets to cover without a record.
 const COVER_WHEN_IDLE: Duration = Duration::from_secs(1);
+
+/// How often the offsets of partitions assigned during a database outage are tried again.
+const LOAD_UNLOADED_EVERY: Duration = Duration::from_secs(1);
 
 /// Takes the open batch for the writer, leaving an empty one: first it covers the offsets
 /// read past after its last record of each partition.
@@ -579,6 +625,10 @@ async fn apply_seeks(shared: &Shared, batch: &mut Batch) -> Result<(), PipelineE
         if let Some(to) = seek.cover {
             batch.cover(&seek.tp, seek.epoch, to);
         }
+        // A partition assigned during a database outage waited paused for this seek.
+        if !shared.assignment.paused() {
+            shared.resume(std::slice::from_ref(&seek.tp));
+        }
     }
     Ok(())
 }
@@ -717,14 +767,22 @@ async fn commit_batch(
         // A transaction that failed on a transient fault is tried again whole. If its commit
         // went through unseen, the retry meets the offsets it moved and is fenced: the
         // partitions then restart from there, and nothing is written twice.
+        let (attempted, moving) = (&batch, &offset_moves);
         let written = retry(
             &shared.pipeline,
             "writing a batch",
             shared.retry_for,
-            || writer.write(&batch, &offset_moves),
+            || async move {
+                let attempt = writer.write(attempted, moving).await;
+                if let Err(e) = &attempt {
+                    write_failed(shared, writer, e).await;
+                }
+                attempt
+            },
         )
-        .await
-        .map_err(shared.db("writing a batch"))?;
+        .await;
+        shared.status.write_done();
+        let written = written.map_err(shared.db("writing a batch"))?;
         match written {
             WriteOutcome::Committed { rows, rejected } => {
                 for (m, epoch) in &moves {
@@ -787,6 +845,32 @@ async fn commit_batch(
             }
         }
     }
+}
+
+/// A batch's attempt failed and is retried (or the retries end): readiness learns of it,
+/// and a lock wait that timed out says who holds the locks. Until that session ends (or the
+/// server ends it, see [`crate::db::SessionLimits`]) every attempt waits on it again.
+async fn write_failed(shared: &Shared, writer: &Writer, error: &sqlx::Error) {
+    shared.status.write_failed(error);
+    if !is_lock_timeout(error) {
+        return;
+    }
+    let holders = match writer.lock_holders().await {
+        Ok(holders) if holders.is_empty() => "none seen now".to_string(),
+        Ok(holders) => holders.join("; "),
+        Err(e) if is_access_denied(&e) => "cannot tell: the database user may not see other \
+            sessions (MySQL's PROCESS privilege)"
+            .to_string(),
+        Err(e) => format!("cannot tell: {e}"),
+    };
+    warn!(
+        pipeline = %shared.pipeline,
+        holders = %holders,
+        "a lock wait timed out writing a batch: another session holds rows or offsets this \
+         batch writes (a stopped or frozen instance, or a transaction left open); the batch is \
+         retried, and a session of idemsink idle in its transaction is ended by the database \
+         after sink.idle_in_transaction_timeout_ms"
+    );
 }
 
 /// Dead letters are never silent: a WARN line names each (the first few of a batch) with

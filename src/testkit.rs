@@ -87,6 +87,28 @@ pub async fn hold_received(offset: i64) {
     }
 }
 
+/// The environment variable naming a file that holds batches' transactions open: see
+/// [`hold_transaction`].
+pub const HOLD_TRANSACTION_FILE_ENV: &str = "IDEMSINK_TESTKIT_HOLD_TRANSACTION_FILE";
+
+/// Test hook in the writer, after a batch's rows are written and before its offsets move:
+/// while the file named by [`HOLD_TRANSACTION_FILE_ENV`] exists, the writer waits with the
+/// transaction open and the rows locked, as an instance frozen there would. Only in builds
+/// with the `testkit` feature.
+pub async fn hold_transaction() {
+    let Some(path) = std::env::var_os(HOLD_TRANSACTION_FILE_ENV) else {
+        return;
+    };
+    let held = |p: &std::ffi::OsStr| std::path::Path::new(p).exists();
+    if held(&path) {
+        tracing::info!("testkit: holding a batch's transaction open after its rows");
+        while held(&path) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("testkit: released the batch's transaction");
+    }
+}
+
 /// An idempotent producer that waits for all replicas. It sends records up to 64 MB, which
 /// a topic takes once [`allow_record_bytes`] let it.
 pub fn producer(brokers: &str) -> Result<FutureProducer> {

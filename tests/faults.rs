@@ -22,6 +22,7 @@ const RETRYING: &str = "database unavailable or busy; retrying";
 on_both_databases!(
     chaos_200000_records_20_sigkills_and_2_database_restarts_lose_and_double_nothing,
     the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_group,
+    a_rebalance_during_a_database_outage_waits_for_the_database_instead_of_stopping,
     past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up,
     the_broker_unreachable_for_10_s_during_a_stream_costs_nothing,
     the_broker_killed_and_restarted_twice_during_a_stream_loses_and_doubles_nothing,
@@ -233,6 +234,53 @@ async fn the_database_down_for_15_s_during_a_stream_costs_nothing_and_not_the_gr
         "fetching paused meanwhile:\n{log}"
     );
 }
+
+/// A and B share four partitions while records stream. The database goes down, and B is
+/// killed: A is assigned B's partitions (eagerly, all four again), whose stored offsets it
+/// cannot read. A rebalance waits at most a third of `max.poll.interval.ms` (here 3 s), but
+/// the outage lasts 12 s more: the partitions are assigned and wait, paused, and A goes on
+/// once the database is back, within `errors.retry_for_ms`. Every record lands exactly once.
+async fn a_rebalance_during_a_database_outage_waits_for_the_database_instead_of_stopping(
+    backend: Backend,
+) {
+    let db = PrivateDatabase::start(backend);
+    let case = Case::in_database(backend, "rebalance_dbdown", 4, db.url()).await;
+    let config = |name: &str| {
+        case.pipeline()
+            .named(name)
+            .property("max.poll.interval.ms", "9000")
+            .extra(
+                "batch:\n  max_records: 500\n  max_wait_ms: 50\nerrors:\n  retry_for_ms: 120000\n",
+            )
+            .write()
+    };
+    let a = Connector::start(&config("a"));
+    a.wait_assigned(Duration::from_secs(30)).await;
+    let b = Connector::start(&config("b"));
+    b.wait_assigned(Duration::from_secs(30)).await;
+    a.wait_for_log(ASSIGNED, 2, Duration::from_secs(30)).await;
+    let streamer = case.stream_until_finished(20_000, 1000, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    db.stop();
+    b.kill();
+    a.wait_for_log(ASSIGNED_UNLOADED, 1, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    db.start_again();
+    a.wait_for_log(DATABASE_ANSWERED, 1, Duration::from_secs(30))
+        .await;
+
+    let landed = streamer.finish().await;
+    let log = case.stop_caught_up(a, landed).await;
+    assert!(
+        !log.contains("cannot read stored offsets"),
+        "the rebalance waited for the database:\n{log}"
+    );
+}
+
+const ASSIGNED_UNLOADED: &str = "assigned, but the stored offsets cannot be read now";
+const DATABASE_ANSWERED: &str = "the database answered; starting from offsets stored";
 
 async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_catches_up(
     backend: Backend,

@@ -35,6 +35,7 @@ on_both_databases!(
     a_zombie_paused_mid_write_is_fenced_in_insert_mode,
     a_zombie_paused_mid_write_is_fenced_in_insert_mode_under_kip848,
     a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins,
+    a_zombie_frozen_holding_row_locks_is_waited_out_with_warnings_then_fenced,
     a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
 );
 
@@ -445,6 +446,105 @@ async fn a_zombie_paused_mid_write_is_fenced(
         }
     }
 }
+
+/// A owns both partitions and has written the rows of wave 2 inside its transaction, not
+/// yet its offsets, when it freezes there (the testkit hold, then SIGSTOP): its session sits
+/// idle in the transaction, holding the rows' locks. B takes the partitions over, and its
+/// writes of wave 2 wait on those locks: each wait ends after B's `lock_timeout_ms` with a
+/// WARN line naming who holds them, `/readyz` says B's writer is stuck, and the database
+/// ends A's session after A's `idle_in_transaction_timeout_ms`, which releases the locks. B
+/// then commits waves 2 and 3 and is ready again; A, continued, is fenced, and wave 4 lands.
+async fn a_zombie_frozen_holding_row_locks_is_waited_out_with_warnings_then_fenced(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "frozen", 2).await;
+    let limits = "  lock_timeout_ms: 1000\n  idle_in_transaction_timeout_ms: 20000\n";
+    let sink = format!("{}{limits}", common::STANDARD_COLUMNS);
+    let batches = "batch:\n  max_records: 300\n  max_wait_ms: 50\n";
+    let config = |name: &str| {
+        case.pipeline()
+            .named(name)
+            .sink(&sink)
+            .extra(batches)
+            .write()
+    };
+    let (a_config, b_config) = (config("a"), config("b"));
+    let hold = tempfile::NamedTempFile::new().expect("hold file");
+    let producer = case.producer();
+    let produce = |n: i64| {
+        let records = Mode::Insert.wave(n, case.partitions);
+        let (producer, topic) = (&producer, &case.topic);
+        async move {
+            testkit::produce(producer, topic, &records)
+                .await
+                .expect("produce")
+        }
+    };
+    let mut landed = Vec::new();
+
+    std::fs::remove_file(hold.path()).expect("not holding yet");
+    let a = Connector::start_with_env(
+        &["run", "--config"],
+        &a_config,
+        &[(testkit::HOLD_TRANSACTION_FILE_ENV, hold.path())],
+    );
+    a.wait_assigned(JOIN).await;
+    landed.extend(produce(1).await);
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
+        .await;
+
+    std::fs::write(hold.path(), "").expect("hold");
+    landed.extend(produce(2).await);
+    a.wait_for_log("testkit: holding a batch's transaction open", 1, JOIN)
+        .await;
+    a.signal("STOP");
+
+    landed.extend(produce(3).await);
+    let b = Connector::start(&b_config);
+    let address = b.http_address().await;
+    b.wait_assigned(JOIN).await;
+    b.wait_for_log(LOCK_WAIT_TIMED_OUT, 1, JOIN).await;
+    let deadline = std::time::Instant::now() + JOIN;
+    loop {
+        let (status, body) = common::http_get(&address, "/readyz");
+        if status == 503 && body.contains("writer stuck") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never said B's writer was stuck: {status} {body}; log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
+        .await;
+    assert_eq!(common::http_get(&address, "/readyz").0, 200, "ready again");
+
+    a.signal("CONT");
+    std::fs::remove_file(hold.path()).expect("release");
+    a.wait_for_log(FENCED, 1, JOIN).await;
+    landed.extend(produce(4).await);
+    let end = case.end_offsets().await;
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    assert_clean_exit(a.stop(EXIT));
+    let b_log = assert_clean_exit(b.stop(EXIT));
+    let warning = b_log
+        .lines()
+        .find(|l| l.contains(LOCK_WAIT_TIMED_OUT))
+        .expect("a WARN line for the lock wait");
+    if backend == Backend::Postgres {
+        // PostgreSQL shows every session; MySQL only to a user with the PROCESS privilege.
+        assert!(
+            warning.contains("(idemsink, ") && warning.contains("idle in transaction"),
+            "the WARN line names A's session: {warning}"
+        );
+    }
+    assert_eq!(case.stored_offsets().await, end);
+    assert_exactly_once(&case.rows().await, &with_ids(1000..5000, landed));
+}
+
+const LOCK_WAIT_TIMED_OUT: &str = "a lock wait timed out writing a batch";
 
 /// Holds the zombie in the middle of its write: while armed, a trigger makes the zombie's
 /// insert wait on a lock the test holds, before any row is touched, so the zombie holds no

@@ -104,6 +104,10 @@ pub struct TableColumn {
     /// MySQL `AUTO_INCREMENT`: every row gets a new value, so a unique key holding it never
     /// meets an existing row.
     pub auto_increment: bool,
+    /// How the database compares two values of the column, where that is not comparing
+    /// their text (a case-insensitive or padding collation, `numeric`'s `1.0 = 1`, `jsonb`):
+    /// an SQL expression of `{v}` (see [`crate::writer`]'s key grouping).
+    pub equality: Option<String>,
 }
 
 /// A unique index or constraint.

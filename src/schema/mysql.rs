@@ -19,6 +19,8 @@ struct ColumnRow {
     max_bytes: Option<i64>,
     precision: Option<i64>,
     scale: Option<i64>,
+    charset: Option<String>,
+    collation: Option<String>,
 }
 
 pub(super) async fn load(
@@ -34,7 +36,9 @@ pub(super) async fn load(
                 CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) AS max_chars,
                 CAST(CHARACTER_OCTET_LENGTH AS SIGNED) AS max_bytes,
                 CAST(NUMERIC_PRECISION AS SIGNED) AS `precision`,
-                CAST(NUMERIC_SCALE AS SIGNED) AS scale
+                CAST(NUMERIC_SCALE AS SIGNED) AS scale,
+                CAST(CHARACTER_SET_NAME AS CHAR) AS charset,
+                CAST(COLLATION_NAME AS CHAR) AS collation
            FROM information_schema.COLUMNS
           WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?
           ORDER BY ORDINAL_POSITION",
@@ -67,12 +71,14 @@ pub(super) async fn load(
             // MariaDB reports "NULL" (text) for a nullable column without a default.
             let has_default =
                 auto_increment || r.default_value.as_deref().is_some_and(|d| d != "NULL");
+            let kind = if is_json {
+                Some(ColumnKind::Json)
+            } else {
+                kind(&r)
+            };
             TableColumn {
-                kind: if is_json {
-                    Some(ColumnKind::Json)
-                } else {
-                    kind(&r)
-                },
+                equality: kind.and_then(|k| equality(&r, k)),
+                kind,
                 type_text: r.column_type,
                 not_null: r.nullable == "NO",
                 has_default,
@@ -121,6 +127,40 @@ pub(super) async fn load(
         unique_keys: unique_keys.into_iter().map(|(_, k)| k).collect(),
         copy_allowed: false,
     }))
+}
+
+/// How MySQL compares the column's values, as an expression of `{v}` whose text is equal
+/// exactly when the values are, where their own text does not tell: text under its
+/// collation (case, accents, and trailing spaces in a PAD SPACE collation: its weight
+/// string), decimals, dates and floating point by value. Integers, booleans and hex
+/// binaries arrive in one spelling.
+fn equality(r: &ColumnRow, kind: ColumnKind) -> Option<String> {
+    Some(match kind {
+        ColumnKind::Text { .. } => {
+            let (charset, collation) = (r.charset.as_deref()?, r.collation.as_deref()?);
+            let name = |n: &str| n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name(charset) || !name(collation) {
+                return None;
+            }
+            // NO PAD collations (MariaDB's `_nopad_`, MySQL 8's `_0900_`) keep trailing
+            // spaces significant; the others ignore them, but not in the weight string.
+            let no_pad = collation.contains("nopad") || collation.contains("_0900_");
+            let value = if no_pad {
+                "{v}".to_string()
+            } else {
+                "TRIM(TRAILING ' ' FROM {v})".to_string()
+            };
+            format!("HEX(WEIGHT_STRING(CONVERT({value} USING {charset}) COLLATE {collation}))")
+        }
+        ColumnKind::Numeric { precision, scale } => format!(
+            "CAST(CAST({{v}} AS DECIMAL({}, {scale})) AS CHAR)",
+            precision.unwrap_or(65)
+        ),
+        ColumnKind::DateTime { .. } => "CAST(CAST({v} AS DATETIME(6)) AS CHAR)".to_string(),
+        ColumnKind::Date => "CAST(CAST({v} AS DATE) AS CHAR)".to_string(),
+        ColumnKind::Real | ColumnKind::Double => "CAST(({v}) + 0e0 AS CHAR)".to_string(),
+        _ => return None,
+    })
 }
 
 /// Maps a column's `DATA_TYPE` and `COLUMN_TYPE` to a kind.
@@ -206,6 +246,8 @@ mod tests {
             max_bytes: None,
             precision: None,
             scale: None,
+            charset: None,
+            collation: None,
         }
     }
 

@@ -22,13 +22,19 @@ pub(super) async fn load(
     .fetch_one(&mut *conn)
     .await?;
     // A generated key (identity, or serial's nextval default) is the database's to fill in.
-    type Row = (String, String, String, i32, bool, bool, bool, bool);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text, a.atttypmod,
-                a.attnotnull, a.atthasdef OR a.attidentity <> '', a.attgenerated <> '',
+    let rows: Vec<ColumnRow> = sqlx::query_as(
+        "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_text,
+                t.typname::text AS typname, a.atttypmod AS typmod, a.attnotnull AS not_null,
+                a.atthasdef OR a.attidentity <> '' AS has_default,
+                a.attgenerated <> '' AS generated,
                 a.attidentity <> '' OR COALESCE(pg_get_expr(d.adbin, d.adrelid) LIKE 'nextval(%', false)
+                  AS sequence,
+                CASE WHEN a.attcollation <> t.typcollation THEN a.attcollation::regcollation::text END
+                  AS collation,
+                COALESCE(co.collisdeterministic, true) AS deterministic
            FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+           LEFT JOIN pg_collation co ON co.oid = a.attcollation
           WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
           ORDER BY a.attnum",
     )
@@ -37,19 +43,19 @@ pub(super) async fn load(
     .await?;
     let columns = rows
         .into_iter()
-        .map(
-            |(name, type_text, typname, typmod, not_null, has_default, generated, sequence)| {
-                TableColumn {
-                    kind: kind(&typname, typmod),
-                    name,
-                    type_text,
-                    not_null,
-                    has_default,
-                    generated,
-                    auto_increment: sequence,
-                }
-            },
-        )
+        .map(|r| {
+            let kind = kind(&r.typname, r.typmod);
+            TableColumn {
+                equality: equality(&r, kind),
+                kind,
+                name: r.name,
+                type_text: r.type_text,
+                not_null: r.not_null,
+                has_default: r.has_default,
+                generated: r.generated,
+                auto_increment: r.sequence,
+            }
+        })
         .collect();
     // Partial, expression and deferrable unique indexes cannot serve as ON CONFLICT arbiters.
     let keys: Vec<(Vec<String>, bool)> = sqlx::query_as(
@@ -74,6 +80,40 @@ pub(super) async fn load(
             .collect(),
         copy_allowed,
     }))
+}
+
+/// One row of the catalog query above.
+#[derive(sqlx::FromRow)]
+struct ColumnRow {
+    name: String,
+    type_text: String,
+    typname: String,
+    typmod: i32,
+    not_null: bool,
+    has_default: bool,
+    generated: bool,
+    sequence: bool,
+    /// The column's collation, when not its type's default.
+    collation: Option<String>,
+    deterministic: bool,
+}
+
+/// How PostgreSQL compares the column's values, when their text does not tell: integers and
+/// booleans arrive in one spelling, and `text`/`varchar` under a deterministic collation are
+/// equal only when their bytes are. Everything else compares as its type and collation do
+/// (`numeric` `1.0 = 1`, `jsonb` in any key order, `char(n)` ignoring padding, a
+/// case-insensitive ICU collation, `timestamptz` across zones).
+fn equality(r: &ColumnRow, kind: Option<ColumnKind>) -> Option<String> {
+    let exact = match kind? {
+        ColumnKind::Integer { .. } | ColumnKind::Bool => true,
+        ColumnKind::Text { .. } => r.typname != "bpchar" && r.deterministic,
+        _ => false,
+    };
+    let collate = r
+        .collation
+        .as_ref()
+        .map_or(String::new(), |c| format!(" COLLATE {c}"));
+    (!exact).then(|| format!("{{v}}::{}{collate}", r.type_text))
 }
 
 /// Maps a PostgreSQL type name (`pg_type.typname`) and `atttypmod` to a kind.

@@ -45,6 +45,11 @@ pub struct SinkPlan {
     pub delete_on_null: bool,
     /// Whether rows may go in by PostgreSQL's `COPY` (see the postgres writer).
     pub copy_allowed: bool,
+    /// With a business key the database compares other than by text (a case-insensitive
+    /// collation, `numeric`, `jsonb`): per key column, an SQL expression of `{v}` that
+    /// compares as the database does. A batch's keys are then grouped by the database
+    /// ([`BatchStatements::key_groups`]), so that its reduction agrees with the unique key.
+    pub key_equality: Option<Vec<String>>,
 }
 
 /// When the "not older" guard orders rows by their Kafka position (an upsert without
@@ -191,7 +196,23 @@ impl SinkPlan {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let equality: Vec<Option<&String>> = conflict
+            .iter()
+            .map(|c| {
+                let name = &columns[*c].name;
+                let column = schema.columns.iter().find(|t| &t.name == name);
+                column.and_then(|t| t.equality.as_ref())
+            })
+            .collect();
+        let key_equality =
+            (!sink.key.is_empty() && equality.iter().any(Option::is_some)).then(|| {
+                equality
+                    .iter()
+                    .map(|e| e.map_or_else(|| "{v}".to_string(), Clone::clone))
+                    .collect()
+            });
         Ok(SinkPlan {
+            key_equality,
             backend,
             table,
             mode: sink.mode,
@@ -221,10 +242,16 @@ impl SinkPlan {
         }
     }
 
-    /// The rows of `batch` its statements touch, leaving out the rows in `refused`.
-    fn changes(&self, batch: &Batch, refused: &HashSet<usize>) -> Changes {
+    /// The rows of `batch` its statements touch, leaving out the rows in `refused`; `groups`
+    /// tells which rows' keys the database finds equal (see [`BatchStatements::key_groups`]).
+    fn changes(
+        &self,
+        batch: &Batch,
+        groups: Option<&[usize]>,
+        refused: &HashSet<usize>,
+    ) -> Changes {
         let key: &[usize] = if self.keyed { &self.conflict } else { &[] };
-        batch.changes(key, self.winner(), refused)
+        batch.changes(key, groups, self.winner(), refused)
     }
 
     /// The columns an upsert sets: every mapped column outside the conflict target, with
@@ -271,6 +298,19 @@ struct StatementLimit {
 
 /// What one bound cell costs beyond its text: the length prefix and type of a parameter.
 const CELL_OVERHEAD: usize = 16;
+
+/// Numbers the distinct values of `canonical` (one per row) in order of first appearance:
+/// rows with equal values get equal ids.
+fn group_ids<T: std::hash::Hash + Eq>(canonical: impl IntoIterator<Item = T>) -> Vec<usize> {
+    let mut ids = std::collections::HashMap::new();
+    canonical
+        .into_iter()
+        .map(|value| {
+            let next = ids.len();
+            *ids.entry(value).or_insert(next)
+        })
+        .collect()
+}
 
 /// The bytes `columns` of `row` add to a statement.
 fn row_bytes(batch: &Batch, columns: &[usize], row: usize) -> usize {
@@ -378,6 +418,14 @@ trait BatchStatements {
         bulk: bool,
     ) -> Result<RowCounts, sqlx::Error>;
 
+    /// Per row of `batch`, an id equal for rows whose business keys the database finds
+    /// equal, when it does not compare them by their text (`SinkPlan::key_equality`).
+    /// `None`: compare the text. A key the database cannot even read as its type leaves the
+    /// grouping to the text: its row is then refused, and isolated, by the write.
+    async fn key_groups(&self, _batch: &Batch) -> Result<Option<Vec<usize>>, sqlx::Error> {
+        Ok(None)
+    }
+
     /// A row of `changes` no statement can carry, found before anything is sent.
     fn too_large(&self, _batch: &Batch, _changes: &Changes) -> Option<RejectedRow> {
         None
@@ -412,7 +460,9 @@ async fn write_batch<S: BatchStatements>(
     batch: &Batch,
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
-    let mut changes = plan.changes(batch, &HashSet::new());
+    let groups = statements.key_groups(batch).await?;
+    let groups = groups.as_deref();
+    let mut changes = plan.changes(batch, groups, &HashSet::new());
     if let Some(row) = statements.too_large(batch, &changes) {
         return Ok(WriteOutcome::Rejected(row));
     }
@@ -433,7 +483,7 @@ async fn write_batch<S: BatchStatements>(
             }
             rejected.extend(found);
             let refused: HashSet<usize> = rejected.iter().map(|r| r.row).collect();
-            let replanned = plan.changes(batch, &refused);
+            let replanned = plan.changes(batch, groups, &refused);
             if replanned == changes.without(&refused) {
                 break counts; // what went in is the batch without the refused rows
             }
@@ -445,6 +495,8 @@ async fn write_batch<S: BatchStatements>(
         },
         Err(e) => return Err(e),
     };
+    #[cfg(feature = "testkit")]
+    crate::testkit::hold_transaction().await;
     if let Some(table) = dead_letter_table {
         let refused: Vec<DeadLetter> = rejected
             .iter()
@@ -576,6 +628,46 @@ impl Writer {
         match &self.statements {
             Statements::Postgres(w) => write_batch(w, plan, dead_letters, batch, moves).await,
             Statements::MySql(w) => write_batch(w, plan, dead_letters, batch, moves).await,
+        }
+    }
+
+    /// Who holds locks on the sink table or the offsets table inside an open transaction,
+    /// one line each, for the WARN line of a lock wait that timed out. (MySQL shows other
+    /// sessions' transactions only to a user with the PROCESS privilege.)
+    pub async fn lock_holders(&self) -> Result<Vec<String>, sqlx::Error> {
+        match &self.statements {
+            Statements::Postgres(w) => {
+                let table = self.plan.table.quoted(Backend::Postgres);
+                sqlx::query_scalar(
+                    "SELECT format('pid %s (%s, %s) %s, transaction open for %s s', a.pid, \
+                            a.application_name, coalesce(host(a.client_addr), 'local socket'), \
+                            a.state, round(extract(epoch FROM now() - a.xact_start))) \
+                     FROM pg_stat_activity a \
+                     WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL \
+                       AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted \
+                         AND l.mode = 'RowExclusiveLock' \
+                         AND l.relation IN (to_regclass($1), to_regclass('idemsink_offsets'))) \
+                     ORDER BY a.xact_start",
+                )
+                .bind(table)
+                .fetch_all(w.pool())
+                .await
+            }
+            Statements::MySql(w) => {
+                sqlx::query_scalar(
+                    "SELECT CONCAT('connection ', t.trx_mysql_thread_id, ' (', \
+                            COALESCE(p.USER, '?'), '@', COALESCE(p.HOST, '?'), ') ', \
+                            COALESCE(p.COMMAND, '?'), ', transaction open for ', \
+                            TIMESTAMPDIFF(SECOND, t.trx_started, NOW()), ' s, ', \
+                            t.trx_rows_locked, ' rows locked') \
+                     FROM information_schema.INNODB_TRX t \
+                     LEFT JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+                     WHERE t.trx_mysql_thread_id <> CONNECTION_ID() AND t.trx_rows_locked > 0 \
+                     ORDER BY t.trx_started",
+                )
+                .fetch_all(w.pool())
+                .await
+            }
         }
     }
 

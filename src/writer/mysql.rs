@@ -15,11 +15,12 @@ use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
 use super::{
-    row_bytes, statement_parts, BatchStatements, Position, RejectedRow, RowCounts, SinkPlan,
-    StatementLimit,
+    group_ids, row_bytes, statement_parts, BatchStatements, Position, RejectedRow, RowCounts,
+    SinkPlan, StatementLimit,
 };
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
+use crate::db::is_rejected_row;
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::ColumnKind;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
@@ -52,6 +53,11 @@ pub struct MySqlWriter {
     max_packet: usize,
     /// Every column's index: an INSERT binds them all.
     all_columns: Vec<usize>,
+    /// Per business key column, an expression of `r.k<j>` whose text is equal exactly when
+    /// the database finds the values equal (`SinkPlan::key_equality`).
+    key_canonical: Option<Vec<String>>,
+    /// The business key's columns (the conflict target).
+    conflict: Vec<usize>,
     /// The INSERT for a full chunk, prepared once and reused.
     full_insert: String,
     delete: Option<DeleteSql>,
@@ -98,6 +104,34 @@ impl BatchStatements for MySqlWriter {
             counts.updated += affected.saturating_sub(rows.len() as u64);
         }
         Ok(counts)
+    }
+
+    async fn key_groups(&self, batch: &Batch) -> Result<Option<Vec<usize>>, sqlx::Error> {
+        let Some(canonical) = &self.key_canonical else {
+            return Ok(None);
+        };
+        let key = &self.conflict;
+        let rows: Vec<usize> = (0..batch.len()).collect();
+        let limit = StatementLimit {
+            rows: (MAX_PARAMETERS / key.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
+            bytes: self.insert_limit.bytes,
+        };
+        let mut forms: Vec<Option<String>> = Vec::with_capacity(rows.len());
+        for part in statement_parts(batch, key, &rows, limit) {
+            let sql = canonical_keys_sql(canonical, part.len());
+            let query = part
+                .iter()
+                .fold(sqlx::query_scalar(&sql).persistent(false), |q, row| {
+                    key.iter()
+                        .fold(q, |q, c| q.bind(batch.columns[*c][*row].as_deref()))
+                });
+            match query.fetch_all(&self.pool).await {
+                Ok(part_forms) => forms.extend(part_forms),
+                Err(e) if is_rejected_row(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(group_ids(forms)))
     }
 
     /// MySQL refuses a packet over `max_allowed_packet` and closes the connection; a row
@@ -198,6 +232,12 @@ impl MySqlWriter {
             delete_limit,
             max_packet,
             all_columns: (0..plan.columns.len()).collect(),
+            conflict: plan.conflict.clone(),
+            key_canonical: plan.key_equality.as_ref().map(|equality| {
+                (equality.iter().enumerate())
+                    .map(|(j, e)| e.replace("{v}", &format!("r.k{j}")))
+                    .collect()
+            }),
             delete,
             kinds: plan.columns.iter().map(|c| c.kind).collect(),
         })
@@ -250,6 +290,24 @@ impl MySqlWriter {
         }
         Ok(query.execute(&mut *tx).await?.rows_affected())
     }
+}
+
+/// `SELECT CAST(JSON_ARRAY(<canonical forms>) AS CHAR) FROM (SELECT 0 AS i, ? AS k0, … UNION
+/// ALL SELECT 1, ?, … ) AS r ORDER BY r.i`, for `rows` keys.
+fn canonical_keys_sql(canonical: &[String], rows: usize) -> String {
+    let placeholders: Vec<String> = (0..canonical.len()).map(|j| format!("? AS k{j}")).collect();
+    let mut sql = format!(
+        "SELECT CAST(JSON_ARRAY({}) AS CHAR) FROM (",
+        canonical.join(", ")
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(" UNION ALL ");
+        }
+        sql.push_str(&format!("SELECT {i} AS i, {}", placeholders.join(", ")));
+    }
+    sql.push_str(") AS r ORDER BY r.i");
+    sql
 }
 
 /// Whether the server names the incoming row with `AS alias` (MySQL 8.0.19 and later).

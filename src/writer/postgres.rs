@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::{statement_parts, BatchStatements, Position, RowCounts, SinkPlan, StatementLimit};
+use super::{
+    group_ids, statement_parts, BatchStatements, Position, RowCounts, SinkPlan, StatementLimit,
+};
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
-use crate::db::is_unique_violation;
+use crate::db::{is_rejected_row, is_unique_violation};
 use crate::dead_letters::DeadLetterTable;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 
@@ -35,6 +37,9 @@ pub struct PgWriter {
     delete: Option<(String, Vec<usize>)>,
     /// Every column's index: an INSERT binds them all.
     all_columns: Vec<usize>,
+    /// Groups a batch's business keys as the database compares them, with the key columns
+    /// it binds (`SinkPlan::key_equality`).
+    key_groups: Option<(String, Vec<usize>)>,
     store: OffsetStore,
 }
 
@@ -88,6 +93,21 @@ impl BatchStatements for PgWriter {
         Ok(counts)
     }
 
+    async fn key_groups(&self, batch: &Batch) -> Result<Option<Vec<usize>>, sqlx::Error> {
+        let Some((sql, bound)) = &self.key_groups else {
+            return Ok(None);
+        };
+        let rows: Vec<usize> = (0..batch.len()).collect();
+        let query = bound.iter().fold(sqlx::query_scalar(sql), |q, c| {
+            q.bind(gather(&batch.columns[*c], &rows))
+        });
+        match query.fetch_all(&self.pool).await {
+            Ok(first_of_group) => Ok(Some(group_ids::<i64>(first_of_group))),
+            Err(e) if is_rejected_row(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn insert_dead_letters(
         &self,
         conn: &mut PgConnection,
@@ -121,6 +141,19 @@ impl PgWriter {
             write_sql: write_sql(plan),
             delete: plan.delete_on_null.then(|| delete_sql(plan)),
             all_columns: (0..plan.columns.len()).collect(),
+            key_groups: plan.key_equality.as_ref().map(|equality| {
+                let partition: Vec<String> = equality
+                    .iter()
+                    .enumerate()
+                    .map(|(j, e)| e.replace("{v}", &format!("r.c{}", plan.conflict[j])))
+                    .collect();
+                let sql = format!(
+                    "SELECT (min(r.i) OVER (PARTITION BY {}))::int8 FROM {} ORDER BY r.i",
+                    partition.join(", "),
+                    unnest_numbered(&plan.conflict)
+                );
+                (sql, plan.conflict.clone())
+            }),
             store,
         }
     }
@@ -276,11 +309,22 @@ fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
 /// `UNNEST($1::text[], …) AS r(c<i>, …)`, named by column index so conditions can refer to
 /// `r.c<i>` whatever is bound.
 fn unnest(columns: &[usize]) -> String {
+    let (arrays, names) = unnest_parts(columns);
+    format!("UNNEST({arrays}) AS r({names})")
+}
+
+/// The same, each row numbered from 1 in `r.i`.
+fn unnest_numbered(columns: &[usize]) -> String {
+    let (arrays, names) = unnest_parts(columns);
+    format!("UNNEST({arrays}) WITH ORDINALITY AS r({names}, i)")
+}
+
+fn unnest_parts(columns: &[usize]) -> (String, String) {
     let arrays: Vec<String> = (1..=columns.len())
         .map(|n| format!("${n}::text[]"))
         .collect();
     let names: Vec<String> = columns.iter().map(|c| format!("c{c}")).collect();
-    format!("UNNEST({}) AS r({})", arrays.join(", "), names.join(", "))
+    (arrays.join(", "), names.join(", "))
 }
 
 /// True unless the stored row `t` comes from the same partition at the same or a later

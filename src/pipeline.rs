@@ -230,7 +230,8 @@ pub async fn run(
     let writer_task = tokio::spawn(write_loop(shared.clone(), writer, inbox));
     let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
-    let writing = writer_task.await.unwrap_or_else(|e| {
+    let writing = serve_group_while(&shared, writer_task).await;
+    let writing = writing.unwrap_or_else(|e| {
         Err(PipelineError::Fatal(format!(
             "pipeline {}: writer task failed: {e}",
             shared.pipeline
@@ -243,6 +244,24 @@ pub async fn run(
     reading?;
     info!(pipeline = %pipeline, "pipeline stopped");
     Ok(())
+}
+
+/// Waits for `task` (the writer's last batches at shutdown) while still polling the
+/// consumer, so that a long final write neither holds up a rebalance the group started nor
+/// exceeds `max.poll.interval.ms`. What arrives meanwhile is not taken: its offsets are not
+/// stored, and the next owner reads it again.
+async fn serve_group_while<T>(shared: &Shared, task: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(task);
+    loop {
+        tokio::select! {
+            done = &mut task => return done,
+            received = shared.consumer.recv() => {
+                if let Err(e) = received {
+                    debug!(pipeline = %shared.pipeline, error = %e, "consumer error while the last batches are written");
+                }
+            }
+        }
+    }
 }
 
 /// With `errors.tolerance: all`, the dead-letter table, created if it is not the default one.

@@ -37,6 +37,7 @@ on_both_databases!(
     a_zombie_paused_mid_write_is_fenced_in_upsert_mode_and_no_older_version_wins,
     a_zombie_frozen_holding_row_locks_is_waited_out_with_warnings_then_fenced,
     a_database_slower_than_max_poll_interval_does_not_cost_the_group_membership,
+    a_long_final_write_at_shutdown_still_serves_the_group,
 );
 
 async fn three_instances_share_8_partitions_while_one_stops_and_one_is_killed(backend: Backend) {
@@ -267,6 +268,50 @@ async fn a_database_slower_than_max_poll_interval_does_not_cost_the_group_member
         running.contains("writer busy: fetching paused"),
         "fetching paused while the writer waited; log:\n{log}"
     );
+}
+
+/// A is stopped (SIGTERM) while its last batch cannot be written (the table is locked for
+/// 40 s), and B joins meanwhile. A keeps polling the consumer while it writes: it serves the
+/// rebalance, hands its partitions on after a third of `max.poll.interval.ms` (10 s), and B is
+/// assigned them long before A's 30 s poll interval would have run out. A's last batch then
+/// commits or is fenced, and every record lands once.
+async fn a_long_final_write_at_shutdown_still_serves_the_group(backend: Backend) {
+    let case = Case::new(backend, "final", 2).await;
+    let config = |name: &str| {
+        case.pipeline()
+            .named(name)
+            .property("max.poll.interval.ms", "30000")
+            .extra("batch:\n  max_records: 500\n  max_wait_ms: 50\n")
+            .write()
+    };
+    let producer = case.producer();
+    let a = Connector::start(&config("a"));
+    a.wait_assigned(JOIN).await;
+    let mut landed = case.produce_ids(&producer, 0..1000).await;
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
+        .await;
+
+    let held = TableWrites::hold(&case).await;
+    landed.extend(case.produce_ids(&producer, 1000..1500).await);
+    tokio::time::sleep(Duration::from_secs(2)).await; // A's writer is waiting on the lock
+    a.signal("TERM");
+    let b = Connector::start(&config("b"));
+    let joined = std::time::Instant::now();
+    b.wait_assigned(Duration::from_secs(25)).await;
+    let waited = joined.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "B was assigned after {waited:?}: A did not serve the rebalance while writing; A's log:\n{}",
+        a.log_text()
+    );
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(waited)).await;
+    held.release().await;
+    assert_clean_exit(a.wait(EXIT));
+
+    let end = case.end_offsets().await;
+    case.wait_for_offsets(&end, CATCH_UP).await;
+    assert_clean_exit(b.stop(EXIT));
+    assert_exactly_once(&case.rows().await, &with_ids(0..1500, landed));
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -982,8 +982,16 @@ impl ConsumerContext for SinkContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.on_revoke(consumer, tpl, cooperative)
             }
+            // librdkafka (2.12) calls the rebalance callback with these two codes only; were
+            // another to come, owning nothing while the group thinks otherwise would stall
+            // the partitions unseen, so the pipeline stops and a restart joins afresh.
             other => {
-                error!(pipeline = %self.pipeline, error = ?other, "rebalance failed; dropping the whole assignment");
+                let reason = format!(
+                    "pipeline {}: rebalance failed ({other:?}); the whole assignment is dropped",
+                    self.pipeline
+                );
+                error!("{reason}");
+                self.assignment.set_fatal(reason);
                 self.assignment.revoke_all();
                 self.drain();
                 // Under a cooperative protocol librdkafka refuses the eager unassign().

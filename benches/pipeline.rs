@@ -8,7 +8,8 @@
 //! BENCH_DB (postgres or mysql, default postgres), BENCH_MODE (insert: conflict on the
 //! Kafka coordinates; upsert: on order_id; default insert), BENCH_RECORDS (default 1000000),
 //! BENCH_RUNS (default 3), BENCH_LOG (idemsink's RUST_LOG, default warn; `idemsink=debug`
-//! shows every batch with its duration).
+//! shows every batch with its duration), BENCH_PERF (a file: idemsink runs under `perf
+//! record -g`; its CPU time is then perf's). idemsink's CPU time per record is printed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -314,7 +315,17 @@ impl Bench {
             ),
         )?;
         let started = Instant::now();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idemsink"))
+        let idemsink = env!("CARGO_BIN_EXE_idemsink");
+        // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
+        let mut command = match std::env::var("BENCH_PERF") {
+            Ok(out) => {
+                let mut perf = std::process::Command::new("perf");
+                perf.args(["record", "-F", "499", "-g", "-o", &out, "--", idemsink]);
+                perf
+            }
+            Err(_) => std::process::Command::new(idemsink),
+        };
+        let mut child = command
             .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
             .arg(&config)
             .env(
@@ -335,6 +346,7 @@ impl Bench {
         )
         .await;
         let elapsed = started.elapsed();
+        let cpu = cpu_time(child.id());
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
@@ -351,9 +363,30 @@ impl Bench {
                 end.values().sum::<i64>()
             );
         }
-        eprintln!("idemsink: {rows} rows in {elapsed:.1?}");
+        match cpu {
+            Ok(cpu) => eprintln!(
+                "idemsink: {rows} rows in {elapsed:.1?}, CPU {cpu:.1?} (user + system): {:.2} µs per record",
+                cpu.as_secs_f64() * 1e6 / rows as f64
+            ),
+            Err(e) => eprintln!("idemsink: {rows} rows in {elapsed:.1?} (CPU time unknown: {e})"),
+        }
         Ok(elapsed)
     }
+}
+
+/// A process's user + system CPU time so far, from `/proc/<pid>/stat` (in clock ticks of
+/// 1/100 s, Linux's USER_HZ).
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no command name")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
 struct UrlParts {

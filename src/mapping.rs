@@ -301,7 +301,10 @@ pub struct RowMapper {
 enum Field<'a> {
     Missing,
     Json(&'a Value),
-    Owned(Value),
+    /// A Kafka coordinate or timestamp: converted without building a JSON value.
+    Int(i64),
+    /// The topic's name: the same.
+    Str(&'a str),
     /// Raw bytes of the key or value, with their JSON parse where one was made anyway.
     Bytes(&'a [u8], Option<&'a Value>),
 }
@@ -375,12 +378,10 @@ impl RowMapper {
                     .map_or(Field::Missing, |b| Field::Bytes(b, key_doc.as_ref())),
                 Source::ValuePointer(_) => lookup(value_doc.as_ref(), tokens),
                 Source::KeyPointer(_) => lookup(key_doc.as_ref(), tokens),
-                Source::Topic => Field::Owned(Value::String(record.topic.to_string())),
-                Source::Partition => Field::Owned(Value::from(record.partition)),
-                Source::Offset => Field::Owned(Value::from(record.offset)),
-                Source::Timestamp => record
-                    .timestamp_ms
-                    .map_or(Field::Missing, |t| Field::Owned(Value::from(t))),
+                Source::Topic => Field::Str(record.topic),
+                Source::Partition => Field::Int(i64::from(record.partition)),
+                Source::Offset => Field::Int(record.offset),
+                Source::Timestamp => record.timestamp_ms.map_or(Field::Missing, Field::Int),
             };
             let cell = convert_field(column.kind, field).map_err(|reason| ConvertError {
                 column: column.name.clone(),
@@ -469,8 +470,19 @@ fn convert_field(kind: ColumnKind, field: Field<'_>) -> Result<Option<String>, S
     match field {
         Field::Missing => Ok(None),
         Field::Json(v) => convert_json(kind, v).map(Some),
-        Field::Owned(v) => convert_json(kind, &v).map(Some),
         Field::Bytes(b, parsed) => convert_bytes(kind, b, parsed).map(Some),
+        // The usual targets of coordinates, the same as through JSON but without its values.
+        Field::Int(i) => match kind {
+            ColumnKind::Integer { min, max } => in_range(i, min, max).map(Some),
+            _ => convert_json(kind, &Value::from(i)).map(Some),
+        },
+        Field::Str(s) => match kind {
+            ColumnKind::Text {
+                max_chars,
+                max_bytes,
+            } => text(s, max_chars, max_bytes).map(Some),
+            _ => convert_json(kind, &Value::String(s.to_string())).map(Some),
+        },
     }
 }
 
@@ -526,32 +538,10 @@ fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
         Text {
             max_chars,
             max_bytes,
-        } => {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            if s.contains('\0') {
-                return Err("text cannot hold a NUL character".into());
-            }
-            if let Some(max) = max_chars {
-                let n = s.chars().count();
-                if n > max {
-                    return Err(format!(
-                        "value is {n} characters long, the column holds at most {max}"
-                    ));
-                }
-            }
-            if let Some(max) = max_bytes {
-                if s.len() > max {
-                    return Err(format!(
-                        "value is {} bytes long, the column holds at most {max}",
-                        s.len()
-                    ));
-                }
-            }
-            Ok(s)
-        }
+        } => match v {
+            Value::String(s) => text(s, max_chars, max_bytes),
+            other => text(&other.to_string(), max_chars, max_bytes),
+        },
         Json => Ok(v.to_string()),
         Jsonb => {
             reject_nul_in_json(v)?;
@@ -596,6 +586,30 @@ fn convert_json(kind: ColumnKind, v: &Value) -> Result<String, String> {
     }
 }
 
+/// A text cell: no NUL, and within the column's length in characters or bytes.
+fn text(s: &str, max_chars: Option<usize>, max_bytes: Option<usize>) -> Result<String, String> {
+    if s.contains('\0') {
+        return Err("text cannot hold a NUL character".into());
+    }
+    if let Some(max) = max_chars {
+        let n = s.chars().count();
+        if n > max {
+            return Err(format!(
+                "value is {n} characters long, the column holds at most {max}"
+            ));
+        }
+    }
+    if let Some(max) = max_bytes {
+        if s.len() > max {
+            return Err(format!(
+                "value is {} bytes long, the column holds at most {max}",
+                s.len()
+            ));
+        }
+    }
+    Ok(s.to_string())
+}
+
 fn describe(v: &Value) -> String {
     let kind = match v {
         Value::Null => "null",
@@ -629,9 +643,16 @@ fn integer(v: &Value, min: i64, max: i64) -> Result<String, String> {
         _ => None,
     };
     match parsed {
-        Some(i) if (min..=max).contains(&i) => Ok(i.to_string()),
-        Some(i) => Err(format!("{i} is out of the column's range ({min} to {max})")),
+        Some(i) => in_range(i, min, max),
         None => Err(format!("expected an integer, got {}", describe(v))),
+    }
+}
+
+fn in_range(i: i64, min: i64, max: i64) -> Result<String, String> {
+    if (min..=max).contains(&i) {
+        Ok(i.to_string())
+    } else {
+        Err(format!("{i} is out of the column's range ({min} to {max})"))
     }
 }
 

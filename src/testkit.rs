@@ -68,7 +68,9 @@ pub const HOLD_FILE_ENV: &str = "IDEMSINK_TESTKIT_HOLD_FILE";
 /// waits. A test puts a reset of the partition into that window deterministically (the gap
 /// after a reset). Only in builds with the `testkit` feature.
 pub async fn hold_received(offset: i64) {
-    let Some(path) = std::env::var_os(HOLD_FILE_ENV) else {
+    // Read once: this runs for every record, and the benchmark's build has the hooks too.
+    static PATH: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    let Some(path) = PATH.get_or_init(|| std::env::var_os(HOLD_FILE_ENV)) else {
         return;
     };
     let from = |text: String| text.trim().parse::<i64>().ok();
@@ -78,9 +80,9 @@ pub async fn hold_received(offset: i64) {
             .and_then(from)
             .is_some_and(|from| offset >= from)
     };
-    if held(&path) {
+    if held(path) {
         tracing::info!(offset, "testkit: holding a received record");
-        while held(&path) {
+        while held(path) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(offset, "testkit: released the record");
@@ -96,13 +98,14 @@ pub const HOLD_TRANSACTION_FILE_ENV: &str = "IDEMSINK_TESTKIT_HOLD_TRANSACTION_F
 /// transaction open and the rows locked, as an instance frozen there would. Only in builds
 /// with the `testkit` feature.
 pub async fn hold_transaction() {
-    let Some(path) = std::env::var_os(HOLD_TRANSACTION_FILE_ENV) else {
+    static PATH: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    let Some(path) = PATH.get_or_init(|| std::env::var_os(HOLD_TRANSACTION_FILE_ENV)) else {
         return;
     };
     let held = |p: &std::ffi::OsStr| std::path::Path::new(p).exists();
-    if held(&path) {
+    if held(path) {
         tracing::info!("testkit: holding a batch's transaction open after its rows");
-        while held(&path) {
+        while held(path) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!("testkit: released the batch's transaction");

@@ -34,6 +34,17 @@ pub struct RawRecord {
     pub headers: Option<String>,
 }
 
+/// What a cell costs besides its text: the `Option<String>` itself.
+const CELL_BYTES: usize = std::mem::size_of::<Option<String>>();
+
+impl RawRecord {
+    /// The bytes it holds.
+    fn bytes(&self) -> usize {
+        let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        len(&self.key) + len(&self.value) + self.headers.as_ref().map_or(0, String::len)
+    }
+}
+
 /// A record that goes to the dead-letter table instead of the sink table, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -58,6 +69,9 @@ pub struct Batch {
     /// Records that did not become rows, with the index of their span.
     dead_letters: Vec<(u32, DeadLetter)>,
     pub spans: Vec<Span>,
+    /// About how many bytes the records taken hold here: their cells, and the records kept
+    /// as they came (`batch.max_bytes` bounds it).
+    bytes: usize,
 }
 
 impl Batch {
@@ -70,7 +84,14 @@ impl Batch {
             raw: Vec::new(),
             dead_letters: Vec::new(),
             spans: Vec::new(),
+            bytes: 0,
         }
+    }
+
+    /// About how many bytes the records taken hold (see `bytes`); dropping spans does not
+    /// lower it, as only a batch still being filled is measured.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Rows in the batch.
@@ -136,9 +157,11 @@ impl Batch {
         let index = self.span_for(topic, partition, epoch, offset);
         self.row_span.push(index);
         self.row_offset.push(offset);
+        self.bytes += raw.as_ref().map_or(0, RawRecord::bytes);
         self.raw.extend(raw);
         self.ops.push(op);
         for (column, cell) in self.columns.iter_mut().zip(cells.drain(..)) {
+            self.bytes += cell.as_ref().map_or(0, String::len) + CELL_BYTES;
             column.push(cell);
         }
     }
@@ -147,6 +170,7 @@ impl Batch {
     /// offset is committed like a row's.
     pub fn push_dead_letter(&mut self, epoch: u64, dead: DeadLetter) {
         let index = self.span_for(&dead.tp.topic, dead.tp.partition, epoch, dead.offset);
+        self.bytes += dead.record.bytes() + dead.error.len();
         self.dead_letters.push((index, dead));
     }
 
@@ -226,6 +250,7 @@ impl Batch {
                 .into_iter()
                 .map(|cells| retain(cells, &row_keep))
                 .collect(),
+            bytes: self.bytes,
             ops: retain(self.ops, &row_keep),
             row_offset: retain(self.row_offset, &row_keep),
             raw,

@@ -222,6 +222,10 @@ pub struct BatchConfig {
     pub max_records: usize,
     #[serde(default = "default_max_wait_ms", deserialize_with = "scalar")]
     pub max_wait_ms: u64,
+    /// A batch is also written once its records hold this many bytes: with large records,
+    /// memory is bounded by bytes, not by a count.
+    #[serde(default = "default_max_bytes", deserialize_with = "scalar")]
+    pub max_bytes: usize,
 }
 
 /// A number or boolean as YAML types it, or as text: environment overrides are always text
@@ -260,10 +264,16 @@ fn default_max_wait_ms() -> u64 {
     100
 }
 
+/// 16 MB: 5,000 records of up to about 3 kB fill a batch by count; larger ones by bytes.
+fn default_max_bytes() -> usize {
+    16 << 20
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
             max_wait_ms: default_max_wait_ms(),
         }
     }
@@ -651,6 +661,12 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             format!("{} is out of range 1..=1000000", batch.max_records),
         );
     }
+    if !(1 << 10..=1 << 40).contains(&batch.max_bytes) {
+        bad(
+            "batch.max_bytes",
+            format!("{} is out of range 1024..=1099511627776", batch.max_bytes),
+        );
+    }
     if !(1..=600_000).contains(&batch.max_wait_ms) {
         bad(
             "batch.max_wait_ms",
@@ -969,6 +985,9 @@ sink:
         let env = [("DATABASE_URL", "postgres://u@h/db")];
         let p = load(GOOD, &env).expect("valid");
         assert_eq!(p.config.sink.lock_timeout_ms, 10_000);
+        assert_eq!(p.config.batch.max_bytes, 16 << 20);
+        let e = only_error(GOOD, &[env[0], ("IDEMSINK_BATCH__MAX_BYTES", "100")]);
+        assert_eq!(e.key, "batch.max_bytes");
         assert_eq!(p.config.sink.idle_in_transaction_timeout_ms, 60_000);
         for (key, value) in [
             ("IDEMSINK_SINK__LOCK_TIMEOUT_MS", "0"),

@@ -347,7 +347,8 @@ async fn read_loop(
     batches: mpsc::Sender<Batch>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
-    let max_records = p.config.batch.max_records;
+    let (max_records, max_bytes) = (p.config.batch.max_records, p.config.batch.max_bytes);
+    let full = |batch: &Batch| batch.records() >= max_records || batch.bytes() >= max_bytes;
     let max_wait = Duration::from_millis(p.config.batch.max_wait_ms);
     let columns = mapper.columns().len();
     let mut batch = Batch::new(columns);
@@ -383,7 +384,7 @@ async fn read_loop(
             permit = batches.reserve(), if !can_offer => {
                 let Ok(permit) = permit else { return Ok(()) };
                 handover.send_waiting(permit);
-                if batch.records() >= max_records {
+                if full(&batch) {
                     handover.offer(&batches, cut(shared, &mut batch));
                 }
             }
@@ -431,7 +432,7 @@ async fn read_loop(
                 }
                 // While a batch waits for the writer, records fetched before the pause took
                 // effect gather in the next one, beyond `max_records` if need be.
-                if can_offer && batch.records() >= max_records {
+                if can_offer && full(&batch) {
                     handover.offer(&batches, cut(shared, &mut batch));
                 }
             }

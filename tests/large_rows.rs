@@ -11,6 +11,7 @@ use idemsink::testkit::{self, Outgoing};
 
 on_both_databases!(
     a_five_megabyte_record_and_a_batch_of_5000_rows_of_200_kb_go_in_first_time_and_on_replay,
+    batches_of_large_records_are_cut_by_bytes,
 );
 
 const KB: usize = 1024;
@@ -124,7 +125,7 @@ async fn a_five_megabyte_record_and_a_batch_of_5000_rows_of_200_kb_go_in_first_t
     produce_large(&case, &sizes).await;
     let config = case.config_with(
         LARGE_COLUMNS,
-        "batch:\n  max_records: 5000\n  max_wait_ms: 60000\n",
+        "batch:\n  max_records: 5000\n  max_bytes: 2000000000\n  max_wait_ms: 60000\n",
     );
     let end = case.end_offsets().await;
     for run in ["first", "replay"] {
@@ -188,5 +189,27 @@ async fn mysql_statements_fit_max_allowed_packet_and_a_row_too_large_for_one_is_
         case.stored_offsets().await,
         end,
         "offsets stay before the record"
+    );
+}
+
+/// 40 records of 1 MB with `batch.max_bytes` at 4 MB and `max_records` at 1,000: every batch
+/// is cut once its records hold 4 MB (4 of them), so memory is bounded by bytes, and all
+/// land whole.
+async fn batches_of_large_records_are_cut_by_bytes(backend: Backend) {
+    let case = Case::with_table(backend, "by_bytes", 1, brokers(), &large_table(backend)).await;
+    let sizes = vec![KB * KB; 40];
+    produce_large(&case, &sizes).await;
+    let config = case.config_with(
+        LARGE_COLUMNS,
+        "batch:\n  max_records: 1000\n  max_bytes: 4194304\n  max_wait_ms: 5000\n",
+    );
+    let end = case.end_offsets().await;
+    let log = case.run_until_stored(&config, &end).await;
+    assert_landed_whole(&case, &sizes).await;
+    let batches = logged_counts(&log, "records");
+    assert_eq!(batches.iter().sum::<u64>(), 40, "log:\n{log}");
+    assert!(
+        batches.iter().all(|n| *n <= 4),
+        "batches of at most 4 records of 1 MB: {batches:?}"
     );
 }

@@ -248,9 +248,14 @@ impl Assignment {
         !self.lock().unloaded.is_empty()
     }
 
-    /// Whether `tp` waits for its stored offset (and stays paused meanwhile).
+    /// Whether `tp` waits for its stored offset (and stays paused meanwhile): in the epoch
+    /// it is owned in now, not an earlier one that was revoked.
     pub fn is_unloaded(&self, tp: &TopicPartition) -> bool {
-        self.lock().unloaded.iter().any(|(t, _)| t == tp)
+        let mut state = self.lock();
+        let Some(epoch) = state.get_mut(tp).map(|o| o.epoch) else {
+            return false;
+        };
+        state.unloaded.iter().any(|(t, e)| t == tp && *e == epoch)
     }
 
     fn revoke(&self, tp: &TopicPartition) {

@@ -511,8 +511,14 @@ fn convert_bytes(kind: ColumnKind, bytes: &[u8], parsed: Option<&Value>) -> Resu
             Ok(text.to_string())
         }
         _ => {
-            let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
-            convert_json(kind, &Value::String(text.to_string()))
+            let s = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+            match kind {
+                ColumnKind::Text {
+                    max_chars,
+                    max_bytes,
+                } => text(s, max_chars, max_bytes),
+                _ => convert_json(kind, &Value::String(s.to_string())),
+            }
         }
     }
 }

@@ -426,6 +426,10 @@ trait BatchStatements {
         Ok(None)
     }
 
+    /// Who holds locks on `table` or on the offsets table inside an open transaction, one
+    /// line each.
+    async fn lock_holders(&self, table: &TableName) -> Result<Vec<String>, sqlx::Error>;
+
     /// A row of `changes` no statement can carry, found before anything is sent.
     fn too_large(&self, _batch: &Batch, _changes: &Changes) -> Option<RejectedRow> {
         None
@@ -632,42 +636,11 @@ impl Writer {
     }
 
     /// Who holds locks on the sink table or the offsets table inside an open transaction,
-    /// one line each, for the WARN line of a lock wait that timed out. (MySQL shows other
-    /// sessions' transactions only to a user with the PROCESS privilege.)
+    /// one line each, for the WARN line of a lock wait that timed out.
     pub async fn lock_holders(&self) -> Result<Vec<String>, sqlx::Error> {
         match &self.statements {
-            Statements::Postgres(w) => {
-                let table = self.plan.table.quoted(Backend::Postgres);
-                sqlx::query_scalar(
-                    "SELECT format('pid %s (%s, %s) %s, transaction open for %s s', a.pid, \
-                            a.application_name, coalesce(host(a.client_addr), 'local socket'), \
-                            a.state, round(extract(epoch FROM now() - a.xact_start))) \
-                     FROM pg_stat_activity a \
-                     WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL \
-                       AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted \
-                         AND l.mode = 'RowExclusiveLock' \
-                         AND l.relation IN (to_regclass($1), to_regclass('idemsink_offsets'))) \
-                     ORDER BY a.xact_start",
-                )
-                .bind(table)
-                .fetch_all(w.pool())
-                .await
-            }
-            Statements::MySql(w) => {
-                sqlx::query_scalar(
-                    "SELECT CONCAT('connection ', t.trx_mysql_thread_id, ' (', \
-                            COALESCE(p.USER, '?'), '@', COALESCE(p.HOST, '?'), ') ', \
-                            COALESCE(p.COMMAND, '?'), ', transaction open for ', \
-                            TIMESTAMPDIFF(SECOND, t.trx_started, NOW()), ' s, ', \
-                            t.trx_rows_locked, ' rows locked') \
-                     FROM information_schema.INNODB_TRX t \
-                     LEFT JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
-                     WHERE t.trx_mysql_thread_id <> CONNECTION_ID() AND t.trx_rows_locked > 0 \
-                     ORDER BY t.trx_started",
-                )
-                .fetch_all(w.pool())
-                .await
-            }
+            Statements::Postgres(w) => w.lock_holders(&self.plan.table).await,
+            Statements::MySql(w) => w.lock_holders(&self.plan.table).await,
         }
     }
 

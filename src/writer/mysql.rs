@@ -24,6 +24,7 @@ use crate::db::is_rejected_row;
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::ColumnKind;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
+use crate::schema::TableName;
 
 /// Rows per INSERT statement, at most: large enough to amortise round trips, small enough
 /// to keep a statement's text and plan small.
@@ -45,7 +46,6 @@ pub struct MySqlWriter {
     insert_row: String,
     /// ` [AS idemsink_new] ON DUPLICATE KEY UPDATE …`.
     insert_tail: String,
-    rows_per_statement: usize,
     /// The bound on an INSERT, and on a DELETE, from the server's `max_allowed_packet`.
     insert_limit: StatementLimit,
     delete_limit: StatementLimit,
@@ -158,6 +158,24 @@ impl BatchStatements for MySqlWriter {
             })
     }
 
+    /// Any session's transaction holding row locks: InnoDB does not say on which table
+    /// cheaply. Other sessions are shown only to a user with the PROCESS privilege.
+    async fn lock_holders(&self, _table: &TableName) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT CONCAT('connection ', t.trx_mysql_thread_id, ' (', \
+                        COALESCE(p.USER, '?'), '@', COALESCE(p.HOST, '?'), ') ', \
+                        COALESCE(p.COMMAND, '?'), ', transaction open for ', \
+                        TIMESTAMPDIFF(SECOND, t.trx_started, NOW()), ' s, ', \
+                        t.trx_rows_locked, ' rows locked') \
+                 FROM information_schema.INNODB_TRX t \
+                 LEFT JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
+                 WHERE t.trx_mysql_thread_id <> CONNECTION_ID() AND t.trx_rows_locked > 0 \
+                 ORDER BY t.trx_started",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
     async fn insert_dead_letters(
         &self,
         conn: &mut MySqlConnection,
@@ -224,7 +242,6 @@ impl MySqlWriter {
             insert_head,
             insert_row,
             insert_tail,
-            rows_per_statement,
             insert_limit: StatementLimit {
                 rows: rows_per_statement,
                 bytes,
@@ -250,7 +267,7 @@ impl MySqlWriter {
         rows: &[usize],
     ) -> Result<u64, sqlx::Error> {
         let partial;
-        let sql = if rows.len() == self.rows_per_statement {
+        let sql = if rows.len() == self.insert_limit.rows {
             &self.full_insert
         } else {
             partial = insert_sql(
@@ -261,7 +278,7 @@ impl MySqlWriter {
             );
             &partial
         };
-        let mut query = sqlx::query(sql).persistent(rows.len() == self.rows_per_statement);
+        let mut query = sqlx::query(sql).persistent(rows.len() == self.insert_limit.rows);
         for row in rows {
             for cells in &batch.columns {
                 query = query.bind(cells[*row].as_deref());

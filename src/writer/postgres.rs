@@ -20,9 +20,10 @@ use super::{
 };
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::SinkMode;
-use crate::db::{is_rejected_row, is_unique_violation};
+use crate::db::{is_rejected_row, is_unique_violation, Backend};
 use crate::dead_letters::DeadLetterTable;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
+use crate::schema::TableName;
 
 #[derive(Debug)]
 pub struct PgWriter {
@@ -106,6 +107,23 @@ impl BatchStatements for PgWriter {
             Err(e) if is_rejected_row(&e) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    async fn lock_holders(&self, table: &TableName) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT format('pid %s (%s, %s) %s, transaction open for %s s', a.pid, \
+                        a.application_name, coalesce(host(a.client_addr), 'local socket'), \
+                        a.state, round(extract(epoch FROM now() - a.xact_start))) \
+                 FROM pg_stat_activity a \
+                 WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL \
+                   AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted \
+                     AND l.mode = 'RowExclusiveLock' \
+                     AND l.relation IN (to_regclass($1), to_regclass('idemsink_offsets'))) \
+                 ORDER BY a.xact_start",
+        )
+        .bind(table.quoted(Backend::Postgres))
+        .fetch_all(&self.pool)
+        .await
     }
 
     async fn insert_dead_letters(

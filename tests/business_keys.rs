@@ -190,7 +190,12 @@ async fn produce(case: &Case, events: &[Event]) -> BTreeMap<i32, i64> {
 }
 
 async fn table_state(case: &Case) -> BTreeMap<i64, (i64, String)> {
-    let sql = format!("SELECT order_id, version, status FROM {}", case.table);
+    table_state_by(case, "order_id").await
+}
+
+/// The same, with the order id read by `key` (an SQL expression on the table's key).
+async fn table_state_by(case: &Case, key: &str) -> BTreeMap<i64, (i64, String)> {
+    let sql = format!("SELECT {key}, version, status FROM {}", case.table);
     let rows: Vec<(i64, i64, String)> =
         on_pool!(&case.pool, |p| sqlx::query_as(&sql).fetch_all(p).await).expect("read rows");
     rows.into_iter().map(|(k, v, s)| (k, (v, s))).collect()
@@ -295,11 +300,12 @@ async fn duplicate_business_keys_keep_the_newest_in_upsert_and_the_first_in_inse
     }
 }
 
-async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backend: Backend) {
+/// 20 keys, 600 records: versions shuffled (ties included), tombstones here and there; with
+/// the seed, which the test prints.
+fn shuffled_events() -> (Vec<Event>, rand::rngs::StdRng, u64) {
     let seed: u64 = rand::thread_rng().gen();
     eprintln!("seed: {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    // 20 keys, 600 records: versions shuffled (ties included), tombstones here and there.
     let mut events = Vec::new();
     for seq in 0..600 {
         let order_id = rng.gen_range(0..20);
@@ -309,20 +315,31 @@ async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backe
             events.push(event(order_id, rng.gen_range(1..30), seq));
         }
     }
+    (events, rng, seed)
+}
+
+/// Runs `rule` over everything already in the case's topic, in batches that hold hundreds of
+/// records (asserted), until the end offsets are stored.
+async fn run_in_large_batches(case: &Case, rule: Rule) {
+    let end = case.end_offsets().await;
+    let config = case.config_with(
+        &rule.sink(true),
+        "batch:\n  max_records: 100000\n  max_wait_ms: 1000\n",
+    );
+    let log = case.run_until_stored(&config, &end).await;
+    let records: Vec<u64> = common::logged_counts(&log, "records");
+    assert!(
+        records.iter().any(|n| *n >= 100),
+        "{rule:?}: batches should hold a key many times: {records:?}"
+    );
+}
+
+async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backend: Backend) {
+    let (events, _, seed) = shuffled_events();
     for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
         let case = orders_case(backend, "batchkey", 1).await;
-        let end = produce(&case, &events).await;
-        // Everything is in the topic before the run: batches hold hundreds of records.
-        let config = case.config_with(
-            &rule.sink(true),
-            "batch:\n  max_records: 100000\n  max_wait_ms: 1000\n",
-        );
-        let log = case.run_until_stored(&config, &end).await;
-        let records: Vec<u64> = common::logged_counts(&log, "records");
-        assert!(
-            records.iter().any(|n| *n >= 100),
-            "{rule:?}: batches should hold a key many times: {records:?}"
-        );
+        produce(&case, &events).await;
+        run_in_large_batches(&case, rule).await;
         assert_eq!(
             table_state(&case).await,
             apply_in_order(&events, rule),
@@ -340,20 +357,8 @@ async fn a_batch_holding_a_key_several_times_equals_one_by_one_application(backe
 async fn a_batch_holding_a_key_in_several_spellings_the_database_finds_equal_equals_one_by_one_application(
     backend: Backend,
 ) {
-    let seed: u64 = rand::thread_rng().gen();
-    eprintln!("seed: {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut events = Vec::new();
-    for seq in 0..600 {
-        let order_id = rng.gen_range(0..20);
-        let spelling = rng.gen_range(0..4);
-        let e = if rng.gen_ratio(1, 12) {
-            tombstone(order_id)
-        } else {
-            event(order_id, rng.gen_range(1..30), seq)
-        };
-        events.push((e, spelling));
-    }
+    let (events, mut rng, seed) = shuffled_events();
+    let spellings: Vec<usize> = events.iter().map(|_| rng.gen_range(0..4)).collect();
     let (key_type, read_key) = match backend {
         Backend::Postgres => ("numeric(12, 2)", "CAST(order_id AS bigint)"),
         Backend::MySql => (
@@ -373,6 +378,7 @@ async fn a_batch_holding_a_key_in_several_spellings_the_database_finds_equal_equ
     };
     let records: Vec<Outgoing> = events
         .iter()
+        .zip(&spellings)
         .map(|(e, spelling)| {
             let key = spell(e.order_id, *spelling).into_bytes();
             let value = (!e.tombstone).then(|| {
@@ -387,7 +393,6 @@ async fn a_batch_holding_a_key_in_several_spellings_the_database_finds_equal_equ
             }
         })
         .collect();
-    let plain: Vec<Event> = events.iter().map(|(e, _)| e.clone()).collect();
     for rule in [Rule::LastWins, Rule::NewerBy, Rule::FirstWins] {
         let case = Case::with_table(
             backend,
@@ -403,25 +408,10 @@ async fn a_batch_holding_a_key_in_several_spellings_the_database_finds_equal_equ
         testkit::produce(&case.producer(), &case.topic, &records)
             .await
             .expect("produce");
-        let end = case.end_offsets().await;
-        let config = case.config_with(
-            &rule.sink(true),
-            "batch:\n  max_records: 100000\n  max_wait_ms: 1000\n",
-        );
-        let log = case.run_until_stored(&config, &end).await;
-        let records: Vec<u64> = common::logged_counts(&log, "records");
-        assert!(
-            records.iter().any(|n| *n >= 100),
-            "{rule:?}: batches should hold a key many times: {records:?}"
-        );
-        let sql = format!("SELECT {read_key}, version, status FROM {}", case.table);
-        let rows: Vec<(i64, i64, String)> =
-            on_pool!(&case.pool, |p| sqlx::query_as(&sql).fetch_all(p).await).expect("rows");
-        let state: BTreeMap<i64, (i64, String)> =
-            rows.into_iter().map(|(k, v, s)| (k, (v, s))).collect();
+        run_in_large_batches(&case, rule).await;
         assert_eq!(
-            state,
-            apply_in_order(&plain, rule),
+            table_state_by(&case, read_key).await,
+            apply_in_order(&events, rule),
             "{rule:?} (seed {seed})"
         );
     }

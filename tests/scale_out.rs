@@ -341,6 +341,18 @@ impl Mode {
         }
     }
 
+    /// Produces wave `n` to the case's topic; returns where each record landed.
+    async fn produce_wave(
+        self,
+        case: &Case,
+        producer: &rdkafka::producer::FutureProducer,
+        n: i64,
+    ) -> Vec<(i32, i64)> {
+        testkit::produce(producer, &case.topic, &self.wave(n, case.partitions))
+            .await
+            .expect("produce")
+    }
+
     fn sink(self) -> &'static str {
         match self {
             Mode::Insert => common::STANDARD_COLUMNS,
@@ -401,15 +413,7 @@ async fn a_zombie_paused_mid_write_is_fenced(
         .extra(batches)
         .write();
     let producer = case.producer();
-    let produce = |n: i64| {
-        let records = mode.wave(n, case.partitions);
-        let (producer, topic) = (&producer, &case.topic);
-        async move {
-            testkit::produce(producer, topic, &records)
-                .await
-                .expect("produce")
-        }
-    };
+    let produce = |n: i64| mode.produce_wave(&case, &producer, n);
     let mut landed = Vec::new();
 
     let a = Connector::start(&a_config);
@@ -516,15 +520,7 @@ async fn a_zombie_frozen_holding_row_locks_is_waited_out_with_warnings_then_fenc
     let (a_config, b_config) = (config("a"), config("b"));
     let hold = tempfile::NamedTempFile::new().expect("hold file");
     let producer = case.producer();
-    let produce = |n: i64| {
-        let records = Mode::Insert.wave(n, case.partitions);
-        let (producer, topic) = (&producer, &case.topic);
-        async move {
-            testkit::produce(producer, topic, &records)
-                .await
-                .expect("produce")
-        }
-    };
+    let produce = |n: i64| Mode::Insert.produce_wave(&case, &producer, n);
     let mut landed = Vec::new();
 
     std::fs::remove_file(hold.path()).expect("not holding yet");

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::cells::Cells;
 use crate::mapping::{version_key, ColumnKind, RowOp};
 use crate::offsets::TopicPartition;
 
@@ -34,8 +35,8 @@ pub struct RawRecord {
     pub headers: Option<String>,
 }
 
-/// What a cell costs besides its text: the `Option<String>` itself.
-const CELL_BYTES: usize = std::mem::size_of::<Option<String>>();
+/// What a cell costs besides its text: where it ends, and whether it is NULL.
+const CELL_BYTES: usize = std::mem::size_of::<usize>() + 1;
 
 impl RawRecord {
     /// The bytes it holds.
@@ -56,8 +57,8 @@ pub struct DeadLetter {
 
 #[derive(Debug)]
 pub struct Batch {
-    /// One vector of cells per target column, all of the same length.
-    pub columns: Vec<Vec<Option<String>>>,
+    /// The rows' cells, column by column.
+    pub cells: Cells,
     /// For each row, what it does.
     pub ops: Vec<RowOp>,
     /// For each row, the index of its span.
@@ -69,29 +70,31 @@ pub struct Batch {
     /// Records that did not become rows, with the index of their span.
     dead_letters: Vec<(u32, DeadLetter)>,
     pub spans: Vec<Span>,
-    /// About how many bytes the records taken hold here: their cells, and the records kept
-    /// as they came (`batch.max_bytes` bounds it).
-    bytes: usize,
+    /// The bytes of the records kept as they came, and of the dead letters (see
+    /// [`Batch::bytes`]).
+    kept_bytes: usize,
 }
 
 impl Batch {
     pub fn new(column_count: usize) -> Batch {
         Batch {
-            columns: vec![Vec::new(); column_count],
+            cells: Cells::new(column_count),
             ops: Vec::new(),
             row_span: Vec::new(),
             row_offset: Vec::new(),
             raw: Vec::new(),
             dead_letters: Vec::new(),
             spans: Vec::new(),
-            bytes: 0,
+            kept_bytes: 0,
         }
     }
 
-    /// About how many bytes the records taken hold (see `bytes`); dropping spans does not
-    /// lower it, as only a batch still being filled is measured.
+    /// About how many bytes the records taken hold here: their cells, and the records kept
+    /// as they came (`batch.max_bytes` bounds it).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.cells.text_bytes()
+            + self.len() * self.cells.column_count() * CELL_BYTES
+            + self.kept_bytes
     }
 
     /// Rows in the batch.
@@ -135,9 +138,8 @@ impl Batch {
         })
     }
 
-    /// Adds one converted row; `cells` is drained (one cell per column). `raw` is the record
+    /// Adds the row whose cells were just written to [`Batch::cells`]. `raw` is the record
     /// as it came, kept for a batch that may dead-letter rows: all of its rows have one.
-    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         topic: &str,
@@ -145,10 +147,9 @@ impl Batch {
         epoch: u64,
         offset: i64,
         op: RowOp,
-        cells: &mut Vec<Option<String>>,
         raw: Option<RawRecord>,
     ) {
-        debug_assert_eq!(cells.len(), self.columns.len());
+        debug_assert_eq!(self.cells.rows(), self.len() + 1, "one new row of cells");
         debug_assert_eq!(
             self.raw.len(),
             if raw.is_some() { self.len() } else { 0 },
@@ -157,20 +158,16 @@ impl Batch {
         let index = self.span_for(topic, partition, epoch, offset);
         self.row_span.push(index);
         self.row_offset.push(offset);
-        self.bytes += raw.as_ref().map_or(0, RawRecord::bytes);
+        self.kept_bytes += raw.as_ref().map_or(0, RawRecord::bytes);
         self.raw.extend(raw);
         self.ops.push(op);
-        for (column, cell) in self.columns.iter_mut().zip(cells.drain(..)) {
-            self.bytes += cell.as_ref().map_or(0, String::len) + CELL_BYTES;
-            column.push(cell);
-        }
     }
 
     /// Adds a record that did not become a row: it goes to the dead-letter table, and its
     /// offset is committed like a row's.
     pub fn push_dead_letter(&mut self, epoch: u64, dead: DeadLetter) {
         let index = self.span_for(&dead.tp.topic, dead.tp.partition, epoch, dead.offset);
-        self.bytes += dead.record.bytes() + dead.error.len();
+        self.kept_bytes += dead.record.bytes() + dead.error.len();
         self.dead_letters.push((index, dead));
     }
 
@@ -245,12 +242,8 @@ impl Batch {
             retain(self.raw, &row_keep)
         };
         Batch {
-            columns: self
-                .columns
-                .into_iter()
-                .map(|cells| retain(cells, &row_keep))
-                .collect(),
-            bytes: self.bytes,
+            cells: self.cells.retain(&row_keep),
+            kept_bytes: self.kept_bytes,
             ops: retain(self.ops, &row_keep),
             row_offset: retain(self.row_offset, &row_keep),
             raw,
@@ -305,10 +298,7 @@ impl Batch {
         let mut by_key: HashMap<KeyOf<'_>, Latest> = HashMap::new();
         let mut unkeyed = Vec::new();
         for row in (0..self.len()).filter(|r| !skip.contains(r)) {
-            let cells: Option<Vec<&str>> = key
-                .iter()
-                .map(|c| self.columns[*c][row].as_deref())
-                .collect();
+            let cells: Option<Vec<&str>> = key.iter().map(|c| self.cells.get(*c, row)).collect();
             // A NULL in a unique key never conflicts: such a row stands alone.
             let Some(cells) = cells else {
                 unkeyed.push(row);
@@ -331,16 +321,18 @@ impl Batch {
                 (Winner::First, Some(_)) => false,
                 (Winner::Last, Some(_)) => true,
                 (Winner::Newest { column, kind }, Some((_, kept))) => {
-                    let version = self.columns[column][row]
-                        .as_deref()
+                    let version = self
+                        .cells
+                        .get(column, row)
                         .and_then(|v| version_key(kind, v));
                     version > *kept
                 }
             };
             if replace {
                 let version = match winner {
-                    Winner::Newest { column, kind } => self.columns[column][row]
-                        .as_deref()
+                    Winner::Newest { column, kind } => self
+                        .cells
+                        .get(column, row)
                         .and_then(|v| version_key(kind, v)),
                     _ => None,
                 };
@@ -412,16 +404,35 @@ impl Changes {
 mod tests {
     use super::*;
 
-    fn row(v: &str) -> Vec<Option<String>> {
-        vec![Some(v.to_string()), None]
+    impl Batch {
+        /// Adds a row of the given cells.
+        fn push_row(
+            &mut self,
+            at: (i32, u64, i64),
+            op: RowOp,
+            cells: &[Option<&str>],
+            raw: Option<RawRecord>,
+        ) {
+            self.cells.push_row(cells.iter().copied());
+            self.push("t", at.0, at.1, at.2, op, raw);
+        }
+    }
+
+    fn row(v: &str) -> [Option<&str>; 2] {
+        [Some(v), None]
     }
 
     /// A batch of (key, version, op) rows in one partition, offsets from 0.
     fn keyed(rows: &[(&str, i64, RowOp)]) -> Batch {
         let mut b = Batch::new(2);
         for (offset, (key, version, op)) in rows.iter().enumerate() {
-            let mut cells = vec![Some(key.to_string()), Some(version.to_string())];
-            b.push("t", 0, 1, offset as i64, *op, &mut cells, None);
+            let version = version.to_string();
+            b.push_row(
+                (0, 1, offset as i64),
+                *op,
+                &[Some(key), Some(&version)],
+                None,
+            );
         }
         b
     }
@@ -430,9 +441,10 @@ mod tests {
     fn one_by_one(b: &Batch, winner: Winner) -> HashMap<String, i64> {
         let mut table: HashMap<String, i64> = HashMap::new();
         for row in 0..b.len() {
-            let key = b.columns[0][row].clone().expect("key");
-            let version: i64 = b.columns[1][row]
-                .as_deref()
+            let key = b.cells.get(0, row).expect("key").to_string();
+            let version: i64 = b
+                .cells
+                .get(1, row)
                 .and_then(|v| v.parse().ok())
                 .expect("version");
             match (b.ops[row], winner, table.get(&key)) {
@@ -459,15 +471,11 @@ mod tests {
     fn apply(b: &Batch, changes: &Changes) -> HashMap<String, i64> {
         let mut table = HashMap::new();
         for row in &changes.deletes {
-            table.remove(b.columns[0][*row].as_deref().expect("key"));
+            table.remove(b.cells.get(0, *row).expect("key"));
         }
         for row in &changes.writes {
-            let key = b.columns[0][*row].clone().expect("key");
-            let version = b.columns[1][*row]
-                .as_deref()
-                .expect("v")
-                .parse()
-                .expect("v");
+            let key = b.cells.get(0, *row).expect("key").to_string();
+            let version = b.cells.get(1, *row).expect("v").parse().expect("v");
             assert!(
                 table.insert(key, version).is_none(),
                 "a key written twice by one statement"
@@ -554,11 +562,11 @@ mod tests {
             error: format!("bad {partition}/{offset}"),
         };
         let mut b = Batch::new(2);
-        b.push("t", 0, 1, 10, RowOp::Write, &mut row("a"), raw("a"));
-        b.push("t", 1, 1, 5, RowOp::Write, &mut row("b"), raw("b"));
+        b.push_row((0, 1, 10), RowOp::Write, &row("a"), raw("a"));
+        b.push_row((1, 1, 5), RowOp::Write, &row("b"), raw("b"));
         b.push_dead_letter(1, dead(0, 11));
-        b.push("t", 0, 1, 12, RowOp::Write, &mut row("c"), raw("c"));
-        b.push("t", 0, 2, 3, RowOp::Delete, &mut row("d"), raw("d"));
+        b.push_row((0, 1, 12), RowOp::Write, &row("c"), raw("c"));
+        b.push_row((0, 2, 3), RowOp::Delete, &row("d"), raw("d"));
         b.push_dead_letter(1, dead(1, 6));
         assert_eq!((b.len(), b.records()), (4, 6));
         assert_eq!(b.spans.len(), 3);
@@ -568,8 +576,8 @@ mod tests {
         let b = b.retain_spans(&[false, true, true]);
         assert_eq!((b.len(), b.records()), (2, 3));
         assert_eq!(
-            b.columns[0],
-            vec![Some("b".to_string()), Some("d".to_string())]
+            b.cells.column(0).iter().collect::<Vec<_>>(),
+            vec![Some("b"), Some("d")]
         );
         assert_eq!(
             b.spans.iter().map(|s| s.tp.partition).collect::<Vec<_>>(),
@@ -581,7 +589,7 @@ mod tests {
         assert_eq!((rejected.tp.partition, rejected.offset), (0, 3));
         assert_eq!(rejected.record.value.as_deref(), Some(&b"d"[..]));
         let b = b.retain_spans(&[false, true]);
-        assert_eq!(b.columns[0], vec![Some("d".to_string())]);
+        assert_eq!(b.cells.row(0), vec![Some("d"), None]);
         assert_eq!(b.spans.len(), 1);
         assert_eq!(b.dead_letters().count(), 0);
         assert_eq!(b.coordinates(0).1, 3);
@@ -667,7 +675,7 @@ mod tests {
     #[test]
     fn a_batch_that_keeps_no_records_dead_letters_no_rejected_row() {
         let mut b = Batch::new(2);
-        b.push("t", 0, 1, 7, RowOp::Write, &mut row("a"), None);
+        b.push_row((0, 1, 7), RowOp::Write, &row("a"), None);
         assert_eq!(b.dead_letter_for_row(0, "x".into()), None);
         assert_eq!(b.coordinates(0).1, 7);
     }

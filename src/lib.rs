@@ -12,6 +12,7 @@
 //! `/readyz` listener).
 
 pub mod batch;
+pub mod cells;
 pub mod config;
 pub mod consumer;
 pub mod db;
@@ -19,6 +20,7 @@ pub mod dead_letters;
 pub mod dead_letters_command;
 pub mod health;
 pub mod http;
+pub mod json_pointers;
 pub mod mapping;
 pub mod offsets;
 pub mod offsets_command;

@@ -352,7 +352,6 @@ async fn read_loop(
     let max_wait = Duration::from_millis(p.config.batch.max_wait_ms);
     let columns = mapper.columns().len();
     let mut batch = Batch::new(columns);
-    let mut cells = Vec::with_capacity(columns);
     let mut handover = Handover {
         shared,
         waiting: None,
@@ -415,7 +414,7 @@ async fn read_loop(
                 #[cfg(feature = "testkit")]
                 crate::testkit::hold_received(message.offset()).await;
                 let opens_batch = batch.is_empty();
-                if let Err(error) = add_record(shared, &mapper, &message, &mut batch, &mut cells) {
+                if let Err(error) = add_record(shared, &mapper, &message, &mut batch) {
                     let failed = PipelineError::BadRecord {
                         pipeline: shared.pipeline.clone(),
                         topic: message.topic().to_string(),
@@ -453,7 +452,7 @@ const LOAD_UNLOADED_EVERY: Duration = Duration::from_secs(1);
 /// read past after its last record of each partition.
 fn cut(shared: &Shared, batch: &mut Batch) -> Batch {
     cover_positions(shared, batch);
-    let columns = batch.columns.len();
+    let columns = batch.cells.column_count();
     std::mem::replace(batch, Batch::new(columns))
 }
 
@@ -548,7 +547,6 @@ fn add_record(
     mapper: &RowMapper,
     m: &BorrowedMessage<'_>,
     batch: &mut Batch,
-    cells: &mut Vec<Option<String>>,
 ) -> Result<(), ConvertError> {
     let Some(epoch) = shared
         .assignment
@@ -565,10 +563,10 @@ fn add_record(
         value: m.payload(),
     };
     let keep = shared.dead_letters.is_some();
-    match mapper.convert(&record, cells) {
+    match mapper.convert(&record, &mut batch.cells) {
         Ok(op) => {
             let raw = keep.then(|| raw_record(m));
-            batch.push(m.topic(), m.partition(), epoch, m.offset(), op, cells, raw);
+            batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
         }
         Err(error) if keep => {
             let dead = DeadLetter {

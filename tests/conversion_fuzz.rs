@@ -3,6 +3,8 @@
 //! column type and every source. The conversion never panics, and a row it produces fits its
 //! columns: what it accepts, the database accepts.
 
+use idemsink::cells::Cells;
+use idemsink::json_pointers::Pointers;
 use idemsink::mapping::{ColumnKind, ColumnPlan, RecordRef, Role, RowMapper, RowOp, Source};
 use std::sync::OnceLock;
 
@@ -186,13 +188,13 @@ proptest! {
             key: key.as_deref(),
             value: value.as_deref(),
         };
-        let mut cells = Vec::new();
         for mapper in mappers(delete_on_null) {
             let column = &mapper.columns()[0];
+            let mut cells = Cells::new(1);
             match mapper.convert(&record, &mut cells) {
                 Ok(op) => {
-                    prop_assert_eq!(cells.len(), 1);
-                    match &cells[0] {
+                    prop_assert_eq!(cells.rows(), 1);
+                    match cells.get(0, 0) {
                         Some(text) => {
                             if let Some(problem) = misfit(column.kind, text) {
                                 prop_assert!(false, "column {}: {}", column.name, problem);
@@ -207,6 +209,66 @@ proptest! {
                 Err(e) => {
                     let text = e.to_string();
                     prop_assert!(text.contains(&e.column), "the error names the column: {}", text);
+                    prop_assert_eq!(cells.rows(), 0, "a refused record leaves no row");
+                    prop_assert_eq!(cells.text_bytes(), 0, "a refused record leaves no text");
+                }
+            }
+        }
+    }
+}
+
+/// An object written as text, keys possibly repeated and possibly escaped (`\u0061` for
+/// `a`), around values of any shape, compact or spaced.
+fn object_text() -> impl Strategy<Value = String> {
+    let member = (
+        prop_oneof![Just("a"), Just("b"), Just("id"), Just("~x"), Just("/y")],
+        any::<bool>(),
+        json(),
+    );
+    (prop::collection::vec(member, 0..6), any::<bool>()).prop_map(|(members, spaced)| {
+        let sep = if spaced { " ,\n " } else { "," };
+        let members: Vec<String> = members
+            .into_iter()
+            .map(|(key, escape, value)| {
+                let key = match (escape, key.chars().next()) {
+                    (true, Some(first)) => format!("\"\\u{:04x}{}\"", first as u32, &key[1..]),
+                    _ => serde_json::to_string(key).expect("key"),
+                };
+                let value = if spaced {
+                    serde_json::to_string_pretty(&value)
+                } else {
+                    serde_json::to_string(&value)
+                };
+                format!("{key}:{}", value.expect("value"))
+            })
+            .collect();
+        format!("{{{}}}", members.join(sep))
+    })
+}
+
+const POINTERS: &[&str] = &[
+    "", "/a", "/b", "/a/0", "/a/1", "/a/b", "/a/b/0", "/id", "/~0x", "/~0x/~1y", "/~1y", "/0",
+    "/a/01", "/a/-", "/b/a/id",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The one-pass search finds what `serde_json::Value::pointer` finds in the parsed
+    /// document, repeated keys and escapes included, and refuses what serde_json refuses.
+    #[test]
+    fn pointers_find_what_the_parsed_document_holds(text in object_text(), junk in any::<bool>()) {
+        let text = if junk { format!("{text}]") } else { text };
+        let pointers = Pointers::new(POINTERS.iter().copied());
+        let mut found = vec![None; pointers.len()];
+        let searched = pointers.find(&text, &mut found);
+        match serde_json::from_str::<Value>(&text) {
+            Err(_) => prop_assert!(searched.is_err(), "accepted what is not JSON: {}", text),
+            Ok(doc) => {
+                prop_assert!(searched.is_ok(), "{:?} refused {}", searched, text);
+                for (pointer, got) in POINTERS.iter().zip(&found) {
+                    let got: Option<Value> = got.map(|t| serde_json::from_str(t).expect("a value"));
+                    prop_assert_eq!(got.as_ref(), doc.pointer(pointer), "{} in {}", pointer, text);
                 }
             }
         }

@@ -316,7 +316,7 @@ fn group_ids<T: std::hash::Hash + Eq>(canonical: impl IntoIterator<Item = T>) ->
 fn row_bytes(batch: &Batch, columns: &[usize], row: usize) -> usize {
     columns
         .iter()
-        .map(|c| batch.columns[*c][row].as_ref().map_or(0, String::len) + CELL_OVERHEAD)
+        .map(|c| batch.cells.get(*c, row).map_or(0, str::len) + CELL_OVERHEAD)
         .sum()
 }
 
@@ -660,7 +660,9 @@ mod tests {
     /// A batch of one column whose row `i` holds `sizes[i]` bytes.
     fn batch_of(sizes: &[usize]) -> Batch {
         let mut batch = Batch::new(1);
-        batch.columns[0] = sizes.iter().map(|n| Some("x".repeat(*n))).collect();
+        for size in sizes {
+            batch.cells.push_row([Some("x".repeat(*size).as_str())]);
+        }
         batch
     }
 

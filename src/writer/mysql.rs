@@ -122,8 +122,7 @@ impl BatchStatements for MySqlWriter {
             let query = part
                 .iter()
                 .fold(sqlx::query_scalar(&sql).persistent(false), |q, row| {
-                    key.iter()
-                        .fold(q, |q, c| q.bind(batch.columns[*c][*row].as_deref()))
+                    key.iter().fold(q, |q, c| q.bind(batch.cells.get(*c, *row)))
                 });
             match query.fetch_all(&self.pool).await {
                 Ok(part_forms) => forms.extend(part_forms),
@@ -280,8 +279,8 @@ impl MySqlWriter {
         };
         let mut query = sqlx::query(sql).persistent(rows.len() == self.insert_limit.rows);
         for row in rows {
-            for cells in &batch.columns {
-                query = query.bind(cells[*row].as_deref());
+            for column in 0..batch.cells.column_count() {
+                query = query.bind(batch.cells.get(column, *row));
             }
         }
         Ok(query.execute(&mut *tx).await?.rows_affected())
@@ -302,7 +301,7 @@ impl MySqlWriter {
         let mut query = sqlx::query(&sql).persistent(false);
         for row in rows {
             for c in &delete.bound {
-                query = bind_typed(query, self.kinds[*c], batch.columns[*c][*row].as_deref());
+                query = bind_typed(query, self.kinds[*c], batch.cells.get(*c, *row));
             }
         }
         Ok(query.execute(&mut *tx).await?.rows_affected())

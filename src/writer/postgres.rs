@@ -19,6 +19,7 @@ use super::{
     group_ids, statement_parts, BatchStatements, Position, RowCounts, SinkPlan, StatementLimit,
 };
 use crate::batch::{Batch, Changes, DeadLetter};
+use crate::cells::Column;
 use crate::config::SinkMode;
 use crate::db::{is_rejected_row, is_unique_violation, Backend};
 use crate::dead_letters::DeadLetterTable;
@@ -80,7 +81,7 @@ impl BatchStatements for PgWriter {
         if let Some((sql, bound)) = &self.delete {
             for rows in statement_parts(batch, bound, &changes.deletes, STATEMENT_LIMIT) {
                 let query = bound.iter().fold(sqlx::query(sql), |q, c| {
-                    q.bind(gather(&batch.columns[*c], rows))
+                    q.bind(gather(batch.cells.column(*c), rows))
                 });
                 counts.deleted += query.execute(&mut *conn).await?.rows_affected();
             }
@@ -100,7 +101,7 @@ impl BatchStatements for PgWriter {
         };
         let rows: Vec<usize> = (0..batch.len()).collect();
         let query = bound.iter().fold(sqlx::query_scalar(sql), |q, c| {
-            q.bind(gather(&batch.columns[*c], &rows))
+            q.bind(gather(batch.cells.column(*c), &rows))
         });
         match query.fetch_all(&self.pool).await {
             Ok(first_of_group) => Ok(Some(group_ids::<i64>(first_of_group))),
@@ -217,11 +218,9 @@ impl PgWriter {
         }
         let (mut written, mut updated) = (0, 0);
         for part in statement_parts(batch, &self.all_columns, rows, STATEMENT_LIMIT) {
-            let insert = batch
-                .columns
-                .iter()
-                .fold(sqlx::query_as(&self.write_sql), |q, cells| {
-                    q.bind(gather(cells, part))
+            let insert = (0..batch.cells.column_count())
+                .fold(sqlx::query_as(&self.write_sql), |q, c| {
+                    q.bind(gather(batch.cells.column(c), part))
                 });
             let (w, u): (i64, i64) = insert.fetch_one(&mut *tx).await?;
             written += w.max(0) as u64;
@@ -248,8 +247,8 @@ impl PgWriter {
 }
 
 /// The cells of `rows`, in order, for one array parameter.
-fn gather<'a>(cells: &'a [Option<String>], rows: &[usize]) -> Vec<Option<&'a str>> {
-    rows.iter().map(|r| cells[*r].as_deref()).collect()
+fn gather<'a>(cells: &'a Column, rows: &[usize]) -> Vec<Option<&'a str>> {
+    rows.iter().map(|r| cells.get(*r)).collect()
 }
 
 /// `INSERT INTO t AS t (…) SELECT r.c0::type, … FROM UNNEST($1::text[], …) AS r(c0, …)
@@ -380,11 +379,11 @@ async fn copy_rows(
     let mut copy = tx.copy_in_raw(copy_sql).await?;
     let mut buf = Vec::with_capacity(64 * 1024);
     for row in rows {
-        for (i, column) in batch.columns.iter().enumerate() {
-            if i > 0 {
+        for column in 0..batch.cells.column_count() {
+            if column > 0 {
                 buf.push(b'\t');
             }
-            match &column[*row] {
+            match batch.cells.get(column, *row) {
                 None => buf.extend_from_slice(b"\\N"),
                 Some(text) => push_copy_escaped(&mut buf, text),
             }

@@ -1,0 +1,181 @@
+//! A batch's converted values, column by column: each column keeps the text of all its cells
+//! back to back in one buffer, and where each cell ends. Converting a record writes straight
+//! into these buffers, so it allocates nothing per cell, and the writer reads each cell as a
+//! `&str` in place.
+
+/// One column's cells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Column {
+    /// The cells' text, one after the other.
+    text: String,
+    /// Per cell, where its text ends in `text` (it starts where the one before ends).
+    ends: Vec<usize>,
+    /// Per cell, whether it is NULL (its text is then empty).
+    nulls: Vec<bool>,
+}
+
+impl Column {
+    /// The cell of `row`: `None` for NULL.
+    pub fn get(&self, row: usize) -> Option<&str> {
+        if self.nulls[row] {
+            return None;
+        }
+        let start = if row == 0 { 0 } else { self.ends[row - 1] };
+        Some(&self.text[start..self.ends[row]])
+    }
+
+    /// The cells, in row order.
+    pub fn iter(&self) -> impl Iterator<Item = Option<&str>> + '_ {
+        (0..self.ends.len()).map(|row| self.get(row))
+    }
+
+    fn end_cell(&mut self, null: bool) {
+        if null {
+            // A NULL cell has no text, even if a conversion wrote some before deciding.
+            self.text.truncate(self.ends.last().copied().unwrap_or(0));
+        }
+        self.ends.push(self.text.len());
+        self.nulls.push(null);
+    }
+
+    fn truncate(&mut self, rows: usize) {
+        self.ends.truncate(rows);
+        self.nulls.truncate(rows);
+        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+
+    /// The cells of the rows whose flag in `keep` is set.
+    fn retain(&self, keep: &[bool]) -> Column {
+        let mut kept = Column::default();
+        for (row, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+            if let Some(text) = self.get(row) {
+                kept.text.push_str(text);
+            }
+            kept.end_cell(self.nulls[row]);
+        }
+        kept
+    }
+}
+
+/// The cells of a batch's rows, one [`Column`] per target column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cells {
+    columns: Vec<Column>,
+    rows: usize,
+}
+
+impl Cells {
+    pub fn new(columns: usize) -> Cells {
+        Cells {
+            columns: vec![Column::default(); columns],
+            rows: 0,
+        }
+    }
+
+    /// Complete rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn column_count(&self) -> usize {
+        self.columns.len()
+    }
+
+    pub fn column(&self, column: usize) -> &Column {
+        &self.columns[column]
+    }
+
+    /// The cell at `column` of `row`: `None` for NULL.
+    pub fn get(&self, column: usize, row: usize) -> Option<&str> {
+        self.columns[column].get(row)
+    }
+
+    /// The cells of `row`, column by column.
+    pub fn row(&self, row: usize) -> Vec<Option<&str>> {
+        self.columns.iter().map(|c| c.get(row)).collect()
+    }
+
+    /// The text of the bytes the cells hold.
+    pub fn text_bytes(&self) -> usize {
+        self.columns.iter().map(|c| c.text.len()).sum()
+    }
+
+    /// Where the next row's cell of `column` is written: append its text, then
+    /// [`end_cell`](Cells::end_cell). Columns are written in order, once per row.
+    pub fn buffer(&mut self, column: usize) -> &mut String {
+        &mut self.columns[column].text
+    }
+
+    /// Ends the next row's cell of `column`: the text appended since is the cell, or it is NULL.
+    pub fn end_cell(&mut self, column: usize, null: bool) {
+        self.columns[column].end_cell(null);
+    }
+
+    /// Ends the row being written: every column has its cell.
+    pub fn end_row(&mut self) {
+        self.rows += 1;
+        debug_assert!(self.columns.iter().all(|c| c.ends.len() == self.rows));
+    }
+
+    /// Forgets the cells written since the last complete row (its conversion failed).
+    pub fn abandon_row(&mut self) {
+        for column in &mut self.columns {
+            column.truncate(self.rows);
+        }
+    }
+
+    /// Appends a row of cells (tests and tools; conversion writes in place).
+    pub fn push_row<'a>(&mut self, cells: impl IntoIterator<Item = Option<&'a str>>) {
+        let mut count = 0;
+        for (column, cell) in self.columns.iter_mut().zip(cells) {
+            column.text.push_str(cell.unwrap_or(""));
+            column.end_cell(cell.is_none());
+            count += 1;
+        }
+        assert_eq!(count, self.columns.len(), "a row has one cell per column");
+        self.end_row();
+    }
+
+    /// The cells of the rows whose flag in `keep` is set.
+    pub fn retain(&self, keep: &[bool]) -> Cells {
+        Cells {
+            columns: self.columns.iter().map(|c| c.retain(keep)).collect(),
+            rows: keep.iter().filter(|k| **k).count(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_keep_text_and_nulls_per_row_and_an_abandoned_row_leaves_nothing() {
+        let mut cells = Cells::new(2);
+        cells.push_row([Some("a"), None]);
+        cells.push_row([Some(""), Some("é")]);
+        // A conversion that fails after writing part of a row.
+        cells.buffer(0).push_str("partial");
+        cells.end_cell(0, false);
+        cells.buffer(1).push_str("half");
+        cells.abandon_row();
+        cells.buffer(0).push_str("written then null");
+        cells.end_cell(0, true);
+        cells.buffer(1).push('z');
+        cells.end_cell(1, false);
+        cells.end_row();
+        assert_eq!(cells.rows(), 3);
+        assert_eq!(cells.row(0), vec![Some("a"), None]);
+        assert_eq!(cells.row(1), vec![Some(""), Some("é")]);
+        assert_eq!(cells.row(2), vec![None, Some("z")]);
+        assert_eq!(cells.text_bytes(), 1 + 2 + 1);
+        let kept = cells.retain(&[true, false, true]);
+        assert_eq!(kept.rows(), 2);
+        assert_eq!(kept.row(0), vec![Some("a"), None]);
+        assert_eq!(kept.row(1), vec![None, Some("z")]);
+        assert_eq!(
+            kept.column(1).iter().collect::<Vec<_>>(),
+            vec![None, Some("z")]
+        );
+    }
+}

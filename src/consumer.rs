@@ -868,6 +868,28 @@ impl SinkContext {
     }
 }
 
+/// A partition's end offset as of the consumer's last fetch from it: librdkafka's cached high
+/// watermark, read without a broker round trip (rust-rdkafka wraps only `fetch_watermarks`,
+/// which asks the broker). None before the first fetch.
+pub fn cached_end_offset(consumer: &SinkConsumer, tp: &TopicPartition) -> Option<i64> {
+    let topic = std::ffi::CString::new(tp.topic.as_str()).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is NUL-terminated
+    // and outlives the call; `low` and `high` are valid for writes. The function only reads
+    // librdkafka's cached partition state, under librdkafka's own lock.
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            tp.partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// The consumer loop met a fetch out of range, after which librdkafka fetches nothing more of
 /// that partition (`auto.offset.reset` is always `error` for it). Finds the owned partitions
 /// whose position is outside what Kafka has now and, as `auto.offset.reset` says, returns the

@@ -6,8 +6,11 @@
 //! database never costs the group membership.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -15,14 +18,15 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batch, DeadLetter, RawRecord};
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Tolerance};
 use crate::consumer::{
-    client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer, SinkContext,
+    cached_end_offset, client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer,
+    SinkContext,
 };
 use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool, SessionLimits};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
@@ -92,6 +96,35 @@ struct Shared {
     store: OffsetStore,
     /// What `/readyz` says of this pipeline.
     status: Arc<PipelineStatus>,
+    /// Whether the writer is waiting for a batch.
+    writer: WriterIdle,
+}
+
+/// Whether the writer is waiting for a batch, and a wake-up for the consumer loop when it
+/// starts to (see [`send_now`]).
+#[derive(Default)]
+struct WriterIdle {
+    idle: AtomicBool,
+    waiting: Notify,
+}
+
+impl WriterIdle {
+    fn is_waiting(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
+    }
+
+    /// Marks the writer waiting until the guard is dropped.
+    fn wait(&self) -> impl Drop + '_ {
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        self.idle.store(true, Ordering::Release);
+        self.waiting.notify_one();
+        Waiting(&self.idle)
+    }
 }
 
 impl Shared {
@@ -317,6 +350,7 @@ fn subscribe(
         assignment,
         consumer: Arc::new(consumer),
         status,
+        writer: WriterIdle::default(),
     })
 }
 
@@ -363,6 +397,7 @@ async fn read_loop(
     tokio::pin!(flush_timer);
     let mut idle = tokio::time::interval(COVER_WHEN_IDLE);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut messages = shared.consumer.stream();
     let mut load_again = tokio::time::interval(LOAD_UNLOADED_EVERY);
     load_again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -404,35 +439,64 @@ async fn read_loop(
                     handover.offer(&batches, cut(shared, &mut batch));
                 }
             }
-            // Records are taken while no batch waits, or once fetching is paused: then only
-            // what was fetched before the pause still arrives.
-            received = shared.consumer.recv(), if can_offer || handover.paused => {
-                let message = match received {
-                    Ok(m) => m,
-                    Err(e) => { consumer_error(shared, e)?; continue; }
-                };
-                #[cfg(feature = "testkit")]
-                crate::testkit::hold_received(message.offset()).await;
-                let opens_batch = batch.is_empty();
-                if let Err(error) = add_record(shared, &mapper, &message, &mut batch) {
-                    let failed = PipelineError::BadRecord {
-                        pipeline: shared.pipeline.clone(),
-                        topic: message.topic().to_string(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        error,
-                    };
-                    // Commit what came before the bad record, then stop.
-                    handover.finish(&batches, batch).await;
-                    return Err(failed);
-                }
-                if opens_batch && !batch.is_empty() {
-                    flush_timer.as_mut().reset(Instant::now() + max_wait);
-                }
-                // While a batch waits for the writer, records fetched before the pause took
-                // effect gather in the next one, beyond `max_records` if need be.
-                if can_offer && full(&batch) {
+            // The writer has nothing to do: a batch of a caught-up stream goes now.
+            _ = shared.writer.waiting.notified(), if can_offer && !batch.is_empty() => {
+                if send_now(shared, &batch) {
                     handover.offer(&batches, cut(shared, &mut batch));
+                }
+            }
+            // Records are taken while no batch waits, or once fetching is paused: then only
+            // what was fetched before the pause still arrives. What is ready after the first
+            // is taken in the same turn, up to TAKE_AT_ONCE records.
+            received = messages.next(), if can_offer || handover.paused => {
+                let mut received = received;
+                for taken in 1.. {
+                    let Some(received_now) = received else {
+                        return Err(PipelineError::Fatal(format!(
+                            "pipeline {}: the consumer's message stream ended",
+                            shared.pipeline
+                        )));
+                    };
+                    let message = match received_now {
+                        Ok(m) => m,
+                        Err(e) => { consumer_error(shared, e)?; break; }
+                    };
+                    #[cfg(feature = "testkit")]
+                    crate::testkit::hold_received(message.offset()).await;
+                    let opens_batch = batch.is_empty();
+                    if let Err(error) = add_record(shared, &mapper, &message, &mut batch) {
+                        let failed = PipelineError::BadRecord {
+                            pipeline: shared.pipeline.clone(),
+                            topic: message.topic().to_string(),
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            error,
+                        };
+                        // Commit what came before the bad record, then stop.
+                        handover.finish(&batches, batch).await;
+                        return Err(failed);
+                    }
+                    if opens_batch && !batch.is_empty() {
+                        flush_timer.as_mut().reset(Instant::now() + max_wait);
+                    }
+                    // While a batch waits for the writer, records fetched before the pause took
+                    // effect gather in the next one, beyond `max_records` if need be.
+                    if handover.waiting.is_none() && full(&batch) {
+                        handover.offer(&batches, cut(shared, &mut batch));
+                    }
+                    if taken == TAKE_AT_ONCE || (handover.waiting.is_some() && !handover.paused) {
+                        break;
+                    }
+                    match messages.next().now_or_never() {
+                        Some(next) => received = next,
+                        None => {
+                            // Nothing more is ready now.
+                            if handover.waiting.is_none() && !batch.is_empty() && send_now(shared, &batch) {
+                                handover.offer(&batches, cut(shared, &mut batch));
+                            }
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -440,6 +504,32 @@ async fn read_loop(
     cover_positions(shared, &mut batch);
     handover.finish(&batches, batch).await;
     Ok(())
+}
+
+/// At most how many records the consumer loop takes in one turn before it looks at its other
+/// work again (shutdown, seeks, the writer): enough to spread a turn's cost over many records,
+/// few enough that a turn stays short.
+const TAKE_AT_ONCE: usize = 1024;
+
+/// Whether `batch` should go to the writer now rather than when full or `max_wait_ms` old:
+/// when the writer is waiting for work and the consumer has read each of the batch's
+/// partitions to its end (as of the last fetch), no record is coming that the batch could
+/// gather, so waiting would only add latency. A lagging consumer keeps filling its batches
+/// up to `max_records` and `max_bytes`, and a caught-up one sends each as soon as it can.
+fn send_now(shared: &Shared, batch: &Batch) -> bool {
+    if !shared.writer.is_waiting() {
+        return false;
+    }
+    let Ok(positions) = shared.consumer.position() else {
+        return false;
+    };
+    batch.spans.iter().filter(|s| s.records > 0).all(|span| {
+        let position = positions
+            .find_partition(&span.tp.topic, span.tp.partition)
+            .map(|e| e.offset());
+        let end = cached_end_offset(&shared.consumer, &span.tp);
+        matches!((position, end), (Some(Offset::Offset(at)), Some(end)) if at >= end)
+    })
 }
 
 /// How often a caught-up consumer loop looks for offsets to cover without a record.
@@ -696,7 +786,14 @@ async fn write_loop(
     mut inbox: mpsc::Receiver<Batch>,
 ) -> Result<(), PipelineError> {
     loop {
-        match tokio::time::timeout(WATCH_WHEN_IDLE, inbox.recv()).await {
+        let next = match inbox.try_recv() {
+            Ok(batch) => Ok(Some(batch)),
+            Err(_) => {
+                let _waiting = shared.writer.wait();
+                tokio::time::timeout(WATCH_WHEN_IDLE, inbox.recv()).await
+            }
+        };
+        match next {
             Ok(Some(batch)) => commit_batch(&shared, &writer, batch).await?,
             Ok(None) => return Ok(()),
             Err(_idle) => watch_offsets(&shared).await,

@@ -23,7 +23,35 @@ on_both_databases!(
     a_forced_rewind_takes_effect_on_a_caught_up_instance_within_seconds,
     a_record_received_just_before_a_reset_is_not_taken_after_it,
     forced_rewinds_of_a_running_instance_under_load_lose_and_double_nothing,
+    a_backlog_goes_in_full_batches_and_a_record_after_catching_up_goes_at_once,
 );
+
+/// Batches follow the stream: a backlog goes in full batches of `max_records`, and once the
+/// consumer has read its partition to the end and the writer waits, a new record is written
+/// at once, not `max_wait_ms` (here ten minutes) after it arrived.
+async fn a_backlog_goes_in_full_batches_and_a_record_after_catching_up_goes_at_once(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "adaptive", 1).await;
+    let producer = case.producer();
+    let mut landed = case.produce_ids(&producer, 0..5000).await;
+    let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 600000\n");
+    let mut connector = Connector::start(&config);
+    case.wait_while_running(&mut connector, &case.end_offsets().await)
+        .await;
+    landed.extend(case.produce_ids(&producer, 5000..5001).await);
+    // A minute at most, where `max_wait_ms` alone would hold the record for ten.
+    case.wait_for_offsets(&case.end_offsets().await, CATCH_UP)
+        .await;
+    let (status, log) = connector.stop(EXIT);
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        common::logged_counts(&log, "records"),
+        [1000, 1000, 1000, 1000, 1000, 1],
+        "full batches while lagging, then one of the late record; log:\n{log}"
+    );
+    assert_exactly_once(&case.rows().await, &with_ids(0..5001, landed));
+}
 
 /// A caught-up instance, with nothing more arriving, is rewound by `offsets set --force`:
 /// within seconds it notices, reads the partition again from there (changing no row, they are

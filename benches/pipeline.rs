@@ -1,15 +1,23 @@
 //! Throughput benchmark (not a timed test): idemsink's rows/s against two ceilings measured
-//! in the same run on the same records — the database's bulk load into an identical table
-//! with the same unique key (PostgreSQL `COPY`, MySQL/MariaDB `LOAD DATA LOCAL INFILE`), and
-//! a consume-only rdkafka pass over the topic with the same group settings. Reports the
-//! ratio to the slower ceiling per run and the median of the runs.
+//! in the same run on the same records — the database's best bulk load of those rows into an
+//! identical table with the same unique key, and a consume-only rdkafka pass over the topic
+//! with the same group settings. Each run's ratio is to the slower ceiling; a scenario reports
+//! the median of its runs, every run's ratio, idemsink's CPU per record and its peak RSS.
+//!
+//! The bulk loads a DBA would write: insert mode and upsert with every key new, PostgreSQL
+//! `COPY` and MariaDB `LOAD DATA LOCAL INFILE` straight into the table; upsert with 80% of the
+//! keys already present (rows that really change), `COPY`/`LOAD DATA` into a temporary table
+//! and one `INSERT … SELECT … ON CONFLICT DO UPDATE` / `ON DUPLICATE KEY UPDATE`.
 //!
 //! Run with `scripts/bench.sh` (starts the databases and the broker). Environment:
-//! BENCH_DB (postgres or mysql, default postgres), BENCH_MODE (insert: conflict on the
-//! Kafka coordinates; upsert: on order_id; default insert), BENCH_RECORDS (default 1000000),
-//! BENCH_RUNS (default 3), BENCH_LOG (idemsink's RUST_LOG, default warn; `idemsink=debug`
-//! shows every batch with its duration), BENCH_PERF (a file: idemsink runs under `perf
-//! record -g`; its CPU time is then perf's). idemsink's CPU time per record is printed.
+//! BENCH_SCENARIOS (comma-separated `database:mode`, database `postgres` or `mysql`, mode
+//! `insert` (conflict on the Kafka coordinates), `upsert-new` or `upsert-updates` (conflict on
+//! order_id); default all six), BENCH_RECORDS (default 300000), BENCH_RUNS (default 3),
+//! BENCH_SWEEP=1 (instead: insert mode on both databases over 1, 4, 16 and 64 partitions and
+//! records of 200 B, 2 kB and 20 kB, the same bytes for each size, one run each), BENCH_LOG
+//! (idemsink's RUST_LOG, default warn), BENCH_PERF (a file: idemsink runs under `perf record
+//! -g`; its CPU time and RSS are then perf's). idemsink's own settings can be changed through
+//! its environment overrides, e.g. IDEMSINK_SINK__WRITERS=1.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -23,11 +31,13 @@ use rdkafka::ClientConfig;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
-const PARTITIONS: i32 = 4;
 const GROUP_SETTINGS: [(&str, &str); 2] = [
     ("session.timeout.ms", "2000"),
     ("heartbeat.interval.ms", "200"),
 ];
+
+/// The share of keys an `upsert-updates` run finds in the table already, in tenths.
+const PRESENT_TENTHS: i64 = 8;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -40,75 +50,242 @@ fn required(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set; run scripts/bench.sh"))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Insert,
+    UpsertNew,
+    UpsertUpdates,
+}
+
+impl Mode {
+    fn parse(text: &str) -> Result<Mode> {
+        Ok(match text {
+            "insert" => Mode::Insert,
+            "upsert-new" => Mode::UpsertNew,
+            "upsert-updates" => Mode::UpsertUpdates,
+            other => bail!("mode {other}: use insert, upsert-new or upsert-updates"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Insert => "insert",
+            Mode::UpsertNew => "upsert, keys new",
+            Mode::UpsertUpdates => "upsert, 80% updates",
+        }
+    }
+
+    fn upsert(self) -> bool {
+        self != Mode::Insert
+    }
+}
+
+/// What one line of the table measures.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    backend: Backend,
+    mode: Mode,
+    partitions: i32,
+    /// About how long each record's value is.
+    record_bytes: usize,
+    records: i64,
+}
+
+/// One run of a scenario.
+struct Run {
+    sink: f64,
+    ceiling: f64,
+    consume: f64,
+    cpu_per_record: Option<Duration>,
+    peak_rss: Option<u64>,
+    bytes: usize,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.sink / self.ceiling.min(self.consume)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo bench -- --list` and test discovery: nothing to list
     }
     let brokers = required("IDEMSINK_TEST_BROKERS")?;
-    let url = match std::env::var("BENCH_DB").as_deref() {
-        Ok("mysql") => required("IDEMSINK_TEST_MYSQL_URL")?,
-        Ok("postgres") | Err(_) => required("IDEMSINK_TEST_DATABASE_URL")?,
-        Ok(other) => bail!("BENCH_DB={other}: use postgres or mysql"),
+    let urls = [
+        (Backend::Postgres, required("IDEMSINK_TEST_DATABASE_URL")?),
+        (Backend::MySql, required("IDEMSINK_TEST_MYSQL_URL")?),
+    ];
+    let records = env_or("BENCH_RECORDS", 300_000) as i64;
+    let scenarios = if env_or("BENCH_SWEEP", 0) == 1 {
+        sweep(records)
+    } else {
+        listed(records)?
     };
-    let upsert = match std::env::var("BENCH_MODE").as_deref() {
-        Ok("upsert") => true,
-        Ok("insert") | Err(_) => false,
-        Ok(other) => bail!("BENCH_MODE={other}: use insert or upsert"),
+    let runs = if env_or("BENCH_SWEEP", 0) == 1 {
+        1
+    } else {
+        env_or("BENCH_RUNS", 3)
     };
-    let records = env_or("BENCH_RECORDS", 1_000_000) as i64;
-    let runs = env_or("BENCH_RUNS", 3);
-    let pool = DbPool::connect(&url, 2).await?;
-    let bench = Bench {
-        brokers,
-        url,
-        pool,
-        upsert,
-    };
-    let ceiling = match bench.pool.backend() {
-        Backend::Postgres => "COPY",
-        Backend::MySql => "LOAD DATA",
-    };
-    let mode = if upsert { "upsert" } else { "insert" };
-    let mut ratios = Vec::new();
-    for run in 1..=runs {
-        let r = bench.once(records, run).await?;
-        println!(
-            "run {run} ({} {mode}): idemsink {:.0} rows/s | {ceiling} {:.0} rows/s | consume-only {:.0} rows/s | ratio to slower ceiling {:.2}",
-            bench.pool.backend(), r.sink, r.load, r.consume, r.ratio()
-        );
-        ratios.push(r.ratio());
-    }
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "median ratio over {runs} runs: {:.2}",
-        ratios[ratios.len() / 2]
+    let mut table = String::from(
+        "| database | mode | partitions | record | records | idemsink rows/s | idemsink MB/s | bulk load rows/s | ratio, median (runs) | CPU µs/record | peak RSS MB |\n\
+         | --- | --- | --: | --: | --: | --: | --: | --: | --- | --: | --: |\n",
     );
+    for scenario in scenarios {
+        let url = &urls
+            .iter()
+            .find(|(b, _)| *b == scenario.backend)
+            .expect("both")
+            .1;
+        let bench = Bench {
+            brokers: brokers.clone(),
+            url: url.clone(),
+            pool: DbPool::connect(url, 2).await?,
+            scenario,
+        };
+        let mut done = Vec::new();
+        for run in 1..=runs {
+            let r = bench.once(run).await?;
+            eprintln!(
+                "{} {} {}p {} B run {run}: idemsink {:.0} rows/s | bulk load {:.0} rows/s | consume-only {:.0} rows/s | ratio {:.2}",
+                scenario.backend,
+                scenario.mode.name(),
+                scenario.partitions,
+                scenario.record_bytes,
+                r.sink,
+                r.ceiling,
+                r.consume,
+                r.ratio()
+            );
+            done.push(r);
+        }
+        bench.pool.close().await;
+        table.push_str(&row(&scenario, &mut done));
+        print!(
+            "{}",
+            table
+                .lines()
+                .last()
+                .map(|l| format!("{l}\n"))
+                .unwrap_or_default()
+        );
+    }
+    println!("\n{table}");
     Ok(())
 }
 
-/// What one benchmark compares: the database, and the mode idemsink writes in.
+/// BENCH_SCENARIOS, or all six.
+fn listed(records: i64) -> Result<Vec<Scenario>> {
+    let list = std::env::var("BENCH_SCENARIOS").unwrap_or_else(|_| {
+        "postgres:insert,postgres:upsert-new,postgres:upsert-updates,\
+         mysql:insert,mysql:upsert-new,mysql:upsert-updates"
+            .into()
+    });
+    list.split(',')
+        .map(|item| {
+            let (database, mode) = item
+                .trim()
+                .split_once(':')
+                .with_context(|| format!("scenario {item}: use database:mode"))?;
+            let backend = match database {
+                "postgres" => Backend::Postgres,
+                "mysql" => Backend::MySql,
+                other => bail!("database {other}: use postgres or mysql"),
+            };
+            Ok(Scenario {
+                backend,
+                mode: Mode::parse(mode)?,
+                partitions: 4,
+                record_bytes: 200,
+                records,
+            })
+        })
+        .collect()
+}
+
+/// Insert mode over partition counts and record sizes, the same bytes for each size.
+fn sweep(records: i64) -> Vec<Scenario> {
+    let mut all = Vec::new();
+    for backend in [Backend::Postgres, Backend::MySql] {
+        for record_bytes in [200, 2_000, 20_000] {
+            for partitions in [1, 4, 16, 64] {
+                all.push(Scenario {
+                    backend,
+                    mode: Mode::Insert,
+                    partitions,
+                    record_bytes,
+                    records: (records * 200 / record_bytes as i64).max(1_000),
+                });
+            }
+        }
+    }
+    all
+}
+
+/// The table line of a scenario's runs.
+fn row(s: &Scenario, runs: &mut [Run]) -> String {
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ratios: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.ratio())).collect();
+    let mut sink: Vec<f64> = runs.iter().map(|r| r.sink).collect();
+    let mut ceiling: Vec<f64> = runs.iter().map(|r| r.ceiling).collect();
+    let mut ratio: Vec<f64> = runs.iter().map(Run::ratio).collect();
+    let mut megabytes: Vec<f64> = runs
+        .iter()
+        .map(|r| r.sink * r.bytes as f64 / s.records as f64 / 1e6)
+        .collect();
+    let mut cpu: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.cpu_per_record)
+        .map(|d| d.as_secs_f64() * 1e6)
+        .collect();
+    let cpu = if cpu.is_empty() {
+        "–".to_string()
+    } else {
+        format!("{:.2}", median(&mut cpu))
+    };
+    let rss = runs
+        .iter()
+        .filter_map(|r| r.peak_rss)
+        .max()
+        .map_or("–".to_string(), |kb| format!("{}", kb / 1024));
+    let size = match s.record_bytes {
+        b if b >= 1_000 => format!("{} kB", b / 1_000),
+        b => format!("{b} B"),
+    };
+    let ceiling_name = match (s.backend, s.mode) {
+        (Backend::Postgres, Mode::UpsertUpdates) => "COPY + INSERT … ON CONFLICT",
+        (Backend::Postgres, _) => "COPY",
+        (Backend::MySql, Mode::UpsertUpdates) => "LOAD DATA + INSERT … ON DUPLICATE KEY",
+        (Backend::MySql, _) => "LOAD DATA",
+    };
+    format!(
+        "| {} | {} | {} | {size} | {} | {:.0} | {:.1} | {:.0} ({ceiling_name}) | {:.2} ({}) | {cpu} | {rss} |\n",
+        s.backend,
+        s.mode.name(),
+        s.partitions,
+        s.records,
+        median(&mut sink),
+        median(&mut megabytes),
+        median(&mut ceiling),
+        median(&mut ratio),
+        ratios.join(" / "),
+    )
+}
+
+/// What one benchmark run compares, and where.
 struct Bench {
     brokers: String,
     url: String,
     pool: DbPool,
-    upsert: bool,
+    scenario: Scenario,
 }
 
-struct Rates {
-    sink: f64,
-    load: f64,
-    consume: f64,
-}
-
-impl Rates {
-    fn ratio(&self) -> f64 {
-        self.sink / self.load.min(self.consume)
-    }
-}
-
-/// An order event of about 200 bytes.
-fn event(id: i64) -> serde_json::Value {
+/// An order event whose value is about `bytes` long (at least about 200).
+fn event(id: i64, bytes: usize) -> serde_json::Value {
     let status = ["new", "paid", "shipped"][(id % 3) as usize];
     json!({
         "order_id": id,
@@ -116,20 +293,24 @@ fn event(id: i64) -> serde_json::Value {
         "amount": format!("{}.{:02}", id % 1000, id % 100).parse::<serde_json::Number>().unwrap_or(0.into()),
         "status": status,
         "created_at": "2026-11-23T10:00:00Z",
-        "note": "x".repeat(48),
+        "note": "x".repeat(bytes.saturating_sub(152).max(48)),
     })
 }
 
 impl Bench {
+    fn backend(&self) -> Backend {
+        self.scenario.backend
+    }
+
     /// The target table: the conflict key is the Kafka coordinates (insert) or order_id
     /// (upsert), the only unique key either way.
     fn table_ddl(&self, name: &str) -> String {
-        let key = if self.upsert {
+        let key = if self.scenario.mode.upsert() {
             "PRIMARY KEY (order_id)"
         } else {
             "UNIQUE (kafka_topic, kafka_partition, kafka_offset)"
         };
-        let (text, time, json) = match self.pool.backend() {
+        let (text, time, json) = match self.backend() {
             Backend::Postgres => ("text", "timestamptz", "jsonb"),
             Backend::MySql => ("varchar(255)", "datetime(6)", "json"),
         };
@@ -148,140 +329,161 @@ impl Bench {
         Ok(())
     }
 
-    async fn count(&self, table: &str) -> Result<i64> {
-        let sql = format!("SELECT count(*) FROM {table}");
+    async fn count(&self, sql: &str) -> Result<i64> {
         Ok(match &self.pool {
-            DbPool::Postgres(p) => sqlx::query_scalar(&sql).fetch_one(p).await?,
-            DbPool::MySql(p) => sqlx::query_scalar(&sql).fetch_one(p).await?,
+            DbPool::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
+            DbPool::MySql(p) => sqlx::query_scalar(sql).fetch_one(p).await?,
         })
     }
 
-    async fn once(&self, records: i64, run: u64) -> Result<Rates> {
-        let brokers = &self.brokers;
+    async fn once(&self, run: u64) -> Result<Run> {
+        let (brokers, s) = (&self.brokers, self.scenario);
         let tag = format!("bench_{}_{run}", std::process::id());
         let topic = format!("{tag}_topic");
-        testkit::create_topic(brokers, &topic, PARTITIONS, false).await?;
-        let outgoing: Vec<Outgoing> = (0..records)
-            .map(|id| Outgoing::json((id % PARTITIONS as i64) as i32, &id.to_string(), &event(id)))
+        testkit::create_topic(brokers, &topic, s.partitions, false).await?;
+        let outgoing: Vec<Outgoing> = (0..s.records)
+            .map(|id| {
+                let partition = (id % i64::from(s.partitions)) as i32;
+                Outgoing::json(partition, &id.to_string(), &event(id, s.record_bytes))
+            })
             .collect();
-        let started = Instant::now();
+        let bytes = outgoing
+            .iter()
+            .map(|o| o.value.as_ref().map_or(0, Vec::len))
+            .sum();
         let landed = testkit::produce(&testkit::producer(brokers)?, &topic, &outgoing).await?;
-        eprintln!(
-            "run {run}: produced {records} records in {:.1?}",
-            started.elapsed()
-        );
         let end = testkit::end_offsets(brokers, &topic).await?;
+        let lines = Lines::new(&topic, &outgoing, &landed, self.backend())?;
 
-        let consume = consume_only(brokers, &topic, records as usize).await?;
-        let load = self.load_ceiling(&tag, &topic, &outgoing, &landed).await?;
-        let sink = self.idemsink_run(&tag, &topic, &end).await?;
-        // A million rows per table per run: leave the disk as it was.
+        let consume = consume_only(brokers, &topic, outgoing.len()).await?;
+        let load = self.load_ceiling(&format!("{tag}_load"), &lines).await?;
+        let sink = self.idemsink_run(&tag, &topic, &end, &lines).await?;
+        // Leave the disks as they were: these tables and topics are large.
         self.exec(&format!("DROP TABLE {tag}_load")).await?;
         self.exec(&format!("DROP TABLE {tag}_sink")).await?;
         self.exec(&format!(
             "DELETE FROM idemsink_offsets WHERE pipeline = '{tag}'"
         ))
         .await?;
-        let rate = |d: Duration| records as f64 / d.as_secs_f64();
-        Ok(Rates {
-            sink: rate(sink),
-            load: rate(load),
+        testkit::delete_topic(brokers, &topic).await?;
+        let rate = |d: Duration| s.records as f64 / d.as_secs_f64();
+        Ok(Run {
+            sink: rate(sink.elapsed),
+            ceiling: rate(load),
             consume: rate(consume),
+            cpu_per_record: sink.cpu.map(|cpu| cpu / s.records as u32),
+            peak_rss: sink.peak_rss_kb,
+            bytes,
         })
     }
 
-    /// The very rows idemsink writes, bulk-loaded into an identical table in one statement.
-    async fn load_ceiling(
-        &self,
-        tag: &str,
-        topic: &str,
-        outgoing: &[Outgoing],
-        landed: &[(i32, i64)],
-    ) -> Result<Duration> {
-        let table = format!("{tag}_load");
-        self.exec(&self.table_ddl(&table)).await?;
-        let mysql = self.pool.backend() == Backend::MySql;
-        let mut data = String::with_capacity(outgoing.len() * 320);
-        for (record, (partition, offset)) in outgoing.iter().zip(landed) {
-            let value = std::str::from_utf8(record.value.as_deref().unwrap_or_default())?;
-            let v: serde_json::Value = serde_json::from_str(value)?;
-            let text = |p: &str| {
-                v.pointer(p)
-                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
-                    .unwrap_or_default()
-            };
-            let created_at = if mysql {
-                text("/created_at").replace('T', " ").replace('Z', "")
-            } else {
-                text("/created_at")
-            };
-            let escaped = value.replace('\\', "\\\\");
-            data.push_str(&format!(
-                "{}\t{}\t{}\t{}\t{created_at}\t{escaped}\t{topic}\t{partition}\t{offset}\n",
-                text("/order_id"),
-                text("/customer/name"),
-                text("/amount"),
-                text("/status"),
-            ));
-        }
-        let (rows, elapsed) = if mysql {
-            self.load_data_infile(&table, &data)?
-        } else {
-            let mut conn = PgConnection::connect(&self.url).await?;
-            let started = Instant::now();
-            let mut copy = conn
-                .copy_in_raw(&format!("COPY {table} FROM STDIN"))
-                .await?;
-            for chunk in data.as_bytes().chunks(1 << 20) {
-                copy.send(chunk).await?;
+    /// A new table holding, for `upsert-updates`, 80% of the keys already (older rows).
+    async fn prepared_table(&self, table: &str, lines: &Lines) -> Result<()> {
+        self.exec(&self.table_ddl(table)).await?;
+        if self.scenario.mode == Mode::UpsertUpdates {
+            let rows = self.bulk_load(table, &lines.present, false).await?.0;
+            if rows != lines.present_count {
+                bail!(
+                    "the prefill wrote {rows} rows, expected {}",
+                    lines.present_count
+                );
             }
-            let rows = copy.finish().await?;
-            (rows, started.elapsed())
-        };
-        if rows != outgoing.len() as u64 {
+        }
+        Ok(())
+    }
+
+    /// The very rows idemsink writes, bulk-loaded as a DBA would into an identical table.
+    async fn load_ceiling(&self, table: &str, lines: &Lines) -> Result<Duration> {
+        self.prepared_table(table, lines).await?;
+        let merge = self.scenario.mode == Mode::UpsertUpdates;
+        let (_, elapsed) = self.bulk_load(table, &lines.all, merge).await?;
+        let rows = self.count(&format!("SELECT count(*) FROM {table}")).await?;
+        if rows != self.scenario.records {
             bail!(
-                "the bulk load wrote {rows} rows, expected {}",
-                outgoing.len()
+                "the bulk load left {rows} rows, expected {}",
+                self.scenario.records
             );
         }
         eprintln!("bulk load: {rows} rows in {elapsed:.1?}");
         Ok(elapsed)
     }
 
-    /// `LOAD DATA LOCAL INFILE` through the `mariadb` client (sqlx cannot send a local file).
-    fn load_data_infile(&self, table: &str, data: &str) -> Result<(u64, Duration)> {
-        let file = tempfile::NamedTempFile::new()?;
-        std::fs::write(file.path(), data)?;
-        let url = url_parts(&self.url)?;
-        let sql = format!(
-            "LOAD DATA LOCAL INFILE '{}' INTO TABLE {table}; SELECT ROW_COUNT();",
-            file.path().display()
-        );
-        let started = Instant::now();
-        let out = std::process::Command::new("mariadb")
-            .args([
-                "--local-infile=1",
-                "-N",
-                "-B",
-                "-h",
-                &url.host,
-                "-P",
-                &url.port,
-            ])
-            .args([
-                "-u",
-                &url.user,
-                &format!("-p{}", url.password),
-                &url.database,
-            ])
-            .args(["-e", &sql])
-            .output()?;
-        let elapsed = started.elapsed();
-        if !out.status.success() {
-            bail!("LOAD DATA failed: {}", String::from_utf8_lossy(&out.stderr));
+    /// Loads tab-separated `data` into `table`: straight, or (`merge`) into a temporary table
+    /// merged with one INSERT … SELECT that updates the keys present. Returns the rows the
+    /// load reported and how long it took.
+    async fn bulk_load(&self, table: &str, data: &str, merge: bool) -> Result<(i64, Duration)> {
+        let columns = [
+            "customer",
+            "amount",
+            "status",
+            "created_at",
+            "payload",
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+        ];
+        match self.backend() {
+            Backend::MySql => {
+                let file = tempfile::NamedTempFile::new()?;
+                std::fs::write(file.path(), data)?;
+                let path = file.path().display();
+                let sql = if merge {
+                    let set: Vec<String> = columns
+                        .iter()
+                        .map(|c| format!("{c} = VALUES({c})"))
+                        .collect();
+                    format!(
+                        "CREATE TEMPORARY TABLE stage LIKE {table}; \
+                         LOAD DATA LOCAL INFILE '{path}' INTO TABLE stage; \
+                         INSERT INTO {table} SELECT * FROM stage ON DUPLICATE KEY UPDATE {}; \
+                         SELECT ROW_COUNT();",
+                        set.join(", ")
+                    )
+                } else {
+                    format!(
+                        "LOAD DATA LOCAL INFILE '{path}' INTO TABLE {table}; SELECT ROW_COUNT();"
+                    )
+                };
+                let started = Instant::now();
+                let out = mariadb(&self.url, &sql)?;
+                Ok((out.trim().parse()?, started.elapsed()))
+            }
+            Backend::Postgres => {
+                let mut conn = PgConnection::connect(&self.url).await?;
+                let started = Instant::now();
+                let mut tx = conn.begin().await?;
+                let target = if merge {
+                    sqlx::raw_sql(&format!(
+                        "CREATE TEMP TABLE stage (LIKE {table}) ON COMMIT DROP"
+                    ))
+                    .execute(&mut *tx)
+                    .await?;
+                    "stage"
+                } else {
+                    table
+                };
+                let mut copy = tx.copy_in_raw(&format!("COPY {target} FROM STDIN")).await?;
+                for chunk in data.as_bytes().chunks(1 << 20) {
+                    copy.send(chunk).await?;
+                }
+                let mut rows = copy.finish().await? as i64;
+                if merge {
+                    let set: Vec<String> = columns
+                        .iter()
+                        .map(|c| format!("{c} = EXCLUDED.{c}"))
+                        .collect();
+                    rows = sqlx::query(&format!(
+                        "INSERT INTO {table} SELECT * FROM stage ON CONFLICT (order_id) DO UPDATE SET {}",
+                        set.join(", ")
+                    ))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected() as i64;
+                }
+                tx.commit().await?;
+                Ok((rows, started.elapsed()))
+            }
         }
-        let rows = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-        Ok((rows, elapsed))
     }
 
     /// idemsink from process start until the offsets table holds the end offsets.
@@ -290,16 +492,17 @@ impl Bench {
         tag: &str,
         topic: &str,
         end: &BTreeMap<i32, i64>,
-    ) -> Result<Duration> {
+        lines: &Lines,
+    ) -> Result<SinkRun> {
         let table = format!("{tag}_sink");
-        self.exec(&self.table_ddl(&table)).await?;
+        self.prepared_table(&table, lines).await?;
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("bench.yaml");
         let properties: String = GROUP_SETTINGS
             .iter()
             .map(|(k, v)| format!("    {k}: {v}\n"))
             .collect();
-        let mode = if self.upsert {
+        let mode = if self.scenario.mode.upsert() {
             "  mode: upsert\n  key: [order_id]\n"
         } else {
             ""
@@ -317,13 +520,14 @@ impl Bench {
         let started = Instant::now();
         let idemsink = env!("CARGO_BIN_EXE_idemsink");
         // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
-        let mut command = match std::env::var("BENCH_PERF") {
-            Ok(out) => {
+        let profiled = std::env::var("BENCH_PERF").ok();
+        let mut command = match &profiled {
+            Some(out) => {
                 let mut perf = std::process::Command::new("perf");
-                perf.args(["record", "-F", "499", "-g", "-o", &out, "--", idemsink]);
+                perf.args(["record", "-F", "499", "-g", "-o", out, "--", idemsink]);
                 perf
             }
-            Err(_) => std::process::Command::new(idemsink),
+            None => std::process::Command::new(idemsink),
         };
         let mut child = command
             .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
@@ -346,39 +550,140 @@ impl Bench {
         )
         .await;
         let elapsed = started.elapsed();
-        let cpu = cpu_time(child.id());
+        let cpu = cpu_time(child.id()).ok();
+        let peak_rss_kb = peak_rss_kb(child.id()).ok();
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
         let status = child.wait()?;
         waited?;
-        if !status.success() {
+        // Under `perf record`, the child is perf, which reports idemsink's SIGTERM as its own.
+        if !status.success() && profiled.is_none() {
             bail!("idemsink exited with {status}");
         }
-        let rows = self.count(&table).await?;
-        if rows != end.values().sum::<i64>() {
+        let rows = self.count(&format!("SELECT count(*) FROM {table}")).await?;
+        if rows != self.scenario.records {
             bail!(
-                "idemsink wrote {rows} rows, expected {}",
-                end.values().sum::<i64>()
+                "idemsink left {rows} rows, expected {}",
+                self.scenario.records
             );
         }
-        match cpu {
-            Ok(cpu) => eprintln!(
-                "idemsink: {rows} rows in {elapsed:.1?}, CPU {cpu:.1?} (user + system): {:.2} µs per record",
-                cpu.as_secs_f64() * 1e6 / rows as f64
-            ),
-            Err(e) => eprintln!("idemsink: {rows} rows in {elapsed:.1?} (CPU time unknown: {e})"),
+        if self.scenario.mode == Mode::UpsertUpdates {
+            let old = self
+                .count(&format!(
+                    "SELECT count(*) FROM {table} WHERE status = 'old'"
+                ))
+                .await?;
+            if old != 0 {
+                bail!("{old} rows were not updated");
+            }
         }
-        Ok(elapsed)
+        eprintln!(
+            "idemsink: {rows} rows in {elapsed:.1?}, CPU {cpu:.1?} (user + system), peak RSS {} MB",
+            peak_rss_kb.unwrap_or(0) / 1024
+        );
+        Ok(SinkRun {
+            elapsed,
+            cpu,
+            peak_rss_kb,
+        })
     }
+}
+
+/// What one idemsink run took.
+struct SinkRun {
+    elapsed: Duration,
+    cpu: Option<Duration>,
+    peak_rss_kb: Option<u64>,
+}
+
+/// The rows of a run as bulk-load text (tab-separated, one per line): all of them, and for
+/// `upsert-updates` the older versions of the keys already present.
+struct Lines {
+    all: String,
+    present: String,
+    present_count: i64,
+}
+
+impl Lines {
+    fn new(
+        topic: &str,
+        outgoing: &[Outgoing],
+        landed: &[(i32, i64)],
+        backend: Backend,
+    ) -> Result<Lines> {
+        let mysql = backend == Backend::MySql;
+        let mut lines = Lines {
+            all: String::with_capacity(outgoing.len() * 320),
+            present: String::new(),
+            present_count: 0,
+        };
+        for (id, (record, (partition, offset))) in outgoing.iter().zip(landed).enumerate() {
+            let value = std::str::from_utf8(record.value.as_deref().unwrap_or_default())?;
+            let v: serde_json::Value = serde_json::from_str(value)?;
+            let text = |p: &str| {
+                v.pointer(p)
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                    .unwrap_or_default()
+            };
+            let created_at = if mysql {
+                text("/created_at").replace('T', " ").replace('Z', "")
+            } else {
+                text("/created_at")
+            };
+            let escaped = value.replace('\\', "\\\\");
+            let line = |status: &str, offset: i64| {
+                format!(
+                    "{}\t{}\t{}\t{status}\t{created_at}\t{escaped}\t{topic}\t{partition}\t{offset}\n",
+                    text("/order_id"),
+                    text("/customer/name"),
+                    text("/amount"),
+                )
+            };
+            lines.all.push_str(&line(&text("/status"), *offset));
+            // The older version: written from before this topic's first offset, so that
+            // idemsink's position guard takes the record as newer.
+            if (id as i64) % 10 < PRESENT_TENTHS {
+                lines.present.push_str(&line("old", -1));
+                lines.present_count += 1;
+            }
+        }
+        Ok(lines)
+    }
+}
+
+/// Runs SQL through the `mariadb` client (sqlx cannot send a local file); returns its output.
+fn mariadb(url: &str, sql: &str) -> Result<String> {
+    let url = url_parts(url)?;
+    let out = std::process::Command::new("mariadb")
+        .args([
+            "--local-infile=1",
+            "-N",
+            "-B",
+            "-h",
+            &url.host,
+            "-P",
+            &url.port,
+        ])
+        .args([
+            "-u",
+            &url.user,
+            &format!("-p{}", url.password),
+            &url.database,
+        ])
+        .args(["-e", sql])
+        .output()?;
+    if !out.status.success() {
+        bail!("mariadb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A process's user + system CPU time so far, from `/proc/<pid>/stat` (in clock ticks of
 /// 1/100 s, Linux's USER_HZ).
 fn cpu_time(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // After the command name in parentheses: state is field 3, utime 14, stime 15.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .context("no command name")?
@@ -387,6 +692,20 @@ fn cpu_time(pid: u32) -> Result<Duration> {
         .collect();
     let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
     Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// A process's peak resident set so far (`VmHWM`), in kB.
+fn peak_rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb = line
+        .trim_start_matches("VmHWM:")
+        .trim_end_matches("kB")
+        .trim();
+    Ok(kb.parse()?)
 }
 
 struct UrlParts {

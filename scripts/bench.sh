@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Throughput benchmark: starts the environment, then compares idemsink with the database's bulk load
-# (COPY, LOAD DATA) and a consume-only pass on the same records. BENCH_DB=postgres|mysql,
-# BENCH_MODE=insert|upsert, BENCH_RECORDS (default 1,000,000), BENCH_RUNS (default 3).
+# (COPY, LOAD DATA; for updates into a temporary table merged with one INSERT … SELECT) and a
+# consume-only pass on the same records, and prints one table. Scenarios: insert, upsert with every
+# key new, upsert with 80% of keys present, on PostgreSQL and MariaDB (BENCH_SCENARIOS to choose);
+# BENCH_SWEEP=1 instead sweeps 1/4/16/64 partitions and 200 B/2 kB/20 kB records on both databases.
+# BENCH_RECORDS (default 300,000), BENCH_RUNS (default 3); see benches/pipeline.rs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/devenv.sh up

@@ -35,8 +35,8 @@ pub struct RawRecord {
     pub headers: Option<String>,
 }
 
-/// What a cell costs besides its text: where it ends, and whether it is NULL.
-const CELL_BYTES: usize = std::mem::size_of::<usize>() + 1;
+/// What a cell costs besides its text: where it ends (which also says whether it is NULL).
+const CELL_BYTES: usize = std::mem::size_of::<usize>();
 
 impl RawRecord {
     /// The bytes it holds.
@@ -86,6 +86,14 @@ impl Batch {
             dead_letters: Vec::new(),
             spans: Vec::new(),
             kept_bytes: 0,
+        }
+    }
+
+    /// An empty batch with room for as many cells as `last` holds (see [`Cells::with_room_of`]).
+    pub fn with_room_of(last: &Batch) -> Batch {
+        Batch {
+            cells: Cells::with_room_of(&last.cells),
+            ..Batch::new(0)
         }
     }
 
@@ -227,25 +235,53 @@ impl Batch {
         if keep.iter().all(|k| *k) {
             return self; // the usual case: nothing to copy
         }
+        self.select_spans(keep)
+    }
+
+    /// The batch cut into one batch per writer lane: lane `lane_of(partition)` gets that
+    /// partition's spans with their rows and dead letters, in batch order (a lane without a
+    /// span gets an empty batch). A partition is thus written by one lane only.
+    pub fn split(self, lanes: usize, lane_of: impl Fn(&TopicPartition) -> usize) -> Vec<Batch> {
+        let lane: Vec<usize> = self.spans.iter().map(|s| lane_of(&s.tp)).collect();
+        let mut split: Vec<Batch> = (0..lanes)
+            .map(|_| Batch::new(self.cells.column_count()))
+            .collect();
+        match lane.first() {
+            None => {}
+            Some(first) if lane.iter().all(|l| l == first) => split[*first] = self,
+            Some(_) => {
+                for (index, part) in split.iter_mut().enumerate() {
+                    let keep: Vec<bool> = lane.iter().map(|l| *l == index).collect();
+                    if keep.contains(&true) {
+                        *part = self.select_spans(&keep);
+                    }
+                }
+            }
+        }
+        split
+    }
+
+    /// A copy of the spans whose flag in `keep` is set, with their rows and dead letters.
+    fn select_spans(&self, keep: &[bool]) -> Batch {
         let mut renumber = Vec::with_capacity(keep.len());
         let mut spans = Vec::new();
-        for (span, kept) in self.spans.into_iter().zip(keep) {
+        for (span, kept) in self.spans.iter().zip(keep) {
             renumber.push(spans.len() as u32);
             if *kept {
-                spans.push(span);
+                spans.push(span.clone());
             }
         }
         let row_keep: Vec<bool> = self.row_span.iter().map(|s| keep[*s as usize]).collect();
         let raw = if self.raw.is_empty() {
-            self.raw
+            Vec::new()
         } else {
-            retain(self.raw, &row_keep)
+            select(&self.raw, &row_keep)
         };
         Batch {
             cells: self.cells.retain(&row_keep),
             kept_bytes: self.kept_bytes,
-            ops: retain(self.ops, &row_keep),
-            row_offset: retain(self.row_offset, &row_keep),
+            ops: select(&self.ops, &row_keep),
+            row_offset: select(&self.row_offset, &row_keep),
             raw,
             row_span: self
                 .row_span
@@ -255,9 +291,9 @@ impl Batch {
                 .collect(),
             dead_letters: self
                 .dead_letters
-                .into_iter()
+                .iter()
                 .filter(|(s, _)| keep[*s as usize])
-                .map(|(s, d)| (renumber[s as usize], d))
+                .map(|(s, d)| (renumber[*s as usize], d.clone()))
                 .collect(),
             spans,
         }
@@ -352,11 +388,12 @@ impl Batch {
 }
 
 /// The items whose flag in `keep` is set.
-fn retain<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
+fn select<T: Clone>(items: &[T], keep: &[bool]) -> Vec<T> {
     items
-        .into_iter()
+        .iter()
         .zip(keep)
-        .filter_map(|(item, k)| k.then_some(item))
+        .filter(|(_, k)| **k)
+        .map(|(item, _)| item.clone())
         .collect()
 }
 
@@ -593,6 +630,56 @@ mod tests {
         assert_eq!(b.spans.len(), 1);
         assert_eq!(b.dead_letters().count(), 0);
         assert_eq!(b.coordinates(0).1, 3);
+    }
+
+    #[test]
+    fn a_split_gives_each_partition_to_one_lane_with_its_rows_and_dead_letters() {
+        let mut b = Batch::new(2);
+        for (partition, offset) in [(0, 10), (1, 20), (2, 30), (0, 11), (3, 40), (1, 21)] {
+            let value = format!("{partition}/{offset}");
+            b.push_row((partition, 1, offset), RowOp::Write, &row(&value), None);
+        }
+        b.push_dead_letter(
+            1,
+            DeadLetter {
+                tp: TopicPartition {
+                    topic: "t".into(),
+                    partition: 3,
+                },
+                offset: 41,
+                record: RawRecord::default(),
+                error: "bad".into(),
+            },
+        );
+        let lanes = b.split(2, |tp| tp.partition as usize % 2);
+        let rows = |b: &Batch| -> Vec<String> {
+            (0..b.len())
+                .map(|r| b.cells.get(0, r).expect("cell").to_string())
+                .collect()
+        };
+        assert_eq!(rows(&lanes[0]), ["0/10", "2/30", "0/11"]);
+        assert_eq!(rows(&lanes[1]), ["1/20", "3/40", "1/21"]);
+        for (lane, batch) in lanes.iter().enumerate() {
+            for row in 0..batch.len() {
+                let (tp, offset) = batch.coordinates(row);
+                assert_eq!(tp.partition as usize % 2, lane);
+                assert_eq!(rows(batch)[row], format!("{}/{offset}", tp.partition));
+            }
+        }
+        let spans = |b: &Batch| {
+            b.spans
+                .iter()
+                .map(|s| (s.tp.partition, s.first, s.next))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spans(&lanes[0]), [(0, 10, 12), (2, 30, 31)]);
+        assert_eq!(spans(&lanes[1]), [(1, 20, 22), (3, 40, 42)]);
+        assert_eq!(lanes[1].dead_letters().count(), 1);
+        assert_eq!(lanes[0].dead_letters().count(), 0);
+        // All in one lane: the batch itself, the other lanes empty.
+        let lanes = keyed(&[("a", 1, RowOp::Write)]).split(3, |_| 2);
+        assert!(lanes[0].is_empty() && lanes[1].is_empty());
+        assert_eq!(lanes[2].len(), 1);
     }
 
     #[test]

@@ -8,20 +8,40 @@
 pub struct Column {
     /// The cells' text, one after the other.
     text: String,
-    /// Per cell, where its text ends in `text` (it starts where the one before ends).
+    /// Per cell, where its text ends in `text` (it starts where the one before ends), with
+    /// [`NULL`] set for a NULL cell (whose text is empty).
     ends: Vec<usize>,
-    /// Per cell, whether it is NULL (its text is then empty).
-    nulls: Vec<bool>,
 }
+
+/// The bit of an end that marks a NULL cell: no text reaches that length.
+const NULL: usize = 1 << (usize::BITS - 1);
 
 impl Column {
     /// The cell of `row`: `None` for NULL.
     pub fn get(&self, row: usize) -> Option<&str> {
-        if self.nulls[row] {
+        self.range(row).map(|range| &self.text[range])
+    }
+
+    /// The same, as bytes (no character boundary to check).
+    pub fn bytes(&self, row: usize) -> Option<&[u8]> {
+        self.range(row).map(|range| &self.text.as_bytes()[range])
+    }
+
+    fn range(&self, row: usize) -> Option<std::ops::Range<usize>> {
+        let end = self.ends[row];
+        if end & NULL != 0 {
             return None;
         }
-        let start = if row == 0 { 0 } else { self.ends[row - 1] };
-        Some(&self.text[start..self.ends[row]])
+        Some(self.text_end(row)..end)
+    }
+
+    /// Where the text of the cells before `row` ends.
+    fn text_end(&self, row: usize) -> usize {
+        if row == 0 {
+            0
+        } else {
+            self.ends[row - 1] & !NULL
+        }
     }
 
     /// The cells, in row order.
@@ -32,26 +52,37 @@ impl Column {
     fn end_cell(&mut self, null: bool) {
         if null {
             // A NULL cell has no text, even if a conversion wrote some before deciding.
-            self.text.truncate(self.ends.last().copied().unwrap_or(0));
+            self.text.truncate(self.text_end(self.ends.len()));
+            self.ends.push(self.text.len() | NULL);
+        } else {
+            self.ends.push(self.text.len());
         }
-        self.ends.push(self.text.len());
-        self.nulls.push(null);
     }
 
     fn truncate(&mut self, rows: usize) {
         self.ends.truncate(rows);
-        self.nulls.truncate(rows);
-        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+        self.text.truncate(self.text_end(rows));
     }
 
-    /// The cells of the rows whose flag in `keep` is set.
+    /// The cells of the rows whose flag in `keep` is set, copied a run of kept rows at a time.
     fn retain(&self, keep: &[bool]) -> Column {
         let mut kept = Column::default();
-        for (row, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
-            if let Some(text) = self.get(row) {
-                kept.text.push_str(text);
+        let mut row = 0;
+        while row < keep.len() {
+            if !keep[row] {
+                row += 1;
+                continue;
             }
-            kept.end_cell(self.nulls[row]);
+            let first = row;
+            while row < keep.len() && keep[row] {
+                row += 1;
+            }
+            let (from, to) = (self.text_end(first), self.text_end(row));
+            let base = kept.text.len();
+            kept.text.push_str(&self.text[from..to]);
+            // The NULL bit is above any length: shifting an end keeps it.
+            kept.ends
+                .extend(self.ends[first..row].iter().map(|end| end - from + base));
         }
         kept
     }
@@ -68,6 +99,19 @@ impl Cells {
     pub fn new(columns: usize) -> Cells {
         Cells {
             columns: vec![Column::default(); columns],
+            rows: 0,
+        }
+    }
+
+    /// Empty cells with room for as much as `other` holds: the next batch is usually the
+    /// size of the last, and its buffers need not grow there step by step.
+    pub fn with_room_of(other: &Cells) -> Cells {
+        let room = |c: &Column| Column {
+            text: String::with_capacity(c.text.len()),
+            ends: Vec::with_capacity(c.ends.len()),
+        };
+        Cells {
+            columns: other.columns.iter().map(room).collect(),
             rows: 0,
         }
     }
@@ -176,6 +220,22 @@ mod tests {
         assert_eq!(
             kept.column(1).iter().collect::<Vec<_>>(),
             vec![None, Some("z")]
+        );
+        // Runs of kept rows are copied whole, their ends shifted.
+        cells.push_row([Some("yy"), Some("end")]);
+        let kept = cells.retain(&[false, true, true, true]);
+        assert_eq!(kept.rows(), 3);
+        assert_eq!(
+            (0..3).map(|r| kept.row(r)).collect::<Vec<_>>(),
+            [
+                vec![Some(""), Some("é")],
+                vec![None, Some("z")],
+                vec![Some("yy"), Some("end")]
+            ]
+        );
+        assert_eq!(
+            kept.retain(&[true, false, true]).row(1),
+            vec![Some("yy"), Some("end")]
         );
     }
 }

@@ -45,6 +45,9 @@ const CLASSIC_GROUP_PROPERTIES: &[&str] = &[
 pub const AUTO_OFFSET_RESET: &str = "auto.offset.reset";
 
 /// Top-level keys that `IDEMSINK_<KEY>__…` environment variables may override.
+/// At most how many writers a pipeline has (`sink.writers`): each holds a connection.
+pub const MAX_WRITERS: usize = 16;
+
 const OVERRIDABLE_SECTIONS: &[&str] = &["PIPELINE", "SOURCE__", "SINK__", "BATCH__", "ERRORS__"];
 
 /// One pipeline, as read from one YAML file.
@@ -186,6 +189,15 @@ pub struct SinkConfig {
         deserialize_with = "scalar"
     )]
     pub idle_in_transaction_timeout_ms: u64,
+    /// How many transactions write at once, each over its own share of the partitions (a
+    /// partition is always written by the same one), so the database is never idle while a
+    /// batch commits.
+    #[serde(default = "default_writers", deserialize_with = "scalar")]
+    pub writers: usize,
+}
+
+fn default_writers() -> usize {
+    2
 }
 
 fn default_lock_timeout_ms() -> u64 {
@@ -667,6 +679,12 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             format!("{} is out of range 1024..=1099511627776", batch.max_bytes),
         );
     }
+    if !(1..=MAX_WRITERS).contains(&sink.writers) {
+        bad(
+            "sink.writers",
+            format!("{} is out of range 1..={MAX_WRITERS}", sink.writers),
+        );
+    }
     if !(1..=600_000).contains(&batch.max_wait_ms) {
         bad(
             "batch.max_wait_ms",
@@ -1000,6 +1018,14 @@ sink:
             );
             assert!(e.message.contains("out of range 1000..=86400000"), "{e}");
         }
+        assert_eq!(p.config.sink.writers, 2);
+        for writers in ["0", "17"] {
+            let e = only_error(GOOD, &[env[0], ("IDEMSINK_SINK__WRITERS", writers)]);
+            assert_eq!(e.key, "sink.writers");
+            assert!(e.message.contains("out of range 1..=16"), "{e}");
+        }
+        let one = load(GOOD, &[env[0], ("IDEMSINK_SINK__WRITERS", "1")]).expect("valid");
+        assert_eq!(one.config.sink.writers, 1);
     }
 
     #[test]

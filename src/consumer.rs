@@ -94,9 +94,10 @@ pub struct Assignment {
     state: Mutex<AssignmentState>,
     /// Wakes the consumer loop when a seek or a fatal error is waiting for it.
     pub wake: Notify,
-    /// Held by the writer from the moment it decides which partitions a batch covers until
-    /// the batch's transaction has ended; a revocation takes it to wait for that write.
-    pub writing: tokio::sync::Mutex<()>,
+    /// Held (shared) by each writer lane from the moment it decides which partitions a batch
+    /// covers until the batch's transaction has ended; a revocation takes it exclusively to
+    /// wait for every such write, and so does the idle check of the stored offsets.
+    pub writing: tokio::sync::RwLock<()>,
 }
 
 #[derive(Debug, Default)]
@@ -849,13 +850,13 @@ impl SinkContext {
         log_failure(&self.pipeline, "unassign", result);
     }
 
-    /// Waits for the batch in flight, which may cover revoked partitions, to commit or roll
+    /// Waits for the batches in flight, which may cover revoked partitions, to commit or roll
     /// back, so that their next owner starts from offsets that no longer move.
     fn drain(&self) {
         let patience = self.drain_patience;
         let writing = &self.assignment.writing;
         if self
-            .block_on(tokio::time::timeout(patience, writing.lock()))
+            .block_on(tokio::time::timeout(patience, writing.write()))
             .is_err()
         {
             warn!(

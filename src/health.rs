@@ -19,8 +19,8 @@ pub struct PipelineStatus {
     database: AtomicBool,
     /// In the consumer group: an assignment came since the last loss of membership.
     member: AtomicBool,
-    /// The writer's batch has failed since then, and is being retried; with the last error.
-    failing: Mutex<Option<(Instant, String)>>,
+    /// Per writer lane whose batch is failing and being retried: since when, the last error.
+    failing: Mutex<BTreeMap<usize, (Instant, String)>>,
     /// How long a batch may keep failing before the pipeline counts as stuck.
     stuck_after: Mutex<Duration>,
 }
@@ -30,7 +30,7 @@ impl Default for PipelineStatus {
         PipelineStatus {
             database: AtomicBool::new(false),
             member: AtomicBool::new(false),
-            failing: Mutex::new(None),
+            failing: Mutex::new(BTreeMap::new()),
             stuck_after: Mutex::new(Duration::from_secs(30)),
         }
     }
@@ -51,18 +51,18 @@ impl PipelineStatus {
         *lock(&self.stuck_after) = bound;
     }
 
-    /// The writer's attempt at a batch failed and will be retried.
-    pub fn write_failed(&self, error: &dyn std::fmt::Display) {
+    /// A writer lane's attempt at a batch failed and will be retried.
+    pub fn write_failed(&self, lane: usize, error: &dyn std::fmt::Display) {
         let mut failing = lock(&self.failing);
         let since = failing
-            .as_ref()
+            .get(&lane)
             .map_or_else(Instant::now, |(since, _)| *since);
-        *failing = Some((since, error.to_string()));
+        failing.insert(lane, (since, error.to_string()));
     }
 
-    /// The writer's batch went through (or the pipeline no longer writes it).
-    pub fn write_done(&self) {
-        *lock(&self.failing) = None;
+    /// A writer lane's batch went through (or the pipeline no longer writes it).
+    pub fn write_done(&self, lane: usize) {
+        lock(&self.failing).remove(&lane);
     }
 
     fn problem(&self) -> Option<String> {
@@ -73,7 +73,8 @@ impl PipelineStatus {
             return Some("not in the consumer group".to_string());
         }
         let stuck_after = *lock(&self.stuck_after);
-        match &*lock(&self.failing) {
+        let failing = lock(&self.failing);
+        match failing.values().min_by_key(|(since, _)| *since) {
             Some((since, error)) if since.elapsed() >= stuck_after => Some(format!(
                 "writer stuck: the batch has been failing and retried for {} s: {error}",
                 since.elapsed().as_secs()
@@ -150,17 +151,20 @@ mod tests {
         a.set_database(true);
         a.set_member(true);
         a.set_stuck_after(Duration::from_millis(50));
-        a.write_failed(&"lock timeout");
+        a.write_failed(0, &"lock timeout");
         assert_eq!(health.readiness(), Ok(()), "not stuck before the bound");
         std::thread::sleep(Duration::from_millis(60));
-        a.write_failed(&"lock timeout again");
+        a.write_failed(0, &"lock timeout again");
+        // Another lane committing does not make the stuck one ready.
+        a.write_failed(1, &"a fault");
+        a.write_done(1);
         let problems = health.readiness().expect_err("stuck past the bound");
         assert!(
             problems[0].starts_with("a: writer stuck: the batch has been failing")
                 && problems[0].ends_with(": lock timeout again"),
             "{problems:?}"
         );
-        a.write_done();
+        a.write_done(0);
         assert_eq!(health.readiness(), Ok(()));
     }
 }

@@ -1,12 +1,14 @@
 //! One pipeline, end to end: the consumer loop turns records into rows and cuts batches;
-//! the writer task commits each batch (rows + offsets) in one transaction. The two run
-//! concurrently so the database and Kafka work at the same time. When the database is the
+//! the writer cuts each batch by lane (`sink.writers`, a partition always in the same lane)
+//! and each lane commits its part (rows + its partitions' offsets) in one transaction. They
+//! all run concurrently so the database and Kafka work at the same time, and one lane writes
+//! while another commits. When the database is the
 //! slower side, one batch waits for the writer while librdkafka prefetches; if it waits long,
 //! fetching pauses and the consumer is polled again, so memory stays bounded and a slow
 //! database never costs the group membership.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,34 +98,43 @@ struct Shared {
     store: OffsetStore,
     /// What `/readyz` says of this pipeline.
     status: Arc<PipelineStatus>,
-    /// Whether the writer is waiting for a batch.
+    /// Whether the writer lanes are waiting for batches.
     writer: WriterIdle,
 }
 
-/// Whether the writer is waiting for a batch, and a wake-up for the consumer loop when it
-/// starts to (see [`send_now`]).
-#[derive(Default)]
+/// Whether every writer lane is waiting for a batch, and a wake-up for the consumer loop when
+/// they all are (see [`send_now`]).
 struct WriterIdle {
-    idle: AtomicBool,
+    lanes: usize,
+    waiting_lanes: AtomicUsize,
     waiting: Notify,
 }
 
 impl WriterIdle {
-    fn is_waiting(&self) -> bool {
-        self.idle.load(Ordering::Acquire)
+    fn new(lanes: usize) -> WriterIdle {
+        WriterIdle {
+            lanes,
+            waiting_lanes: AtomicUsize::new(0),
+            waiting: Notify::new(),
+        }
     }
 
-    /// Marks the writer waiting until the guard is dropped.
+    fn is_waiting(&self) -> bool {
+        self.waiting_lanes.load(Ordering::Acquire) >= self.lanes
+    }
+
+    /// Counts a lane waiting until the guard is dropped.
     fn wait(&self) -> impl Drop + '_ {
-        struct Waiting<'a>(&'a AtomicBool);
+        struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
+                self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        self.idle.store(true, Ordering::Release);
-        self.waiting.notify_one();
-        Waiting(&self.idle)
+        if self.waiting_lanes.fetch_add(1, Ordering::AcqRel) + 1 >= self.lanes {
+            self.waiting.notify_one();
+        }
+        Waiting(&self.waiting_lanes)
     }
 }
 
@@ -183,8 +194,8 @@ impl Shared {
     }
 }
 
-/// Connects to the pipeline's database with a small pool: one connection writes, one
-/// serves rebalances, and spares absorb a reconnect. A database that is unreachable or
+/// Connects to the pipeline's database with a small pool: one connection per writer lane,
+/// one that serves rebalances, and a spare that absorbs a reconnect. A database that is unreachable or
 /// starting is waited for up to `patience` (zero: one attempt, for the commands).
 pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, PipelineError> {
     let url = &p.config.sink.url;
@@ -193,7 +204,7 @@ pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, P
         idle_in_transaction: Duration::from_millis(p.config.sink.idle_in_transaction_timeout_ms),
     };
     let connected = retry(&p.config.pipeline, "connecting", patience, || {
-        DbPool::connect_with_limits(url, 4, limits)
+        DbPool::connect_with_limits(url, p.config.sink.writers as u32 + 2, limits)
     });
     connected.await.map_err(|e| {
         PipelineError::Fatal(format!(
@@ -260,7 +271,8 @@ pub async fn run(
     );
 
     let (batches, inbox) = mpsc::channel::<Batch>(1);
-    let writer_task = tokio::spawn(write_loop(shared.clone(), writer, inbox));
+    let lanes = p.config.sink.writers;
+    let writer_task = tokio::spawn(write_loop(shared.clone(), Arc::new(writer), lanes, inbox));
     let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
     let writing = serve_group_while(&shared, writer_task).await;
@@ -350,7 +362,7 @@ fn subscribe(
         assignment,
         consumer: Arc::new(consumer),
         status,
-        writer: WriterIdle::default(),
+        writer: WriterIdle::new(p.config.sink.writers),
     })
 }
 
@@ -512,7 +524,7 @@ async fn read_loop(
 const TAKE_AT_ONCE: usize = 1024;
 
 /// Whether `batch` should go to the writer now rather than when full or `max_wait_ms` old:
-/// when the writer is waiting for work and the consumer has read each of the batch's
+/// when every writer lane is waiting for work and the consumer has read each of the batch's
 /// partitions to its end (as of the last fetch), no record is coming that the batch could
 /// gather, so waiting would only add latency. A lagging consumer keeps filling its batches
 /// up to `max_records` and `max_bytes`, and a caught-up one sends each as soon as it can.
@@ -542,8 +554,8 @@ const LOAD_UNLOADED_EVERY: Duration = Duration::from_secs(1);
 /// read past after its last record of each partition.
 fn cut(shared: &Shared, batch: &mut Batch) -> Batch {
     cover_positions(shared, batch);
-    let columns = batch.cells.column_count();
-    std::mem::replace(batch, Batch::new(columns))
+    let next = Batch::with_room_of(batch);
+    std::mem::replace(batch, next)
 }
 
 /// Extends `batch` over the offsets the consumer has read past that held no record for a
@@ -779,24 +791,97 @@ async fn seek_until_done(
     Ok(false)
 }
 
-/// Commits batches one after another until the consumer loop hangs up.
+/// The writer side: hands each batch's partitions to their writer lane (`sink.writers` of
+/// them; a partition always to the same one), and checks the stored offsets when no batch has
+/// come for a while. Each lane commits its batches one after another, in its own transaction,
+/// so one lane writes while another commits, and a partition's batches commit in order.
 async fn write_loop(
     shared: Arc<Shared>,
-    writer: Writer,
+    writer: Arc<Writer>,
+    lanes: usize,
+    mut inbox: mpsc::Receiver<Batch>,
+) -> Result<(), PipelineError> {
+    let mut senders = Vec::with_capacity(lanes);
+    let mut running = tokio::task::JoinSet::new();
+    for lane in 0..lanes {
+        let (sender, lane_inbox) = mpsc::channel::<Batch>(1);
+        running.spawn(lane_loop(shared.clone(), writer.clone(), lane, lane_inbox));
+        senders.push(sender);
+    }
+    let stopped = tokio::select! {
+        // A lane ends early only on an error: stop taking batches.
+        Some(ended) = running.join_next() => Some(ended),
+        () = dispatch(&shared, &senders, &mut inbox) => None,
+    };
+    // The lanes write what they hold and end.
+    drop(senders);
+    let mut outcome = Ok(());
+    for ended in stopped
+        .into_iter()
+        .chain(running.join_all().await.into_iter().map(Ok))
+    {
+        let ended = ended.unwrap_or_else(|e| {
+            Err(PipelineError::Fatal(format!(
+                "pipeline {}: a writer lane failed: {e}",
+                shared.pipeline
+            )))
+        });
+        if outcome.is_ok() {
+            outcome = ended;
+        }
+    }
+    outcome
+}
+
+/// Passes each batch from the consumer loop to the lanes until the consumer loop stops.
+async fn dispatch(
+    shared: &Shared,
+    lanes: &[mpsc::Sender<Batch>],
+    inbox: &mut mpsc::Receiver<Batch>,
+) {
+    loop {
+        match tokio::time::timeout(WATCH_WHEN_IDLE, inbox.recv()).await {
+            Ok(Some(batch)) => {
+                let parts = batch.split(lanes.len(), |tp| lane_of(tp, lanes.len()));
+                for (lane, part) in lanes.iter().zip(parts) {
+                    if !part.is_empty() && lane.send(part).await.is_err() {
+                        return; // the lane stopped on an error, which `write_loop` reports
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(_idle) => watch_offsets(shared).await,
+        }
+    }
+}
+
+/// The writer lane of a partition: always the same one, so that one partition's batches
+/// never commit concurrently and commit in order.
+fn lane_of(tp: &TopicPartition, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut topic = std::hash::DefaultHasher::new();
+    tp.topic.hash(&mut topic);
+    (topic.finish() as usize).wrapping_add(tp.partition.unsigned_abs() as usize) % lanes
+}
+
+/// One writer lane: commits the batches of its partitions, one after another.
+async fn lane_loop(
+    shared: Arc<Shared>,
+    writer: Arc<Writer>,
+    lane: usize,
     mut inbox: mpsc::Receiver<Batch>,
 ) -> Result<(), PipelineError> {
     loop {
         let next = match inbox.try_recv() {
-            Ok(batch) => Ok(Some(batch)),
+            Ok(batch) => Some(batch),
             Err(_) => {
                 let _waiting = shared.writer.wait();
-                tokio::time::timeout(WATCH_WHEN_IDLE, inbox.recv()).await
+                inbox.recv().await
             }
         };
         match next {
-            Ok(Some(batch)) => commit_batch(&shared, &writer, batch).await?,
-            Ok(None) => return Ok(()),
-            Err(_idle) => watch_offsets(&shared).await,
+            Some(batch) => commit_batch(&shared, &writer, lane, batch).await?,
+            None => return Ok(()),
         }
     }
 }
@@ -810,7 +895,8 @@ const WATCH_WHEN_IDLE: Duration = Duration::from_secs(5);
 /// read or committed restarts from there, as after a fenced batch. One attempt: if the
 /// database does not answer, the next batch meets that fault and is retried as usual.
 async fn watch_offsets(shared: &Shared) {
-    let _writing = shared.assignment.writing.lock().await;
+    // No lane is between deciding a batch's offsets and its commit meanwhile.
+    let _writing = shared.assignment.writing.write().await;
     let owned = shared.assignment.all_owned();
     if owned.is_empty() {
         return;
@@ -845,11 +931,12 @@ async fn watch_offsets(shared: &Shared) {
 async fn commit_batch(
     shared: &Shared,
     writer: &Writer,
+    lane: usize,
     mut batch: Batch,
 ) -> Result<(), PipelineError> {
     // A revocation waits for this guard, so it hands partitions on only after their write
     // has ended, and no write decides on ownership while a revocation is under way.
-    let _writing = shared.assignment.writing.lock().await;
+    let _writing = shared.assignment.writing.read().await;
     loop {
         // Only what this instance still owns, read in the epoch it still owns it in. One look
         // per span decides both the rows written and the offsets moved, so rows never go in
@@ -890,13 +977,13 @@ async fn commit_batch(
             || async move {
                 let attempt = writer.write(attempted, moving).await;
                 if let Err(e) = &attempt {
-                    write_failed(shared, writer, e).await;
+                    write_failed(shared, writer, lane, e).await;
                 }
                 attempt
             },
         )
         .await;
-        shared.status.write_done();
+        shared.status.write_done(lane);
         let written = written.map_err(shared.db("writing a batch"))?;
         match written {
             WriteOutcome::Committed { rows, rejected } => {
@@ -965,8 +1052,8 @@ async fn commit_batch(
 /// A batch's attempt failed and is retried (or the retries end): readiness learns of it,
 /// and a lock wait that timed out says who holds the locks. Until that session ends (or the
 /// server ends it, see [`crate::db::SessionLimits`]) every attempt waits on it again.
-async fn write_failed(shared: &Shared, writer: &Writer, error: &sqlx::Error) {
-    shared.status.write_failed(error);
+async fn write_failed(shared: &Shared, writer: &Writer, lane: usize, error: &sqlx::Error) {
+    shared.status.write_failed(lane, error);
     if !is_lock_timeout(error) {
         return;
     }
@@ -1048,5 +1135,32 @@ fn commit_to_kafka(shared: &Shared, moves: &[OffsetMove]) {
     }
     if let Err(e) = shared.consumer.commit(&tpl, CommitMode::Async) {
         debug!(pipeline = %shared.pipeline, error = %e, "committing offsets to Kafka failed (informational only)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn a_partition_always_has_the_same_lane_and_a_topic_spreads_over_all() {
+        let tp = |topic: &str, partition| TopicPartition {
+            topic: topic.into(),
+            partition,
+        };
+        for lanes in 1..=4 {
+            let of = |t: &TopicPartition| lane_of(t, lanes);
+            assert!((0..64).all(|p| of(&tp("orders", p)) < lanes));
+            assert!((0..64).all(|p| of(&tp("orders", p)) == of(&tp("orders", p))));
+            let used: HashSet<usize> = (0..lanes as i32).map(|p| of(&tp("orders", p))).collect();
+            assert_eq!(
+                used.len(),
+                lanes,
+                "{lanes} partitions of a topic use every lane"
+            );
+        }
+        assert_eq!(lane_of(&tp("a", 7), 1), 0);
     }
 }

@@ -95,14 +95,21 @@ pub const HOLD_TRANSACTION_FILE_ENV: &str = "IDEMSINK_TESTKIT_HOLD_TRANSACTION_F
 
 /// Test hook in the writer, after a batch's rows are written and before its offsets move:
 /// while the file named by [`HOLD_TRANSACTION_FILE_ENV`] exists, the writer waits with the
-/// transaction open and the rows locked, as an instance frozen there would. Only in builds
-/// with the `testkit` feature.
-pub async fn hold_transaction() {
+/// transaction open and the rows locked, as an instance frozen there would. If the file holds
+/// a partition number, only the transactions that move that partition's offset wait. Only in
+/// builds with the `testkit` feature.
+pub async fn hold_transaction(partitions: &[i32]) {
     static PATH: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
     let Some(path) = PATH.get_or_init(|| std::env::var_os(HOLD_TRANSACTION_FILE_ENV)) else {
         return;
     };
-    let held = |p: &std::ffi::OsStr| std::path::Path::new(p).exists();
+    let held = |p: &std::ffi::OsStr| match std::fs::read_to_string(p) {
+        Err(_) => false,
+        Ok(text) => match text.trim().parse::<i32>() {
+            Ok(partition) => partitions.contains(&partition),
+            Err(_) => true,
+        },
+    };
     if held(path) {
         tracing::info!("testkit: holding a batch's transaction open after its rows");
         while held(path) {
@@ -269,9 +276,8 @@ pub async fn delete_records(brokers: &str, topic: &str, partition: i32, before: 
     Ok(())
 }
 
-/// Deletes `topic` and creates it again, empty, with `partitions` partitions; waits while the
-/// broker finishes the deletion.
-pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+/// Deletes a topic (the benchmark's million-record topics would fill the broker's disk).
+pub async fn delete_topic(brokers: &str, topic: &str) -> Result<()> {
     for result in admin(brokers)?
         .delete_topics(&[topic], &AdminOptions::new())
         .await
@@ -281,6 +287,13 @@ pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) -> Resu
             bail!("deleting topic {name}: {code}");
         }
     }
+    Ok(())
+}
+
+/// Deletes `topic` and creates it again, empty, with `partitions` partitions; waits while the
+/// broker finishes the deletion.
+pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    delete_topic(brokers, topic).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match create_topic(brokers, topic, partitions, false).await {

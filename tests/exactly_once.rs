@@ -21,7 +21,52 @@ on_both_databases!(
     a_batch_whose_offset_moved_underneath_is_rolled_back_and_reading_resumes_from_the_database,
     awkward_values_arrive_byte_for_byte_on_first_write_and_on_replay,
     a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_nothing_of_its_batch,
+    two_writer_lanes_commit_apart_and_a_crash_between_their_commits_loses_and_doubles_nothing,
 );
+
+/// With two writers, each partition has its lane (partitions 0 and 2 share one, 1 and 3 the
+/// other) and each lane commits its own transactions. While the lane of partition 0 holds its
+/// transaction open after writing its rows (the testkit hold), the other lane commits 1 and 3
+/// to their end, and nothing commits partition 0. SIGKILLed then, between the two lanes'
+/// commits, and run again, every record is in the table exactly once.
+async fn two_writer_lanes_commit_apart_and_a_crash_between_their_commits_loses_and_doubles_nothing(
+    backend: Backend,
+) {
+    let case = Case::new(backend, "lanes", 4).await;
+    let config = case
+        .pipeline()
+        .sink(&format!("{}  writers: 2\n", common::STANDARD_COLUMNS))
+        .extra("batch:\n  max_records: 5000\n  max_wait_ms: 1000\n")
+        .write();
+    let landed = case.produce_ids(&case.producer(), 0..400).await;
+    let end = case.end_offsets().await;
+    let hold = tempfile::NamedTempFile::new().expect("hold file");
+    std::fs::write(hold.path(), "0").expect("hold the lane of partition 0");
+    let connector = Connector::start_with_env(
+        &["run", "--config"],
+        &config,
+        &[(testkit::HOLD_TRANSACTION_FILE_ENV, hold.path())],
+    );
+    connector
+        .wait_for_log("testkit: holding a batch's transaction open", 1, CATCH_UP)
+        .await;
+    let other_lane: std::collections::BTreeMap<i32, i64> = end
+        .iter()
+        .filter(|(p, _)| *p % 2 == 1)
+        .map(|(p, o)| (*p, *o))
+        .collect();
+    case.wait_for_offsets(&other_lane, CATCH_UP).await;
+    let stored = case.stored_offsets().await;
+    assert_eq!(
+        stored.get(&0),
+        None,
+        "nothing commits the held partition: {stored:?}"
+    );
+    connector.kill();
+
+    case.run_until_stored(&config, &end).await;
+    assert_exactly_once(&case.rows().await, &with_ids(0..400, landed));
+}
 
 async fn lands_20000_records_over_4_partitions_exactly_once_then_replays_change_nothing(
     backend: Backend,

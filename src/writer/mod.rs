@@ -500,7 +500,8 @@ async fn write_batch<S: BatchStatements>(
         Err(e) => return Err(e),
     };
     #[cfg(feature = "testkit")]
-    crate::testkit::hold_transaction().await;
+    crate::testkit::hold_transaction(&moves.iter().map(|m| m.tp.partition).collect::<Vec<_>>())
+        .await;
     if let Some(table) = dead_letter_table {
         let refused: Vec<DeadLetter> = rejected
             .iter()

@@ -816,10 +816,15 @@ async fn write_loop(
     // The lanes write what they hold and end.
     drop(senders);
     let mut outcome = Ok(());
-    for ended in stopped
-        .into_iter()
-        .chain(running.join_all().await.into_iter().map(Ok))
-    {
+    let mut first = stopped;
+    loop {
+        let ended = match first.take() {
+            Some(ended) => ended,
+            None => match running.join_next().await {
+                Some(ended) => ended,
+                None => break,
+            },
+        };
         let ended = ended.unwrap_or_else(|e| {
             Err(PipelineError::Fatal(format!(
                 "pipeline {}: a writer lane failed: {e}",

@@ -402,7 +402,7 @@ async fn a_zombie_paused_mid_write_is_fenced(
         .protocol(protocol)
         .named("a")
         .url(&trap.zombie_url())
-        .sink(mode.sink())
+        .sink(&trap.zombie_sink(mode.sink()))
         .extra(batches)
         .write();
     let b_config = case
@@ -657,6 +657,16 @@ impl Trap<'_> {
         i64::from(hash & 0x7fff_ffff)
     }
 
+    /// The zombie's sink section. MySQL's trap tells the zombie by the first connection it
+    /// catches, so there the zombie writes through one lane (`writers: 1`); PostgreSQL's trap
+    /// catches every connection named `zombie`, each of its lanes.
+    fn zombie_sink(&self, sink: &str) -> String {
+        match self.case.backend {
+            Backend::Postgres => sink.to_string(),
+            Backend::MySql => format!("{sink}  writers: 1\n"),
+        }
+    }
+
     fn zombie_url(&self) -> String {
         let url = common::database_url(self.case.backend);
         match self.case.backend {
@@ -709,7 +719,8 @@ impl Trap<'_> {
         };
         let deadline = std::time::Instant::now() + JOIN;
         let zombie = loop {
-            if let [zombie] = self.case.texts(&waiting).await.as_slice() {
+            // PostgreSQL: any of the zombie's lanes; MySQL: its one connection.
+            if let [zombie, ..] = self.case.texts(&waiting).await.as_slice() {
                 break zombie.clone();
             }
             assert!(

@@ -45,10 +45,7 @@ pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
         // Partitions added to a topic are noticed within this (librdkafka's default: 5 min).
         .set("topic.metadata.refresh.interval.ms", "30000")
         // Statistics carry the watermarks the consumer-lag metrics are computed from.
-        .set("statistics.interval.ms", "5000")
-        // Prefetched records (librdkafka's default: 64 MB). The database is the slower side:
-        // 16 MB is seconds of its work for small records, and keeps memory down.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("statistics.interval.ms", "5000");
     for (key, value) in p.properties() {
         c.set(key, value);
     }

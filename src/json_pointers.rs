@@ -74,15 +74,13 @@ impl Node {
     /// Finds this node's pointers in `text`, a JSON value that is not yet known to be valid.
     fn search<'t>(&self, text: &'t str, found: &mut [Option<&'t str>]) -> serde_json::Result<()> {
         let mut de = serde_json::Deserializer::from_str(text);
+        let within = Within {
+            node: self,
+            found: &mut *found,
+        };
         match text.trim_start().as_bytes().first() {
-            Some(b'{') if !self.children.is_empty() => de.deserialize_map(InObject {
-                node: self,
-                found: &mut *found,
-            })?,
-            Some(b'[') if !self.children.is_empty() => de.deserialize_seq(InArray {
-                node: self,
-                found: &mut *found,
-            })?,
+            Some(b'{') if !self.children.is_empty() => de.deserialize_map(within)?,
+            Some(b'[') if !self.children.is_empty() => de.deserialize_seq(within)?,
             _ => {
                 IgnoredAny::deserialize(&mut de)?;
             }
@@ -134,17 +132,18 @@ pub fn array_index(token: &str) -> Option<usize> {
     token.parse().ok()
 }
 
-/// Visits an object, descending into the keys a pointer names and skipping the others.
-struct InObject<'n, 'f, 't> {
+/// Visits an object or an array, descending into the keys or indices a pointer names and
+/// skipping the others.
+struct Within<'n, 'f, 't> {
     node: &'n Node,
     found: &'f mut [Option<&'t str>],
 }
 
-impl<'t> Visitor<'t> for InObject<'_, '_, 't> {
+impl<'t> Visitor<'t> for Within<'_, '_, 't> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
+        f.write_str("a JSON object or array")
     }
 
     fn visit_map<A: MapAccess<'t>>(self, mut map: A) -> Result<(), A::Error> {
@@ -162,20 +161,6 @@ impl<'t> Visitor<'t> for InObject<'_, '_, 't> {
             }
         }
         Ok(())
-    }
-}
-
-/// Visits an array, descending into the indices a pointer names and skipping the others.
-struct InArray<'n, 'f, 't> {
-    node: &'n Node,
-    found: &'f mut [Option<&'t str>],
-}
-
-impl<'t> Visitor<'t> for InArray<'_, '_, 't> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON array")
     }
 
     fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<(), A::Error> {

@@ -44,7 +44,8 @@ impl Column {
         }
     }
 
-    /// The cells, in row order.
+    /// The cells, in row order (tests).
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = Option<&str>> + '_ {
         (0..self.ends.len()).map(|row| self.get(row))
     }
@@ -134,7 +135,8 @@ impl Cells {
         self.columns[column].get(row)
     }
 
-    /// The cells of `row`, column by column.
+    /// The cells of `row`, column by column (tests).
+    #[cfg(test)]
     pub fn row(&self, row: usize) -> Vec<Option<&str>> {
         self.columns.iter().map(|c| c.get(row)).collect()
     }
@@ -168,7 +170,8 @@ impl Cells {
         }
     }
 
-    /// Appends a row of cells (tests and tools; conversion writes in place).
+    /// Appends a row of cells (tests; conversion writes in place).
+    #[cfg(test)]
     pub fn push_row<'a>(&mut self, cells: impl IntoIterator<Item = Option<&'a str>>) {
         let mut count = 0;
         for (column, cell) in self.columns.iter_mut().zip(cells) {

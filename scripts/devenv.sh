@@ -9,6 +9,9 @@
 #   scripts/devenv.sh env       print the environment variables the tests and demo use
 #   scripts/devenv.sh start|stop postgres|mariadb|broker   one server alone (tests that restart one)
 #   scripts/devenv.sh kill broker                          SIGKILL the broker (tests of a crash)
+#   scripts/devenv.sh connect-lib   fetch (once) Kafka Connect and Debezium's PostgreSQL source
+#                                   connector, and print the folder of their jars (the tests run
+#                                   a standalone worker from it: tests/debezium.rs)
 #
 # Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306),
 # IDEMSINK_KAFKA_PORT (default 9092) and IDEMSINK_KAFKA_CONTROLLER_PORT (default: Kafka's + 1).
@@ -16,7 +19,9 @@
 # IDEMSINK_MYSQL_OPTIONS adds mariadbd options (e.g. --max-allowed-packet=1M, as a server
 # in production may have).
 # Kafka's jars are resolved by Maven from scripts/kafka/pom.xml (the version is pinned there)
-# into .devenv/ once; the broker's storage (.devenv/kafka-data) is kept across restarts.
+# into .devenv/ once; the broker's storage (.devenv/kafka-data) is kept across restarts. The same
+# for Kafka Connect and Debezium, from scripts/connect/pom.xml. PostgreSQL runs with
+# wal_level=logical, so Debezium can capture a database of it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +41,8 @@ KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFK
 # One copy of the jars for every broker of this checkout (tests start brokers of their own,
 # each with its own IDEMSINK_DEVENV_DIR).
 KAFKA_LIB="$ROOT/.devenv/kafka-$KAFKA_VERSION"
+CONNECT_POM="$ROOT/scripts/connect/pom.xml"
+CONNECT_LIB="$ROOT/.devenv/connect-$(sed -n 's:.*<\(kafka\|debezium\).version>\(.*\)</.*:\2:p' "$CONNECT_POM" | paste -sd-)"
 KAFKA_DATA="$STATE/kafka-data"
 KAFKA_PID="$STATE/kafka.pid"
 
@@ -53,25 +60,29 @@ install_deps() {
   fi
   # The Debian packages may start their own servers (5432, 3306); we never use them, and leave them alone.
   [[ -n "$EXTERNAL_KAFKA" ]] || kafka_jars
+  connect_jars
 }
 
-# Kafka's jars, resolved once from scripts/kafka/pom.xml: a second run downloads nothing. Maven's
+# The jars a pom depends on, resolved once into a folder: a second run downloads nothing. Maven's
 # own repository is kept under .devenv/ too. Brokers starting at once (tests) take turns.
-kafka_jars() {
-  [[ -f "$KAFKA_LIB/.complete" ]] && return
+maven_jars() { # pom folder what
+  [[ -f "$2/.complete" ]] && return
   mkdir -p "$ROOT/.devenv"
   (
     flock 9
-    [[ -f "$KAFKA_LIB/.complete" ]] && exit 0
-    log "fetching Apache Kafka $KAFKA_VERSION's jars from Maven Central into $KAFKA_LIB"
-    rm -rf "$KAFKA_LIB.tmp"
-    mvn -B -q -Dstyle.color=never -f "$KAFKA_POM" -Dmaven.repo.local="$ROOT/.devenv/m2" \
+    [[ -f "$2/.complete" ]] && exit 0
+    log "fetching $3's jars from Maven Central into $2"
+    rm -rf "$2.tmp"
+    mvn -B -q -Dstyle.color=never -f "$1" -Dmaven.repo.local="$ROOT/.devenv/m2" \
       org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-      -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB.tmp" >&2
-    touch "$KAFKA_LIB.tmp/.complete"
-    rm -rf "$KAFKA_LIB" && mv "$KAFKA_LIB.tmp" "$KAFKA_LIB"
-  ) 9>"$ROOT/.devenv/kafka-jars.lock"
+      -DincludeScope=runtime -DoutputDirectory="$2.tmp" >&2
+    touch "$2.tmp/.complete"
+    rm -rf "$2" && mv "$2.tmp" "$2"
+  ) 9>"$ROOT/.devenv/maven-jars.lock"
 }
+
+kafka_jars() { maven_jars "$KAFKA_POM" "$KAFKA_LIB" "Apache Kafka $KAFKA_VERSION"; }
+connect_jars() { maven_jars "$CONNECT_POM" "$CONNECT_LIB" "Kafka Connect and Debezium"; }
 
 wait_port() { # host port what
   for _ in $(seq 1 100); do
@@ -110,7 +121,7 @@ pg_up() {
   else
     touch "$data.log" && chown postgres "$data.log"
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$data.log" -w -t 60 start \
-      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c max_connections=300 -c fsync=on" >/dev/null
+      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c max_connections=300 -c fsync=on -c wal_level=logical" >/dev/null
     log "PostgreSQL started on 127.0.0.1:$PG_PORT"
   fi
   wait_port 127.0.0.1 "$PG_PORT" PostgreSQL
@@ -277,6 +288,7 @@ case "${1:-} ${2:-}" in
     ;;
   "down "*) down ;;
   "env "*) print_env ;;
+  "connect-lib "*) connect_jars && echo "$CONNECT_LIB" ;;
   # One server on its own, for tests that stop and start a database or broker of their
   # own (with their own IDEMSINK_DEVENV_DIR and port).
   "start postgres") pg_up ;;
@@ -286,5 +298,5 @@ case "${1:-} ${2:-}" in
   "start broker") kafka_up ;;
   "stop broker") kafka_down TERM ;;
   "kill broker") kafka_down KILL ;;
-  *) echo "usage: $0 install|up|down|env, start|stop postgres|mariadb|broker, or kill broker" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|env|connect-lib, start|stop postgres|mariadb|broker, or kill broker" >&2; exit 2 ;;
 esac

@@ -171,6 +171,11 @@ impl Batch {
         self.ops.push(op);
     }
 
+    /// Adds a record that changes no row by design: only its offset is committed.
+    pub fn push_nothing(&mut self, topic: &str, partition: i32, epoch: u64, offset: i64) {
+        self.span_for(topic, partition, epoch, offset);
+    }
+
     /// Adds a record that did not become a row: it goes to the dead-letter table, and its
     /// offset is committed like a row's.
     pub fn push_dead_letter(&mut self, epoch: u64, dead: DeadLetter) {

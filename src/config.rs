@@ -164,6 +164,10 @@ pub enum StartFrom {
 pub struct SinkConfig {
     pub url: String,
     pub table: String,
+    /// What a record value is: a JSON document the columns point into, or a Debezium change
+    /// event whose row image they point into.
+    #[serde(default)]
+    pub format: RecordFormat,
     #[serde(default)]
     pub mode: SinkMode,
     /// The business key: columns of a unique key of the table, the conflict target. Empty:
@@ -206,6 +210,19 @@ fn default_lock_timeout_ms() -> u64 {
 
 fn default_idle_in_transaction_timeout_ms() -> u64 {
     60_000
+}
+
+/// What a record value is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordFormat {
+    /// A JSON document: `/pointer` columns read it.
+    #[default]
+    Json,
+    /// A Debezium change event (JsonConverter, with or without schemas): `op` says what it does,
+    /// `/pointer` columns read the row image (`after`), key columns read the record key, and
+    /// the tombstone after a delete does nothing.
+    Debezium,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -797,6 +814,9 @@ fn check_conflict_rules(
             ));
         }
     }
+    if sink.format == RecordFormat::Debezium {
+        problems.extend(check_debezium_rules(sink, columns));
+    }
     if let Some(version) = &sink.newer_by {
         if sink.mode != SinkMode::Upsert {
             problems.push((
@@ -815,6 +835,44 @@ fn check_conflict_rules(
             problems.push((
                 "sink.newer_by",
                 format!("`{version}` is a key column; it must be a column that changes between versions"),
+            ));
+        }
+    }
+    problems
+}
+
+/// What a change stream needs: every change applied (upsert), and rows found by the key that
+/// Debezium puts in the record key, which a delete event also carries.
+fn check_debezium_rules(
+    sink: &SinkConfig,
+    columns: &[(String, Source)],
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if sink.mode != SinkMode::Upsert {
+        problems.push((
+            "sink.mode",
+            "format debezium needs mode upsert: an update event must change the row it updates"
+                .to_string(),
+        ));
+    }
+    if sink.delete_on_null {
+        problems.push((
+            "sink.delete_on_null",
+            "does not apply to format debezium: a delete event (op d) deletes the row, and the \
+             tombstone that follows it does nothing"
+                .to_string(),
+        ));
+    }
+    for name in &sink.key {
+        let source = columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
+        if let Some(source) = source.filter(|s| !matches!(s, Source::ValuePointer(_))) {
+            problems.push((
+                "sink.key",
+                format!(
+                    "`{name}` is mapped from {source}, but with format debezium a key column is a \
+                     field of the row (e.g. /{name}), read from the record key, which a delete \
+                     event carries too"
+                ),
             ));
         }
     }
@@ -996,6 +1054,37 @@ sink:
         let e = only_error(GOOD, &[env[0], ("IDEMSINK_BATCH__MAX_RECORDS", "lots")]);
         assert_eq!(e.key, "batch.max_records");
         assert!(e.message.contains("\"lots\""), "{e}");
+    }
+
+    #[test]
+    fn debezium_format_needs_upsert_and_key_columns_from_the_row() {
+        let env = [("DATABASE_URL", "postgres://u@h/db")];
+        let file = |sink: &str| {
+            GOOD.replace(
+                "  table: public.orders\n",
+                &format!("  table: public.orders\n  format: debezium\n{sink}"),
+            )
+        };
+        let p = load(&file("  mode: upsert\n  key: [order_id]\n"), &env).expect("valid");
+        assert_eq!(p.config.sink.format, RecordFormat::Debezium);
+        let refused = [
+            ("  key: [order_id]\n", "sink.mode"),
+            (
+                "  mode: upsert\n  key: [order_id]\n  delete_on_null: true\n",
+                "sink.delete_on_null",
+            ),
+            ("  mode: upsert\n  key: [kafka_offset]\n", "sink.key"),
+        ];
+        for (sink, key) in refused {
+            let errors = load(&file(sink), &env).expect_err(sink);
+            assert!(errors.iter().any(|e| e.key == key), "{sink}: {errors:?}");
+        }
+        let avro = file("").replace("format: debezium", "format: avro");
+        let e = only_error(&avro, &env);
+        assert!(
+            e.to_string().contains("avro") && e.to_string().contains("debezium"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::cells::Cells;
+use crate::config::RecordFormat;
 use crate::json_pointers::Pointers;
 
 /// Where a column's value comes from.
@@ -273,7 +274,12 @@ pub struct ConvertError {
 
 impl fmt::Display for ConvertError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "column {}: {}", self.column, self.reason)
+        if self.column.is_empty() {
+            // The record as a whole (e.g. not a change event), not one column's value.
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "column {}: {}", self.column, self.reason)
+        }
     }
 }
 
@@ -286,17 +292,36 @@ pub enum RowOp {
     Delete,
 }
 
+/// What a converted record comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Converted {
+    /// One row, added to the cells.
+    Row(RowOp),
+    /// Nothing to write, by design: the record's offset is committed like a row's. The
+    /// reason is for the log and the metric's `reason` label.
+    Nothing(&'static str),
+}
+
 /// Converts records to rows of text cells, one per planned column.
 #[derive(Debug, Clone)]
 pub struct RowMapper {
     columns: Vec<ColumnPlan>,
     delete_on_null: bool,
+    format: RecordFormat,
     /// The JSON Pointers into the value, and per column the index of its own among them.
     value_pointers: Pointers,
     /// The same for the key.
     key_pointers: Pointers,
-    pointer_of: Vec<Option<usize>>,
+    /// Per column, its pointer's index in the record without schemas and in the record that
+    /// JsonConverter wrapped with its schema (`{"schema": …, "payload": …}`): the two differ
+    /// in Debezium format only.
+    pointer_of: Vec<Option<(usize, usize)>>,
 }
+
+/// In Debezium format, the value's first pointers find the operation (`op`), without and with
+/// the schema wrapper; the key's first pointer tells a key wrapped with its schema.
+const DEBEZIUM_OP: (usize, usize) = (0, 1);
+const KEY_SCHEMA_TYPE: usize = 0;
 
 /// A value from a record before conversion to the column type.
 enum Field<'a> {
@@ -312,20 +337,38 @@ enum Field<'a> {
 }
 
 impl RowMapper {
-    pub fn new(columns: Vec<ColumnPlan>, delete_on_null: bool) -> RowMapper {
+    pub fn new(columns: Vec<ColumnPlan>, delete_on_null: bool, format: RecordFormat) -> RowMapper {
         let mut pointer_of = Vec::with_capacity(columns.len());
         let (mut value, mut key) = (Vec::new(), Vec::new());
+        let debezium = format == RecordFormat::Debezium;
+        if debezium {
+            push_index(&mut value, "/op".into());
+            push_index(&mut value, "/payload/op".into());
+            push_index(&mut key, "/schema/type".into());
+        }
         for column in &columns {
+            let same = |i| Some((i, i));
             pointer_of.push(match &column.source {
-                Source::ValuePointer(p) => Some(push_index(&mut value, p)),
-                Source::KeyPointer(p) => Some(push_index(&mut key, p)),
+                // A Debezium key column is read from the record key, which a delete has too.
+                Source::ValuePointer(p) if debezium && column.role == Role::Key => Some((
+                    push_index(&mut key, p.clone()),
+                    push_index(&mut key, format!("/payload{p}")),
+                )),
+                Source::ValuePointer(p) if debezium => Some((
+                    push_index(&mut value, format!("/after{p}")),
+                    push_index(&mut value, format!("/payload/after{p}")),
+                )),
+                Source::ValuePointer(p) => same(push_index(&mut value, p.clone())),
+                Source::KeyPointer(p) => same(push_index(&mut key, p.clone())),
                 _ => None,
             });
         }
-        let (value_pointers, key_pointers) = (Pointers::new(value), Pointers::new(key));
+        let value_pointers = Pointers::new(value.iter().map(String::as_str));
+        let key_pointers = Pointers::new(key.iter().map(String::as_str));
         RowMapper {
             columns,
             delete_on_null,
+            format,
             value_pointers,
             key_pointers,
             pointer_of,
@@ -338,22 +381,35 @@ impl RowMapper {
 
     /// Converts one record into the next row of `cells`. With `delete_on_null`, a tombstone
     /// becomes a delete: only the cells that do not come from the value (the key, the
-    /// coordinates) are filled. A record that cannot be a row leaves `cells` as it was.
+    /// coordinates) are filled. In Debezium format the event's `op` decides, and a tombstone
+    /// (which follows every delete event) comes to nothing. A record that cannot be a row
+    /// leaves `cells` as it was.
     pub fn convert(
         &self,
         record: &RecordRef<'_>,
         cells: &mut Cells,
-    ) -> Result<RowOp, ConvertError> {
-        // A tombstone has no value: value-sourced cells come out missing, which a delete allows.
-        let op = if self.delete_on_null && record.value.is_none() {
-            RowOp::Delete
-        } else {
-            RowOp::Write
+    ) -> Result<Converted, ConvertError> {
+        let filled = match self.format {
+            RecordFormat::Json => {
+                // A tombstone has no value: value-sourced cells come out missing, which a
+                // delete allows.
+                let (op, value) = if self.delete_on_null && record.value.is_none() {
+                    (RowOp::Delete, ReadJson::default())
+                } else {
+                    (RowOp::Write, self.read(Part::Value, record.value)?)
+                };
+                let key = self.read(Part::Key, record.key)?;
+                self.fill(record, op, &value, &key, cells).map(|()| op)
+            }
+            RecordFormat::Debezium => match self.read_change(record)? {
+                None => return Ok(Converted::Nothing("tombstone")),
+                Some((op, value, key)) => self.fill(record, op, &value, &key, cells).map(|()| op),
+            },
         };
-        match self.fill(record, op, cells) {
-            Ok(()) => {
+        match filled {
+            Ok(op) => {
                 cells.end_row();
-                Ok(op)
+                Ok(Converted::Row(op))
             }
             Err(e) => {
                 cells.abandon_row();
@@ -362,18 +418,70 @@ impl RowMapper {
         }
     }
 
+    /// A Debezium change event's operation, with its value and key read (`None` for the
+    /// tombstone after a delete). Reads and snapshot reads write the row image `after`; a
+    /// delete deletes by the key; a truncate, or anything else, is a bad record.
+    #[allow(clippy::type_complexity)]
+    fn read_change<'r>(
+        &self,
+        record: &RecordRef<'r>,
+    ) -> Result<Option<(RowOp, ReadJson<'r>, ReadJson<'r>)>, ConvertError> {
+        if record.value.is_none() {
+            return Ok(None);
+        }
+        let error = |reason: String| ConvertError {
+            column: String::new(),
+            reason,
+        };
+        if record.key.is_none() {
+            return Err(error(
+                "the record has no key: Debezium sends one for a table with a primary key \
+                 (or message.key.columns), and the key columns are read from it"
+                    .into(),
+            ));
+        }
+        let mut value = self.read_all(Part::Value, record.value)?;
+        let mut key = self.read_all(Part::Key, record.key)?;
+        // JsonConverter with schemas wraps the event: its fields are under /payload.
+        let (op, wrapped) = match (value.found[DEBEZIUM_OP.0], value.found[DEBEZIUM_OP.1]) {
+            (Some(op), _) => (op, false),
+            (None, Some(op)) => (op, true),
+            (None, None) => {
+                return Err(error(
+                    "the record value is not a Debezium change event: it has no `op` field".into(),
+                ))
+            }
+        };
+        value.wrapped = wrapped;
+        key.wrapped = key.found.get(KEY_SCHEMA_TYPE).copied().flatten() == Some("\"struct\"");
+        let op = match op {
+            r#""c""# | r#""r""# | r#""u""# => RowOp::Write,
+            r#""d""# => RowOp::Delete,
+            r#""t""# => {
+                return Err(error(
+                    "a truncate event (op t): idemsink does not empty the table on a truncate \
+                     at the source"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err(error(format!(
+                    "a Debezium event with op {other}: only c (create), r (read, snapshot), u \
+                     (update) and d (delete) change a row"
+                )))
+            }
+        };
+        Ok(Some((op, value, key)))
+    }
+
     fn fill<'r>(
         &self,
         record: &RecordRef<'r>,
         op: RowOp,
+        value: &ReadJson<'r>,
+        key: &ReadJson<'r>,
         cells: &mut Cells,
     ) -> Result<(), ConvertError> {
-        let value = match op {
-            RowOp::Write => self.read(Part::Value, record.value)?,
-            // A tombstone's delete reads nothing of the value.
-            RowOp::Delete => ReadJson::default(),
-        };
-        let key = self.read(Part::Key, record.key)?;
         for (c, column) in self.columns.iter().enumerate() {
             let field = match &column.source {
                 Source::Value => record
@@ -382,6 +490,13 @@ impl RowMapper {
                 Source::Key => record
                     .key
                     .map_or(Field::Missing, |b| Field::Bytes(b, key.text)),
+                Source::ValuePointer(_)
+                    if self.format == RecordFormat::Debezium && column.role == Role::Key =>
+                {
+                    key.field(self.pointer_of[c])
+                }
+                // A delete reads its key only.
+                Source::ValuePointer(_) if op == RowOp::Delete => Field::Missing,
                 Source::ValuePointer(_) => value.field(self.pointer_of[c]),
                 Source::KeyPointer(_) => key.field(self.pointer_of[c]),
                 Source::Topic => Field::Str(record.topic),
@@ -405,13 +520,26 @@ impl RowMapper {
 
     /// The record's key or value read as JSON, when pointer columns read it.
     fn read<'r>(&self, part: Part, bytes: Option<&'r [u8]>) -> Result<ReadJson<'r>, ConvertError> {
-        let pointers = match part {
-            Part::Value => &self.value_pointers,
-            Part::Key => &self.key_pointers,
-        };
-        if pointers.is_empty() {
+        if self.pointers(part).is_empty() {
             return Ok(ReadJson::default());
         }
+        self.read_all(part, bytes)
+    }
+
+    fn pointers(&self, part: Part) -> &Pointers {
+        match part {
+            Part::Value => &self.value_pointers,
+            Part::Key => &self.key_pointers,
+        }
+    }
+
+    /// The record's key or value read as JSON, and what each pointer finds in it.
+    fn read_all<'r>(
+        &self,
+        part: Part,
+        bytes: Option<&'r [u8]>,
+    ) -> Result<ReadJson<'r>, ConvertError> {
+        let pointers = self.pointers(part);
         // The error names the first column that reads it.
         let error = |reason: String| {
             let column = self.columns.iter().find(|c| part.pointed_by(&c.source));
@@ -435,6 +563,7 @@ impl RowMapper {
         Ok(ReadJson {
             text: Some(text),
             found,
+            wrapped: false,
         })
     }
 }
@@ -467,12 +596,16 @@ impl Part {
 struct ReadJson<'r> {
     text: Option<&'r str>,
     found: Vec<Option<&'r str>>,
+    /// Whether JsonConverter wrapped it with its schema: the second pointer of each column
+    /// then reads it.
+    wrapped: bool,
 }
 
 impl<'r> ReadJson<'r> {
     /// The value of the pointer at `index`; missing where the document has none or `null`,
     /// or was not read.
-    fn field(&self, index: Option<usize>) -> Field<'r> {
+    fn field(&self, index: Option<(usize, usize)>) -> Field<'r> {
+        let index = index.map(|(bare, wrapped)| if self.wrapped { wrapped } else { bare });
         let text = index.and_then(|i| self.found.get(i).copied().flatten());
         text.filter(|t| *t != "null")
             .map_or(Field::Missing, Field::Json)
@@ -480,7 +613,7 @@ impl<'r> ReadJson<'r> {
 }
 
 /// The index of `item` in `items`, added at the end if it is not there yet.
-fn push_index<'a>(items: &mut Vec<&'a str>, item: &'a str) -> usize {
+fn push_index(items: &mut Vec<String>, item: String) -> usize {
     items.iter().position(|i| *i == item).unwrap_or_else(|| {
         items.push(item);
         items.len() - 1
@@ -1042,6 +1175,7 @@ mod tests {
                 plan("missing", ColumnKind::TEXT, true, "/nope"),
             ],
             false,
+            RecordFormat::Json,
         );
         let value = br#"{"order_id": 12, "customer": {"name": "ana"}}"#;
         let mut cells = Cells::new(mapper.columns().len());
@@ -1065,6 +1199,125 @@ mod tests {
         );
     }
 
+    /// A mapper of Debezium events of a table (order_id, line, note, op, o): a key of two
+    /// columns, a column named like the envelope's `op`, and the Kafka offset.
+    fn debezium_mapper() -> RowMapper {
+        let key = |name: &str, source: &str| ColumnPlan {
+            role: Role::Key,
+            ..plan(name, ColumnKind::BIGINT, false, source)
+        };
+        RowMapper::new(
+            vec![
+                key("order_id", "/order_id"),
+                key("line", "/line"),
+                plan("note", ColumnKind::TEXT, true, "/note"),
+                plan("op", ColumnKind::TEXT, true, "/op"),
+                plan("o", ColumnKind::BIGINT, false, "$offset"),
+            ],
+            false,
+            RecordFormat::Debezium,
+        )
+    }
+
+    /// JsonConverter's output with schemas: `{"schema": …, "payload": …}`.
+    fn wrapped(payload: &str) -> String {
+        format!(
+            r#"{{"schema":{{"type":"struct","fields":[],"optional":false}},"payload":{payload}}}"#
+        )
+    }
+
+    #[test]
+    fn debezium_events_write_the_row_image_and_delete_by_the_record_key() {
+        let mapper = debezium_mapper();
+        let key = br#"{"order_id":7,"line":2}"#;
+        let create = r#"{"before":null,"after":{"order_id":7,"line":2,"note":"n\t1","op":"x"},"source":{"lsn":5},"op":"c","ts_ms":1}"#;
+        let delete = r#"{"before":{"order_id":7,"line":2,"note":null,"op":null},"after":null,"source":{"lsn":9},"op":"d","ts_ms":2}"#;
+        let wrapped_key = wrapped(std::str::from_utf8(key).expect("utf8"));
+        let cases = [
+            (key.to_vec(), create.to_string(), RowOp::Write),
+            (
+                wrapped_key.clone().into_bytes(),
+                wrapped(create),
+                RowOp::Write,
+            ),
+            (
+                key.to_vec(),
+                wrapped(&create.replace(r#""op":"c""#, r#""op":"u""#)),
+                RowOp::Write,
+            ),
+            (
+                wrapped_key.into_bytes(),
+                create.replace(r#""op":"c""#, r#""op":"r""#),
+                RowOp::Write,
+            ),
+            (key.to_vec(), delete.to_string(), RowOp::Delete),
+            (key.to_vec(), wrapped(delete), RowOp::Delete),
+        ];
+        for (key, value, op) in cases {
+            let mut cells = Cells::new(5);
+            let converted = mapper
+                .convert(&record(Some(&key), Some(value.as_bytes())), &mut cells)
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(converted, Converted::Row(op), "{value}");
+            let expected = match op {
+                RowOp::Write => vec![Some("7"), Some("2"), Some("n\t1"), Some("x"), Some("77")],
+                RowOp::Delete => vec![Some("7"), Some("2"), None, None, Some("77")],
+            };
+            assert_eq!(cells.row(0), expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn debezium_tombstones_do_nothing_and_other_events_are_bad_records() {
+        let mapper = debezium_mapper();
+        let key: &[u8] = br#"{"order_id":7,"line":2}"#;
+        let mut cells = Cells::new(5);
+        assert_eq!(
+            mapper.convert(&record(Some(key), None), &mut cells),
+            Ok(Converted::Nothing("tombstone"))
+        );
+        let refused = [
+            (
+                Some(key),
+                r#"{"before":null,"after":null,"source":{},"op":"t"}"#.to_string(),
+                "truncate",
+            ),
+            (
+                Some(key),
+                wrapped(r#"{"before":null,"after":null,"op":"m"}"#),
+                "op \"m\"",
+            ),
+            (
+                Some(key),
+                r#"{"order_id":7,"line":2}"#.to_string(),
+                "no `op` field",
+            ),
+            (
+                None,
+                r#"{"after":{"order_id":7,"line":2},"op":"c"}"#.to_string(),
+                "no key",
+            ),
+            (
+                Some(b"{}".as_slice()),
+                r#"{"after":{"order_id":7,"line":2},"op":"c"}"#.to_string(),
+                "key column",
+            ),
+            (
+                Some(br#"{"order_id":"seven","line":2}"#.as_slice()),
+                r#"{"after":{"note":"a"},"op":"c"}"#.to_string(),
+                "column order_id",
+            ),
+        ];
+        for (key, value, reason) in refused {
+            let error = mapper
+                .convert(&record(key, Some(value.as_bytes())), &mut cells)
+                .expect_err(&value);
+            assert!(error.to_string().contains(reason), "{value}: {error}");
+        }
+        assert_eq!(cells.rows(), 0, "nothing and refusals leave no row");
+        assert_eq!(cells.text_bytes(), 0);
+    }
+
     #[test]
     fn bad_records_name_the_column_and_the_reason() {
         let mapper = RowMapper::new(
@@ -1081,6 +1334,7 @@ mod tests {
                 ),
             ],
             false,
+            RecordFormat::Json,
         );
         let mut row = Cells::new(2);
         let err = mapper

@@ -33,7 +33,7 @@ use crate::consumer::{
 use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool, SessionLimits};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
-use crate::mapping::{ConvertError, RecordRef, RowMapper};
+use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
 use crate::telemetry;
@@ -666,9 +666,14 @@ fn add_record(
     };
     let keep = shared.dead_letters.is_some();
     match mapper.convert(&record, &mut batch.cells) {
-        Ok(op) => {
+        Ok(Converted::Row(op)) => {
             let raw = keep.then(|| raw_record(m));
             batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
+        }
+        Ok(Converted::Nothing(reason)) => {
+            debug!(pipeline = %shared.pipeline, topic = m.topic(), partition = m.partition(), offset = m.offset(), reason, "a record that changes no row");
+            telemetry::record_ignored(&shared.pipeline, reason);
+            batch.push_nothing(m.topic(), m.partition(), epoch, m.offset());
         }
         Err(error) if keep => {
             let dead = DeadLetter {

@@ -24,6 +24,7 @@ const ASSIGNED_PARTITIONS: &str = "idemsink_assigned_partitions";
 const CONSUMER_LAG: &str = "idemsink_consumer_lag";
 const TRANSACTION_HELD: &str = "idemsink_open_transaction_offsets";
 const RECORDS_SKIPPED: &str = "idemsink_records_skipped_total";
+const RECORDS_IGNORED: &str = "idemsink_records_ignored_total";
 
 /// Installs the process-wide recorder; its handle renders the exposition text.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
@@ -102,6 +103,11 @@ fn describe() {
         "Offsets skipped without being written, by reason (retention: deleted before they were \
          written, with auto.offset.reset earliest or latest)."
     );
+    describe_counter!(
+        RECORDS_IGNORED,
+        "Records read and committed that change no row by design, by reason (tombstone: the \
+         tombstone Debezium sends after a delete event, which already deleted the row)."
+    );
 }
 
 /// Starts a pipeline's counters at zero, so that rates and alerts work before the first event.
@@ -173,4 +179,9 @@ pub fn consumer_lag(pipeline: &str, tp: &TopicPartition, lag: i64, held: i64) {
 pub fn records_skipped(pipeline: &str, tp: &TopicPartition, reason: &'static str, count: i64) {
     counter!(RECORDS_SKIPPED, "pipeline" => pipeline.to_string(), "topic" => tp.topic.clone(), "partition" => tp.partition.to_string(), "reason" => reason)
         .increment(count.max(0) as u64);
+}
+
+/// A record read and committed that changes no row by design.
+pub fn record_ignored(pipeline: &str, reason: &'static str) {
+    counter!(RECORDS_IGNORED, "pipeline" => pipeline.to_string(), "reason" => reason).increment(1);
 }

@@ -4,8 +4,11 @@
 //! columns: what it accepts, the database accepts.
 
 use idemsink::cells::Cells;
+use idemsink::config::RecordFormat;
 use idemsink::json_pointers::Pointers;
-use idemsink::mapping::{ColumnKind, ColumnPlan, RecordRef, Role, RowMapper, RowOp, Source};
+use idemsink::mapping::{
+    ColumnKind, ColumnPlan, Converted, RecordRef, Role, RowMapper, RowOp, Source,
+};
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
@@ -84,7 +87,11 @@ fn mappers(delete_on_null: bool) -> &'static [RowMapper] {
                         source: Source::parse(source).expect("source"),
                         role: Role::Plain,
                     };
-                    all.push(RowMapper::new(vec![column], delete_on_null));
+                    all.push(RowMapper::new(
+                        vec![column],
+                        delete_on_null,
+                        RecordFormat::Json,
+                    ));
                 }
             }
         }
@@ -192,7 +199,8 @@ proptest! {
             let column = &mapper.columns()[0];
             let mut cells = Cells::new(1);
             match mapper.convert(&record, &mut cells) {
-                Ok(op) => {
+                Ok(Converted::Nothing(reason)) => prop_assert!(false, "JSON records always make a row, not {}", reason),
+                Ok(Converted::Row(op)) => {
                     prop_assert_eq!(cells.rows(), 1);
                     match cells.get(0, 0) {
                         Some(text) => {

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use crate::batch::{Batch, Changes, DeadLetter, Winner};
-use crate::config::{ConfigError, LoadedPipeline, SinkMode};
+use crate::config::{ConfigError, LoadedPipeline, RecordFormat, SinkMode};
 use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
@@ -42,7 +42,10 @@ pub struct SinkPlan {
     /// The `sink.newer_by` column.
     pub newer_by: Option<usize>,
     pub position: Option<Position>,
-    pub delete_on_null: bool,
+    pub format: RecordFormat,
+    /// Whether records delete rows: tombstones with `sink.delete_on_null`, delete events in
+    /// Debezium format.
+    pub deletes: bool,
     /// Whether rows may go in by PostgreSQL's `COPY` (see the postgres writer).
     pub copy_allowed: bool,
     /// With a business key the database compares other than by text (a case-insensitive
@@ -62,7 +65,8 @@ fn position_guard_problems(
     newer_by: Option<usize>,
 ) -> Vec<ConfigError> {
     let sink = &p.config.sink;
-    let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || sink.delete_on_null;
+    let deletes = sink.delete_on_null || sink.format == RecordFormat::Debezium;
+    let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || deletes;
     let Some(position) = position.filter(|_| guarded) else {
         return Vec::new();
     };
@@ -220,14 +224,15 @@ impl SinkPlan {
             conflict,
             newer_by,
             position,
-            delete_on_null: sink.delete_on_null,
+            format: sink.format,
+            deletes: sink.delete_on_null || sink.format == RecordFormat::Debezium,
             copy_allowed: schema.copy_allowed,
             columns,
         })
     }
 
     pub fn mapper(&self) -> RowMapper {
-        RowMapper::new(self.columns.clone(), self.delete_on_null)
+        RowMapper::new(self.columns.clone(), self.deletes, self.format)
     }
 
     /// Which record of a key repeated in a batch is written.

@@ -228,7 +228,7 @@ impl MySqlWriter {
         let per_statement =
             |bound: usize| (MAX_PARAMETERS / bound.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
         let rows_per_statement = per_statement(plan.columns.len());
-        let delete = plan.delete_on_null.then(|| delete_sql(plan));
+        let delete = plan.deletes.then(|| delete_sql(plan));
         let delete_limit = StatementLimit {
             rows: per_statement(delete.as_ref().map_or(1, |d| d.bound.len())),
             bytes,

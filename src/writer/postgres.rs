@@ -158,7 +158,7 @@ impl PgWriter {
                 )
             }),
             write_sql: write_sql(plan),
-            delete: plan.delete_on_null.then(|| delete_sql(plan)),
+            delete: plan.deletes.then(|| delete_sql(plan)),
             all_columns: (0..plan.columns.len()).collect(),
             key_groups: plan.key_equality.as_ref().map(|equality| {
                 let partition: Vec<String> = equality

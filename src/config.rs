@@ -816,6 +816,14 @@ fn check_conflict_rules(
     }
     if sink.format == RecordFormat::Debezium {
         problems.extend(check_debezium_rules(sink, columns));
+    } else if let Some((name, _)) = columns.iter().find(|(_, s)| *s == Source::SourcePosition) {
+        problems.push((
+            "sink.columns",
+            format!(
+                "`{name}` is mapped from $source_position, which only a Debezium change event \
+                 has (sink.format: debezium)"
+            ),
+        ));
     }
     if let Some(version) = &sink.newer_by {
         if sink.mode != SinkMode::Upsert {
@@ -1075,6 +1083,9 @@ sink:
             ),
             ("  mode: upsert\n  key: [kafka_offset]\n", "sink.key"),
         ];
+        let json = GOOD.replace("Customer: /customer/name", "Customer: $source_position");
+        let e = only_error(&json, &env);
+        assert!(e.message.contains("only a Debezium change event"), "{e}");
         for (sink, key) in refused {
             let errors = load(&file(sink), &env).expect_err(sink);
             assert!(errors.iter().any(|e| e.key == key), "{sink}: {errors:?}");

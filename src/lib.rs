@@ -16,6 +16,7 @@ pub mod cells;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod debezium;
 pub mod dead_letters;
 pub mod dead_letters_command;
 pub mod health;

@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use serde::de::IgnoredAny;
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 use crate::cells::Cells;
 use crate::config::RecordFormat;
+use crate::debezium::{self, Decoded, Encoding, Encodings, RowIn, SchemaCache};
 use crate::json_pointers::Pointers;
 
 /// Where a column's value comes from.
@@ -33,6 +35,9 @@ pub enum Source {
     Offset,
     /// The record timestamp (milliseconds since the epoch).
     Timestamp,
+    /// Where a Debezium change event's source log had the change: comparable between the
+    /// changes of one row (see [`crate::debezium::source_position`]).
+    SourcePosition,
 }
 
 impl Source {
@@ -56,10 +61,11 @@ impl Source {
             "$partition" => Ok(Source::Partition),
             "$offset" => Ok(Source::Offset),
             "$timestamp" => Ok(Source::Timestamp),
+            "$source_position" => Ok(Source::SourcePosition),
             s if s.starts_with('/') => Ok(Source::ValuePointer(pointer(s)?)),
             s if s.starts_with("$key/") => Ok(Source::KeyPointer(pointer(&s[4..])?)),
             _ => Err(format!(
-                "`{spec}` is not a source: use a JSON Pointer (/field/sub), $value, $key, $key/pointer, $topic, $partition, $offset or $timestamp"
+                "`{spec}` is not a source: use a JSON Pointer (/field/sub), $value, $key, $key/pointer, $topic, $partition, $offset, $timestamp or $source_position"
             )),
         }
     }
@@ -76,6 +82,7 @@ impl fmt::Display for Source {
             Source::Partition => f.write_str("$partition"),
             Source::Offset => f.write_str("$offset"),
             Source::Timestamp => f.write_str("$timestamp"),
+            Source::SourcePosition => f.write_str("$source_position"),
         }
     }
 }
@@ -164,6 +171,10 @@ impl ColumnKind {
                     self,
                     Numeric { .. } | Text { .. } | Timestamp | TimestampTz | DateTime { .. }
                 ) || matches!(self, Integer { max, .. } if *max == i64::MAX)
+            }
+            // Signed: a snapshot row's position is below zero.
+            Source::SourcePosition => {
+                matches!(self, Integer { min, max } if *min == i64::MIN && *max == i64::MAX)
             }
         };
         if ok {
@@ -316,12 +327,22 @@ pub struct RowMapper {
     /// JsonConverter wrapped with its schema (`{"schema": …, "payload": …}`): the two differ
     /// in Debezium format only.
     pointer_of: Vec<Option<(usize, usize)>>,
+    /// In Debezium format, per column, the field of the row it reads (a pointer of one token),
+    /// whose schema says how its JSON encodes the value.
+    field_of: Vec<Option<String>>,
+    schemas: SchemaCache,
+    /// Where the value's pointers to the event's `source` fields begin, when a column maps
+    /// `$source_position`.
+    position_at: Option<usize>,
 }
 
 /// In Debezium format, the value's first pointers find the operation (`op`), without and with
-/// the schema wrapper; the key's first pointer tells a key wrapped with its schema.
+/// the schema wrapper, then the schema; the key's tell a key wrapped with its schema, and
+/// find that schema.
 const DEBEZIUM_OP: (usize, usize) = (0, 1);
+const VALUE_SCHEMA: usize = 2;
 const KEY_SCHEMA_TYPE: usize = 0;
+const KEY_SCHEMA: usize = 1;
 
 /// A value from a record before conversion to the column type.
 enum Field<'a> {
@@ -344,8 +365,31 @@ impl RowMapper {
         if debezium {
             push_index(&mut value, "/op".into());
             push_index(&mut value, "/payload/op".into());
+            push_index(&mut value, "/schema".into());
             push_index(&mut key, "/schema/type".into());
+            push_index(&mut key, "/schema".into());
         }
+        let position_at = columns
+            .iter()
+            .any(|c| c.source == Source::SourcePosition)
+            .then(|| {
+                let at = value.len();
+                for prefix in ["/source/", "/payload/source/"] {
+                    for field in debezium::SOURCE_FIELDS {
+                        value.push(format!("{prefix}{field}"));
+                    }
+                }
+                at
+            });
+        let field_of = columns
+            .iter()
+            .map(|column| match &column.source {
+                Source::ValuePointer(p) if debezium && p[1..].find('/').is_none() => {
+                    Some(p[1..].replace("~1", "/").replace("~0", "~"))
+                }
+                _ => None,
+            })
+            .collect();
         for column in &columns {
             let same = |i| Some((i, i));
             pointer_of.push(match &column.source {
@@ -372,6 +416,9 @@ impl RowMapper {
             value_pointers,
             key_pointers,
             pointer_of,
+            field_of,
+            schemas: SchemaCache::default(),
+            position_at,
         }
     }
 
@@ -452,8 +499,6 @@ impl RowMapper {
                 ))
             }
         };
-        value.wrapped = wrapped;
-        key.wrapped = key.found.get(KEY_SCHEMA_TYPE).copied().flatten() == Some("\"struct\"");
         let op = match op {
             r#""c""# | r#""r""# | r#""u""# => RowOp::Write,
             r#""d""# => RowOp::Delete,
@@ -471,6 +516,18 @@ impl RowMapper {
                 )))
             }
         };
+        let schema = |read: &ReadJson<'r>, at: usize, row: RowIn| match read.found[at] {
+            Some(text) => self.schemas.encodings(text, row).map(Some).map_err(error),
+            None => Err(error("the record is wrapped without its schema".into())),
+        };
+        value.wrapped = wrapped;
+        if wrapped {
+            value.encodings = schema(&value, VALUE_SCHEMA, RowIn::Value)?;
+        }
+        key.wrapped = key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
+        if key.wrapped {
+            key.encodings = schema(&key, KEY_SCHEMA, RowIn::Key)?;
+        }
         Ok(Some((op, value, key)))
     }
 
@@ -503,12 +560,31 @@ impl RowMapper {
                 Source::Partition => Field::Int(i64::from(record.partition)),
                 Source::Offset => Field::Int(record.offset),
                 Source::Timestamp => record.timestamp_ms.map_or(Field::Missing, Field::Int),
+                Source::SourcePosition => match self.position_at {
+                    Some(at) => Field::Int(value.source_position(at).map_err(|reason| {
+                        ConvertError {
+                            column: column.name.clone(),
+                            reason,
+                        }
+                    })?),
+                    None => Field::Missing,
+                },
             };
-            let written = convert_field(column.kind, field, cells.buffer(c)).map_err(|reason| {
-                ConvertError {
-                    column: column.name.clone(),
-                    reason,
+            let out = cells.buffer(c);
+            let written = match (field, &self.field_of[c]) {
+                (Field::Json(json), Some(name)) => {
+                    let read = if column.role == Role::Key { key } else { value };
+                    let encoding = match &read.encodings {
+                        Some(encodings) => encodings.get(name).unwrap_or(&Encoding::Plain),
+                        None => &Encoding::Unknown,
+                    };
+                    convert_decoded(column.kind, encoding, json, out)
                 }
+                (field, _) => convert_field(column.kind, field, out),
+            }
+            .map_err(|reason| ConvertError {
+                column: column.name.clone(),
+                reason,
             })?;
             cells.end_cell(c, !written);
             if !written {
@@ -564,6 +640,7 @@ impl RowMapper {
             text: Some(text),
             found,
             wrapped: false,
+            encodings: None,
         })
     }
 }
@@ -599,9 +676,19 @@ struct ReadJson<'r> {
     /// Whether JsonConverter wrapped it with its schema: the second pointer of each column
     /// then reads it.
     wrapped: bool,
+    /// With its schema, how each field of its row encodes its value.
+    encodings: Option<Arc<Encodings>>,
 }
 
 impl<'r> ReadJson<'r> {
+    /// The source position of a Debezium event whose `source` fields' pointers begin at `at`.
+    fn source_position(&self, at: usize) -> Result<i64, String> {
+        let count = debezium::SOURCE_FIELDS.len();
+        let at = if self.wrapped { at + count } else { at };
+        let fields = self.found.get(at..at + count).ok_or("no source fields read")?;
+        debezium::source_position(fields)
+    }
+
     /// The value of the pointer at `index`; missing where the document has none or `null`,
     /// or was not read.
     fn field(&self, index: Option<(usize, usize)>) -> Field<'r> {
@@ -700,6 +787,23 @@ impl<'a> JsonRef<'a> {
         }
         format!("{kind} ({text})")
     }
+}
+
+/// Writes a Debezium field converted for a column of `kind` to `out`, decoded first as its
+/// `encoding` says.
+fn convert_decoded(
+    kind: ColumnKind,
+    encoding: &Encoding,
+    json: &str,
+    out: &mut String,
+) -> Result<bool, String> {
+    let field = match debezium::decode(encoding, kind, json)? {
+        Decoded::AsIs => return convert_field(kind, Field::Json(json), out),
+        Decoded::Text(text) => return convert_field(kind, Field::Str(&text), out),
+        Decoded::Number(number) => return convert_field(kind, Field::Json(&number), out),
+        Decoded::Bytes(bytes) => bytes,
+    };
+    convert_field(kind, Field::Bytes(&field, None), out)
 }
 
 /// Writes `field` converted for a column of `kind` to `out`; false when it has no value.
@@ -1219,11 +1323,19 @@ mod tests {
         )
     }
 
-    /// JsonConverter's output with schemas: `{"schema": …, "payload": …}`.
+    /// JsonConverter's output with schemas: `{"schema": …, "payload": …}`, for the key (whose
+    /// payload has no `op`) or the value of [`debezium_mapper`]'s table.
     fn wrapped(payload: &str) -> String {
-        format!(
-            r#"{{"schema":{{"type":"struct","fields":[],"optional":false}},"payload":{payload}}}"#
-        )
+        let key = r#"{"type":"int64","field":"order_id"},{"type":"int32","field":"line"}"#;
+        let schema = if payload.contains(r#""op""#) {
+            let row = format!(r#"{key},{{"type":"string","field":"note"}},{{"type":"string","field":"op"}}"#);
+            format!(
+                r#"{{"type":"struct","fields":[{{"type":"struct","fields":[{row}],"field":"before"}},{{"type":"struct","fields":[{row}],"field":"after"}},{{"type":"string","field":"op"}}]}}"#
+            )
+        } else {
+            format!(r#"{{"type":"struct","fields":[{key}]}}"#)
+        };
+        format!(r#"{{"schema":{schema},"payload":{payload}}}"#)
     }
 
     #[test]
@@ -1265,6 +1377,43 @@ mod tests {
             };
             assert_eq!(cells.row(0), expected, "{value}");
         }
+    }
+
+    #[test]
+    fn debezium_source_positions_fill_their_column_for_writes_and_deletes() {
+        let key_column = ColumnPlan {
+            role: Role::Key,
+            ..plan("order_id", ColumnKind::BIGINT, false, "/order_id")
+        };
+        let mapper = RowMapper::new(
+            vec![key_column, plan("at", ColumnKind::BIGINT, false, "$source_position")],
+            false,
+            RecordFormat::Debezium,
+        );
+        let key: &[u8] = br#"{"order_id":7}"#;
+        let event = |op: &str, snapshot: &str| {
+            format!(
+                r#"{{"before":null,"after":{{"order_id":7}},"source":{{"connector":"postgresql","snapshot":{snapshot},"lsn":42}},"op":"{op}"}}"#
+            )
+        };
+        let snapshot_at = (42 + i64::MIN).to_string();
+        for (value, at) in [
+            (event("c", r#""false""#), "42"),
+            (event("d", "null"), "42"),
+            (event("r", r#""last""#), snapshot_at.as_str()),
+        ] {
+            let mut cells = Cells::new(2);
+            mapper
+                .convert(&record(Some(key), Some(value.as_bytes())), &mut cells)
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(cells.get(1, 0), Some(at), "{value}");
+        }
+        let mut cells = Cells::new(2);
+        let mysql = event("c", "null").replace("postgresql", "mysql");
+        let error = mapper
+            .convert(&record(Some(key), Some(mysql.as_bytes())), &mut cells)
+            .expect_err("mysql");
+        assert_eq!(error.column, "at", "{error}");
     }
 
     #[test]

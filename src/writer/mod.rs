@@ -41,6 +41,9 @@ pub struct SinkPlan {
     pub keyed: bool,
     /// The `sink.newer_by` column.
     pub newer_by: Option<usize>,
+    /// The `newer_by` column when deletes carry it too (`$source_position`: a Debezium delete
+    /// event has its position): a delete then applies only to an older row.
+    pub delete_version: Option<usize>,
     pub position: Option<Position>,
     pub format: RecordFormat,
     /// Whether records delete rows: tombstones with `sink.delete_on_null`, delete events in
@@ -223,6 +226,7 @@ impl SinkPlan {
             keyed: !sink.key.is_empty(),
             conflict,
             newer_by,
+            delete_version: newer_by.filter(|v| columns[*v].source == Source::SourcePosition),
             position,
             format: sink.format,
             deletes: sink.delete_on_null || sink.format == RecordFormat::Debezium,

@@ -395,8 +395,10 @@ fn on_duplicate_key(plan: &SinkPlan, row_alias: bool) -> String {
 
 fn delete_sql(plan: &SinkPlan) -> DeleteSql {
     let mut bound = plan.conflict.clone();
-    if let Some(p) = plan.position {
-        bound.extend(p.topic.into_iter().chain([p.partition, p.offset]));
+    match (plan.delete_version, plan.position) {
+        (Some(v), _) => bound.push(v),
+        (None, Some(p)) => bound.extend(p.topic.into_iter().chain([p.partition, p.offset])),
+        (None, None) => {}
     }
     let placeholder = |c: usize| match plan.columns[c].kind {
         ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
@@ -415,14 +417,16 @@ fn delete_sql(plan: &SinkPlan) -> DeleteSql {
         .iter()
         .map(|c| format!("t.{} = r.c{c}", plan.quoted(*c)))
         .collect();
-    let guard = plan.position.map_or(String::new(), |p| {
-        format!(
+    let guard = match (plan.delete_version, plan.position) {
+        (Some(v), _) => format!(" WHERE t.{0} IS NULL OR r.c{v} > t.{0}", plan.quoted(v)),
+        (None, Some(p)) => format!(
             " WHERE {}",
             not_older(p, &|c| format!("t.{}", plan.quoted(c)), &|c| format!(
                 "r.c{c}"
             ))
-        )
-    });
+        ),
+        (None, None) => String::new(),
+    };
     DeleteSql {
         head: format!(
             "DELETE t FROM {} AS t JOIN (",

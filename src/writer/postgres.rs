@@ -297,8 +297,10 @@ fn write_sql(plan: &SinkPlan) -> String {
 /// which columns it binds (the key, and the position when the table records it).
 fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
     let mut bound = plan.conflict.clone();
-    if let Some(p) = plan.position {
-        bound.extend(p.topic.into_iter().chain([p.partition, p.offset]));
+    match (plan.delete_version, plan.position) {
+        (Some(v), _) => bound.push(v),
+        (None, Some(p)) => bound.extend(p.topic.into_iter().chain([p.partition, p.offset])),
+        (None, None) => {}
     }
     let mut conditions: Vec<String> = plan
         .conflict
@@ -311,8 +313,14 @@ fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
             )
         })
         .collect();
-    if let Some(p) = plan.position {
-        conditions.push(not_older(plan, p, "r"));
+    match (plan.delete_version, plan.position) {
+        (Some(v), _) => conditions.push(format!(
+            "(t.{0} IS NULL OR r.c{v}::{1} > t.{0})",
+            plan.quoted(v),
+            plan.columns[v].kind.sql_name()
+        )),
+        (None, Some(p)) => conditions.push(not_older(plan, p, "r")),
+        (None, None) => {}
     }
     let sql = format!(
         "DELETE FROM {} AS t USING {} WHERE {}",

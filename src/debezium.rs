@@ -1,0 +1,509 @@
+//! Debezium change events: how each field's JSON encodes its value. Kafka Connect's
+//! JsonConverter writes a date as days since the epoch, a decimal as base64 bytes, a JSON
+//! column as a string of JSON; only the field's schema (its logical type, such as
+//! `io.debezium.time.MicroTimestamp`) says which. [`crate::mapping`] reads the envelope and
+//! asks here, per column, how to decode the field before the column's own conversion.
+//!
+//! Schemas repeat in every record of a table; each distinct one is parsed once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use chrono::{DateTime, NaiveDate, NaiveTime};
+use num_bigint::BigInt;
+use serde::Deserialize;
+
+use crate::mapping::ColumnKind;
+
+/// How a field's JSON holds its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoding {
+    /// As JSON says: numbers, strings, booleans, arrays.
+    Plain,
+    /// Days since 1970-01-01 (`io.debezium.time.Date`, Connect's `Date`).
+    Days,
+    /// A point in time since the epoch, in this many units per second (`Timestamp`: 1000,
+    /// `MicroTimestamp`: 10^6, `NanoTimestamp`: 10^9, Connect's `Timestamp`: 1000).
+    Epoch { per_second: i64 },
+    /// A time of day since midnight, in this many units per second (`Time`, `MicroTime`,
+    /// `NanoTime`, Connect's `Time`).
+    TimeOfDay { per_second: i64 },
+    /// Connect's `Decimal`: the unscaled value as base64 two's-complement bytes.
+    Decimal { scale: u32 },
+    /// `io.debezium.data.VariableScaleDecimal`: `{"scale": …, "value": <Decimal bytes>}`.
+    VariableScaleDecimal,
+    /// `io.debezium.data.Json`: a string whose content is the JSON document.
+    JsonText,
+    /// Bytes without a logical type (bytea, binary): base64.
+    Bytes,
+    /// A logical type idemsink does not convert (named in the error).
+    Unsupported(String),
+    /// The record has no schema (JsonConverter's `schemas.enable=false`): what is
+    /// unambiguous is converted, the rest refused (see [`decode`]).
+    Unknown,
+}
+
+impl Encoding {
+    fn of(field: &FieldSchema) -> Encoding {
+        let per_second = |unit: &str| match unit {
+            "milli" => 1_000,
+            "micro" => 1_000_000,
+            _ => 1_000_000_000,
+        };
+        match field.name.as_deref() {
+            Some("io.debezium.time.Date" | "org.apache.kafka.connect.data.Date") => Encoding::Days,
+            Some("io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
+                Encoding::Epoch {
+                    per_second: per_second("milli"),
+                }
+            }
+            Some("io.debezium.time.MicroTimestamp") => Encoding::Epoch {
+                per_second: per_second("micro"),
+            },
+            Some("io.debezium.time.NanoTimestamp") => Encoding::Epoch {
+                per_second: per_second("nano"),
+            },
+            Some("io.debezium.time.Time" | "org.apache.kafka.connect.data.Time") => {
+                Encoding::TimeOfDay {
+                    per_second: per_second("milli"),
+                }
+            }
+            Some("io.debezium.time.MicroTime") => Encoding::TimeOfDay {
+                per_second: per_second("micro"),
+            },
+            Some("io.debezium.time.NanoTime") => Encoding::TimeOfDay {
+                per_second: per_second("nano"),
+            },
+            Some("org.apache.kafka.connect.data.Decimal") => {
+                match field.parameters.get("scale").map(|s| s.parse::<u32>()) {
+                    Some(Ok(scale)) => Encoding::Decimal { scale },
+                    _ => Encoding::Unsupported("a Decimal without a scale".into()),
+                }
+            }
+            Some("io.debezium.data.VariableScaleDecimal") => Encoding::VariableScaleDecimal,
+            Some("io.debezium.data.Json") => Encoding::JsonText,
+            Some(
+                name @ ("io.debezium.time.MicroDuration"
+                | "io.debezium.time.NanoDuration"
+                | "io.debezium.time.Interval"),
+            ) => Encoding::Unsupported(format!("{name} (an interval)")),
+            Some(name) if name.starts_with("io.debezium.data.geometry.") => {
+                Encoding::Unsupported(format!("{name} (a spatial type)"))
+            }
+            _ if field.kind == "bytes" => Encoding::Bytes,
+            _ if field.kind == "struct" || field.kind == "map" => Encoding::Unsupported(
+                format!("a {} field {}", field.kind, field.name.as_deref().unwrap_or("")),
+            ),
+            _ => Encoding::Plain,
+        }
+    }
+}
+
+/// A field of a Kafka Connect schema, as JsonConverter writes it.
+#[derive(Debug, Deserialize)]
+struct FieldSchema {
+    #[serde(default)]
+    field: String,
+    #[serde(rename = "type")]
+    kind: String,
+    name: Option<String>,
+    #[serde(default)]
+    parameters: HashMap<String, String>,
+    #[serde(default)]
+    fields: Vec<FieldSchema>,
+}
+
+/// The encodings of a row's fields, by field name.
+pub type Encodings = HashMap<String, Encoding>;
+
+/// Which struct of a schema holds the row's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowIn {
+    /// The record key: the schema's own fields.
+    Key,
+    /// The change event's value: the fields of its `after` struct (the same as `before`'s).
+    Value,
+}
+
+/// Parsed schemas by their JSON text: a pipeline sees one per table and schema version, so a
+/// few entries serve every record.
+#[derive(Debug, Default)]
+pub struct SchemaCache {
+    entries: Mutex<Vec<(Box<str>, RowIn, Arc<Encodings>)>>,
+}
+
+/// Past this many distinct schemas, the oldest is parsed again when it comes back.
+const CACHED_SCHEMAS: usize = 256;
+
+impl Clone for SchemaCache {
+    fn clone(&self) -> SchemaCache {
+        SchemaCache::default()
+    }
+}
+
+impl SchemaCache {
+    /// The encodings of the row's fields that `schema` (JSON text) describes.
+    pub fn encodings(&self, schema: &str, row: RowIn) -> Result<Arc<Encodings>, String> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, found)) = entries
+            .iter()
+            .find(|(text, part, _)| *part == row && &**text == schema)
+        {
+            return Ok(Arc::clone(found));
+        }
+        let parsed = Arc::new(parse(schema, row)?);
+        if entries.len() == CACHED_SCHEMAS {
+            entries.remove(0);
+        }
+        entries.push((schema.into(), row, Arc::clone(&parsed)));
+        Ok(parsed)
+    }
+}
+
+fn parse(schema: &str, row: RowIn) -> Result<Encodings, String> {
+    let schema: FieldSchema = serde_json::from_str(schema)
+        .map_err(|e| format!("the record's schema is not a Kafka Connect schema: {e}"))?;
+    let fields = match row {
+        RowIn::Key => &schema.fields,
+        RowIn::Value => {
+            let after = schema.fields.iter().find(|f| f.field == "after");
+            &after
+                .ok_or("the record's schema has no `after` field: not a Debezium change event")?
+                .fields
+        }
+    };
+    Ok(fields
+        .iter()
+        .map(|f| (f.field.clone(), Encoding::of(f)))
+        .collect())
+}
+
+/// A field decoded to what a column conversion takes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// JSON text to convert as it is.
+    AsIs,
+    /// A string value (a date, a timestamp in RFC 3339, a time of day).
+    Text(String),
+    /// A JSON number's text (a decimal).
+    Number(String),
+    /// Bytes: binary columns take them, JSON columns check them as a document, text
+    /// columns as UTF-8.
+    Bytes(Vec<u8>),
+}
+
+/// Decodes `json`, a field's JSON text (not `null`), for a column of `kind`.
+pub fn decode(encoding: &Encoding, kind: ColumnKind, json: &str) -> Result<Decoded, String> {
+    Ok(match encoding {
+        Encoding::Plain => Decoded::AsIs,
+        Encoding::Days => Decoded::Text(date(integer(json)?)?),
+        Encoding::Epoch { per_second } => Decoded::Text(timestamp(integer(json)?, *per_second)?),
+        Encoding::TimeOfDay { per_second } => {
+            Decoded::Text(time_of_day(integer(json)?, *per_second)?)
+        }
+        Encoding::Decimal { scale } => Decoded::Number(decimal(&base64(&string(json)?)?, *scale)),
+        Encoding::VariableScaleDecimal => {
+            #[derive(Deserialize)]
+            struct Variable {
+                scale: u32,
+                value: String,
+            }
+            let v: Variable = serde_json::from_str(json)
+                .map_err(|e| format!("not a VariableScaleDecimal: {e}"))?;
+            Decoded::Number(decimal(&base64(&v.value)?, v.scale))
+        }
+        Encoding::JsonText => Decoded::Bytes(string(json)?.into_bytes()),
+        Encoding::Bytes => Decoded::Bytes(base64(&string(json)?)?),
+        Encoding::Unsupported(what) => {
+            return Err(format!("the field holds {what}, which idemsink does not convert"))
+        }
+        Encoding::Unknown => return without_schema(kind, json),
+    })
+}
+
+/// Without a schema, a field is converted only where its JSON form says what it is: Debezium
+/// sends every JSON column as a string of JSON and every date as days; a number for a time,
+/// or a string for a decimal or bytes, could be in more than one unit or encoding.
+fn without_schema(kind: ColumnKind, json: &str) -> Result<Decoded, String> {
+    use ColumnKind::*;
+    let string = json.starts_with('"');
+    let ambiguous = match kind {
+        Json | Jsonb if string => return decode(&Encoding::JsonText, kind, json),
+        Date if !string => return decode(&Encoding::Days, kind, json),
+        Timestamp | TimestampTz | DateTime { .. } if !string => {
+            "a number for a timestamp may count milli-, micro- or nanoseconds"
+        }
+        Numeric { .. } if string => "a string for a decimal may be base64 bytes or digits",
+        Bytea | Binary { .. } if string => "a string for bytes may be base64 or hex",
+        _ => return Ok(Decoded::AsIs),
+    };
+    Err(format!(
+        "the record has no schema, and {ambiguous}: let Kafka Connect's JsonConverter include \
+         it (value.converter.schemas.enable=true)"
+    ))
+}
+
+fn integer(json: &str) -> Result<i64, String> {
+    json.parse()
+        .map_err(|_| format!("expected an integer, got {json}"))
+}
+
+fn string(json: &str) -> Result<String, String> {
+    serde_json::from_str(json).map_err(|_| format!("expected a string, got {json}"))
+}
+
+fn base64(text: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("`{text}` is not base64: {e}"))
+}
+
+fn date(days: i64) -> Result<String, String> {
+    /// 1970-01-01 counted from 0001-01-01 as day 1, as chrono counts.
+    const EPOCH_FROM_CE: i64 = 719_163;
+    i32::try_from(days + EPOCH_FROM_CE)
+        .ok()
+        .and_then(NaiveDate::from_num_days_from_ce_opt)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .ok_or_else(|| format!("{days} days from 1970-01-01 is out of the date range"))
+}
+
+fn timestamp(count: i64, per_second: i64) -> Result<String, String> {
+    let (seconds, part) = (count.div_euclid(per_second), count.rem_euclid(per_second));
+    let nanos = part * (1_000_000_000 / per_second);
+    DateTime::from_timestamp(seconds, nanos as u32)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .ok_or_else(|| format!("{count} (1/{per_second} s since the epoch) is out of range"))
+}
+
+fn time_of_day(count: i64, per_second: i64) -> Result<String, String> {
+    let (seconds, part) = (count.div_euclid(per_second), count.rem_euclid(per_second));
+    let nanos = part * (1_000_000_000 / per_second);
+    u32::try_from(seconds)
+        .ok()
+        .and_then(|s| NaiveTime::from_num_seconds_from_midnight_opt(s, nanos as u32))
+        .map(|t| t.format("%H:%M:%S%.f").to_string())
+        .ok_or_else(|| format!("{count} (1/{per_second} s since midnight) is not a time of day"))
+}
+
+/// The decimal text of an unscaled two's-complement big-endian integer and its scale.
+fn decimal(unscaled: &[u8], scale: u32) -> String {
+    let digits = BigInt::from_signed_bytes_be(unscaled).to_string();
+    let (sign, digits) = match digits.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", digits.as_str()),
+    };
+    let scale = scale as usize;
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    format!("{sign}{whole}.{fraction}")
+}
+
+/// The fields of a change event's `source` block that [`source_position`] reads, in order.
+pub const SOURCE_FIELDS: [&str; 3] = ["connector", "snapshot", "lsn"];
+
+/// A snapshot row's position is its snapshot's LSN moved below every streamed change's.
+const SNAPSHOT_BELOW_STREAMED: i64 = i64::MIN;
+
+/// Where the source's log had a change, as one number that orders the changes of one row;
+/// `fields` are the JSON texts of [`SOURCE_FIELDS`]. Only the PostgreSQL connector's position
+/// is known to order them:
+/// - a streamed change is at its LSN: changes of one row are serialized by the row's lock, so
+///   their LSNs rise in commit order (changes of different rows may interleave, which does
+///   not matter to a per-row guard);
+/// - a snapshot row is at the snapshot's LSN minus 2^63, below every streamed change: a
+///   transaction in flight when the snapshot began may have changed a row at an LSN below the
+///   snapshot's and still commit after it, so its change is newer than the snapshot's row. A
+///   later snapshot is still newer than an earlier one.
+pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
+    let [connector, snapshot, lsn] = fields else {
+        return Err("the event's source fields were not read".into());
+    };
+    match *connector {
+        Some(r#""postgresql""#) => {}
+        Some(other) => {
+            return Err(format!(
+                "$source_position knows the PostgreSQL connector's position (source.lsn), not \
+                 that of connector {other}: use newer_by on a version column of the row, or \
+                 leave it to the Kafka position"
+            ))
+        }
+        None => return Err("the event has no source.connector".into()),
+    }
+    let lsn: i64 = lsn
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l >= 0)
+        .ok_or_else(|| format!("the event's source.lsn is not an LSN: {lsn:?}"))?;
+    // `snapshot` is "true", "first", "last", "incremental"… for a snapshot row, and "false"
+    // or absent for a streamed change.
+    let snapshotted = !matches!(*snapshot, None | Some("null" | r#""false""#));
+    Ok(if snapshotted {
+        lsn.wrapping_add(SNAPSHOT_BELOW_STREAMED)
+    } else {
+        lsn
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(kind: &str, name: Option<&str>, parameters: &[(&str, &str)]) -> FieldSchema {
+        FieldSchema {
+            field: "f".into(),
+            kind: kind.into(),
+            name: name.map(Into::into),
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fields: Vec::new(),
+        }
+    }
+
+    fn decoded(encoding: &Encoding, json: &str) -> Decoded {
+        decode(encoding, ColumnKind::TEXT, json).unwrap_or_else(|e| panic!("{json}: {e}"))
+    }
+
+    #[test]
+    fn logical_types_decode_to_what_the_columns_take() {
+        let text = |s: &str| Decoded::Text(s.into());
+        let number = |s: &str| Decoded::Number(s.into());
+        let cases = [
+            (field("int32", Some("io.debezium.time.Date"), &[]), "7306", text("1990-01-02")),
+            (field("int32", Some("io.debezium.time.Date"), &[]), "-1", text("1969-12-31")),
+            (
+                field("int64", Some("io.debezium.time.MicroTimestamp"), &[]),
+                "1796194348856108",
+                text("2026-12-02T06:52:28.856108Z"),
+            ),
+            (
+                field("int64", Some("io.debezium.time.Timestamp"), &[]),
+                "-1",
+                text("1969-12-31T23:59:59.999Z"),
+            ),
+            (
+                field("int64", Some("io.debezium.time.NanoTimestamp"), &[]),
+                "1000000001",
+                text("1970-01-01T00:00:01.000000001Z"),
+            ),
+            (
+                field("int64", Some("io.debezium.time.MicroTime"), &[]),
+                "45296000001",
+                text("12:34:56.000001"),
+            ),
+            (
+                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "2")]),
+                "\"BOI=\"",
+                number("12.50"),
+            ),
+            (
+                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "3")]),
+                "\"/w==\"",
+                number("-0.001"),
+            ),
+            (
+                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "0")]),
+                "\"AA==\"",
+                number("0"),
+            ),
+            (
+                field("struct", Some("io.debezium.data.VariableScaleDecimal"), &[]),
+                r#"{"scale":1,"value":"BQ=="}"#,
+                number("0.5"),
+            ),
+            (
+                field("string", Some("io.debezium.data.Json"), &[]),
+                r#""{\"a\": 1}""#,
+                Decoded::Bytes(br#"{"a": 1}"#.to_vec()),
+            ),
+            (field("bytes", None, &[]), "\"AP8=\"", Decoded::Bytes(vec![0, 255])),
+            (field("string", Some("io.debezium.data.Uuid"), &[]), "\"7405a342-fe6f\"", Decoded::AsIs),
+            (field("string", Some("io.debezium.time.ZonedTimestamp"), &[]), "\"x\"", Decoded::AsIs),
+        ];
+        for (schema, json, expected) in cases {
+            assert_eq!(decoded(&Encoding::of(&schema), json), expected, "{schema:?} {json}");
+        }
+    }
+
+    #[test]
+    fn decimals_keep_every_digit() {
+        let big = BigInt::parse_bytes(b"-123456789012345678901234567890123456789", 10)
+            .expect("number")
+            .to_signed_bytes_be();
+        assert_eq!(decimal(&big, 5), "-1234567890123456789012345678901234.56789");
+        assert_eq!(decimal(&[0x01], 4), "0.0001");
+    }
+
+    #[test]
+    fn unsupported_and_ambiguous_fields_are_refused_with_the_reason() {
+        let interval = Encoding::of(&field("int64", Some("io.debezium.time.MicroDuration"), &[]));
+        let error = decode(&interval, ColumnKind::TEXT, "5").expect_err("interval");
+        assert!(error.contains("MicroDuration"), "{error}");
+        let refused = [
+            (ColumnKind::TimestampTz, "1796194348856108", "milli-, micro-"),
+            (ColumnKind::Numeric { precision: None, scale: 2 }, "\"BOI=\"", "base64 bytes or digits"),
+            (ColumnKind::Bytea, "\"AP8=\"", "base64 or hex"),
+        ];
+        for (kind, json, reason) in refused {
+            let error = decode(&Encoding::Unknown, kind, json).expect_err(json);
+            assert!(error.contains(reason) && error.contains("schemas.enable"), "{error}");
+        }
+        let accepted = [
+            (ColumnKind::Jsonb, r#""[1]""#, Decoded::Bytes(b"[1]".to_vec())),
+            (ColumnKind::Date, "0", Decoded::Text("1970-01-01".into())),
+            (ColumnKind::Numeric { precision: None, scale: 2 }, "12.5", Decoded::AsIs),
+            (ColumnKind::TEXT, "\"AP8=\"", Decoded::AsIs),
+        ];
+        for (kind, json, expected) in accepted {
+            assert_eq!(decode(&Encoding::Unknown, kind, json), Ok(expected), "{json}");
+        }
+    }
+
+    #[test]
+    fn source_positions_put_snapshots_below_streamed_changes() {
+        let pg = Some(r#""postgresql""#);
+        let at = |snapshot: Option<&str>, lsn: &str| source_position(&[pg, snapshot, Some(lsn)]);
+        let snapshot_row = at(Some(r#""first""#), "50064998776").expect("position");
+        let late_snapshot = at(Some(r#""true""#), "50064999000").expect("position");
+        // A transaction in flight at the snapshot: its change is below the snapshot's LSN.
+        let in_flight = at(Some(r#""false""#), "50064998000").expect("position");
+        let streamed = at(None, "50064998872").expect("position");
+        assert!(snapshot_row < late_snapshot && late_snapshot < in_flight);
+        assert!(in_flight < streamed);
+        assert_eq!(at(Some("null"), "7"), Ok(7));
+        for (fields, reason) in [
+            ([Some(r#""mysql""#), None, None], "connector \"mysql\""),
+            ([pg, None, Some("-1")], "not an LSN"),
+            ([pg, None, None], "not an LSN"),
+            ([None, None, Some("7")], "no source.connector"),
+        ] {
+            let error = source_position(&fields).expect_err(reason);
+            assert!(error.contains(reason), "{error}");
+        }
+    }
+
+    #[test]
+    fn schemas_are_parsed_once_per_text_and_row() {
+        let cache = SchemaCache::default();
+        let value = r#"{"type":"struct","fields":[
+            {"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"field":"before"},
+            {"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},
+              {"type":"int32","optional":true,"name":"io.debezium.time.Date","field":"born"}],"field":"after"},
+            {"type":"string","field":"op"}]}"#;
+        let first = cache.encodings(value, RowIn::Value).expect("parses");
+        assert_eq!(first.get("born"), Some(&Encoding::Days));
+        assert_eq!(first.get("id"), Some(&Encoding::Plain));
+        let again = cache.encodings(value, RowIn::Value).expect("parses");
+        assert!(Arc::ptr_eq(&first, &again), "the second record's schema is not parsed again");
+        let error = cache.encodings(value, RowIn::Key).map(|_| ());
+        assert_eq!(error, Ok(()), "as a key schema, its own fields are the row's");
+        assert!(cache
+            .encodings(r#"{"type":"struct","fields":[]}"#, RowIn::Value)
+            .is_err_and(|e| e.contains("no `after` field")));
+    }
+}

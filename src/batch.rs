@@ -350,6 +350,34 @@ impl Batch {
                 None => KeyOf::Cells(cells),
             };
             let latest = by_key.entry(key_of).or_default();
+            if let Winner::Newest {
+                column,
+                kind,
+                deletes_versioned: true,
+            } = winner
+            {
+                let version = self
+                    .cells
+                    .get(column, row)
+                    .and_then(|v| version_key(kind, v));
+                let kept = latest.delete.or(latest.write.map(|(row, _)| row));
+                let kept_version = kept
+                    .and_then(|r| self.cells.get(column, r))
+                    .and_then(|v| version_key(kind, v));
+                if kept.is_none() || version > kept_version {
+                    *latest = match self.ops[row] {
+                        RowOp::Delete => Latest {
+                            delete: Some(row),
+                            write: None,
+                        },
+                        RowOp::Write => Latest {
+                            delete: None,
+                            write: Some((row, version)),
+                        },
+                    };
+                }
+                continue;
+            }
             if self.ops[row] == RowOp::Delete {
                 *latest = Latest {
                     delete: Some(row),
@@ -361,7 +389,7 @@ impl Batch {
                 (_, None) => true,
                 (Winner::First, Some(_)) => false,
                 (Winner::Last, Some(_)) => true,
-                (Winner::Newest { column, kind }, Some((_, kept))) => {
+                (Winner::Newest { column, kind, .. }, Some((_, kept))) => {
                     let version = self
                         .cells
                         .get(column, row)
@@ -371,7 +399,7 @@ impl Batch {
             };
             if replace {
                 let version = match winner {
-                    Winner::Newest { column, kind } => self
+                    Winner::Newest { column, kind, .. } => self
                         .cells
                         .get(column, row)
                         .and_then(|v| version_key(kind, v)),
@@ -410,8 +438,15 @@ pub enum Winner {
     /// Upsert mode: each record replaces the one before.
     Last,
     /// Upsert mode with `newer_by`: the greatest version; the first of equal ones, as the
-    /// update applies only to a strictly greater version.
-    Newest { column: usize, kind: ColumnKind },
+    /// update applies only to a strictly greater version. When deletes carry a version too
+    /// (`deletes_versioned`, a Debezium delete's `$source_position`), a delete is one more
+    /// version of its key: the greatest one wins, whether it writes or deletes, and a
+    /// record older than a delete no longer brings the row back.
+    Newest {
+        column: usize,
+        kind: ColumnKind,
+        deletes_versioned: bool,
+    },
 }
 
 /// Row indices into a batch, in batch order: the tombstones to apply, then the rows to write.
@@ -545,6 +580,7 @@ mod tests {
         let newest = Winner::Newest {
             column: 1,
             kind: ColumnKind::BIGINT,
+            deletes_versioned: false,
         };
         for rows in &cases {
             let b = keyed(rows);
@@ -566,6 +602,62 @@ mod tests {
             },
             "the first of the greatest versions, in batch order"
         );
+    }
+
+    #[test]
+    fn with_versioned_deletes_the_greatest_version_of_a_key_wins_write_or_delete() {
+        use RowOp::{Delete as D, Write as W};
+        let newest = Winner::Newest {
+            column: 1,
+            kind: ColumnKind::BIGINT,
+            deletes_versioned: true,
+        };
+        let changes =
+            |rows: &[(&str, i64, RowOp)]| keyed(rows).changes(&[0], None, newest, &HashSet::new());
+        type Case<'a> = (&'a [(&'a str, i64, RowOp)], Changes);
+        let cases: [Case<'_>; 5] = [
+            // Sent again after the newest: an older update and an older delete change nothing.
+            (
+                &[("a", 1, W), ("a", 3, W), ("a", 2, W), ("a", 2, D)],
+                Changes {
+                    deletes: vec![],
+                    writes: vec![1],
+                },
+            ),
+            // An update older than the delete does not bring the row back.
+            (
+                &[("a", 1, W), ("a", 5, D), ("a", 3, W)],
+                Changes {
+                    deletes: vec![1],
+                    writes: vec![],
+                },
+            ),
+            (
+                &[("a", 1, D), ("a", 2, W), ("b", 7, D)],
+                Changes {
+                    deletes: vec![2],
+                    writes: vec![1],
+                },
+            ),
+            // The first of equal versions, as the database's guard needs a greater one.
+            (
+                &[("a", 4, W), ("a", 4, W), ("b", 1, W)],
+                Changes {
+                    deletes: vec![],
+                    writes: vec![0, 2],
+                },
+            ),
+            (
+                &[],
+                Changes {
+                    deletes: vec![],
+                    writes: vec![],
+                },
+            ),
+        ];
+        for (rows, expected) in cases {
+            assert_eq!(changes(rows), expected, "{rows:?}");
+        }
     }
 
     #[test]

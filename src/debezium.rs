@@ -92,9 +92,11 @@ impl Encoding {
                 Encoding::Unsupported(format!("{name} (a spatial type)"))
             }
             _ if field.kind == "bytes" => Encoding::Bytes,
-            _ if field.kind == "struct" || field.kind == "map" => Encoding::Unsupported(
-                format!("a {} field {}", field.kind, field.name.as_deref().unwrap_or("")),
-            ),
+            _ if field.kind == "struct" || field.kind == "map" => Encoding::Unsupported(format!(
+                "a {} field {}",
+                field.kind,
+                field.name.as_deref().unwrap_or("")
+            )),
             _ => Encoding::Plain,
         }
     }
@@ -130,8 +132,11 @@ pub enum RowIn {
 /// few entries serve every record.
 #[derive(Debug, Default)]
 pub struct SchemaCache {
-    entries: Mutex<Vec<(Box<str>, RowIn, Arc<Encodings>)>>,
+    entries: Mutex<Vec<CachedSchema>>,
 }
+
+/// A schema's text, which row it describes, and its fields' encodings.
+type CachedSchema = (Box<str>, RowIn, Arc<Encodings>);
 
 /// Past this many distinct schemas, the oldest is parsed again when it comes back.
 const CACHED_SCHEMAS: usize = 256;
@@ -216,7 +221,9 @@ pub fn decode(encoding: &Encoding, kind: ColumnKind, json: &str) -> Result<Decod
         Encoding::JsonText => Decoded::Bytes(string(json)?.into_bytes()),
         Encoding::Bytes => Decoded::Bytes(base64(&string(json)?)?),
         Encoding::Unsupported(what) => {
-            return Err(format!("the field holds {what}, which idemsink does not convert"))
+            return Err(format!(
+                "the field holds {what}, which idemsink does not convert"
+            ))
         }
         Encoding::Unknown => return without_schema(kind, json),
     })
@@ -374,8 +381,16 @@ mod tests {
         let text = |s: &str| Decoded::Text(s.into());
         let number = |s: &str| Decoded::Number(s.into());
         let cases = [
-            (field("int32", Some("io.debezium.time.Date"), &[]), "7306", text("1990-01-02")),
-            (field("int32", Some("io.debezium.time.Date"), &[]), "-1", text("1969-12-31")),
+            (
+                field("int32", Some("io.debezium.time.Date"), &[]),
+                "7306",
+                text("1990-01-02"),
+            ),
+            (
+                field("int32", Some("io.debezium.time.Date"), &[]),
+                "-1",
+                text("1969-12-31"),
+            ),
             (
                 field("int64", Some("io.debezium.time.MicroTimestamp"), &[]),
                 "1796194348856108",
@@ -397,17 +412,29 @@ mod tests {
                 text("12:34:56.000001"),
             ),
             (
-                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "2")]),
+                field(
+                    "bytes",
+                    Some("org.apache.kafka.connect.data.Decimal"),
+                    &[("scale", "2")],
+                ),
                 "\"BOI=\"",
                 number("12.50"),
             ),
             (
-                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "3")]),
+                field(
+                    "bytes",
+                    Some("org.apache.kafka.connect.data.Decimal"),
+                    &[("scale", "3")],
+                ),
                 "\"/w==\"",
                 number("-0.001"),
             ),
             (
-                field("bytes", Some("org.apache.kafka.connect.data.Decimal"), &[("scale", "0")]),
+                field(
+                    "bytes",
+                    Some("org.apache.kafka.connect.data.Decimal"),
+                    &[("scale", "0")],
+                ),
                 "\"AA==\"",
                 number("0"),
             ),
@@ -421,12 +448,28 @@ mod tests {
                 r#""{\"a\": 1}""#,
                 Decoded::Bytes(br#"{"a": 1}"#.to_vec()),
             ),
-            (field("bytes", None, &[]), "\"AP8=\"", Decoded::Bytes(vec![0, 255])),
-            (field("string", Some("io.debezium.data.Uuid"), &[]), "\"7405a342-fe6f\"", Decoded::AsIs),
-            (field("string", Some("io.debezium.time.ZonedTimestamp"), &[]), "\"x\"", Decoded::AsIs),
+            (
+                field("bytes", None, &[]),
+                "\"AP8=\"",
+                Decoded::Bytes(vec![0, 255]),
+            ),
+            (
+                field("string", Some("io.debezium.data.Uuid"), &[]),
+                "\"7405a342-fe6f\"",
+                Decoded::AsIs,
+            ),
+            (
+                field("string", Some("io.debezium.time.ZonedTimestamp"), &[]),
+                "\"x\"",
+                Decoded::AsIs,
+            ),
         ];
         for (schema, json, expected) in cases {
-            assert_eq!(decoded(&Encoding::of(&schema), json), expected, "{schema:?} {json}");
+            assert_eq!(
+                decoded(&Encoding::of(&schema), json),
+                expected,
+                "{schema:?} {json}"
+            );
         }
     }
 
@@ -435,7 +478,10 @@ mod tests {
         let big = BigInt::parse_bytes(b"-123456789012345678901234567890123456789", 10)
             .expect("number")
             .to_signed_bytes_be();
-        assert_eq!(decimal(&big, 5), "-1234567890123456789012345678901234.56789");
+        assert_eq!(
+            decimal(&big, 5),
+            "-1234567890123456789012345678901234.56789"
+        );
         assert_eq!(decimal(&[0x01], 4), "0.0001");
     }
 
@@ -445,22 +491,51 @@ mod tests {
         let error = decode(&interval, ColumnKind::TEXT, "5").expect_err("interval");
         assert!(error.contains("MicroDuration"), "{error}");
         let refused = [
-            (ColumnKind::TimestampTz, "1796194348856108", "milli-, micro-"),
-            (ColumnKind::Numeric { precision: None, scale: 2 }, "\"BOI=\"", "base64 bytes or digits"),
+            (
+                ColumnKind::TimestampTz,
+                "1796194348856108",
+                "milli-, micro-",
+            ),
+            (
+                ColumnKind::Numeric {
+                    precision: None,
+                    scale: 2,
+                },
+                "\"BOI=\"",
+                "base64 bytes or digits",
+            ),
             (ColumnKind::Bytea, "\"AP8=\"", "base64 or hex"),
         ];
         for (kind, json, reason) in refused {
             let error = decode(&Encoding::Unknown, kind, json).expect_err(json);
-            assert!(error.contains(reason) && error.contains("schemas.enable"), "{error}");
+            assert!(
+                error.contains(reason) && error.contains("schemas.enable"),
+                "{error}"
+            );
         }
         let accepted = [
-            (ColumnKind::Jsonb, r#""[1]""#, Decoded::Bytes(b"[1]".to_vec())),
+            (
+                ColumnKind::Jsonb,
+                r#""[1]""#,
+                Decoded::Bytes(b"[1]".to_vec()),
+            ),
             (ColumnKind::Date, "0", Decoded::Text("1970-01-01".into())),
-            (ColumnKind::Numeric { precision: None, scale: 2 }, "12.5", Decoded::AsIs),
+            (
+                ColumnKind::Numeric {
+                    precision: None,
+                    scale: 2,
+                },
+                "12.5",
+                Decoded::AsIs,
+            ),
             (ColumnKind::TEXT, "\"AP8=\"", Decoded::AsIs),
         ];
         for (kind, json, expected) in accepted {
-            assert_eq!(decode(&Encoding::Unknown, kind, json), Ok(expected), "{json}");
+            assert_eq!(
+                decode(&Encoding::Unknown, kind, json),
+                Ok(expected),
+                "{json}"
+            );
         }
     }
 
@@ -499,9 +574,16 @@ mod tests {
         assert_eq!(first.get("born"), Some(&Encoding::Days));
         assert_eq!(first.get("id"), Some(&Encoding::Plain));
         let again = cache.encodings(value, RowIn::Value).expect("parses");
-        assert!(Arc::ptr_eq(&first, &again), "the second record's schema is not parsed again");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second record's schema is not parsed again"
+        );
         let error = cache.encodings(value, RowIn::Key).map(|_| ());
-        assert_eq!(error, Ok(()), "as a key schema, its own fields are the row's");
+        assert_eq!(
+            error,
+            Ok(()),
+            "as a key schema, its own fields are the row's"
+        );
         assert!(cache
             .encodings(r#"{"type":"struct","fields":[]}"#, RowIn::Value)
             .is_err_and(|e| e.contains("no `after` field")));

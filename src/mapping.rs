@@ -468,11 +468,7 @@ impl RowMapper {
     /// A Debezium change event's operation, with its value and key read (`None` for the
     /// tombstone after a delete). Reads and snapshot reads write the row image `after`; a
     /// delete deletes by the key; a truncate, or anything else, is a bad record.
-    #[allow(clippy::type_complexity)]
-    fn read_change<'r>(
-        &self,
-        record: &RecordRef<'r>,
-    ) -> Result<Option<(RowOp, ReadJson<'r>, ReadJson<'r>)>, ConvertError> {
+    fn read_change<'r>(&self, record: &RecordRef<'r>) -> Result<Option<Change<'r>>, ConvertError> {
         if record.value.is_none() {
             return Ok(None);
         }
@@ -561,12 +557,12 @@ impl RowMapper {
                 Source::Offset => Field::Int(record.offset),
                 Source::Timestamp => record.timestamp_ms.map_or(Field::Missing, Field::Int),
                 Source::SourcePosition => match self.position_at {
-                    Some(at) => Field::Int(value.source_position(at).map_err(|reason| {
-                        ConvertError {
+                    Some(at) => {
+                        Field::Int(value.source_position(at).map_err(|reason| ConvertError {
                             column: column.name.clone(),
                             reason,
-                        }
-                    })?),
+                        })?)
+                    }
                     None => Field::Missing,
                 },
             };
@@ -645,6 +641,9 @@ impl RowMapper {
     }
 }
 
+/// A Debezium change event read: what it does, its value and its key.
+type Change<'r> = (RowOp, ReadJson<'r>, ReadJson<'r>);
+
 /// The two parts of a record that JSON Pointers read.
 #[derive(Clone, Copy)]
 enum Part {
@@ -685,7 +684,10 @@ impl<'r> ReadJson<'r> {
     fn source_position(&self, at: usize) -> Result<i64, String> {
         let count = debezium::SOURCE_FIELDS.len();
         let at = if self.wrapped { at + count } else { at };
-        let fields = self.found.get(at..at + count).ok_or("no source fields read")?;
+        let fields = self
+            .found
+            .get(at..at + count)
+            .ok_or("no source fields read")?;
         debezium::source_position(fields)
     }
 
@@ -1328,7 +1330,9 @@ mod tests {
     fn wrapped(payload: &str) -> String {
         let key = r#"{"type":"int64","field":"order_id"},{"type":"int32","field":"line"}"#;
         let schema = if payload.contains(r#""op""#) {
-            let row = format!(r#"{key},{{"type":"string","field":"note"}},{{"type":"string","field":"op"}}"#);
+            let row = format!(
+                r#"{key},{{"type":"string","field":"note"}},{{"type":"string","field":"op"}}"#
+            );
             format!(
                 r#"{{"type":"struct","fields":[{{"type":"struct","fields":[{row}],"field":"before"}},{{"type":"struct","fields":[{row}],"field":"after"}},{{"type":"string","field":"op"}}]}}"#
             )
@@ -1386,7 +1390,10 @@ mod tests {
             ..plan("order_id", ColumnKind::BIGINT, false, "/order_id")
         };
         let mapper = RowMapper::new(
-            vec![key_column, plan("at", ColumnKind::BIGINT, false, "$source_position")],
+            vec![
+                key_column,
+                plan("at", ColumnKind::BIGINT, false, "$source_position"),
+            ],
             false,
             RecordFormat::Debezium,
         );

@@ -247,6 +247,7 @@ impl SinkPlan {
             (SinkMode::Upsert, Some(column)) => Winner::Newest {
                 column,
                 kind: self.columns[column].kind,
+                deletes_versioned: self.delete_version.is_some(),
             },
         }
     }

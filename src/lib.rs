@@ -3,7 +3,8 @@
 //! where every partition resumes.
 //!
 //! A newcomer's map: [`config`] (pipeline files), [`consumer`] (Kafka settings, partition
-//! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row),
+//! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row;
+//! [`debezium`] for change events' types and positions),
 //! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
 //! one file per database), [`offsets`] (the offset store), [`offsets_command`] (the
 //! `offsets` command),

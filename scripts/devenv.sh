@@ -12,6 +12,8 @@
 #   scripts/devenv.sh connect-lib   fetch (once) Kafka Connect and Debezium's PostgreSQL source
 #                                   connector, and print the folder of their jars (the tests run
 #                                   a standalone worker from it: tests/debezium.rs)
+#   scripts/devenv.sh jdbc-sink-lib the same for Debezium's JDBC sink connector (the benchmark's
+#                                   comparison, benches/debezium.rs)
 #
 # Ports can be moved with IDEMSINK_PG_PORT (default 55432), IDEMSINK_MYSQL_PORT (default 53306),
 # IDEMSINK_KAFKA_PORT (default 9092) and IDEMSINK_KAFKA_CONTROLLER_PORT (default: Kafka's + 1).
@@ -42,7 +44,10 @@ KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFK
 # each with its own IDEMSINK_DEVENV_DIR).
 KAFKA_LIB="$ROOT/.devenv/kafka-$KAFKA_VERSION"
 CONNECT_POM="$ROOT/scripts/connect/pom.xml"
-CONNECT_LIB="$ROOT/.devenv/connect-$(sed -n 's:.*<\(kafka\|debezium\).version>\(.*\)</.*:\2:p' "$CONNECT_POM" | paste -sd-)"
+pom_versions() { sed -n 's:.*<\(kafka\|debezium\).version>\(.*\)</.*:\2:p' "$1" | paste -sd-; }
+CONNECT_LIB="$ROOT/.devenv/connect-$(pom_versions "$CONNECT_POM")"
+JDBC_SINK_POM="$ROOT/scripts/connect/jdbc-sink/pom.xml"
+JDBC_SINK_LIB="$ROOT/.devenv/jdbc-sink-$(pom_versions "$JDBC_SINK_POM")"
 KAFKA_DATA="$STATE/kafka-data"
 KAFKA_PID="$STATE/kafka.pid"
 
@@ -83,6 +88,7 @@ maven_jars() { # pom folder what
 
 kafka_jars() { maven_jars "$KAFKA_POM" "$KAFKA_LIB" "Apache Kafka $KAFKA_VERSION"; }
 connect_jars() { maven_jars "$CONNECT_POM" "$CONNECT_LIB" "Kafka Connect and Debezium"; }
+jdbc_sink_jars() { maven_jars "$JDBC_SINK_POM" "$JDBC_SINK_LIB" "Debezium's JDBC sink"; }
 
 wait_port() { # host port what
   for _ in $(seq 1 100); do
@@ -289,6 +295,7 @@ case "${1:-} ${2:-}" in
   "down "*) down ;;
   "env "*) print_env ;;
   "connect-lib "*) connect_jars && echo "$CONNECT_LIB" ;;
+  "jdbc-sink-lib "*) jdbc_sink_jars && echo "$JDBC_SINK_LIB" ;;
   # One server on its own, for tests that stop and start a database or broker of their
   # own (with their own IDEMSINK_DEVENV_DIR and port).
   "start postgres") pg_up ;;
@@ -298,5 +305,5 @@ case "${1:-} ${2:-}" in
   "start broker") kafka_up ;;
   "stop broker") kafka_down TERM ;;
   "kill broker") kafka_down KILL ;;
-  *) echo "usage: $0 install|up|down|env|connect-lib, start|stop postgres|mariadb|broker, or kill broker" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|env|connect-lib|jdbc-sink-lib, start|stop postgres|mariadb|broker, or kill broker" >&2; exit 2 ;;
 esac

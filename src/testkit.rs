@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests, the demo and the benchmark (feature `testkit`):
-//! topics, producers, end offsets, and waiting until a pipeline has caught up.
+//! topics, producers, end offsets, and waiting until a pipeline has caught up; [`connect`]
+//! runs Kafka Connect (Debezium).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use rdkafka::ClientConfig;
 
 use crate::db::DbPool;
 use crate::offsets::OffsetStore;
+
+pub mod connect;
 
 /// Creates a topic; an existing topic with that name is an error unless `may_exist`.
 pub async fn create_topic(

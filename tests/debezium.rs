@@ -7,170 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{brokers, database_url, free_port, unique, Backend, Case, Connector};
+use common::{brokers, database_url, unique, Backend, Case, Connector};
+use idemsink::testkit::connect::CapturedDatabase;
 use idemsink::testkit::{self, Outgoing};
 use serde_json::{json, Value};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
-
-/// A database of the development PostgreSQL captured by Debezium through a Kafka Connect
-/// worker of its own. Dropping it stops the worker and removes the replication slot, the
-/// publication and the database.
-struct CapturedDatabase {
-    name: String,
-    url: String,
-    worker: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl CapturedDatabase {
-    /// Creates the database and runs `schema` in it; nothing is captured yet.
-    async fn create(schema: &str) -> CapturedDatabase {
-        let name = unique("dbz");
-        let admin = database_url(Backend::Postgres);
-        let mut conn = PgConnection::connect(&admin).await.expect("connect");
-        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .expect("create the source database");
-        let url = match admin.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{name}"),
-            None => panic!("no database in {admin}"),
-        };
-        let source = CapturedDatabase {
-            name,
-            url,
-            worker: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        source.exec(schema).await;
-        source
-    }
-
-    async fn exec(&self, sql: &str) {
-        let mut conn = PgConnection::connect(&self.url).await.expect("connect");
-        sqlx::raw_sql(sql)
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    async fn texts(&self, sql: &str) -> Vec<String> {
-        let mut conn = PgConnection::connect(&self.url).await.expect("connect");
-        sqlx::query_scalar(sql)
-            .fetch_all(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    /// Starts a Connect worker running Debezium on `tables` (`schema.table`), whose events go
-    /// to `<database>.<schema>.<table>`, with JsonConverter schemas on key and value.
-    fn capture(&mut self, tables: &str) {
-        let lib = Command::new("scripts/devenv.sh")
-            .arg("connect-lib")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("scripts/devenv.sh connect-lib");
-        assert!(lib.status.success(), "fetching Kafka Connect's jars failed");
-        let lib = String::from_utf8(lib.stdout).expect("utf8");
-        let server: PgConnectOptions = self.url.parse().expect("database URL");
-        let dir = self.dir.path();
-        let worker = format!(
-            "bootstrap.servers={brokers}
-key.converter=org.apache.kafka.connect.json.JsonConverter
-value.converter=org.apache.kafka.connect.json.JsonConverter
-key.converter.schemas.enable=true
-value.converter.schemas.enable=true
-offset.storage.file.filename={offsets}
-offset.flush.interval.ms=1000
-listeners=http://127.0.0.1:{port}
-plugin.discovery=only_scan
-",
-            brokers = brokers(),
-            offsets = dir.join("offsets").display(),
-            port = free_port(),
-        );
-        let connector = format!(
-            "name={name}
-connector.class=io.debezium.connector.postgresql.PostgresConnector
-tasks.max=1
-database.hostname={host}
-database.port={port}
-database.user={user}
-database.password=unused
-database.dbname={name}
-topic.prefix={name}
-plugin.name=pgoutput
-slot.name={name}
-publication.name={name}
-publication.autocreate.mode=filtered
-table.include.list={tables}
-",
-            name = self.name,
-            host = server.get_host(),
-            port = server.get_port(),
-            user = server.get_username(),
-        );
-        std::fs::write(dir.join("worker.properties"), worker).expect("write");
-        std::fs::write(dir.join("connector.properties"), connector).expect("write");
-        let log = std::fs::File::create(self.log()).expect("log file");
-        let child = Command::new("java")
-            .arg("-Xmx384m")
-            .arg(format!(
-                "-Dlog4j2.configurationFile={}",
-                std::fs::canonicalize("scripts/kafka/log4j2.properties")
-                    .expect("log4j2.properties")
-                    .display()
-            ))
-            .arg("-cp")
-            .arg(format!("{}/*", lib.trim()))
-            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-            .arg(dir.join("worker.properties"))
-            .arg(dir.join("connector.properties"))
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start Kafka Connect");
-        self.worker = Some(child);
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("connect.log")
-    }
-
-    fn topic(&self, table: &str) -> String {
-        format!("{}.{table}", self.name)
-    }
-}
-
-impl Drop for CapturedDatabase {
-    fn drop(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            let _ = worker.kill();
-            let _ = worker.wait();
-        }
-        // The slot would keep WAL for ever: drop it once its walsender has gone, then the rest.
-        let admin = database_url(Backend::Postgres);
-        let sql = format!(
-            "DO $$ BEGIN
-               FOR i IN 1..100 LOOP
-                 EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}' AND active);
-                 PERFORM pg_sleep(0.1);
-               END LOOP;
-               PERFORM pg_drop_replication_slot('{name}') FROM pg_replication_slots WHERE slot_name = '{name}';
-             END $$;
-             DROP DATABASE IF EXISTS {name} WITH (FORCE);",
-            name = self.name
-        );
-        let _ = Command::new("psql")
-            .args(["-q", "-X", "-d", &admin, "-c", &sql])
-            .stdout(Stdio::null())
-            .status();
-    }
-}
 
 /// A captured table: its definition at the source and in each target, the pipeline's sink
 /// section, and a query that renders each row as one line of text (`TABLE` is replaced by the
@@ -186,11 +28,8 @@ struct Replicated {
 
 impl Replicated {
     async fn rows_at_source(&self, source: &CapturedDatabase) -> Vec<String> {
-        sorted(
-            source
-                .texts(&self.rows_postgres.replace("TABLE", self.name))
-                .await,
-        )
+        let query = self.rows_postgres.replace("TABLE", self.name);
+        sorted(source.texts(&query).await.expect("source rows"))
     }
 
     async fn rows_in(&self, case: &Case) -> Vec<String> {
@@ -414,8 +253,11 @@ async fn wait_for_rows(
 #[tokio::test(flavor = "multi_thread")]
 async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_a_replay() {
     let schema: Vec<&str> = TABLES.iter().map(|t| t.source).collect();
-    let mut source = CapturedDatabase::create(&schema.join(";\n")).await;
-    source.exec(SNAPSHOT).await;
+    let admin = database_url(Backend::Postgres);
+    let mut source = CapturedDatabase::create(&admin, &unique("dbz"), &schema.join(";\n"))
+        .await
+        .expect("source database");
+    source.exec(SNAPSHOT).await.expect("snapshot rows");
     // Per table and target database, a pipeline. Three partitions per topic: Debezium spreads
     // keys over them, and idemsink's writer lanes too.
     let mut targets = Vec::new();
@@ -434,7 +276,9 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         .iter()
         .map(|t| format!("public.{}", t.name))
         .collect();
-    source.capture(&captured.join(","));
+    source
+        .capture(&brokers(), &captured.join(","), "")
+        .expect("start Debezium");
     let start_all = |targets: &[(&Replicated, Case, PathBuf)]| -> Vec<Connector> {
         targets
             .iter()
@@ -458,7 +302,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     // The workload, every idemsink SIGKILLed and restarted after every other transaction.
     let mut kills = 0;
     for (step, sql) in WORKLOAD.iter().enumerate() {
-        source.exec(sql).await;
+        source.exec(sql).await.expect("workload");
         if step % 2 == 1 {
             tokio::time::sleep(Duration::from_millis(300)).await;
             for connector in running {
@@ -498,7 +342,10 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         );
         wait_for_rows(table, case, &last, Duration::ZERO, Path::new("")).await;
     }
-    let connect_log = std::fs::read_to_string(source.log()).unwrap_or_default();
+    let connect_log = source
+        .log()
+        .and_then(|log| std::fs::read_to_string(log).ok())
+        .unwrap_or_default();
     assert!(
         !connect_log.contains(" ERROR "),
         "Kafka Connect logged errors:\n{connect_log}"

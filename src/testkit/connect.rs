@@ -1,0 +1,211 @@
+//! Kafka Connect for the tests and the benchmark: a standalone worker (jars from
+//! `scripts/devenv.sh`) running a connector, and a database of the development PostgreSQL
+//! captured by Debezium's PostgreSQL source connector.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+
+/// The repository: `scripts/` is there.
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The folder of a set of jars `scripts/devenv.sh` fetches once: `connect-lib` (Kafka Connect
+/// and Debezium's PostgreSQL source) or `jdbc-sink-lib` (Debezium's JDBC sink).
+pub fn jars(which: &str) -> Result<PathBuf> {
+    let out = Command::new(Path::new(ROOT).join("scripts/devenv.sh"))
+        .arg(which)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("scripts/devenv.sh {which}"))?;
+    if !out.status.success() {
+        bail!("scripts/devenv.sh {which} failed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// A Kafka Connect standalone worker running one connector, with JsonConverter (schemas on)
+/// for keys and values; killed when dropped.
+pub struct Worker {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Starts a worker with the jars in `jars` and the connector `properties`.
+    pub fn start(jars: &Path, brokers: &str, properties: &str) -> Result<Worker> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let worker = format!(
+            "bootstrap.servers={brokers}
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+key.converter.schemas.enable=true
+value.converter.schemas.enable=true
+offset.storage.file.filename={offsets}
+offset.flush.interval.ms=1000
+listeners=http://127.0.0.1:{port}
+plugin.discovery=only_scan
+",
+            offsets = dir.path().join("offsets").display(),
+        );
+        std::fs::write(dir.path().join("worker.properties"), worker)?;
+        std::fs::write(dir.path().join("connector.properties"), properties)?;
+        let log = std::fs::File::create(dir.path().join("connect.log"))?;
+        let child = Command::new("java")
+            .arg("-Xmx512m")
+            .arg(format!(
+                "-Dlog4j2.configurationFile={ROOT}/scripts/kafka/log4j2.properties"
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", jars.display()))
+            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+            .arg(dir.path().join("worker.properties"))
+            .arg(dir.path().join("connector.properties"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting Kafka Connect")?;
+        Ok(Worker { child, dir })
+    }
+
+    /// The worker's log (warnings and errors).
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("connect.log")
+    }
+
+    /// Whether the worker has exited (it does on a connector's fatal error only if asked to).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A database of its own on the PostgreSQL at `admin_url`, which Debezium captures once
+/// [`capture`](CapturedDatabase::capture) starts a worker. Dropping it stops the worker and
+/// removes the replication slot, the publication and the database.
+pub struct CapturedDatabase {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+    worker: Option<Worker>,
+}
+
+impl CapturedDatabase {
+    /// Creates database `name` and runs `schema` in it.
+    pub async fn create(admin_url: &str, name: &str, schema: &str) -> Result<CapturedDatabase> {
+        let mut admin = PgConnection::connect(admin_url).await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .context("create the source database")?;
+        let url = match admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => bail!("no database in {admin_url}"),
+        };
+        let source = CapturedDatabase {
+            name: name.to_string(),
+            url,
+            admin_url: admin_url.to_string(),
+            worker: None,
+        };
+        source.exec(schema).await?;
+        Ok(source)
+    }
+
+    pub async fn exec(&self, sql: &str) -> Result<()> {
+        let mut conn = PgConnection::connect(&self.url).await?;
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .with_context(|| sql.to_string())?;
+        Ok(())
+    }
+
+    /// The text values of one query's single column.
+    pub async fn texts(&self, sql: &str) -> Result<Vec<String>> {
+        let mut conn = PgConnection::connect(&self.url).await?;
+        sqlx::query_scalar(sql)
+            .fetch_all(&mut conn)
+            .await
+            .with_context(|| sql.to_string())
+    }
+
+    /// Starts Debezium (`pgoutput`) on `tables` (`schema.table,…`), with more connector
+    /// properties in `extra` (e.g. `snapshot.mode=initial_only`). Events of table `s.t` go to
+    /// [`topic`](CapturedDatabase::topic)`("s.t")`.
+    pub fn capture(&mut self, brokers: &str, tables: &str, extra: &str) -> Result<()> {
+        let server: PgConnectOptions = self.url.parse()?;
+        let connector = format!(
+            "name={name}
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+tasks.max=1
+database.hostname={host}
+database.port={port}
+database.user={user}
+database.password=unused
+database.dbname={name}
+topic.prefix={name}
+plugin.name=pgoutput
+slot.name={name}
+publication.name={name}
+publication.autocreate.mode=filtered
+table.include.list={tables}
+{extra}
+",
+            name = self.name,
+            host = server.get_host(),
+            port = server.get_port(),
+            user = server.get_username(),
+        );
+        self.worker = Some(Worker::start(&jars("connect-lib")?, brokers, &connector)?);
+        Ok(())
+    }
+
+    /// Stops the worker, if one runs.
+    pub fn stop_capture(&mut self) {
+        self.worker = None;
+    }
+
+    /// The topic of `table` (`schema.table`).
+    pub fn topic(&self, table: &str) -> String {
+        format!("{}.{table}", self.name)
+    }
+
+    /// The worker's log, once capture has started.
+    pub fn log(&self) -> Option<PathBuf> {
+        self.worker.as_ref().map(Worker::log)
+    }
+}
+
+impl Drop for CapturedDatabase {
+    fn drop(&mut self) {
+        self.worker = None;
+        // The slot would keep WAL for ever: drop it once its walsender has gone, then the rest.
+        let sql = format!(
+            "DO $$ BEGIN
+               FOR i IN 1..100 LOOP
+                 EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}' AND active);
+                 PERFORM pg_sleep(0.1);
+               END LOOP;
+               PERFORM pg_drop_replication_slot('{name}') FROM pg_replication_slots WHERE slot_name = '{name}';
+             END $$;
+             DROP DATABASE IF EXISTS {name} WITH (FORCE);",
+            name = self.name
+        );
+        let _ = Command::new("psql")
+            .args(["-q", "-X", "-d", &self.admin_url, "-c", &sql])
+            .stdout(Stdio::null())
+            .status();
+    }
+}

@@ -22,7 +22,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use anyhow::{bail, Context, Result};
+use common::{env_or, mariadb, required, SinkRun};
 use idemsink::db::{Backend, DbPool};
 use idemsink::testkit::{self, Outgoing};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -38,17 +41,6 @@ const GROUP_SETTINGS: [(&str, &str); 2] = [
 
 /// The share of keys an `upsert-updates` run finds in the table already, in tenths.
 const PRESENT_TENTHS: i64 = 8;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn required(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set; run scripts/bench.sh"))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -517,51 +509,7 @@ impl Bench {
                 self.brokers, self.url
             ),
         )?;
-        let started = Instant::now();
-        let idemsink = env!("CARGO_BIN_EXE_idemsink");
-        // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
-        let profiled = std::env::var("BENCH_PERF").ok();
-        let mut command = match &profiled {
-            Some(out) => {
-                let mut perf = std::process::Command::new("perf");
-                perf.args(["record", "-F", "499", "-g", "-o", out, "--", idemsink]);
-                perf
-            }
-            None => std::process::Command::new(idemsink),
-        };
-        let mut child = command
-            .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()?;
-        let waited = testkit::wait_for_offsets(
-            &self.pool,
-            tag,
-            topic,
-            end,
-            Duration::from_secs(600),
-            || match child.try_wait()? {
-                Some(status) => bail!("idemsink exited ({status}) before catching up"),
-                None => Ok(()),
-            },
-        )
-        .await;
-        let elapsed = started.elapsed();
-        let cpu = cpu_time(child.id()).ok();
-        let peak_rss_kb = peak_rss_kb(child.id()).ok();
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let status = child.wait()?;
-        waited?;
-        // Under `perf record`, the child is perf, which reports idemsink's SIGTERM as its own.
-        if !status.success() && profiled.is_none() {
-            bail!("idemsink exited with {status}");
-        }
+        let sink = common::run_idemsink(&config, &self.pool, tag, topic, end).await?;
         let rows = self.count(&format!("SELECT count(*) FROM {table}")).await?;
         if rows != self.scenario.records {
             bail!(
@@ -579,23 +527,9 @@ impl Bench {
                 bail!("{old} rows were not updated");
             }
         }
-        eprintln!(
-            "idemsink: {rows} rows in {elapsed:.1?}, CPU {cpu:.1?} (user + system), peak RSS {} MB",
-            peak_rss_kb.unwrap_or(0) / 1024
-        );
-        Ok(SinkRun {
-            elapsed,
-            cpu,
-            peak_rss_kb,
-        })
+        sink.report(rows);
+        Ok(sink)
     }
-}
-
-/// What one idemsink run took.
-struct SinkRun {
-    elapsed: Duration,
-    cpu: Option<Duration>,
-    peak_rss_kb: Option<u64>,
 }
 
 /// The rows of a run as bulk-load text (tab-separated, one per line): all of them, and for
@@ -654,84 +588,6 @@ impl Lines {
 }
 
 /// Runs SQL through the `mariadb` client (sqlx cannot send a local file); returns its output.
-fn mariadb(url: &str, sql: &str) -> Result<String> {
-    let url = url_parts(url)?;
-    let out = std::process::Command::new("mariadb")
-        .args([
-            "--local-infile=1",
-            "-N",
-            "-B",
-            "-h",
-            &url.host,
-            "-P",
-            &url.port,
-        ])
-        .args([
-            "-u",
-            &url.user,
-            &format!("-p{}", url.password),
-            &url.database,
-        ])
-        .args(["-e", sql])
-        .output()?;
-    if !out.status.success() {
-        bail!("mariadb failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A process's user + system CPU time so far, from `/proc/<pid>/stat` (in clock ticks of
-/// 1/100 s, Linux's USER_HZ).
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("no command name")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
-    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
-}
-
-/// A process's peak resident set so far (`VmHWM`), in kB.
-fn peak_rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
-    let kb = line
-        .trim_start_matches("VmHWM:")
-        .trim_end_matches("kB")
-        .trim();
-    Ok(kb.parse()?)
-}
-
-struct UrlParts {
-    user: String,
-    password: String,
-    host: String,
-    port: String,
-    database: String,
-}
-
-/// `mysql://user:password@host:port/database`, for the command-line client.
-fn url_parts(url: &str) -> Result<UrlParts> {
-    let rest = url.split_once("://").context("URL without scheme")?.1;
-    let (credentials, rest) = rest.rsplit_once('@').context("URL without user")?;
-    let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
-    let (address, database) = rest.split_once('/').context("URL without database")?;
-    let (host, port) = address.split_once(':').unwrap_or((address, "3306"));
-    Ok(UrlParts {
-        user: user.into(),
-        password: password.into(),
-        host: host.into(),
-        port: port.into(),
-        database: database.split('?').next().unwrap_or(database).into(),
-    })
-}
-
 /// A group subscription (same join cost as idemsink) reading every record once.
 async fn consume_only(brokers: &str, topic: &str, records: usize) -> Result<Duration> {
     let mut config = ClientConfig::new();

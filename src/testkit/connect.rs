@@ -191,20 +191,22 @@ table.include.list={tables}
 impl Drop for CapturedDatabase {
     fn drop(&mut self) {
         self.worker = None;
-        // The slot would keep WAL for ever: drop it once its walsender has gone, then the rest.
-        let sql = format!(
+        // The slot would keep WAL for ever: drop it once its walsender has gone, then the
+        // database (each -c runs on its own: DROP DATABASE cannot run in a transaction).
+        let drop_slot = format!(
             "DO $$ BEGIN
                FOR i IN 1..100 LOOP
                  EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}' AND active);
                  PERFORM pg_sleep(0.1);
                END LOOP;
                PERFORM pg_drop_replication_slot('{name}') FROM pg_replication_slots WHERE slot_name = '{name}';
-             END $$;
-             DROP DATABASE IF EXISTS {name} WITH (FORCE);",
+             END $$",
             name = self.name
         );
+        let drop_database = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         let _ = Command::new("psql")
-            .args(["-q", "-X", "-d", &self.admin_url, "-c", &sql])
+            .args(["-q", "-X", "-d", &self.admin_url])
+            .args(["-c", &drop_slot, "-c", &drop_database])
             .stdout(Stdio::null())
             .status();
     }

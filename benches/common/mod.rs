@@ -1,0 +1,187 @@
+//! What the benchmarks share: their environment, idemsink run as a process until it has caught
+//! up (its CPU time and peak RSS read from /proc), and MariaDB's command-line client for
+//! `LOAD DATA LOCAL INFILE`.
+#![allow(dead_code)] // each benchmark uses a different part
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use idemsink::db::DbPool;
+use idemsink::testkit;
+
+/// A numeric setting from the environment.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A variable `scripts/bench.sh` sets.
+pub fn required(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set; run scripts/bench.sh"))
+}
+
+/// Runs `sql` with MariaDB's command-line client (which `LOAD DATA LOCAL INFILE` needs);
+/// returns what it printed.
+pub fn mariadb(url: &str, sql: &str) -> Result<String> {
+    let url = url_parts(url)?;
+    let out = std::process::Command::new("mariadb")
+        .args([
+            "--local-infile=1",
+            "-N",
+            "-B",
+            "-h",
+            &url.host,
+            "-P",
+            &url.port,
+        ])
+        .args([
+            "-u",
+            &url.user,
+            &format!("-p{}", url.password),
+            &url.database,
+        ])
+        .args(["-e", sql])
+        .output()?;
+    if !out.status.success() {
+        bail!("mariadb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A process's user + system CPU time so far, from `/proc/<pid>/stat` (in clock ticks of
+/// 1/100 s, Linux's USER_HZ).
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no command name")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short stat")?.parse()?) };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// A process's peak resident set so far (`VmHWM`), in kB.
+pub fn peak_rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kb = line
+        .trim_start_matches("VmHWM:")
+        .trim_end_matches("kB")
+        .trim();
+    Ok(kb.parse()?)
+}
+
+/// The parts of a database URL.
+pub struct UrlParts {
+    pub user: String,
+    pub password: String,
+    pub host: String,
+    pub port: String,
+    pub database: String,
+}
+
+/// `mysql://user:password@host:port/database`, for the command-line client.
+pub fn url_parts(url: &str) -> Result<UrlParts> {
+    let rest = url.split_once("://").context("URL without scheme")?.1;
+    let (credentials, rest) = rest.rsplit_once('@').context("URL without user")?;
+    let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+    let (address, database) = rest.split_once('/').context("URL without database")?;
+    let (host, port) = address.split_once(':').unwrap_or((address, "3306"));
+    Ok(UrlParts {
+        user: user.into(),
+        password: password.into(),
+        host: host.into(),
+        port: port.into(),
+        database: database.split('?').next().unwrap_or(database).into(),
+    })
+}
+
+/// What one idemsink run took.
+pub struct SinkRun {
+    pub elapsed: Duration,
+    pub cpu: Option<Duration>,
+    pub peak_rss_kb: Option<u64>,
+}
+
+impl SinkRun {
+    pub fn report(&self, rows: i64) {
+        eprintln!(
+            "idemsink: {rows} rows in {:.1?}, CPU {:.1?} (user + system), peak RSS {} MB",
+            self.elapsed,
+            self.cpu,
+            self.peak_rss_kb.unwrap_or(0) / 1024
+        );
+    }
+}
+
+/// Runs idemsink on `config` from process start until pipeline `tag` has stored `end` for
+/// `topic`, then stops it with SIGTERM. BENCH_PERF=<file>: the run is recorded by `perf record`
+/// (call graphs) into <file>; BENCH_LOG: its RUST_LOG (default warn).
+pub async fn run_idemsink(
+    config: &Path,
+    pool: &DbPool,
+    tag: &str,
+    topic: &str,
+    end: &BTreeMap<i32, i64>,
+) -> Result<SinkRun> {
+    let started = Instant::now();
+    let idemsink = env!("CARGO_BIN_EXE_idemsink");
+    // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
+    let profiled = std::env::var("BENCH_PERF").ok();
+    let mut command = match &profiled {
+        Some(out) => {
+            let mut perf = std::process::Command::new("perf");
+            perf.args(["record", "-F", "499", "-g", "-o", out, "--", idemsink]);
+            perf
+        }
+        None => std::process::Command::new(idemsink),
+    };
+    let mut child = command
+        .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()?;
+    let waited =
+        testkit::wait_for_offsets(
+            pool,
+            tag,
+            topic,
+            end,
+            Duration::from_secs(600),
+            || match child.try_wait()? {
+                Some(status) => bail!("idemsink exited ({status}) before catching up"),
+                None => Ok(()),
+            },
+        )
+        .await;
+    let elapsed = started.elapsed();
+    let cpu = cpu_time(child.id()).ok();
+    let peak_rss_kb = peak_rss_kb(child.id()).ok();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait()?;
+    waited?;
+    // Under `perf record`, the child is perf, which reports idemsink's SIGTERM as its own.
+    if !status.success() && profiled.is_none() {
+        bail!("idemsink exited with {status}");
+    }
+    Ok(SinkRun {
+        elapsed,
+        cpu,
+        peak_rss_kb,
+    })
+}

@@ -1,10 +1,12 @@
 //! Debezium snapshot benchmark (not a timed test): the initial snapshot of a source table,
 //! captured by Debezium's PostgreSQL connector into Kafka (JsonConverter with schemas, as
 //! Debezium's documentation sets it up), applied by idemsink (`format: debezium`, upsert by the
-//! key, `$source_position` as the version) to PostgreSQL and to MariaDB. Two ceilings, measured
-//! on the same rows in the same run: the target's bulk load of them into an identical table
-//! (`COPY`, `LOAD DATA LOCAL INFILE`), and Debezium's own JDBC sink connector (upsert by the
-//! record key) reading the same topic.
+//! key, `$source_position` as the version) to PostgreSQL and to MariaDB. Measured on the same
+//! rows in the same run: the target's bulk load of them into an identical table (`COPY`,
+//! `LOAD DATA LOCAL INFILE`); a consume-only pass over the topic, which bounds any sink of it
+//! (with schemas, an event is about ten times its row); and Debezium's own JDBC sink connector
+//! (upsert by the record key) reading the same topic. The ratio is to the slower of the first
+//! two, as in benches/pipeline.rs.
 //!
 //! Run with `scripts/bench.sh debezium`. Environment: BENCH_RECORDS (default 1,000,000),
 //! BENCH_RUNS (default 3: idemsink and the bulk load each run; the JDBC sink once per target,
@@ -15,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{env_or, mariadb, required, url_parts};
+use common::{consume_only, env_or, mariadb, required, url_parts};
 use futures_util::TryStreamExt;
 use idemsink::db::{Backend, DbPool};
 use idemsink::testkit::{self, connect};
@@ -28,8 +30,15 @@ const SOURCE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT N
 struct Run {
     sink: f64,
     bulk: f64,
+    consume: f64,
     cpu_per_record: Option<Duration>,
     peak_rss_mb: u64,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.sink / self.bulk.min(self.consume)
+    }
 }
 
 #[tokio::main]
@@ -64,8 +73,8 @@ async fn main() -> Result<()> {
     source.stop_capture();
 
     let mut table = String::from(
-        "| target | rows | bulk load rows/s | idemsink rows/s | ratio to bulk load, median (runs) | CPU µs/record | peak RSS MB | Debezium JDBC sink rows/s | idemsink / JDBC sink |\n\
-         | --- | --: | --: | --: | --- | --: | --: | --: | --: |\n",
+        "| target | rows | idemsink rows/s | bulk load rows/s | consume-only rows/s | ratio, median (runs) | CPU µs/record | peak RSS MB | Debezium JDBC sink rows/s | idemsink / JDBC sink |\n\
+         | --- | --: | --: | --: | --: | --- | --: | --: | --: | --: |\n",
     );
     for target in targets.split(',') {
         let (backend, url) = match target.trim() {
@@ -86,10 +95,11 @@ async fn main() -> Result<()> {
         for run in 1..=runs {
             let r = bench.once(run).await?;
             eprintln!(
-                "{backend} run {run}: idemsink {:.0} rows/s | bulk load {:.0} rows/s | ratio {:.2}",
+                "{backend} run {run}: idemsink {:.0} rows/s | bulk load {:.0} rows/s | consume-only {:.0} rows/s | ratio {:.2}",
                 r.sink,
                 r.bulk,
-                r.sink / r.bulk
+                r.consume,
+                r.ratio()
             );
             done.push(r);
         }
@@ -192,6 +202,7 @@ impl Target {
         let load = format!("{tag}_load");
         self.exec(&self.table_ddl(&load, true)).await?;
         let bulk = self.bulk_load(&load).await?;
+        let consume = consume_only(&self.brokers, &self.topic, self.records as usize).await?;
         let sink_table = format!("{tag}_sink");
         self.exec(&self.table_ddl(&sink_table, true)).await?;
         let sink = self.idemsink(&tag, &sink_table).await?;
@@ -210,6 +221,7 @@ impl Target {
         Ok(Run {
             sink: rate(sink.elapsed),
             bulk: rate(bulk),
+            consume: rate(consume),
             cpu_per_record: sink.cpu.map(|cpu| cpu / self.records as u32),
             peak_rss_mb: sink.peak_rss_kb.unwrap_or(0) / 1024,
         })
@@ -331,12 +343,9 @@ collection.name.format={table}
     }
 
     fn row(&self, runs: &mut [Run], jdbc: Option<f64>) -> String {
-        runs.sort_by(|a, b| (a.sink / a.bulk).total_cmp(&(b.sink / b.bulk)));
+        runs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
         let median = &runs[runs.len() / 2];
-        let ratios: Vec<String> = runs
-            .iter()
-            .map(|r| format!("{:.2}", r.sink / r.bulk))
-            .collect();
+        let ratios: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.ratio())).collect();
         let cpu = median
             .cpu_per_record
             .map_or("–".into(), |c| format!("{:.2}", c.as_secs_f64() * 1e6));
@@ -345,12 +354,13 @@ collection.name.format={table}
             None => ("–".into(), "–".into()),
         };
         format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} ({}) | {cpu} | {} | {jdbc_rate} | {versus} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} ({}) | {cpu} | {} | {jdbc_rate} | {versus} |\n",
             self.backend,
             self.records,
-            median.bulk,
             median.sink,
-            median.sink / median.bulk,
+            median.bulk,
+            median.consume,
+            median.ratio(),
             ratios.join(" / "),
             median.peak_rss_mb,
         )

@@ -25,19 +25,11 @@ use std::time::{Duration, Instant};
 mod common;
 
 use anyhow::{bail, Context, Result};
-use common::{env_or, mariadb, required, SinkRun};
+use common::{consume_only, env_or, mariadb, required, SinkRun, GROUP_SETTINGS};
 use idemsink::db::{Backend, DbPool};
 use idemsink::testkit::{self, Outgoing};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::ClientConfig;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
-
-const GROUP_SETTINGS: [(&str, &str); 2] = [
-    ("session.timeout.ms", "2000"),
-    ("heartbeat.interval.ms", "200"),
-];
 
 /// The share of keys an `upsert-updates` run finds in the table already, in tenths.
 const PRESENT_TENTHS: i64 = 8;
@@ -585,37 +577,4 @@ impl Lines {
         }
         Ok(lines)
     }
-}
-
-/// Runs SQL through the `mariadb` client (sqlx cannot send a local file); returns its output.
-/// A group subscription (same join cost as idemsink) reading every record once.
-async fn consume_only(brokers: &str, topic: &str, records: usize) -> Result<Duration> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}_consume_only"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed");
-    for (k, v) in GROUP_SETTINGS {
-        config.set(k, v);
-    }
-    let consumer: StreamConsumer = config.create()?;
-    let started = Instant::now();
-    consumer.subscribe(&[topic])?;
-    let mut seen = 0usize;
-    let mut bytes = 0usize;
-    while seen < records {
-        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-            .await
-            .context("consume-only stalled")??;
-        bytes += m.payload().map_or(0, <[u8]>::len);
-        seen += 1;
-    }
-    let elapsed = started.elapsed();
-    eprintln!(
-        "consume-only: {seen} records ({} MB) in {elapsed:.1?}",
-        bytes / 1_000_000
-    );
-    Ok(elapsed)
 }

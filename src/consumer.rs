@@ -45,7 +45,12 @@ pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
         // Partitions added to a topic are noticed within this (librdkafka's default: 5 min).
         .set("topic.metadata.refresh.interval.ms", "30000")
         // Statistics carry the watermarks the consumer-lag metrics are computed from.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // A partition whose prefetch queue is full waits this long before its next fetch
+        // (librdkafka's default: 1 s). With large records (Debezium's, schema included, are
+        // several kB) the queue fills whenever the writer is behind, and a second's pause
+        // per refill left the database idle for most of a backlog.
+        .set("fetch.queue.backoff.ms", "20");
     for (key, value) in p.properties() {
         c.set(key, value);
     }

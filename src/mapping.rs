@@ -381,7 +381,7 @@ impl RowMapper {
                 }
                 at
             });
-        let field_of = columns
+        let field_of: Vec<Option<String>> = columns
             .iter()
             .map(|column| match &column.source {
                 Source::ValuePointer(p) if debezium && p[1..].find('/').is_none() => {
@@ -416,8 +416,8 @@ impl RowMapper {
             value_pointers,
             key_pointers,
             pointer_of,
+            schemas: SchemaCache::new(field_of.clone()),
             field_of,
-            schemas: SchemaCache::default(),
             position_at,
         }
     }
@@ -483,9 +483,11 @@ impl RowMapper {
                     .into(),
             ));
         }
-        let mut value = self.read_all(Part::Value, record.value)?;
-        let mut key = self.read_all(Part::Key, record.key)?;
-        // JsonConverter with schemas wraps the event: its fields are under /payload.
+        let (mut value, value_schema) =
+            self.read_payload(Part::Value, record.value, RowIn::Value)?;
+        let (mut key, key_schema) = self.read_payload(Part::Key, record.key, RowIn::Key)?;
+        // JsonConverter with schemas wraps the event: its fields are under /payload (unless
+        // the payload alone was read).
         let (op, wrapped) = match (value.found[DEBEZIUM_OP.0], value.found[DEBEZIUM_OP.1]) {
             (Some(op), _) => (op, false),
             (None, Some(op)) => (op, true),
@@ -517,14 +519,57 @@ impl RowMapper {
             None => Err(error("the record is wrapped without its schema".into())),
         };
         value.wrapped = wrapped;
-        if wrapped {
-            value.encodings = schema(&value, VALUE_SCHEMA, RowIn::Value)?;
-        }
-        key.wrapped = key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
-        if key.wrapped {
-            key.encodings = schema(&key, KEY_SCHEMA, RowIn::Key)?;
-        }
+        value.encodings = match value_schema {
+            Some(known) => Some(known),
+            None if wrapped => schema(&value, VALUE_SCHEMA, RowIn::Value)?,
+            None => None,
+        };
+        key.wrapped = key_schema.is_none() && key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
+        key.encodings = match key_schema {
+            Some(known) => Some(known),
+            None if key.wrapped => schema(&key, KEY_SCHEMA, RowIn::Key)?,
+            None => None,
+        };
         Ok(Some((op, value, key)))
+    }
+
+    /// A Debezium key or value read as JSON. JsonConverter writes `{"schema":S,"payload":P}`
+    /// with the same S in every record of a table: where S is one already parsed, only P is
+    /// read — by the pointers without the `/payload` prefix — and S's encodings come back, so
+    /// a record costs its payload rather than its schema, which is most of it. Anything else
+    /// is read whole.
+    fn read_payload<'r>(
+        &self,
+        part: Part,
+        bytes: Option<&'r [u8]>,
+        row: RowIn,
+    ) -> Result<(ReadJson<'r>, Option<Arc<Encodings>>), ConvertError> {
+        let known = bytes.and_then(|bytes| {
+            let after_key = bytes.strip_prefix(br#"{"schema":"#)?;
+            let (schema_len, encodings) = self.schemas.known_prefix(after_key, row)?;
+            // The schema's bytes are those of a valid schema: only the rest needs checking.
+            let payload = std::str::from_utf8(&after_key[schema_len..])
+                .ok()?
+                .strip_prefix(r#","payload":"#)?
+                .trim_end()
+                .strip_suffix('}')?;
+            let mut found = vec![None; self.pointers(part).len()];
+            // A payload that is not one JSON value (say, a key repeated after it) is left
+            // to the whole read, which reports it.
+            self.pointers(part).find(payload, &mut found).ok()?;
+            // Not kept: a column of the whole record reads it again (which checks it).
+            let read = ReadJson {
+                text: None,
+                found,
+                wrapped: false,
+                encodings: None,
+            };
+            Some((read, encodings))
+        });
+        match known {
+            Some((read, encodings)) => Ok((read, Some(encodings))),
+            None => Ok((self.read_all(part, bytes)?, None)),
+        }
     }
 
     fn fill<'r>(
@@ -568,10 +613,10 @@ impl RowMapper {
             };
             let out = cells.buffer(c);
             let written = match (field, &self.field_of[c]) {
-                (Field::Json(json), Some(name)) => {
+                (Field::Json(json), Some(_)) => {
                     let read = if column.role == Role::Key { key } else { value };
                     let encoding = match &read.encodings {
-                        Some(encodings) => encodings.get(name).unwrap_or(&Encoding::Plain),
+                        Some(encodings) => &encodings[c],
                         None => &Encoding::Unknown,
                     };
                     convert_decoded(column.kind, encoding, json, out)
@@ -1421,6 +1466,44 @@ mod tests {
             .convert(&record(Some(key), Some(mysql.as_bytes())), &mut cells)
             .expect_err("mysql");
         assert_eq!(error.column, "at", "{error}");
+    }
+
+    #[test]
+    fn debezium_records_of_a_known_schema_read_as_the_first_of_it_did() {
+        let key = wrapped(r#"{"order_id":7,"line":2}"#);
+        let event = |payload: &str| wrapped(payload);
+        let records = [
+            event(r#"{"after":{"order_id":7,"line":2,"note":"a","op":"b"},"op":"c"}"#),
+            event(r#"{"before":{"order_id":7,"line":2},"after":null,"op":"d"}"#),
+            // Not what JsonConverter writes, yet JSON: read whole, with the same outcome.
+            event(r#"{"after":{"note":"x"},"op":"u"}"#)
+                .replace(r#"},"payload""#, r#"} , "payload""#),
+            format!("{} ", event(r#"{"after":{"note":"y"},"op":"r"}"#)),
+            event(r#"{"after":{"note":"z"},"op":"c"}"#)
+                .replace("}}}", r#"}},"payload":{"op":"d"}}"#),
+            event(r#"{"after":{"note":"broken"},"op":"c"}"#).replace(r#""op":"c"}"#, r#""op":"c""#),
+        ];
+        let convert = |mapper: &RowMapper, value: &str| {
+            let mut cells = Cells::new(5);
+            let converted = mapper.convert(
+                &record(Some(key.as_bytes()), Some(value.as_bytes())),
+                &mut cells,
+            );
+            (
+                converted.map_err(|e| e.to_string()),
+                (0..cells.rows())
+                    .flat_map(|r| cells.row(r))
+                    .map(|c| c.map(str::to_string))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let warm = debezium_mapper();
+        let (warmed, _) = convert(&warm, &records[0]);
+        assert!(warmed.is_ok(), "{warmed:?}");
+        for value in &records {
+            let first_of_schema = convert(&debezium_mapper(), value);
+            assert_eq!(convert(&warm, value), first_of_schema, "{value}");
+        }
     }
 
     #[test]

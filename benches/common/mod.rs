@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use idemsink::db::DbPool;
 use idemsink::testkit;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::ClientConfig;
 
 /// A numeric setting from the environment.
 pub fn env_or(name: &str, default: u64) -> u64 {
@@ -184,4 +187,43 @@ pub async fn run_idemsink(
         cpu,
         peak_rss_kb,
     })
+}
+
+/// The group settings of every consumer in the benchmarks: the group join is as quick as the
+/// development broker allows.
+pub const GROUP_SETTINGS: [(&str, &str); 2] = [
+    ("session.timeout.ms", "2000"),
+    ("heartbeat.interval.ms", "200"),
+];
+
+/// A group subscription (same join cost as idemsink) reading every record once.
+pub async fn consume_only(brokers: &str, topic: &str, records: usize) -> Result<Duration> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}_consume_only"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    for (k, v) in GROUP_SETTINGS {
+        config.set(k, v);
+    }
+    let consumer: StreamConsumer = config.create()?;
+    let started = Instant::now();
+    consumer.subscribe(&[topic])?;
+    let mut seen = 0usize;
+    let mut bytes = 0usize;
+    while seen < records {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("consume-only stalled")??;
+        bytes += m.payload().map_or(0, <[u8]>::len);
+        seen += 1;
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "consume-only: {seen} records ({} MB) in {elapsed:.1?}",
+        bytes / 1_000_000
+    );
+    Ok(elapsed)
 }

@@ -223,6 +223,20 @@ pub enum RecordFormat {
     /// `/pointer` columns read the row image (`after`), key columns read the record key, and
     /// the tombstone after a delete does nothing.
     Debezium,
+    /// A Debezium change event flattened by its ExtractNewRecordState transform: the value is
+    /// the row; a tombstone, `__deleted: "true"` or `__op: "d"` deletes it by the record key.
+    #[serde(rename = "debezium_flattened")]
+    DebeziumFlattened,
+}
+
+impl RecordFormat {
+    /// Whether records are Debezium's change events, in either form.
+    pub fn is_debezium(self) -> bool {
+        matches!(
+            self,
+            RecordFormat::Debezium | RecordFormat::DebeziumFlattened
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -814,14 +828,17 @@ fn check_conflict_rules(
             ));
         }
     }
-    if sink.format == RecordFormat::Debezium {
+    if sink.format.is_debezium() {
         problems.extend(check_debezium_rules(sink, columns));
-    } else if let Some((name, _)) = columns.iter().find(|(_, s)| *s == Source::SourcePosition) {
+    }
+    // Only the envelope's source block holds the position.
+    let position = columns.iter().find(|(_, s)| *s == Source::SourcePosition);
+    if let Some((name, _)) = position.filter(|_| sink.format != RecordFormat::Debezium) {
         problems.push((
             "sink.columns",
             format!(
                 "`{name}` is mapped from $source_position, which only a Debezium change event \
-                 has (sink.format: debezium)"
+                 has (sink.format: debezium; ExtractNewRecordState's flattened events drop it)"
             ),
         ));
     }

@@ -123,10 +123,10 @@ pub type Encodings = Vec<Encoding>;
 /// Which struct of a schema holds the row's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowIn {
-    /// The record key: the schema's own fields.
-    Key,
-    /// The change event's value: the fields of its `after` struct (the same as `before`'s).
-    Value,
+    /// The schema's own fields: a record key, or a flattened event (ExtractNewRecordState).
+    Fields,
+    /// A change event's envelope: the fields of its `after` struct (the same as `before`'s).
+    After,
 }
 
 /// Parsed schemas by their JSON text: a pipeline sees one per table and schema version, so a
@@ -191,8 +191,8 @@ fn parse(schema: &str, row: RowIn, columns: &[Option<String>]) -> Result<Encodin
     let schema: FieldSchema = serde_json::from_str(schema)
         .map_err(|e| format!("the record's schema is not a Kafka Connect schema: {e}"))?;
     let fields = match row {
-        RowIn::Key => &schema.fields,
-        RowIn::Value => {
+        RowIn::Fields => &schema.fields,
+        RowIn::After => {
             let after = schema.fields.iter().find(|f| f.field == "after");
             &after
                 .ok_or("the record's schema has no `after` field: not a Debezium change event")?
@@ -598,21 +598,21 @@ mod tests {
             {"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},
               {"type":"int32","optional":true,"name":"io.debezium.time.Date","field":"born"}],"field":"after"},
             {"type":"string","field":"op"}]}"#;
-        let first = cache.encodings(value, RowIn::Value).expect("parses");
+        let first = cache.encodings(value, RowIn::After).expect("parses");
         assert_eq!(*first, [Encoding::Plain, Encoding::Plain, Encoding::Days]);
-        let again = cache.encodings(value, RowIn::Value).expect("parses");
+        let again = cache.encodings(value, RowIn::After).expect("parses");
         assert!(
             Arc::ptr_eq(&first, &again),
             "the second record's schema is not parsed again"
         );
-        let error = cache.encodings(value, RowIn::Key).map(|_| ());
+        let error = cache.encodings(value, RowIn::Fields).map(|_| ());
         assert_eq!(
             error,
             Ok(()),
             "as a key schema, its own fields are the row's"
         );
         assert!(cache
-            .encodings(r#"{"type":"struct","fields":[]}"#, RowIn::Value)
+            .encodings(r#"{"type":"struct","fields":[]}"#, RowIn::After)
             .is_err_and(|e| e.contains("no `after` field")));
     }
 }

@@ -336,11 +336,14 @@ pub struct RowMapper {
     position_at: Option<usize>,
 }
 
-/// In Debezium format, the value's first pointers find the operation (`op`), without and with
-/// the schema wrapper, then the schema; the key's tell a key wrapped with its schema, and
-/// find that schema.
+/// In Debezium format, the value's first pointers find the operation (`op`, or a flattened
+/// event's `__op`), without and with the schema wrapper, then the schema; a flattened event's
+/// next ones find `__deleted` the same way, then the schema's type. The key's tell a key
+/// wrapped with its schema, and find that schema.
 const DEBEZIUM_OP: (usize, usize) = (0, 1);
 const VALUE_SCHEMA: usize = 2;
+const FLATTENED_DELETED: (usize, usize) = (3, 4);
+const FLATTENED_SCHEMA_TYPE: usize = 5;
 const KEY_SCHEMA_TYPE: usize = 0;
 const KEY_SCHEMA: usize = 1;
 
@@ -361,13 +364,20 @@ impl RowMapper {
     pub fn new(columns: Vec<ColumnPlan>, delete_on_null: bool, format: RecordFormat) -> RowMapper {
         let mut pointer_of = Vec::with_capacity(columns.len());
         let (mut value, mut key) = (Vec::new(), Vec::new());
-        let debezium = format == RecordFormat::Debezium;
+        let debezium = format.is_debezium();
+        let flattened = format == RecordFormat::DebeziumFlattened;
         if debezium {
-            push_index(&mut value, "/op".into());
-            push_index(&mut value, "/payload/op".into());
+            let op = if flattened { "__op" } else { "op" };
+            push_index(&mut value, format!("/{op}"));
+            push_index(&mut value, format!("/payload/{op}"));
             push_index(&mut value, "/schema".into());
             push_index(&mut key, "/schema/type".into());
             push_index(&mut key, "/schema".into());
+        }
+        if flattened {
+            push_index(&mut value, "/__deleted".into());
+            push_index(&mut value, "/payload/__deleted".into());
+            push_index(&mut value, "/schema/type".into());
         }
         let position_at = columns
             .iter()
@@ -397,6 +407,10 @@ impl RowMapper {
                 Source::ValuePointer(p) if debezium && column.role == Role::Key => Some((
                     push_index(&mut key, p.clone()),
                     push_index(&mut key, format!("/payload{p}")),
+                )),
+                Source::ValuePointer(p) if flattened => Some((
+                    push_index(&mut value, p.clone()),
+                    push_index(&mut value, format!("/payload{p}")),
                 )),
                 Source::ValuePointer(p) if debezium => Some((
                     push_index(&mut value, format!("/after{p}")),
@@ -448,7 +462,9 @@ impl RowMapper {
                 let key = self.read(Part::Key, record.key)?;
                 self.fill(record, op, &value, &key, cells).map(|()| op)
             }
-            RecordFormat::Debezium => match self.read_change(record)? {
+            RecordFormat::Debezium | RecordFormat::DebeziumFlattened => match self
+                .read_change(record)?
+            {
                 None => return Ok(Converted::Nothing("tombstone")),
                 Some((op, value, key)) => self.fill(record, op, &value, &key, cells).map(|()| op),
             },
@@ -467,15 +483,18 @@ impl RowMapper {
 
     /// A Debezium change event's operation, with its value and key read (`None` for the
     /// tombstone after a delete). Reads and snapshot reads write the row image `after`; a
-    /// delete deletes by the key; a truncate, or anything else, is a bad record.
+    /// delete deletes by the key; a truncate, or anything else, is a bad record. A flattened
+    /// event (ExtractNewRecordState) is the row itself, deleted by a tombstone, by
+    /// `__deleted: "true"` (its `rewrite` delete handling) or by `__op: "d"`.
     fn read_change<'r>(&self, record: &RecordRef<'r>) -> Result<Option<Change<'r>>, ConvertError> {
-        if record.value.is_none() {
-            return Ok(None);
-        }
+        let flattened = self.format == RecordFormat::DebeziumFlattened;
         let error = |reason: String| ConvertError {
             column: String::new(),
             reason,
         };
+        if record.value.is_none() && !flattened {
+            return Ok(None);
+        }
         if record.key.is_none() {
             return Err(error(
                 "the record has no key: Debezium sends one for a table with a primary key \
@@ -483,51 +502,54 @@ impl RowMapper {
                     .into(),
             ));
         }
-        let (mut value, value_schema) =
-            self.read_payload(Part::Value, record.value, RowIn::Value)?;
-        let (mut key, key_schema) = self.read_payload(Part::Key, record.key, RowIn::Key)?;
-        // JsonConverter with schemas wraps the event: its fields are under /payload (unless
-        // the payload alone was read).
-        let (op, wrapped) = match (value.found[DEBEZIUM_OP.0], value.found[DEBEZIUM_OP.1]) {
-            (Some(op), _) => (op, false),
-            (None, Some(op)) => (op, true),
-            (None, None) => {
-                return Err(error(
-                    "the record value is not a Debezium change event: it has no `op` field".into(),
-                ))
-            }
-        };
-        let op = match op {
-            r#""c""# | r#""r""# | r#""u""# => RowOp::Write,
-            r#""d""# => RowOp::Delete,
-            r#""t""# => {
-                return Err(error(
-                    "a truncate event (op t): idemsink does not empty the table on a truncate \
-                     at the source"
-                        .into(),
-                ))
-            }
-            other => {
-                return Err(error(format!(
-                    "a Debezium event with op {other}: only c (create), r (read, snapshot), u \
-                     (update) and d (delete) change a row"
-                )))
-            }
-        };
         let schema = |read: &ReadJson<'r>, at: usize, row: RowIn| match read.found[at] {
             Some(text) => self.schemas.encodings(text, row).map(Some).map_err(error),
             None => Err(error("the record is wrapped without its schema".into())),
         };
-        value.wrapped = wrapped;
-        value.encodings = match value_schema {
-            Some(known) => Some(known),
-            None if wrapped => schema(&value, VALUE_SCHEMA, RowIn::Value)?,
-            None => None,
-        };
+        let (mut key, key_schema) = self.read_payload(Part::Key, record.key, RowIn::Fields)?;
         key.wrapped = key_schema.is_none() && key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
         key.encodings = match key_schema {
             Some(known) => Some(known),
-            None if key.wrapped => schema(&key, KEY_SCHEMA, RowIn::Key)?,
+            None if key.wrapped => schema(&key, KEY_SCHEMA, RowIn::Fields)?,
+            None => None,
+        };
+        if record.value.is_none() {
+            // A flattened delete: the tombstone is the delete.
+            return Ok(Some((RowOp::Delete, ReadJson::default(), key)));
+        }
+        let row = if flattened {
+            RowIn::Fields
+        } else {
+            RowIn::After
+        };
+        let (mut value, value_schema) = self.read_payload(Part::Value, record.value, row)?;
+        let op = if flattened {
+            value.wrapped =
+                value_schema.is_none() && value.found[FLATTENED_SCHEMA_TYPE] == Some("\"struct\"");
+            let pick = |(bare, wrapped): (usize, usize)| {
+                value.found[if value.wrapped { wrapped } else { bare }]
+            };
+            let deleted = matches!(pick(FLATTENED_DELETED), Some("true" | r#""true""#));
+            flattened_op(pick(DEBEZIUM_OP), deleted).map_err(error)?
+        } else {
+            // JsonConverter with schemas wraps the event: its fields are under /payload
+            // (unless the payload alone was read).
+            let (op, wrapped) = match (value.found[DEBEZIUM_OP.0], value.found[DEBEZIUM_OP.1]) {
+                (Some(op), _) => (op, false),
+                (None, Some(op)) => (op, true),
+                (None, None) => {
+                    return Err(error(
+                        "the record value is not a Debezium change event: it has no `op` field"
+                            .into(),
+                    ))
+                }
+            };
+            value.wrapped = wrapped;
+            envelope_op(op).map_err(error)?
+        };
+        value.encodings = match value_schema {
+            Some(known) => Some(known),
+            None if value.wrapped => schema(&value, VALUE_SCHEMA, row)?,
             None => None,
         };
         Ok(Some((op, value, key)))
@@ -589,7 +611,7 @@ impl RowMapper {
                     .key
                     .map_or(Field::Missing, |b| Field::Bytes(b, key.text)),
                 Source::ValuePointer(_)
-                    if self.format == RecordFormat::Debezium && column.role == Role::Key =>
+                    if self.format.is_debezium() && column.role == Role::Key =>
                 {
                     key.field(self.pointer_of[c])
                 }
@@ -685,6 +707,33 @@ impl RowMapper {
         })
     }
 }
+
+/// What a Debezium envelope's `op` (its JSON text) does to the row.
+fn envelope_op(op: &str) -> Result<RowOp, String> {
+    match op {
+        r#""c""# | r#""r""# | r#""u""# => Ok(RowOp::Write),
+        r#""d""# => Ok(RowOp::Delete),
+        r#""t""# => Err(TRUNCATE.into()),
+        other => Err(format!(
+            "a Debezium event with op {other}: only c (create), r (read, snapshot), u (update) \
+             and d (delete) change a row"
+        )),
+    }
+}
+
+/// What a flattened event does: a delete where ExtractNewRecordState marked it so
+/// (`__deleted`, or `__op` when `add.fields` has it); a write otherwise.
+fn flattened_op(op: Option<&str>, deleted: bool) -> Result<RowOp, String> {
+    match op {
+        _ if deleted => Ok(RowOp::Delete),
+        Some(r#""d""#) => Ok(RowOp::Delete),
+        Some(r#""t""#) => Err(TRUNCATE.into()),
+        _ => Ok(RowOp::Write),
+    }
+}
+
+const TRUNCATE: &str =
+    "a truncate event (op t): idemsink does not empty the table on a truncate at the source";
 
 /// A Debezium change event read: what it does, its value and its key.
 type Change<'r> = (RowOp, ReadJson<'r>, ReadJson<'r>);
@@ -1503,6 +1552,72 @@ mod tests {
         for value in &records {
             let first_of_schema = convert(&debezium_mapper(), value);
             assert_eq!(convert(&warm, value), first_of_schema, "{value}");
+        }
+    }
+
+    #[test]
+    fn flattened_debezium_events_write_the_row_and_delete_as_marked() {
+        let key = |name: &str, source: &str| ColumnPlan {
+            role: Role::Key,
+            ..plan(name, ColumnKind::BIGINT, false, source)
+        };
+        let mapper = RowMapper::new(
+            vec![
+                key("order_id", "/order_id"),
+                key("line", "/line"),
+                plan("note", ColumnKind::TEXT, true, "/note"),
+                plan("op", ColumnKind::TEXT, true, "/op"),
+                plan("o", ColumnKind::BIGINT, false, "$offset"),
+            ],
+            false,
+            RecordFormat::DebeziumFlattened,
+        );
+        let bare_key = r#"{"order_id":7,"line":2}"#;
+        let row = r#"{"order_id":7,"line":2,"note":"n","op":"x"}"#;
+        let flat_schema = r#"{"type":"struct","fields":[{"type":"int64","field":"order_id"},{"type":"int32","field":"line"},{"type":"string","field":"note"},{"type":"string","field":"op"},{"type":"string","field":"__deleted"}]}"#;
+        let wrap = |payload: &str| format!(r#"{{"schema":{flat_schema},"payload":{payload}}}"#);
+        let written = vec![Some("7"), Some("2"), Some("n"), Some("x"), Some("77")];
+        let deleted = vec![Some("7"), Some("2"), None, None, Some("77")];
+        let with = |field: &str| row.replace(r#""op":"x""#, &format!(r#""op":"x",{field}"#));
+        let cases = [
+            (bare_key.to_string(), Some(row.to_string()), &written),
+            (wrapped(bare_key), Some(wrap(row)), &written),
+            (
+                wrapped(bare_key),
+                Some(wrap(&with(r#""__deleted":"false""#))),
+                &written,
+            ),
+            (bare_key.to_string(), Some(with(r#""__op":"u""#)), &written),
+            (bare_key.to_string(), None, &deleted),
+            (wrapped(bare_key), None, &deleted),
+            (
+                bare_key.to_string(),
+                Some(with(r#""__deleted":"true""#)),
+                &deleted,
+            ),
+            (
+                wrapped(bare_key),
+                Some(wrap(&with(r#""__deleted":"true""#))),
+                &deleted,
+            ),
+            (bare_key.to_string(), Some(with(r#""__op":"d""#)), &deleted),
+        ];
+        for (key, value, expected) in cases {
+            let mut cells = Cells::new(5);
+            let record = record(Some(key.as_bytes()), value.as_deref().map(str::as_bytes));
+            mapper
+                .convert(&record, &mut cells)
+                .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(&cells.row(0), expected, "{value:?}");
+        }
+        let mut cells = Cells::new(5);
+        for (key, value, reason) in [
+            (Some(bare_key), with(r#""__op":"t""#), "truncate"),
+            (None, row.to_string(), "no key"),
+        ] {
+            let record = record(key.map(str::as_bytes), Some(value.as_bytes()));
+            let error = mapper.convert(&record, &mut cells).expect_err(&value);
+            assert!(error.to_string().contains(reason), "{value}: {error}");
         }
     }
 

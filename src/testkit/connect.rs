@@ -98,7 +98,10 @@ pub struct CapturedDatabase {
     pub name: String,
     pub url: String,
     admin_url: String,
-    worker: Option<Worker>,
+    /// The workers capturing it, each running one connector.
+    workers: Vec<Worker>,
+    /// The connectors' names, which their replication slots and publications have too.
+    connectors: Vec<String>,
 }
 
 impl CapturedDatabase {
@@ -117,7 +120,8 @@ impl CapturedDatabase {
             name: name.to_string(),
             url,
             admin_url: admin_url.to_string(),
-            worker: None,
+            workers: Vec::new(),
+            connectors: Vec::new(),
         };
         source.exec(schema).await?;
         Ok(source)
@@ -145,36 +149,51 @@ impl CapturedDatabase {
     /// properties in `extra` (e.g. `snapshot.mode=initial_only`). Events of table `s.t` go to
     /// [`topic`](CapturedDatabase::topic)`("s.t")`.
     pub fn capture(&mut self, brokers: &str, tables: &str, extra: &str) -> Result<()> {
+        let name = self.name.clone();
+        self.capture_as(&name, brokers, tables, extra)
+    }
+
+    /// The same, by a connector of its own named `connector` (its slot, publication and topic
+    /// prefix too): events of table `s.t` go to `<connector>.s.t`.
+    pub fn capture_as(
+        &mut self,
+        connector: &str,
+        brokers: &str,
+        tables: &str,
+        extra: &str,
+    ) -> Result<()> {
         let server: PgConnectOptions = self.url.parse()?;
-        let connector = format!(
-            "name={name}
+        let properties = format!(
+            "name={connector}
 connector.class=io.debezium.connector.postgresql.PostgresConnector
 tasks.max=1
 database.hostname={host}
 database.port={port}
 database.user={user}
 database.password=unused
-database.dbname={name}
-topic.prefix={name}
+database.dbname={database}
+topic.prefix={connector}
 plugin.name=pgoutput
-slot.name={name}
-publication.name={name}
+slot.name={connector}
+publication.name={connector}
 publication.autocreate.mode=filtered
 table.include.list={tables}
 {extra}
 ",
-            name = self.name,
+            database = self.name,
             host = server.get_host(),
             port = server.get_port(),
             user = server.get_username(),
         );
-        self.worker = Some(Worker::start(&jars("connect-lib")?, brokers, &connector)?);
+        let worker = Worker::start(&jars("connect-lib")?, brokers, &properties)?;
+        self.workers.push(worker);
+        self.connectors.push(connector.to_string());
         Ok(())
     }
 
-    /// Stops the worker, if one runs.
+    /// Stops the workers (their slots stay until the database is dropped).
     pub fn stop_capture(&mut self) {
-        self.worker = None;
+        self.workers.clear();
     }
 
     /// The topic of `table` (`schema.table`).
@@ -182,31 +201,40 @@ table.include.list={tables}
         format!("{}.{table}", self.name)
     }
 
-    /// The worker's log, once capture has started.
-    pub fn log(&self) -> Option<PathBuf> {
-        self.worker.as_ref().map(Worker::log)
+    /// The workers' logs.
+    pub fn logs(&self) -> Vec<PathBuf> {
+        self.workers.iter().map(Worker::log).collect()
     }
 }
 
 impl Drop for CapturedDatabase {
     fn drop(&mut self) {
-        self.worker = None;
-        // The slot would keep WAL for ever: drop it once its walsender has gone, then the
-        // database (each -c runs on its own: DROP DATABASE cannot run in a transaction).
+        self.workers.clear();
+        // The slots would keep WAL for ever: drop them once their walsenders have gone, then
+        // the database (each -c runs on its own: DROP DATABASE cannot run in a transaction).
+        let slots = self
+            .connectors
+            .iter()
+            .map(|c| format!("'{c}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let drop_slot = format!(
             "DO $$ BEGIN
                FOR i IN 1..100 LOOP
-                 EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}' AND active);
+                 EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name IN ({slots}) AND active);
                  PERFORM pg_sleep(0.1);
                END LOOP;
-               PERFORM pg_drop_replication_slot('{name}') FROM pg_replication_slots WHERE slot_name = '{name}';
-             END $$",
-            name = self.name
+               PERFORM pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ({slots});
+             END $$"
         );
         let drop_database = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = Command::new("psql")
-            .args(["-q", "-X", "-d", &self.admin_url])
-            .args(["-c", &drop_slot, "-c", &drop_database])
+        let mut psql = Command::new("psql");
+        psql.args(["-q", "-X", "-d", &self.admin_url]);
+        if !self.connectors.is_empty() {
+            psql.args(["-c", &drop_slot]);
+        }
+        let _ = psql
+            .args(["-c", &drop_database])
             .stdout(Stdio::null())
             .status();
     }

@@ -68,7 +68,7 @@ fn position_guard_problems(
     newer_by: Option<usize>,
 ) -> Vec<ConfigError> {
     let sink = &p.config.sink;
-    let deletes = sink.delete_on_null || sink.format == RecordFormat::Debezium;
+    let deletes = sink.delete_on_null || sink.format.is_debezium();
     let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || deletes;
     let Some(position) = position.filter(|_| guarded) else {
         return Vec::new();
@@ -229,7 +229,7 @@ impl SinkPlan {
             delete_version: newer_by.filter(|v| columns[*v].source == Source::SourcePosition),
             position,
             format: sink.format,
-            deletes: sink.delete_on_null || sink.format == RecordFormat::Debezium,
+            deletes: sink.delete_on_null || sink.format.is_debezium(),
             copy_allowed: schema.copy_allowed,
             columns,
         })

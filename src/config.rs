@@ -180,6 +180,9 @@ pub struct SinkConfig {
     /// A record with a null value (a tombstone) deletes the row with its key.
     #[serde(default, deserialize_with = "scalar")]
     pub delete_on_null: bool,
+    /// Target column → source. `columns: auto`, or an entry `"*": auto` beside others: every
+    /// other column of the table reads the field of its own name.
+    #[serde(deserialize_with = "columns_or_auto")]
     pub columns: BTreeMap<String, String>,
     /// How long one statement waits for a lock another session holds (PostgreSQL's
     /// `lock_timeout`, InnoDB's `innodb_lock_wait_timeout`) before the batch is retried.
@@ -273,6 +276,31 @@ pub struct BatchConfig {
 
 /// A number or boolean as YAML types it, or as text: environment overrides are always text
 /// (they are not re-typed, so that a string such as a group id `007` stays what it was).
+/// The key of `sink.columns` that stands for every column not listed.
+pub const EVERY_OTHER_COLUMN: &str = "*";
+
+/// `sink.columns`: a map, or the word `auto` for `{"*": auto}`.
+fn columns_or_auto<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Columns {
+        Map(BTreeMap<String, String>),
+        Word(String),
+    }
+    match Columns::deserialize(deserializer) {
+        Ok(Columns::Map(map)) => Ok(map),
+        Ok(Columns::Word(word)) if word.trim() == "auto" => {
+            Ok(BTreeMap::from([(EVERY_OTHER_COLUMN.into(), "auto".into())]))
+        }
+        _ => Err(serde::de::Error::custom(
+            "expected a map of column: source, or `auto`",
+        )),
+    }
+}
+
 fn scalar<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -361,8 +389,11 @@ impl std::error::Error for ConfigErrors {}
 pub struct LoadedPipeline {
     pub file: PathBuf,
     pub config: PipelineConfig,
-    /// `sink.columns` with each source parsed, in column-name order.
+    /// `sink.columns` with each source parsed, in column-name order (without `*`).
     pub columns: Vec<(String, Source)>,
+    /// `columns: auto` (or `"*": auto`): the table's other columns read the fields of their
+    /// names, once the table is known ([`crate::writer::SinkPlan::prepare`]).
+    pub auto_columns: bool,
 }
 
 impl LoadedPipeline {
@@ -667,8 +698,15 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
         bad("sink.columns", "must map at least one column".into());
     }
     let mut columns = Vec::new();
+    let auto_columns = sink.columns.contains_key(EVERY_OTHER_COLUMN);
     for (column, spec) in &sink.columns {
         let key = format!("sink.columns.{column}");
+        if column == EVERY_OTHER_COLUMN {
+            if spec.trim() != "auto" {
+                bad(&key, format!("`{spec}`: `*` takes `auto` (every other column reads the field of its name)"));
+            }
+            continue;
+        }
         if let Err(e) = crate::schema::check_identifier(column) {
             bad(&key, e);
         }
@@ -758,6 +796,7 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             file: file.to_path_buf(),
             config,
             columns,
+            auto_columns,
         })
     } else {
         Err(errors)
@@ -773,9 +812,20 @@ fn check_conflict_rules(
 ) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
     let source_of = |name: &str| columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
+    // With `columns: auto`, a column not listed is the table's to know of.
+    let auto = sink.columns.contains_key(EVERY_OTHER_COLUMN);
     let mut seen = Vec::new();
     for name in &sink.key {
         match source_of(name) {
+            None if auto && sink.delete_on_null => problems.push((
+                "sink.key",
+                format!(
+                    "`{name}` is not listed in sink.columns, so `auto` would read it from the \
+                     record value, but with delete_on_null the key columns must come from the \
+                     record key: list it ({name}: $key/…)"
+                ),
+            )),
+            None if auto => {}
             None => problems.push((
                 "sink.key",
                 format!("`{name}` is not mapped in sink.columns: every key column needs a value"),
@@ -850,7 +900,7 @@ fn check_conflict_rules(
                     .to_string(),
             ));
         }
-        if source_of(version).is_none() {
+        if source_of(version).is_none() && !auto {
             problems.push((
                 "sink.newer_by",
                 format!("`{version}` is not mapped in sink.columns"),
@@ -1113,6 +1163,34 @@ sink:
             e.to_string().contains("avro") && e.to_string().contains("debezium"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn columns_auto_maps_the_rest_by_name_and_leaves_key_checks_to_the_table() {
+        let env = [("DATABASE_URL", "postgres://u@h/db")];
+        let upsert = |columns: &str| {
+            GOOD.replace(
+                "  columns:\n    order_id: /order_id\n    Customer: /customer/name\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+                &format!("  mode: upsert\n  key: [id]\n  newer_by: version\n  columns:{columns}"),
+            )
+        };
+        let word = load(&upsert(" auto\n"), &env).expect("columns: auto");
+        assert!(word.auto_columns && word.columns.is_empty());
+        let listed = load(&upsert("\n    \"*\": auto\n    at: $offset\n"), &env).expect("valid");
+        assert!(listed.auto_columns);
+        assert_eq!(listed.columns, [("at".to_string(), Source::Offset)]);
+        let e = only_error(&upsert("\n    \"*\": /everything\n"), &env);
+        assert_eq!(e.key, "sink.columns.*");
+        // Without auto, the key and version must be listed.
+        let errors = load(&upsert("\n    at: $offset\n"), &env).expect_err("unlisted key");
+        assert!(errors.iter().any(|e| e.key == "sink.key"), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.key == "sink.newer_by"),
+            "{errors:?}"
+        );
+        let tombstones =
+            upsert(" auto\n").replace("  mode: upsert", "  delete_on_null: true\n  mode: upsert");
+        assert_eq!(only_error(&tombstones, &env).key, "sink.key");
     }
 
     #[test]

@@ -83,7 +83,8 @@ batch:
 };
 
 /// Accounts: a uuid key and a column of every kind Debezium encodes its own way, NULLs
-/// included; changes are ordered by their position in PostgreSQL's log ($source_position).
+/// included, mapped by name (`columns: auto`); changes are ordered by their position in
+/// PostgreSQL's log ($source_position).
 const ACCOUNTS: Replicated = Replicated {
     name: "accounts",
     source: "CREATE TABLE accounts (
@@ -117,19 +118,7 @@ const ACCOUNTS: Replicated = Replicated {
   key: [id]
   newer_by: src_pos
   columns:
-    id: /id
-    owner: /owner
-    balance: /balance
-    rate: /rate
-    opened: /opened
-    seen: /seen
-    local_ts: /local_ts
-    doc: /doc
-    meta: /meta
-    blob: /blob
-    flag: /flag
-    score: /score
-    small: /small
+    \"*\": auto
     src_pos: $source_position
 batch:
   max_wait_ms: 50

@@ -101,6 +101,26 @@ fn position_guard_problems(
     problems
 }
 
+/// The columns a pipeline writes: those `sink.columns` lists, and with `auto` every other
+/// column of the table, from the field of its name — except the columns the database fills in
+/// itself (generated, AUTO_INCREMENT).
+fn mapped_columns(p: &LoadedPipeline, schema: &TableSchema) -> Vec<(String, Source)> {
+    let mut mapped = p.columns.clone();
+    if p.auto_columns {
+        for column in &schema.columns {
+            let listed = p.columns.iter().any(|(name, _)| *name == column.name);
+            if !listed && !column.generated && !column.auto_increment {
+                let token = column.name.replace('~', "~0").replace('/', "~1");
+                mapped.push((
+                    column.name.clone(),
+                    Source::ValuePointer(format!("/{token}")),
+                ));
+            }
+        }
+    }
+    mapped
+}
+
 impl SinkPlan {
     /// Describes the target table and checks the mapping against it. Problems come back
     /// with the file and key they concern.
@@ -114,7 +134,8 @@ impl SinkPlan {
                 |e| vec![p.error("sink.table", format!("cannot describe table {table}: {e}"))],
             )?
             .ok_or_else(|| vec![p.error("sink.table", format!("table {table} does not exist"))])?;
-        let mut columns = schema.plan(&p.columns).map_err(|problems| {
+        let mapped = mapped_columns(p, &schema);
+        let mut columns = schema.plan(&mapped).map_err(|problems| {
             problems
                 .into_iter()
                 .map(|(key, message)| p.error(&key, message))
@@ -140,6 +161,13 @@ impl SinkPlan {
         };
         let newer_by = sink.newer_by.as_deref().and_then(index);
         let mut problems = Vec::new();
+        // Listed columns were checked against sink.columns; with `auto`, against the table.
+        let named = sink.key.iter().map(|k| ("sink.key", k));
+        for (key, name) in named.chain(sink.newer_by.iter().map(|v| ("sink.newer_by", v))) {
+            if index(name).is_none() {
+                problems.push(p.error(key, format!("table {table} has no column `{name}`")));
+            }
+        }
         if let Some(v) = newer_by {
             if !columns[v].kind.orders_versions() {
                 problems.push(p.error(

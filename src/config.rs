@@ -203,6 +203,13 @@ pub struct SinkConfig {
     pub writers: usize,
 }
 
+impl SinkConfig {
+    /// Whether records delete rows: tombstones with `delete_on_null`, and Debezium's deletes.
+    pub fn deletes(&self) -> bool {
+        self.delete_on_null || self.format.is_debezium()
+    }
+}
+
 fn default_writers() -> usize {
     2
 }

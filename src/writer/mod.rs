@@ -68,8 +68,7 @@ fn position_guard_problems(
     newer_by: Option<usize>,
 ) -> Vec<ConfigError> {
     let sink = &p.config.sink;
-    let deletes = sink.delete_on_null || sink.format.is_debezium();
-    let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || deletes;
+    let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || sink.deletes();
     let Some(position) = position.filter(|_| guarded) else {
         return Vec::new();
     };
@@ -257,7 +256,7 @@ impl SinkPlan {
             delete_version: newer_by.filter(|v| columns[*v].source == Source::SourcePosition),
             position,
             format: sink.format,
-            deletes: sink.delete_on_null || sink.format.is_debezium(),
+            deletes: sink.deletes(),
             copy_allowed: schema.copy_allowed,
             columns,
         })

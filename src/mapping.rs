@@ -495,26 +495,20 @@ impl RowMapper {
         if record.value.is_none() && !flattened {
             return Ok(None);
         }
-        if record.key.is_none() {
-            return Err(error(
+        let no_key = || {
+            error(
                 "the record has no key: Debezium sends one for a table with a primary key \
                  (or message.key.columns), and the key columns are read from it"
                     .into(),
-            ));
-        }
+            )
+        };
         let schema = |read: &ReadJson<'r>, at: usize, row: RowIn| match read.found[at] {
             Some(text) => self.schemas.encodings(text, row).map(Some).map_err(error),
             None => Err(error("the record is wrapped without its schema".into())),
         };
-        let (mut key, key_schema) = self.read_payload(Part::Key, record.key, RowIn::Fields)?;
-        key.wrapped = key_schema.is_none() && key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
-        key.encodings = match key_schema {
-            Some(known) => Some(known),
-            None if key.wrapped => schema(&key, KEY_SCHEMA, RowIn::Fields)?,
-            None => None,
-        };
         if record.value.is_none() {
             // A flattened delete: the tombstone is the delete.
+            let key = self.read_change_key(record.key.ok_or_else(no_key)?)?;
             return Ok(Some((RowOp::Delete, ReadJson::default(), key)));
         }
         let row = if flattened {
@@ -552,7 +546,29 @@ impl RowMapper {
             None if value.wrapped => schema(&value, VALUE_SCHEMA, row)?,
             None => None,
         };
+        // Read after the op, so that a truncate (which has no key) is named as one.
+        let key = self.read_change_key(record.key.ok_or_else(no_key)?)?;
         Ok(Some((op, value, key)))
+    }
+
+    /// A Debezium event's record key, read as JSON with or without its schema.
+    fn read_change_key<'r>(&self, bytes: &'r [u8]) -> Result<ReadJson<'r>, ConvertError> {
+        let (mut key, key_schema) = self.read_payload(Part::Key, Some(bytes), RowIn::Fields)?;
+        key.wrapped = key_schema.is_none() && key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
+        key.encodings = match key_schema {
+            Some(known) => Some(known),
+            None if key.wrapped => match key.found[KEY_SCHEMA] {
+                Some(text) => Some(self.schemas.encodings(text, RowIn::Fields).map_err(
+                    |reason| ConvertError {
+                        column: String::new(),
+                        reason,
+                    },
+                )?),
+                None => None,
+            },
+            None => None,
+        };
+        Ok(key)
     }
 
     /// A Debezium key or value read as JSON. JsonConverter writes `{"schema":S,"payload":P}`
@@ -1634,6 +1650,12 @@ mod tests {
             (
                 Some(key),
                 r#"{"before":null,"after":null,"source":{},"op":"t"}"#.to_string(),
+                "truncate",
+            ),
+            // As Debezium sends it: without a key.
+            (
+                None,
+                wrapped(r#"{"before":null,"after":null,"source":{},"op":"t"}"#),
                 "truncate",
             ),
             (

@@ -933,15 +933,16 @@ fn check_debezium_rules(
     if sink.mode != SinkMode::Upsert {
         problems.push((
             "sink.mode",
-            "format debezium needs mode upsert: an update event must change the row it updates"
+            "Debezium's events need mode upsert: an update event must change the row it updates"
                 .to_string(),
         ));
     }
     if sink.delete_on_null {
         problems.push((
             "sink.delete_on_null",
-            "does not apply to format debezium: a delete event (op d) deletes the row, and the \
-             tombstone that follows it does nothing"
+            "does not apply to Debezium's events, whose deletes say themselves what they are: \
+             a delete event (op d) in format debezium, whose tombstone then does nothing; a \
+             tombstone or __deleted in format debezium_flattened"
                 .to_string(),
         ));
     }

@@ -283,6 +283,16 @@ pub struct ConvertError {
     pub reason: String,
 }
 
+impl ConvertError {
+    /// A problem of the record as a whole (e.g. not a change event), not of one column.
+    fn of_record(reason: String) -> ConvertError {
+        ConvertError {
+            column: String::new(),
+            reason,
+        }
+    }
+}
+
 impl fmt::Display for ConvertError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.column.is_empty() {
@@ -488,10 +498,7 @@ impl RowMapper {
     /// `__deleted: "true"` (its `rewrite` delete handling) or by `__op: "d"`.
     fn read_change<'r>(&self, record: &RecordRef<'r>) -> Result<Option<Change<'r>>, ConvertError> {
         let flattened = self.format == RecordFormat::DebeziumFlattened;
-        let error = |reason: String| ConvertError {
-            column: String::new(),
-            reason,
-        };
+        let error = ConvertError::of_record;
         if record.value.is_none() && !flattened {
             return Ok(None);
         }
@@ -501,10 +508,6 @@ impl RowMapper {
                  (or message.key.columns), and the key columns are read from it"
                     .into(),
             )
-        };
-        let schema = |read: &ReadJson<'r>, at: usize, row: RowIn| match read.found[at] {
-            Some(text) => self.schemas.encodings(text, row).map(Some).map_err(error),
-            None => Err(error("the record is wrapped without its schema".into())),
         };
         if record.value.is_none() {
             // A flattened delete: the tombstone is the delete.
@@ -541,11 +544,7 @@ impl RowMapper {
             value.wrapped = wrapped;
             envelope_op(op).map_err(error)?
         };
-        value.encodings = match value_schema {
-            Some(known) => Some(known),
-            None if value.wrapped => schema(&value, VALUE_SCHEMA, row)?,
-            None => None,
-        };
+        value.encodings = self.encodings(&value, value_schema, VALUE_SCHEMA, row)?;
         // Read after the op, so that a truncate (which has no key) is named as one.
         let key = self.read_change_key(record.key.ok_or_else(no_key)?)?;
         Ok(Some((op, value, key)))
@@ -555,20 +554,28 @@ impl RowMapper {
     fn read_change_key<'r>(&self, bytes: &'r [u8]) -> Result<ReadJson<'r>, ConvertError> {
         let (mut key, key_schema) = self.read_payload(Part::Key, Some(bytes), RowIn::Fields)?;
         key.wrapped = key_schema.is_none() && key.found[KEY_SCHEMA_TYPE] == Some("\"struct\"");
-        key.encodings = match key_schema {
-            Some(known) => Some(known),
-            None if key.wrapped => match key.found[KEY_SCHEMA] {
-                Some(text) => Some(self.schemas.encodings(text, RowIn::Fields).map_err(
-                    |reason| ConvertError {
-                        column: String::new(),
-                        reason,
-                    },
-                )?),
-                None => None,
-            },
-            None => None,
-        };
+        key.encodings = self.encodings(&key, key_schema, KEY_SCHEMA, RowIn::Fields)?;
         Ok(key)
+    }
+
+    /// How the fields of a Debezium key or value `read` encode their values: the schema
+    /// already known when only the payload was read, else that of the schema at pointer
+    /// `schema_at` when the record is wrapped with one; unknown without a schema.
+    fn encodings(
+        &self,
+        read: &ReadJson<'_>,
+        known: Option<Arc<Encodings>>,
+        schema_at: usize,
+        row: RowIn,
+    ) -> Result<Option<Arc<Encodings>>, ConvertError> {
+        if known.is_some() || !read.wrapped {
+            return Ok(known);
+        }
+        let schema = read.found[schema_at].ok_or_else(|| {
+            ConvertError::of_record("the record is wrapped without its schema".into())
+        })?;
+        let encodings = self.schemas.encodings(schema, row);
+        encodings.map(Some).map_err(ConvertError::of_record)
     }
 
     /// A Debezium key or value read as JSON. JsonConverter writes `{"schema":S,"payload":P}`
@@ -1418,6 +1425,11 @@ mod tests {
     /// A mapper of Debezium events of a table (order_id, line, note, op, o): a key of two
     /// columns, a column named like the envelope's `op`, and the Kafka offset.
     fn debezium_mapper() -> RowMapper {
+        mapper_of(RecordFormat::Debezium)
+    }
+
+    /// The same table's mapper for events in `format`.
+    fn mapper_of(format: RecordFormat) -> RowMapper {
         let key = |name: &str, source: &str| ColumnPlan {
             role: Role::Key,
             ..plan(name, ColumnKind::BIGINT, false, source)
@@ -1431,7 +1443,7 @@ mod tests {
                 plan("o", ColumnKind::BIGINT, false, "$offset"),
             ],
             false,
-            RecordFormat::Debezium,
+            format,
         )
     }
 
@@ -1573,21 +1585,7 @@ mod tests {
 
     #[test]
     fn flattened_debezium_events_write_the_row_and_delete_as_marked() {
-        let key = |name: &str, source: &str| ColumnPlan {
-            role: Role::Key,
-            ..plan(name, ColumnKind::BIGINT, false, source)
-        };
-        let mapper = RowMapper::new(
-            vec![
-                key("order_id", "/order_id"),
-                key("line", "/line"),
-                plan("note", ColumnKind::TEXT, true, "/note"),
-                plan("op", ColumnKind::TEXT, true, "/op"),
-                plan("o", ColumnKind::BIGINT, false, "$offset"),
-            ],
-            false,
-            RecordFormat::DebeziumFlattened,
-        );
+        let mapper = mapper_of(RecordFormat::DebeziumFlattened);
         let bare_key = r#"{"order_id":7,"line":2}"#;
         let row = r#"{"order_id":7,"line":2,"note":"n","op":"x"}"#;
         let flat_schema = r#"{"type":"struct","fields":[{"type":"int64","field":"order_id"},{"type":"int32","field":"line"},{"type":"string","field":"note"},{"type":"string","field":"op"},{"type":"string","field":"__deleted"}]}"#;

@@ -277,6 +277,19 @@ async fn wait_for_rows(
     }
 }
 
+/// Waits until every target table equals its source table as it is now (`running[i]` writes
+/// `targets[i]`; its log goes with a failure).
+async fn wait_for_sources(
+    targets: &[(&Replicated, Case, PathBuf)],
+    running: &[Connector],
+    source: &CapturedDatabase,
+) {
+    for ((table, case, _), connector) in targets.iter().zip(running) {
+        let rows = table.rows_at_source(source).await;
+        wait_for_rows(table, case, &rows, Duration::from_secs(120), &connector.log).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_a_replay() {
     let schema: Vec<&str> = TABLES.iter().map(|t| t.source).collect();
@@ -314,17 +327,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     };
     let mut running = start_all(&targets);
 
-    for (i, (table, case, _)) in targets.iter().enumerate() {
-        let snapshot = table.rows_at_source(&source).await;
-        wait_for_rows(
-            table,
-            case,
-            &snapshot,
-            Duration::from_secs(120),
-            &running[i].log,
-        )
-        .await;
-    }
+    wait_for_sources(&targets, &running, &source).await;
 
     // The workload, every idemsink SIGKILLed and restarted after every other transaction.
     let mut kills = 0;
@@ -340,17 +343,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         }
     }
     assert!(kills >= 5, "{kills} kills");
-    for (i, (table, case, _)) in targets.iter().enumerate() {
-        let last = table.rows_at_source(&source).await;
-        wait_for_rows(
-            table,
-            case,
-            &last,
-            Duration::from_secs(120),
-            &running[i].log,
-        )
-        .await;
-    }
+    wait_for_sources(&targets, &running, &source).await;
 
     // A replay of every event from offset 0 leaves each table as it is.
     for connector in running {

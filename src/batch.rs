@@ -255,15 +255,36 @@ impl Batch {
             None => {}
             Some(first) if lane.iter().all(|l| l == first) => split[*first] = self,
             Some(_) => {
-                for (index, part) in split.iter_mut().enumerate() {
-                    let keep: Vec<bool> = lane.iter().map(|l| *l == index).collect();
-                    if keep.contains(&true) {
-                        *part = self.select_spans(&keep);
-                    }
+                for (index, part) in self.parts_by(&lane) {
+                    split[index] = part;
                 }
             }
         }
         split
+    }
+
+    /// Copies of the batch's parts: part `part_of(partition)` holds that partition's spans
+    /// with their rows and dead letters, in batch order. Each part that has a span comes once,
+    /// in the order of its first span.
+    pub fn parts(&self, part_of: impl Fn(&TopicPartition) -> usize) -> Vec<(usize, Batch)> {
+        let index: Vec<usize> = self.spans.iter().map(|s| part_of(&s.tp)).collect();
+        self.parts_by(&index)
+    }
+
+    /// The parts of the batch, given each span's part.
+    fn parts_by(&self, part_of_span: &[usize]) -> Vec<(usize, Batch)> {
+        let mut seen = Vec::new();
+        for index in part_of_span {
+            if !seen.contains(index) {
+                seen.push(*index);
+            }
+        }
+        seen.into_iter()
+            .map(|index| {
+                let keep: Vec<bool> = part_of_span.iter().map(|i| *i == index).collect();
+                (index, self.select_spans(&keep))
+            })
+            .collect()
     }
 
     /// A copy of the spans whose flag in `keep` is set, with their rows and dead letters.
@@ -727,6 +748,34 @@ mod tests {
         assert_eq!(b.spans.len(), 1);
         assert_eq!(b.dead_letters().count(), 0);
         assert_eq!(b.coordinates(0).1, 3);
+    }
+
+    #[test]
+    fn parts_are_copies_of_each_parts_spans_in_the_order_of_their_first_span() {
+        let mut b = Batch::new(2);
+        for (partition, offset) in [(3, 30), (0, 10), (3, 31), (1, 20)] {
+            let value = format!("{partition}/{offset}");
+            b.push_row((partition, 1, offset), RowOp::Write, &row(&value), None);
+        }
+        // Partitions 0 and 1 in part 5, partition 3 in part 2; no part is empty.
+        let parts = b.parts(|tp| if tp.partition == 3 { 2 } else { 5 });
+        let summary: Vec<(usize, Vec<String>)> = parts
+            .iter()
+            .map(|(index, part)| {
+                let cells =
+                    (0..part.len()).map(|r| part.cells.get(0, r).unwrap_or("-").to_string());
+                (*index, cells.collect())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (2, vec!["3/30".to_string(), "3/31".to_string()]),
+                (5, vec!["0/10".to_string(), "1/20".to_string()])
+            ]
+        );
+        assert_eq!(parts[1].1.coordinates(1).1, 20);
+        assert_eq!(b.len(), 4, "the batch itself is left as it was");
     }
 
     #[test]

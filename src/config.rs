@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::mapping::Source;
+use crate::routing::{Routes, TableFromTopic};
 
 /// librdkafka properties that carry the exactly-once guarantee or that have their own key.
 const REFUSED_PROPERTIES: &[(&str, &str)] = &[
@@ -163,7 +164,15 @@ pub enum StartFrom {
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     pub url: String,
-    pub table: String,
+    /// The table every topic's rows go to (or see `tables` and `table_from_topic`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// A table per topic: topic → table. Explicit entries win over `table_from_topic`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
+    /// A table per topic, from the topic's name (Debezium's `prefix.schema.table` topics).
+    #[serde(default)]
+    pub table_from_topic: Option<TableFromTopic>,
     /// What a record value is: a JSON document the columns point into, or a Debezium change
     /// event whose row image they point into.
     #[serde(default)]
@@ -401,6 +410,8 @@ pub struct LoadedPipeline {
     /// `columns: auto` (or `"*": auto`): the table's other columns read the fields of their
     /// names, once the table is known ([`crate::writer::SinkPlan::prepare`]).
     pub auto_columns: bool,
+    /// The table of each topic.
+    pub routes: Routes,
 }
 
 impl LoadedPipeline {
@@ -698,9 +709,21 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             "must be a postgres://, postgresql://, mysql:// or mariadb:// URL".into(),
         );
     }
-    if let Err(e) = crate::schema::TableName::parse(&sink.table) {
-        bad("sink.table", e);
-    }
+    let routes = Routes::resolve(
+        &source.topics,
+        sink.table.as_deref(),
+        &sink.tables,
+        sink.table_from_topic.as_ref(),
+    );
+    let routes = match routes {
+        Ok(routes) => Some(routes),
+        Err(problems) => {
+            for (key, message) in problems {
+                bad(&key, message);
+            }
+            None
+        }
+    };
     if sink.columns.is_empty() {
         bad("sink.columns", "must map at least one column".into());
     }
@@ -791,22 +814,22 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
     let dead_letters = &config.errors.dead_letter_table;
     match crate::schema::TableName::parse(dead_letters) {
         Err(e) => bad("errors.dead_letter_table", e),
-        Ok(t) if crate::schema::TableName::parse(&sink.table).is_ok_and(|s| s == t) => bad(
+        Ok(t) if routes.iter().flat_map(|r| &r.tables).any(|r| r.table == t) => bad(
             "errors.dead_letter_table",
-            format!("{dead_letters} is the sink table; dead letters need a table of their own"),
+            format!("{dead_letters} is a sink table; dead letters need a table of their own"),
         ),
         Ok(_) => {}
     }
 
-    if errors.is_empty() {
-        Ok(LoadedPipeline {
+    match routes {
+        Some(routes) if errors.is_empty() => Ok(LoadedPipeline {
             file: file.to_path_buf(),
             config,
             columns,
             auto_columns,
-        })
-    } else {
-        Err(errors)
+            routes,
+        }),
+        _ => Err(errors),
     }
 }
 
@@ -855,6 +878,9 @@ fn check_conflict_rules(
     }
     if sink.key.is_empty() {
         match sink.mode {
+            // Debezium's events carry the source's primary key: each table's primary key is
+            // the key (see `writer::business_key`).
+            SinkMode::Upsert if sink.format.is_debezium() => {}
             SinkMode::Upsert => problems.push((
                 "sink.key",
                 "mode upsert needs a key: the columns of the unique key that identifies a row"
@@ -1174,6 +1200,52 @@ sink:
     }
 
     #[test]
+    fn a_pipeline_routes_each_topic_to_its_table_from_the_file() {
+        let env = [("DATABASE_URL", "postgres://u@h/db")];
+        let cdc = |routing: &str| {
+            let topics =
+                "  topics: [Shop.public.orders, Shop.public.order_lines, Shop.inv.items]\n";
+            let columns = "    \"*\": auto\n    source_lsn: $source_position\n";
+            GOOD.replace("  topics: [orders]\n", topics)
+                .replace(
+                    "  table: public.orders\n",
+                    &format!("  format: debezium\n  mode: upsert\n{routing}"),
+                )
+                .replace(
+                    "    order_id: /order_id\n    Customer: /customer/name\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+                    columns,
+                )
+        };
+        let routing = "  tables:\n    Shop.public.order_lines: replica.lines\n  table_from_topic:\n    pattern: 'Shop\\.(\\w+)\\.(\\w+)'\n    table: 'replica.$2'\n";
+        // Debezium's events need no sink.key: each table's primary key is it.
+        let p = load(&cdc(routing), &env).expect("valid");
+        let table = |topic: &str| {
+            p.routes.tables[p.routes.table_of(topic).expect(topic)]
+                .table
+                .to_string()
+        };
+        // Topic names keep their case and their dots as map keys.
+        assert_eq!(table("Shop.public.orders"), "replica.orders");
+        assert_eq!(table("Shop.public.order_lines"), "replica.lines");
+        assert_eq!(table("Shop.inv.items"), "replica.items");
+        let missing = load(&cdc("  tables:\n    Shop.public.orders: orders\n"), &env);
+        let missing = missing.expect_err("two topics without a table");
+        let named: Vec<&str> = missing.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(named, ["sink.tables", "sink.tables"]);
+        assert!(
+            missing[0].message.contains("Shop.public.order_lines"),
+            "{missing:?}"
+        );
+        let both = format!("  table: t\n{routing}");
+        assert_eq!(only_error(&cdc(&both), &env).key, "sink.table");
+        let dead = GOOD.replace(
+            "  table: public.orders\n",
+            "  tables:\n    orders: audit.bad\n",
+        ) + "errors:\n  dead_letter_table: audit.bad\n";
+        assert_eq!(only_error(&dead, &env).key, "errors.dead_letter_table");
+    }
+
+    #[test]
     fn columns_auto_maps_the_rest_by_name_and_leaves_key_checks_to_the_table() {
         let env = [("DATABASE_URL", "postgres://u@h/db")];
         let upsert = |columns: &str| {
@@ -1252,7 +1324,7 @@ sink:
         assert_eq!(e.key, "errors.dead_letter_table");
         let e = only_error(&with("  dead_letter_table: public.orders\n"), &env);
         assert_eq!(e.key, "errors.dead_letter_table");
-        assert!(e.message.contains("is the sink table"), "{e}");
+        assert!(e.message.contains("is a sink table"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! offsets that cover them commit in one database transaction; the database, not Kafka, is
 //! where every partition resumes.
 //!
-//! A newcomer's map: [`config`] (pipeline files), [`consumer`] (Kafka settings, partition
+//! A newcomer's map: [`config`] (pipeline files; [`routing`] for each topic's table), [`consumer`] (Kafka settings, partition
 //! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row;
 //! [`debezium`] for change events' types and positions),
 //! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
@@ -28,6 +28,7 @@ pub mod offsets;
 pub mod offsets_command;
 pub mod pipeline;
 pub mod retry;
+pub mod routing;
 pub mod schema;
 pub mod telemetry;
 pub mod validate;

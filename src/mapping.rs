@@ -285,7 +285,7 @@ pub struct ConvertError {
 
 impl ConvertError {
     /// A problem of the record as a whole (e.g. not a change event), not of one column.
-    fn of_record(reason: String) -> ConvertError {
+    pub fn of_record(reason: String) -> ConvertError {
         ConvertError {
             column: String::new(),
             reason,
@@ -481,6 +481,10 @@ impl RowMapper {
         };
         match filled {
             Ok(op) => {
+                // A batch of several tables' rows is as wide as the widest.
+                for unused in self.columns.len()..cells.column_count() {
+                    cells.end_cell(unused, true);
+                }
                 cells.end_row();
                 Ok(Converted::Row(op))
             }
@@ -1420,6 +1424,14 @@ mod tests {
                 None,
             ]
         );
+        // In a batch wider than the table (another table's rows are wider), the rest is NULL.
+        let mut wider = Cells::new(mapper.columns().len() + 2);
+        mapper
+            .convert(&record(Some(br#"{"id":5}"#), Some(value)), &mut wider)
+            .expect("converts");
+        assert_eq!(wider.rows(), 1);
+        assert_eq!(wider.row(0)[..2], [Some("12"), Some("ana")]);
+        assert_eq!(wider.row(0)[mapper.columns().len()..], [None, None]);
     }
 
     /// A mapper of Debezium events of a table (order_id, line, note, op, o): a key of two

@@ -25,6 +25,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batch, DeadLetter, RawRecord};
+use crate::cells::Cells;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Tolerance};
 use crate::consumer::{
     cached_end_offset, client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer,
@@ -36,8 +37,9 @@ use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
+use crate::routing::Routes;
 use crate::telemetry;
-use crate::writer::{RejectedRow, SinkPlan, WriteOutcome, Writer};
+use crate::writer::{RefusedRecord, SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -246,24 +248,35 @@ pub async fn run(
             return Ok(());
         }
     };
-    let plan = SinkPlan::prepare(&p, &pool).await.map_err(ConfigErrors)?;
+    let plans = SinkPlan::prepare_all(&p, &pool)
+        .await
+        .map_err(ConfigErrors)?;
+    let mappers = Mappers::new(&plans, p.routes.clone());
+    let tables: Vec<String> = plans.iter().map(|plan| plan.table.to_string()).collect();
+    let mode = p.config.sink.mode;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
     let dead_letters = dead_letter_table(&p, &pool).await?;
-    let writer = Writer::new(&pool, &plan, store.clone(), dead_letters.clone())
-        .await
-        .map_err(|source| PipelineError::Database {
-            pipeline: p.config.pipeline.clone(),
-            context: "preparing the writer",
-            source,
-        })?;
+    let writer = Writer::new(
+        &pool,
+        plans,
+        p.routes.clone(),
+        store.clone(),
+        dead_letters.clone(),
+    )
+    .await
+    .map_err(|source| PipelineError::Database {
+        pipeline: p.config.pipeline.clone(),
+        context: "preparing the writer",
+        source,
+    })?;
     telemetry::start_pipeline(&p.config.pipeline, pool.backend() == Backend::Postgres);
     status.set_database(true);
     let shared = Arc::new(subscribe(&p, store, dead_letters, status.clone())?);
     info!(
         pipeline = %shared.pipeline,
         database = %pool.backend(),
-        table = %plan.table,
-        mode = %plan.mode,
+        tables = %tables.join(","),
+        mode = %mode,
         topics = %p.config.source.topics.join(","),
         group = %p.group_id(),
         rows_by = writer.rows_by(),
@@ -273,7 +286,7 @@ pub async fn run(
     let (batches, inbox) = mpsc::channel::<Batch>(1);
     let lanes = p.config.sink.writers;
     let writer_task = tokio::spawn(write_loop(shared.clone(), Arc::new(writer), lanes, inbox));
-    let reading = read_loop(&shared, &p, plan.mapper(), batches, &mut shutdown).await;
+    let reading = read_loop(&shared, &p, mappers, batches, &mut shutdown).await;
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
     let writing = serve_group_while(&shared, writer_task).await;
     let writing = writing.unwrap_or_else(|e| {
@@ -389,15 +402,14 @@ async fn close(shared: Arc<Shared>) {
 async fn read_loop(
     shared: &Shared,
     p: &LoadedPipeline,
-    mapper: RowMapper,
+    mappers: Mappers,
     batches: mpsc::Sender<Batch>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let (max_records, max_bytes) = (p.config.batch.max_records, p.config.batch.max_bytes);
     let full = |batch: &Batch| batch.records() >= max_records || batch.bytes() >= max_bytes;
     let max_wait = Duration::from_millis(p.config.batch.max_wait_ms);
-    let columns = mapper.columns().len();
-    let mut batch = Batch::new(columns);
+    let mut batch = Batch::new(mappers.width);
     let mut handover = Handover {
         shared,
         waiting: None,
@@ -476,7 +488,7 @@ async fn read_loop(
                     #[cfg(feature = "testkit")]
                     crate::testkit::hold_received(message.offset()).await;
                     let opens_batch = batch.is_empty();
-                    if let Err(error) = add_record(shared, &mapper, &message, &mut batch) {
+                    if let Err(error) = add_record(shared, &mappers, &message, &mut batch) {
                         let failed = PipelineError::BadRecord {
                             pipeline: shared.pipeline.clone(),
                             topic: message.topic().to_string(),
@@ -642,11 +654,53 @@ impl Handover<'_> {
     }
 }
 
+/// The record → row mapping of each table, found by the record's topic.
+struct Mappers {
+    /// One per table, in the order of `routes`.
+    mappers: Vec<RowMapper>,
+    routes: Routes,
+    /// The most columns a table has: a batch holds rows of every table, each row's cells in
+    /// its table's first columns, NULL in the rest.
+    width: usize,
+}
+
+impl Mappers {
+    fn new(plans: &[SinkPlan], routes: Routes) -> Mappers {
+        let mappers: Vec<RowMapper> = plans.iter().map(SinkPlan::mapper).collect();
+        let width = mappers.iter().map(|m| m.columns().len()).max().unwrap_or(0);
+        Mappers {
+            mappers,
+            routes,
+            width,
+        }
+    }
+
+    fn convert(
+        &self,
+        record: &RecordRef<'_>,
+        cells: &mut Cells,
+    ) -> Result<Converted, ConvertError> {
+        let mapper = match self.mappers.as_slice() {
+            [only] => only,
+            all => {
+                let table = self.routes.table_of(record.topic).ok_or_else(|| {
+                    ConvertError::of_record(format!(
+                        "topic {} is not one the pipeline reads, so it has no table",
+                        record.topic
+                    ))
+                })?;
+                &all[table]
+            }
+        };
+        mapper.convert(record, cells)
+    }
+}
+
 /// Turns a record into a row of `batch`. One that cannot be a row becomes a dead letter
 /// with `errors.tolerance: all`, and stops the pipeline otherwise (the error).
 fn add_record(
     shared: &Shared,
-    mapper: &RowMapper,
+    mappers: &Mappers,
     m: &BorrowedMessage<'_>,
     batch: &mut Batch,
 ) -> Result<(), ConvertError> {
@@ -665,7 +719,7 @@ fn add_record(
         value: m.payload(),
     };
     let keep = shared.dead_letters.is_some();
-    match mapper.convert(&record, &mut batch.cells) {
+    match mappers.convert(&record, &mut batch.cells) {
         Ok(Converted::Row(op)) => {
             let raw = keep.then(|| raw_record(m));
             batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
@@ -1019,12 +1073,11 @@ async fn commit_batch(
                 return Ok(());
             }
             WriteOutcome::Rejected(refused) => {
-                let (tp, offset) = batch.coordinates(refused.row);
                 return Err(PipelineError::RefusedRecord {
                     pipeline: shared.pipeline.clone(),
-                    topic: tp.topic.clone(),
-                    partition: tp.partition,
-                    offset,
+                    topic: refused.tp.topic,
+                    partition: refused.tp.partition,
+                    offset: refused.offset,
                     error: refused.error,
                 });
             }
@@ -1087,7 +1140,7 @@ async fn write_failed(shared: &Shared, writer: &Writer, lane: usize, error: &sql
 
 /// Dead letters are never silent: a WARN line names each (the first few of a batch) with
 /// its coordinates and why.
-fn report_dead_letters(shared: &Shared, batch: &Batch, rejected: &[RejectedRow]) {
+fn report_dead_letters(shared: &Shared, batch: &Batch, rejected: &[RefusedRecord]) {
     const NAMED_PER_BATCH: usize = 10;
     let table = shared
         .dead_letters
@@ -1096,10 +1149,7 @@ fn report_dead_letters(shared: &Shared, batch: &Batch, rejected: &[RejectedRow])
     let converted = batch
         .dead_letters()
         .map(|d| (&d.tp, d.offset, d.error.as_str()));
-    let refused = rejected.iter().map(|r| {
-        let (tp, offset) = batch.coordinates(r.row);
-        (tp, offset, r.error.as_str())
-    });
+    let refused = rejected.iter().map(|r| (&r.tp, r.offset, r.error.as_str()));
     let all: Vec<_> = converted.chain(refused).collect();
     for (tp, offset, error) in all.iter().take(NAMED_PER_BATCH) {
         warn!(pipeline = %shared.pipeline, record = %format!("{tp}@{offset}"), %error, %table, "record dead-lettered");

@@ -36,35 +36,39 @@ pub async fn validate(path: &Path, offline: bool) -> Report {
             continue;
         }
         match check_against_database(p).await {
-            Ok(plan) => report.ok.push(format!(
-                "{}: pipeline {} → {} table {} ({} columns, mode {} on {})",
-                p.file.display(),
-                p.config.pipeline,
-                plan.backend,
-                plan.table,
-                plan.columns.len(),
-                plan.mode,
-                plan.conflict
-                    .iter()
-                    .map(|c| plan.columns[*c].name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            Ok(plans) => {
+                for plan in plans {
+                    report.ok.push(format!(
+                        "{}: pipeline {} → {} table {} ({} columns, mode {} on {})",
+                        p.file.display(),
+                        p.config.pipeline,
+                        plan.backend,
+                        plan.table,
+                        plan.columns.len(),
+                        plan.mode,
+                        plan.conflict
+                            .iter()
+                            .map(|c| plan.columns[*c].name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
             Err(mut problems) => report.problems.append(&mut problems),
         }
     }
     report
 }
 
-async fn check_against_database(p: &LoadedPipeline) -> Result<SinkPlan, Vec<ConfigError>> {
+async fn check_against_database(p: &LoadedPipeline) -> Result<Vec<SinkPlan>, Vec<ConfigError>> {
     let pool = DbPool::connect(&p.config.sink.url, 1).await.map_err(|e| {
         vec![p.error(
             "sink.url",
             format!("cannot connect to {}: {e}", redact_url(&p.config.sink.url)),
         )]
     })?;
-    let plan = SinkPlan::prepare(p, &pool).await;
+    let plans = SinkPlan::prepare_all(p, &pool).await;
     // Closing is a courtesy to the server; the verdict is already in.
     pool.close().await;
-    plan
+    plans
 }

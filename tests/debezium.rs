@@ -82,6 +82,19 @@ batch:
     rows_mysql: "SELECT CONCAT_WS('|', order_id, line, qty, COALESCE(note, '∅')) FROM TABLE",
 };
 
+/// The sink of the pipeline that replicates both accounts and tags, each topic into its table:
+/// every column by name, each table's primary key as the key, and changes ordered by their
+/// position in PostgreSQL's log ($source_position).
+const CHANGES_BY_POSITION: &str = "  format: debezium
+  mode: upsert
+  newer_by: src_pos
+  columns:
+    \"*\": auto
+    src_pos: $source_position
+batch:
+  max_wait_ms: 50
+";
+
 /// Accounts: a uuid key and a column of every kind Debezium encodes its own way, NULLs
 /// included, mapped by name (`columns: auto`); changes are ordered by their position in
 /// PostgreSQL's log ($source_position).
@@ -113,16 +126,7 @@ const ACCOUNTS: Replicated = Replicated {
             src_pos bigint NOT NULL"
             .into(),
     },
-    sink: "  format: debezium
-  mode: upsert
-  key: [id]
-  newer_by: src_pos
-  columns:
-    \"*\": auto
-    src_pos: $source_position
-batch:
-  max_wait_ms: 50
-",
+    sink: CHANGES_BY_POSITION,
     rows_postgres: "SELECT CONCAT_WS('|', id, owner, COALESCE(balance::text, '∅'),
         COALESCE(CASE WHEN rate::text LIKE '%.%' THEN rtrim(rtrim(rate::text, '0'), '.') ELSE rate::text END, '∅'),
         COALESCE(opened::text, '∅'),
@@ -160,22 +164,16 @@ const TAGS: Replicated = Replicated {
                 .into()
         }
     },
-    sink: "  format: debezium
-  mode: upsert
-  key: [tag]
-  newer_by: src_pos
-  columns:
-    tag: /tag
-    uses: /uses
-    src_pos: $source_position
-batch:
-  max_wait_ms: 50
-",
+    sink: CHANGES_BY_POSITION,
     rows_postgres: "SELECT CONCAT_WS('|', encode(convert_to(tag, 'UTF8'), 'hex'), uses) FROM TABLE",
     rows_mysql: "SELECT CONCAT_WS('|', LOWER(HEX(tag)), uses) FROM TABLE",
 };
 
 const TABLES: [&Replicated; 3] = [&LINES, &ACCOUNTS, &TAGS];
+
+/// The pipelines of each target database: the order lines in one, accounts and tags in one
+/// (`sink.tables`: a batch that spans both commits in one transaction).
+const PIPELINES: [&[&Replicated]; 2] = [&[&LINES], &[&ACCOUNTS, &TAGS]];
 
 /// The rows before capture starts: Debezium's snapshot reads them.
 const SNAPSHOT: &str = "
@@ -277,16 +275,86 @@ async fn wait_for_rows(
     }
 }
 
-/// Waits until every target table equals its source table as it is now (`running[i]` writes
-/// `targets[i]`; its log goes with a failure).
-async fn wait_for_sources(
-    targets: &[(&Replicated, Case, PathBuf)],
-    running: &[Connector],
-    source: &CapturedDatabase,
-) {
-    for ((table, case, _), connector) in targets.iter().zip(running) {
-        let rows = table.rows_at_source(source).await;
-        wait_for_rows(table, case, &rows, Duration::from_secs(120), &connector.log).await;
+/// One pipeline into one target database, and the captured tables it writes.
+struct Target {
+    tables: Vec<(&'static Replicated, Case)>,
+    config: PathBuf,
+}
+
+impl Target {
+    /// The pipeline of `tables` (each from its Debezium topic) into `backend`, named after
+    /// its first table's case.
+    async fn create(
+        backend: Backend,
+        tables: &[&'static Replicated],
+        source: &CapturedDatabase,
+    ) -> Target {
+        let mut cases: Vec<(&Replicated, Case)> = Vec::new();
+        for table in tables {
+            let topic = source.topic(&format!("public.{}", table.name));
+            let mut case = target(backend, table, topic).await;
+            if let Some((_, first)) = cases.first() {
+                case.name.clone_from(&first.name); // one pipeline: its offsets are the first case's
+            }
+            cases.push((*table, case));
+        }
+        let (first_table, first) = &cases[0];
+        let routes: Vec<(&str, &str)> = (cases.iter())
+            .map(|(_, case)| (case.topic.as_str(), case.table.as_str()))
+            .collect();
+        let pipeline = first.pipeline().sink(first_table.sink);
+        let config = if routes.len() == 1 {
+            pipeline.write()
+        } else {
+            pipeline.tables(&routes).write()
+        };
+        Target {
+            tables: cases,
+            config,
+        }
+    }
+
+    /// Waits until every table equals its source table as it is now (`running` writes them;
+    /// its log goes with a failure).
+    async fn wait_for_source(&self, running: &Connector, source: &CapturedDatabase) {
+        for (table, case) in &self.tables {
+            let rows = table.rows_at_source(source).await;
+            wait_for_rows(table, case, &rows, Duration::from_secs(120), &running.log).await;
+        }
+    }
+
+    /// Replays every event from offset 0: the pipeline runs until it has stored every
+    /// topic's end offsets, writes batches, and leaves each table as it was.
+    async fn replay(&self, source: &CapturedDatabase) {
+        let (_, first) = &self.tables[0];
+        first.forget_offsets().await;
+        let mut running = Connector::start(&self.config);
+        for (_, case) in &self.tables {
+            let end = case.end_offsets().await;
+            case.wait_while_running(&mut running, &end).await;
+        }
+        let (status, log) = running.stop(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "SIGTERM must end in a clean exit; log:\n{log}"
+        );
+        assert!(
+            log.contains("batch committed"),
+            "{}: the replay wrote batches:\n{log}",
+            first.backend
+        );
+        for (table, case) in &self.tables {
+            let last = table.rows_at_source(source).await;
+            wait_for_rows(table, case, &last, Duration::ZERO, Path::new("")).await;
+        }
+    }
+}
+
+/// Waits until every target table equals its source table as it is now (`running[i]` runs
+/// `targets[i]`).
+async fn wait_for_sources(targets: &[Target], running: &[Connector], source: &CapturedDatabase) {
+    for (target, connector) in targets.iter().zip(running) {
+        target.wait_for_source(connector, source).await;
     }
 }
 
@@ -298,18 +366,18 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         .await
         .expect("source database");
     source.exec(SNAPSHOT).await.expect("snapshot rows");
-    // Per table and target database, a pipeline. Three partitions per topic: Debezium spreads
-    // keys over them, and idemsink's writer lanes too.
-    let mut targets = Vec::new();
+    // Three partitions per topic: Debezium spreads keys over them, and idemsink's writer
+    // lanes too.
     for table in TABLES {
         let topic = source.topic(&format!("public.{}", table.name));
         testkit::create_topic(&brokers(), &topic, 3, false)
             .await
             .expect("create topic");
-        for backend in [Backend::Postgres, Backend::MySql] {
-            let case = target(backend, table, topic.clone()).await;
-            let config = case.pipeline().sink(table.sink).write();
-            targets.push((table, case, config));
+    }
+    let mut targets = Vec::new();
+    for backend in [Backend::Postgres, Backend::MySql] {
+        for tables in PIPELINES {
+            targets.push(Target::create(backend, tables, &source).await);
         }
     }
     let captured: Vec<String> = TABLES
@@ -319,10 +387,10 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     source
         .capture(&brokers(), &captured.join(","), "")
         .expect("start Debezium");
-    let start_all = |targets: &[(&Replicated, Case, PathBuf)]| -> Vec<Connector> {
+    let start_all = |targets: &[Target]| -> Vec<Connector> {
         targets
             .iter()
-            .map(|(_, _, config)| Connector::start(config))
+            .map(|target| Connector::start(&target.config))
             .collect()
     };
     let mut running = start_all(&targets);
@@ -349,18 +417,8 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     for connector in running {
         connector.kill();
     }
-    for (table, case, config) in &targets {
-        let last = table.rows_at_source(&source).await;
-        case.forget_offsets().await;
-        let end = case.end_offsets().await;
-        let log = case.run_until_stored(config, &end).await;
-        assert!(
-            log.contains("batch committed"),
-            "{} {}: the replay wrote batches:\n{log}",
-            case.backend,
-            table.name
-        );
-        wait_for_rows(table, case, &last, Duration::ZERO, Path::new("")).await;
+    for target in &targets {
+        target.replay(&source).await;
     }
     let connect_log: String = source
         .logs()

@@ -117,6 +117,8 @@ pub struct UniqueKey {
     /// Whether it compares whole column values, so it can serve as the conflict target
     /// (not partial, expression, deferrable or — in MySQL — a prefix index).
     pub exact: bool,
+    /// Whether it is the table's primary key.
+    pub primary: bool,
 }
 
 /// What the database says about the target table.

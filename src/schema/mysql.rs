@@ -104,6 +104,7 @@ pub(super) async fn load(
             let key = UniqueKey {
                 columns: Vec::new(),
                 exact: true,
+                primary: index == "PRIMARY",
             };
             unique_keys.push((index, key));
         }

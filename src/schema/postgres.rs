@@ -58,14 +58,14 @@ pub(super) async fn load(
         })
         .collect();
     // Partial, expression and deferrable unique indexes cannot serve as ON CONFLICT arbiters.
-    let keys: Vec<(Vec<String>, bool)> = sqlx::query_as(
+    let keys: Vec<(Vec<String>, bool, bool)> = sqlx::query_as(
         "SELECT array_agg(a.attname::text ORDER BY k.ord),
-                i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
+                i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL, i.indisprimary
            FROM pg_index i
            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
           WHERE i.indrelid = $1 AND i.indisunique
-          GROUP BY i.indexrelid, i.indimmediate, i.indpred IS NULL, i.indexprs IS NULL",
+          GROUP BY i.indexrelid, i.indimmediate, i.indpred IS NULL, i.indexprs IS NULL, i.indisprimary",
     )
     .bind(oid)
     .fetch_all(&mut *conn)
@@ -76,7 +76,11 @@ pub(super) async fn load(
         columns,
         unique_keys: keys
             .into_iter()
-            .map(|(columns, exact)| UniqueKey { columns, exact })
+            .map(|(columns, exact, primary)| UniqueKey {
+                columns,
+                exact,
+                primary,
+            })
             .collect(),
         copy_allowed,
     }))

@@ -16,6 +16,7 @@ use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
+use crate::routing::Routes;
 use crate::schema::{quote_list, TableName, TableSchema};
 
 /// The columns that record a row's Kafka position, when the mapping has them: they let an
@@ -66,6 +67,7 @@ fn position_guard_problems(
     columns: &[ColumnPlan],
     position: Option<Position>,
     newer_by: Option<usize>,
+    topics: usize,
 ) -> Vec<ConfigError> {
     let sink = &p.config.sink;
     let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || sink.deletes();
@@ -88,7 +90,7 @@ fn position_guard_problems(
             ));
         }
     }
-    if position.topic.is_none() && p.config.source.topics.len() > 1 {
+    if position.topic.is_none() && topics > 1 {
         problems.push(p.error(
             "sink.columns",
             "several topics are read and $topic is not mapped: an older record is told from a newer \
@@ -98,6 +100,57 @@ fn position_guard_problems(
         ));
     }
     problems
+}
+
+/// The business key's columns: `sink.key`, or for Debezium's events, which carry the source
+/// table's primary key in the record key, the target table's primary key when `sink.key` is
+/// not given (so one pipeline can replicate tables whose keys differ). Empty: the
+/// coordinates are the key.
+fn business_key(p: &LoadedPipeline, schema: &TableSchema) -> Result<Vec<String>, ConfigError> {
+    let sink = &p.config.sink;
+    if !sink.key.is_empty() || !sink.format.is_debezium() {
+        return Ok(sink.key.clone());
+    }
+    let primary = schema.unique_keys.iter().find(|k| k.primary && k.exact);
+    let Some(primary) = primary else {
+        return Err(p.error(
+            "sink.key",
+            format!(
+                "table {} has no primary key: name the columns of the key Debezium's events \
+                 carry in sink.key",
+                schema.table
+            ),
+        ));
+    };
+    for name in &primary.columns {
+        let listed = p.columns.iter().find(|(column, _)| column == name);
+        match listed.map(|(_, source)| source) {
+            Some(Source::ValuePointer(_)) => {}
+            None if p.auto_columns => {}
+            Some(source) => {
+                return Err(p.error(
+                    &format!("sink.columns.{name}"),
+                    format!(
+                        "`{name}` is a column of table {}'s primary key, the key of Debezium's \
+                         events, but is mapped from {source}: a key column is a field of the row \
+                         (/{name}), read from the record key",
+                        schema.table
+                    ),
+                ))
+            }
+            None => {
+                return Err(p.error(
+                    "sink.columns",
+                    format!(
+                        "`{name}`, a column of table {}'s primary key, is not mapped: map it \
+                         (/{name}) or use columns: auto",
+                        schema.table
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(primary.columns.clone())
 }
 
 /// The columns a pipeline writes: those `sink.columns` lists, and with `auto` every other
@@ -121,18 +174,44 @@ fn mapped_columns(p: &LoadedPipeline, schema: &TableSchema) -> Vec<(String, Sour
 }
 
 impl SinkPlan {
-    /// Describes the target table and checks the mapping against it. Problems come back
-    /// with the file and key they concern.
-    pub async fn prepare(p: &LoadedPipeline, pool: &DbPool) -> Result<SinkPlan, Vec<ConfigError>> {
+    /// The plan of every table the pipeline writes, in the order of [`crate::routing::Routes`];
+    /// the problems of all of them at once.
+    pub async fn prepare_all(
+        p: &LoadedPipeline,
+        pool: &DbPool,
+    ) -> Result<Vec<SinkPlan>, Vec<ConfigError>> {
+        let mut plans = Vec::new();
+        let mut problems = Vec::new();
+        for (index, route) in p.routes.tables.iter().enumerate() {
+            match SinkPlan::prepare(p, pool, index).await {
+                Ok(plan) => plans.push(plan),
+                Err(mut found) => problems.append(&mut found),
+            }
+            debug_assert!(plans.last().is_none_or(|plan| plan.table == route.table));
+        }
+        if problems.is_empty() {
+            Ok(plans)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Describes the target table `route_index` of the routes and checks the mapping against it.
+    /// Problems come back with the file and key they concern.
+    pub async fn prepare(
+        p: &LoadedPipeline,
+        pool: &DbPool,
+        route_index: usize,
+    ) -> Result<SinkPlan, Vec<ConfigError>> {
         let sink = &p.config.sink;
         let backend = pool.backend();
-        let table = TableName::parse(&sink.table).map_err(|e| vec![p.error("sink.table", e)])?;
+        let route = &p.routes.tables[route_index];
+        let table = route.table.clone();
         let schema = TableSchema::load(pool, &table)
             .await
-            .map_err(
-                |e| vec![p.error("sink.table", format!("cannot describe table {table}: {e}"))],
-            )?
-            .ok_or_else(|| vec![p.error("sink.table", format!("table {table} does not exist"))])?;
+            .map_err(|e| vec![p.error(&route.key, format!("cannot describe table {table}: {e}"))])?
+            .ok_or_else(|| vec![p.error(&route.key, format!("table {table} does not exist"))])?;
+        let key = business_key(p, &schema).map_err(|e| vec![e])?;
         let mapped = mapped_columns(p, &schema);
         let mut columns = schema.plan(&mapped).map_err(|problems| {
             problems
@@ -150,18 +229,18 @@ impl SinkPlan {
             }),
             _ => None,
         };
-        let conflict: Vec<usize> = if sink.key.is_empty() {
+        let conflict: Vec<usize> = if key.is_empty() {
             position
                 .iter()
                 .flat_map(|p| p.topic.into_iter().chain([p.partition, p.offset]))
                 .collect()
         } else {
-            sink.key.iter().filter_map(|k| index(k)).collect()
+            key.iter().filter_map(|k| index(k)).collect()
         };
         let newer_by = sink.newer_by.as_deref().and_then(index);
         let mut problems = Vec::new();
         // Listed columns were checked against sink.columns; with `auto`, against the table.
-        let named = sink.key.iter().map(|k| ("sink.key", k));
+        let named = key.iter().map(|k| ("sink.key", k));
         for (key, name) in named.chain(sink.newer_by.iter().map(|v| ("sink.newer_by", v))) {
             if index(name).is_none() {
                 problems.push(p.error(key, format!("table {table} has no column `{name}`")));
@@ -180,13 +259,13 @@ impl SinkPlan {
             }
             columns[v].role = Role::Version;
         }
-        if !sink.key.is_empty() {
+        if !key.is_empty() {
             for k in &conflict {
                 columns[*k].role = Role::Key;
             }
         }
         let target: Vec<&str> = conflict.iter().map(|i| columns[*i].name.as_str()).collect();
-        let key_name = if sink.key.is_empty() {
+        let key_name = if key.is_empty() {
             "sink.columns"
         } else {
             "sink.key"
@@ -204,7 +283,10 @@ impl SinkPlan {
                 ),
             ));
         }
-        problems.extend(position_guard_problems(p, &columns, position, newer_by));
+        let topics = p.routes.topics_of(route_index).count();
+        problems.extend(position_guard_problems(
+            p, &columns, position, newer_by, topics,
+        ));
         // The same rule on both databases: the conflict target is the only key a written row
         // may collide on. What a collision elsewhere would do differs, and neither is wanted.
         let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
@@ -238,19 +320,18 @@ impl SinkPlan {
                 column.and_then(|t| t.equality.as_ref())
             })
             .collect();
-        let key_equality =
-            (!sink.key.is_empty() && equality.iter().any(Option::is_some)).then(|| {
-                equality
-                    .iter()
-                    .map(|e| e.map_or_else(|| "{v}".to_string(), Clone::clone))
-                    .collect()
-            });
+        let key_equality = (!key.is_empty() && equality.iter().any(Option::is_some)).then(|| {
+            equality
+                .iter()
+                .map(|e| e.map_or_else(|| "{v}".to_string(), Clone::clone))
+                .collect()
+        });
         Ok(SinkPlan {
             key_equality,
             backend,
             table,
             mode: sink.mode,
-            keyed: !sink.key.is_empty(),
+            keyed: !key.is_empty(),
             conflict,
             newer_by,
             delete_version: newer_by.filter(|v| columns[*v].source == Source::SourcePosition),
@@ -414,17 +495,25 @@ impl std::ops::AddAssign for RowCounts {
 /// How a batch's transaction ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// Rows, dead letters and offsets committed; `rejected` are the rows the database
-    /// refused, now dead letters.
+    /// Rows, dead letters and offsets committed; `rejected` are the records whose rows the
+    /// database refused, now dead letters.
     Committed {
         rows: RowCounts,
-        rejected: Vec<RejectedRow>,
+        rejected: Vec<RefusedRecord>,
     },
     /// Rolled back: these partitions' stored offsets were not the expected ones.
     Conflict(Vec<TopicPartition>),
-    /// Rolled back (`errors.tolerance: none`): the first row of the batch the database
-    /// refuses. Whatever the tolerance: a row no statement can carry.
-    Rejected(RejectedRow),
+    /// Rolled back (`errors.tolerance: none`): the first record of the batch whose row the
+    /// database refuses. Whatever the tolerance: a row no statement can carry.
+    Rejected(RefusedRecord),
+}
+
+/// A record whose row the database refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRecord {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub error: String,
 }
 
 /// A row of a batch the database refuses, and why.
@@ -463,9 +552,9 @@ trait BatchStatements {
         Ok(None)
     }
 
-    /// Who holds locks on `table` or on the offsets table inside an open transaction, one
+    /// Who holds locks on `tables` or on the offsets table inside an open transaction, one
     /// line each.
-    async fn lock_holders(&self, table: &TableName) -> Result<Vec<String>, sqlx::Error>;
+    async fn lock_holders(&self, tables: &[&TableName]) -> Result<Vec<String>, sqlx::Error>;
 
     /// A row of `changes` no statement can carry, found before anything is sent.
     fn too_large(&self, _batch: &Batch, _changes: &Changes) -> Option<RejectedRow> {
@@ -487,73 +576,182 @@ trait BatchStatements {
     ) -> Result<Vec<TopicPartition>, sqlx::Error>;
 }
 
-/// Writes a batch in one transaction. The rows go in together; if the database refuses one
-/// (a constraint, a value that does not fit), the transaction starts over and the refused
-/// rows are found by [`isolate_rejected`]: without a dead-letter table the batch rolls back
-/// naming the first; with one they go there and the rest commits — as if the refused
-/// records had not been in the batch. With a business key that can change which record of
-/// a key is written (the one before a refused one), so then the batch is planned again
-/// without the refused rows until nothing new is refused.
+/// One table's share of a batch: its plan, its statements and the rows of its topics.
+struct TablePart<'a, S> {
+    plan: &'a SinkPlan,
+    statements: &'a S,
+    batch: &'a Batch,
+    /// Per row, an id equal for rows whose keys the database finds equal (see
+    /// [`BatchStatements::key_groups`]).
+    groups: Option<Vec<usize>>,
+    /// The rows the statements touch (see [`SinkPlan::changes`]).
+    changes: Changes,
+}
+
+impl<S: BatchStatements> TablePart<'_, S> {
+    fn refused(&self, row: RejectedRow) -> RefusedRecord {
+        let (tp, offset) = self.batch.coordinates(row.row);
+        RefusedRecord {
+            tp: tp.clone(),
+            offset,
+            error: row.error,
+        }
+    }
+}
+
+/// Writes a batch in one transaction: each table's rows, the dead letters, then the offsets
+/// by compare-and-set. The rows go in together; if the database refuses one (a constraint, a
+/// value that does not fit), the transaction starts over and each table's refused rows are
+/// found by [`write_isolating`]: without a dead-letter table the batch rolls back naming the
+/// first; with one they go there and the rest commits — as if the refused records had not
+/// been in the batch.
 async fn write_batch<S: BatchStatements>(
-    statements: &S,
-    plan: &SinkPlan,
+    tables: &[S],
+    plans: &[SinkPlan],
     dead_letter_table: Option<&DeadLetterTable>,
-    batch: &Batch,
+    batch_parts: &[(usize, &Batch)],
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
-    let groups = statements.key_groups(batch).await?;
-    let groups = groups.as_deref();
-    let mut changes = plan.changes(batch, groups, &HashSet::new());
-    if let Some(row) = statements.too_large(batch, &changes) {
-        return Ok(WriteOutcome::Rejected(row));
+    let mut parts = Vec::with_capacity(batch_parts.len());
+    for (table, batch) in batch_parts {
+        let (plan, statements) = (&plans[*table], &tables[*table]);
+        let groups = statements.key_groups(batch).await?;
+        let changes = plan.changes(batch, groups.as_deref(), &HashSet::new());
+        let part = TablePart {
+            plan,
+            statements,
+            batch,
+            groups,
+            changes,
+        };
+        if let Some(row) = statements.too_large(batch, &part.changes) {
+            return Ok(WriteOutcome::Rejected(part.refused(row)));
+        }
+        parts.push(part);
     }
-    let mut tx = statements.begin().await?;
+    // Every table is in the same database: any of them begins the transaction and moves the
+    // offsets.
+    let first = &tables[0];
+    let mut tx = first.begin().await?;
+    let mut counts = RowCounts::default();
     let mut rejected = Vec::new();
-    let mut counts = match statements.apply(&mut tx, batch, &changes, true).await {
-        Ok(counts) => counts,
-        Err(e) if is_rejected_row(&e) => loop {
+    let mut bulk = Ok(());
+    for part in &parts {
+        match part
+            .statements
+            .apply(&mut tx, part.batch, &part.changes, true)
+            .await
+        {
+            Ok(applied) => counts += applied,
+            Err(e) => {
+                bulk = Err(e);
+                break;
+            }
+        }
+    }
+    match bulk {
+        Ok(()) => {}
+        Err(e) if is_rejected_row(&e) => {
             tx.rollback().await?;
-            tx = statements.begin().await?;
-            let (counts, found) = isolate_rejected(statements, &mut tx, batch, &changes).await?;
-            if dead_letter_table.is_none() {
-                if let Some(first) = found.into_iter().min_by_key(|r| r.row) {
-                    tx.rollback().await?;
-                    return Ok(WriteOutcome::Rejected(first));
+            tx = first.begin().await?;
+            counts = RowCounts::default();
+            let tolerate = dead_letter_table.is_some();
+            for part in &parts {
+                match write_isolating(&mut *tx, part, tolerate).await? {
+                    Ok((applied, refused)) => {
+                        counts += applied;
+                        rejected.extend(refused.into_iter().map(|r| (part.batch, r)));
+                    }
+                    Err(first_refused) => {
+                        tx.rollback().await?;
+                        return Ok(WriteOutcome::Rejected(part.refused(first_refused)));
+                    }
                 }
-                break counts; // refused once, then not: the database changed meanwhile
             }
-            rejected.extend(found);
-            let refused: HashSet<usize> = rejected.iter().map(|r| r.row).collect();
-            let replanned = plan.changes(batch, groups, &refused);
-            if replanned == changes.without(&refused) {
-                break counts; // what went in is the batch without the refused rows
-            }
-            if let Some(row) = statements.too_large(batch, &replanned) {
-                tx.rollback().await?;
-                return Ok(WriteOutcome::Rejected(row));
-            }
-            changes = replanned;
-        },
+        }
         Err(e) => return Err(e),
-    };
+    }
     #[cfg(feature = "testkit")]
     crate::testkit::hold_transaction(&moves.iter().map(|m| m.tp.partition).collect::<Vec<_>>())
         .await;
     if let Some(table) = dead_letter_table {
         let refused: Vec<DeadLetter> = rejected
             .iter()
-            .filter_map(|r| batch.dead_letter_for_row(r.row, r.error.clone()))
+            .filter_map(|(batch, r)| batch.dead_letter_for_row(r.row, r.error.clone()))
             .collect();
-        let letters: Vec<&DeadLetter> = batch.dead_letters().chain(&refused).collect();
+        let converted = batch_parts
+            .iter()
+            .flat_map(|(_, batch)| batch.dead_letters());
+        let letters: Vec<&DeadLetter> = converted.chain(&refused).collect();
         if !letters.is_empty() {
-            statements
-                .insert_dead_letters(&mut tx, table, &letters)
-                .await?;
+            first.insert_dead_letters(&mut tx, table, &letters).await?;
         }
         counts.dead_lettered = letters.len() as u64;
     }
-    let conflicts = statements.compare_and_set(&mut tx, moves).await?;
-    finish(tx, conflicts, counts, rejected).await
+    let conflicts = first.compare_and_set(&mut tx, moves).await?;
+    if !conflicts.is_empty() {
+        tx.rollback().await?;
+        return Ok(WriteOutcome::Conflict(conflicts));
+    }
+    tx.commit().await?;
+    let rejected = rejected
+        .into_iter()
+        .map(|(batch, r)| {
+            let (tp, offset) = batch.coordinates(r.row);
+            RefusedRecord {
+                tp: tp.clone(),
+                offset,
+                error: r.error,
+            }
+        })
+        .collect();
+    Ok(WriteOutcome::Committed {
+        rows: counts,
+        rejected,
+    })
+}
+
+/// Writes one table's part of a batch whose rows the database refused some of, finding them
+/// by [`isolate_rejected`] inside a savepoint. `Err`: the first refused row, when refused
+/// rows are not tolerated (no dead-letter table), or a row no statement can carry. `Ok`:
+/// what went in and the refused rows. With a business key, leaving rows out can change
+/// which record of a key is written (the one before a refused one), so the part is planned
+/// again without the refused rows, and written again, until nothing new is refused.
+async fn write_isolating<S: BatchStatements>(
+    conn: &mut <S::Db as sqlx::Database>::Connection,
+    part: &TablePart<'_, S>,
+    tolerate: bool,
+) -> Result<Result<(RowCounts, Vec<RejectedRow>), RejectedRow>, sqlx::Error> {
+    use sqlx::Connection;
+    let mut changes = part.changes.clone();
+    let mut rejected: Vec<RejectedRow> = Vec::new();
+    loop {
+        let mut attempt = conn.begin().await?;
+        let (counts, found) =
+            isolate_rejected(part.statements, &mut attempt, part.batch, &changes).await?;
+        if !tolerate {
+            if let Some(first) = found.into_iter().min_by_key(|r| r.row) {
+                attempt.rollback().await?;
+                return Ok(Err(first));
+            }
+            attempt.commit().await?;
+            return Ok(Ok((counts, rejected))); // refused once, then not: the database changed
+        }
+        rejected.extend(found);
+        let refused: HashSet<usize> = rejected.iter().map(|r| r.row).collect();
+        let replanned = part
+            .plan
+            .changes(part.batch, part.groups.as_deref(), &refused);
+        if replanned == changes.without(&refused) {
+            attempt.commit().await?;
+            return Ok(Ok((counts, rejected))); // what went in is the part without the refused rows
+        }
+        attempt.rollback().await?;
+        if let Some(row) = part.statements.too_large(part.batch, &replanned) {
+            return Ok(Err(row));
+        }
+        changes = replanned;
+    }
 }
 
 /// Applies `changes` part by part, each inside a savepoint, halving every part the database
@@ -605,87 +803,99 @@ async fn isolate_rejected<S: BatchStatements>(
     Ok((counts, rejected))
 }
 
-/// Ends a batch's transaction: commits it when every offset moved as expected, and rolls it
-/// back, naming the partitions that had moved, otherwise.
-async fn finish<DB: sqlx::Database>(
-    tx: sqlx::Transaction<'_, DB>,
-    conflicts: Vec<TopicPartition>,
-    rows: RowCounts,
-    rejected: Vec<RejectedRow>,
-) -> Result<WriteOutcome, sqlx::Error> {
-    if conflicts.is_empty() {
-        tx.commit().await?;
-        Ok(WriteOutcome::Committed { rows, rejected })
-    } else {
-        tx.rollback().await?;
-        Ok(WriteOutcome::Conflict(conflicts))
-    }
-}
-
-/// Writes batches into one table, and offsets into the offset store, transactionally.
+/// Writes batches into the pipeline's tables, and offsets into the offset store,
+/// transactionally.
 #[derive(Debug)]
 pub struct Writer {
-    plan: SinkPlan,
+    /// One plan per table, in the order of `routes`.
+    plans: Vec<SinkPlan>,
+    routes: Routes,
     statements: Statements,
     /// Where records the database rejects go (`errors.tolerance: all`).
     dead_letters: Option<DeadLetterTable>,
 }
 
+/// Each table's statements, in the order of the plans.
 #[derive(Debug)]
 enum Statements {
-    Postgres(postgres::PgWriter),
-    MySql(mysql::MySqlWriter),
+    Postgres(Vec<postgres::PgWriter>),
+    MySql(Vec<mysql::MySqlWriter>),
 }
 
 impl Writer {
     pub async fn new(
         pool: &DbPool,
-        plan: &SinkPlan,
+        plans: Vec<SinkPlan>,
+        routes: Routes,
         store: OffsetStore,
         dead_letters: Option<DeadLetterTable>,
     ) -> Result<Writer, sqlx::Error> {
         let statements = match pool {
-            DbPool::Postgres(pool) => {
-                Statements::Postgres(postgres::PgWriter::new(pool.clone(), plan, store))
-            }
+            DbPool::Postgres(pool) => Statements::Postgres(
+                plans
+                    .iter()
+                    .map(|plan| postgres::PgWriter::new(pool.clone(), plan, store.clone()))
+                    .collect(),
+            ),
             DbPool::MySql(pool) => {
-                Statements::MySql(mysql::MySqlWriter::new(pool.clone(), plan, store).await?)
+                let mut writers = Vec::with_capacity(plans.len());
+                for plan in &plans {
+                    writers.push(mysql::MySqlWriter::new(pool.clone(), plan, store.clone()).await?);
+                }
+                Statements::MySql(writers)
             }
         };
         Ok(Writer {
-            plan: plan.clone(),
+            plans,
+            routes,
             statements,
             dead_letters,
         })
     }
 
-    /// Applies the batch's changes, writes its dead letters, then moves the offsets by
-    /// compare-and-set, in one transaction; rolls back if any offset had moved.
+    /// Applies the batch's changes to each table, writes its dead letters, then moves the
+    /// offsets by compare-and-set, in one transaction; rolls back if any offset had moved.
     pub async fn write(
         &self,
         batch: &Batch,
         moves: &[OffsetMove],
     ) -> Result<WriteOutcome, sqlx::Error> {
-        let (plan, dead_letters) = (&self.plan, self.dead_letters.as_ref());
+        let split;
+        let parts: Vec<(usize, &Batch)> = if self.plans.len() == 1 {
+            vec![(0, batch)] // the usual case: nothing to copy
+        } else {
+            split = batch.parts(|tp| self.table_of(tp));
+            split.iter().map(|(table, part)| (*table, part)).collect()
+        };
+        let (plans, dead_letters) = (&self.plans, self.dead_letters.as_ref());
         match &self.statements {
-            Statements::Postgres(w) => write_batch(w, plan, dead_letters, batch, moves).await,
-            Statements::MySql(w) => write_batch(w, plan, dead_letters, batch, moves).await,
+            Statements::Postgres(w) => write_batch(w, plans, dead_letters, &parts, moves).await,
+            Statements::MySql(w) => write_batch(w, plans, dead_letters, &parts, moves).await,
         }
     }
 
-    /// Who holds locks on the sink table or the offsets table inside an open transaction,
+    /// The index of the table `tp`'s rows go to.
+    fn table_of(&self, tp: &TopicPartition) -> usize {
+        // The consumer reads only the pipeline's topics, and each has a table.
+        self.routes
+            .table_of(&tp.topic)
+            .unwrap_or_else(|| unreachable!("topic {} of a batch has no table", tp.topic))
+    }
+
+    /// Who holds locks on the sink tables or the offsets table inside an open transaction,
     /// one line each, for the WARN line of a lock wait that timed out.
     pub async fn lock_holders(&self) -> Result<Vec<String>, sqlx::Error> {
+        let tables: Vec<&TableName> = self.plans.iter().map(|p| &p.table).collect();
         match &self.statements {
-            Statements::Postgres(w) => w.lock_holders(&self.plan.table).await,
-            Statements::MySql(w) => w.lock_holders(&self.plan.table).await,
+            Statements::Postgres(w) => w[0].lock_holders(&tables).await,
+            Statements::MySql(w) => w[0].lock_holders(&tables).await,
         }
     }
 
     /// How rows go in, for the start-up log line.
     pub fn rows_by(&self) -> &'static str {
         match &self.statements {
-            Statements::Postgres(w) => w.rows_by(),
+            Statements::Postgres(w) => w[0].rows_by(),
             Statements::MySql(_) => "insert",
         }
     }

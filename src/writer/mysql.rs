@@ -159,7 +159,7 @@ impl BatchStatements for MySqlWriter {
 
     /// Any session's transaction holding row locks: InnoDB does not say on which table
     /// cheaply. Other sessions are shown only to a user with the PROCESS privilege.
-    async fn lock_holders(&self, _table: &TableName) -> Result<Vec<String>, sqlx::Error> {
+    async fn lock_holders(&self, _tables: &[&TableName]) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
             "SELECT CONCAT('connection ', t.trx_mysql_thread_id, ' (', \
                         COALESCE(p.USER, '?'), '@', COALESCE(p.HOST, '?'), ') ', \
@@ -279,8 +279,8 @@ impl MySqlWriter {
         };
         let mut query = sqlx::query(sql).persistent(rows.len() == self.insert_limit.rows);
         for row in rows {
-            for column in 0..batch.cells.column_count() {
-                query = query.bind(batch.cells.get(column, *row));
+            for column in &self.all_columns {
+                query = query.bind(batch.cells.get(*column, *row));
             }
         }
         Ok(query.execute(&mut *tx).await?.rows_affected())

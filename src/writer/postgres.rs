@@ -110,7 +110,8 @@ impl BatchStatements for PgWriter {
         }
     }
 
-    async fn lock_holders(&self, table: &TableName) -> Result<Vec<String>, sqlx::Error> {
+    async fn lock_holders(&self, tables: &[&TableName]) -> Result<Vec<String>, sqlx::Error> {
+        let tables: Vec<String> = tables.iter().map(|t| t.quoted(Backend::Postgres)).collect();
         sqlx::query_scalar(
             "SELECT format('pid %s (%s, %s) %s, transaction open for %s s', a.pid, \
                         a.application_name, coalesce(host(a.client_addr), 'local socket'), \
@@ -119,10 +120,11 @@ impl BatchStatements for PgWriter {
                  WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL \
                    AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted \
                      AND l.mode = 'RowExclusiveLock' \
-                     AND l.relation IN (to_regclass($1), to_regclass('idemsink_offsets'))) \
+                     AND (l.relation = to_regclass('idemsink_offsets') OR l.relation IN \
+                       (SELECT to_regclass(t) FROM unnest($1::text[]) t))) \
                  ORDER BY a.xact_start",
         )
-        .bind(table.quoted(Backend::Postgres))
+        .bind(tables)
         .fetch_all(&self.pool)
         .await
     }
@@ -198,7 +200,7 @@ impl PgWriter {
             sqlx::query("SAVEPOINT idemsink_rows")
                 .execute(&mut *tx)
                 .await?;
-            match copy_rows(tx, copy_sql, batch, rows).await {
+            match copy_rows(tx, copy_sql, batch, self.all_columns.len(), rows).await {
                 Ok(n) => {
                     sqlx::query("RELEASE SAVEPOINT idemsink_rows")
                         .execute(&mut *tx)
@@ -218,10 +220,9 @@ impl PgWriter {
         }
         let (mut written, mut updated) = (0, 0);
         for part in statement_parts(batch, &self.all_columns, rows, STATEMENT_LIMIT) {
-            let insert = (0..batch.cells.column_count())
-                .fold(sqlx::query_as(&self.write_sql), |q, c| {
-                    q.bind(gather(batch.cells.column(c), part))
-                });
+            let insert = (self.all_columns.iter()).fold(sqlx::query_as(&self.write_sql), |q, c| {
+                q.bind(gather(batch.cells.column(*c), part))
+            });
             let (w, u): (i64, i64) = insert.fetch_one(&mut *tx).await?;
             written += w.max(0) as u64;
             updated += u.max(0) as u64;
@@ -377,17 +378,19 @@ fn not_older(plan: &SinkPlan, p: Position, incoming: &str) -> String {
     format!("NOT COALESCE({}, false)", same.join(" AND "))
 }
 
-/// Streams the rows as `COPY` text: tab-separated cells, `\N` for NULL, backslash escapes.
+/// Streams the rows' first `columns` cells (the table's) as `COPY` text: tab-separated
+/// cells, `\N` for NULL, backslash escapes.
 async fn copy_rows(
     tx: &mut PgConnection,
     copy_sql: &str,
     batch: &Batch,
+    columns: usize,
     rows: &[usize],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = tx.copy_in_raw(copy_sql).await?;
     let mut buf = Vec::with_capacity(64 * 1024);
     for row in rows {
-        for column in 0..batch.cells.column_count() {
+        for column in 0..columns {
             if column > 0 {
                 buf.push(b'\t');
             }

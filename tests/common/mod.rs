@@ -426,6 +426,7 @@ impl Case {
             source: String::new(),
             sink: STANDARD_COLUMNS.to_string(),
             extra: String::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -755,6 +756,8 @@ pub struct PipelineFile<'a> {
     source: String,
     sink: String,
     extra: String,
+    /// Topic → table (`sink.tables`), instead of the case's topic and table.
+    routes: Vec<(String, String)>,
 }
 
 impl PipelineFile<'_> {
@@ -801,26 +804,45 @@ impl PipelineFile<'_> {
         self
     }
 
+    /// Reads these topics, each into its table (`sink.tables`), instead of the case's.
+    pub fn tables(mut self, routes: &[(&str, &str)]) -> Self {
+        self.routes = routes
+            .iter()
+            .map(|(topic, table)| (topic.to_string(), table.to_string()))
+            .collect();
+        self
+    }
+
     pub fn write(self) -> PathBuf {
+        let (topics, table) = if self.routes.is_empty() {
+            (
+                self.case.topic.clone(),
+                format!("table: {}", self.case.table),
+            )
+        } else {
+            let topics: Vec<&str> = self.routes.iter().map(|(t, _)| t.as_str()).collect();
+            let tables: String = (self.routes.iter())
+                .map(|(topic, table)| format!("\n    {topic}: {table}"))
+                .collect();
+            (topics.join(", "), format!("tables:{tables}"))
+        };
         let text = format!(
             "pipeline: {name}
 source:
   brokers: {brokers}
-  topics: [{topic}]
+  topics: [{topics}]
   properties:
     {group}{properties}
 {source}sink:
   url: {url}
-  table: {table}
+  {table}
 {sink}{extra}",
             name = self.case.name,
             brokers = self.case.brokers,
-            topic = self.case.topic,
             properties = self.properties,
             source = self.source,
             group = self.group,
             url = self.url,
-            table = self.case.table,
             sink = self.sink,
             extra = self.extra,
         );

@@ -325,6 +325,38 @@ impl Batch {
         }
     }
 
+    /// The truncates the batch's statements run (before its other changes), and which other
+    /// rows are still to be written after them. A truncate deletes every row it is newer than
+    /// (by the same guard as a delete). When deletes carry the source's position
+    /// (`deletes_versioned`), that is every row older than the newest truncate, wherever it
+    /// is in the batch. Otherwise the batch's order decides: the last truncate is run, and
+    /// only the rows after it are written.
+    fn truncates(&self, winner: Winner, skip: &HashSet<usize>) -> (Vec<usize>, Survives<'_>) {
+        let truncates: Vec<usize> = (0..self.len())
+            .filter(|r| self.ops[*r] == RowOp::Truncate && !skip.contains(r))
+            .collect();
+        match (winner, truncates.last().copied()) {
+            (_, None) => (truncates, Box::new(|_| true)),
+            (
+                Winner::Newest {
+                    column,
+                    kind,
+                    deletes_versioned: true,
+                },
+                Some(_),
+            ) => {
+                let version = move |row: usize| {
+                    self.cells
+                        .get(column, row)
+                        .and_then(|v| version_key(kind, v))
+                };
+                let newest = truncates.iter().map(|r| version(*r)).max().flatten();
+                (truncates, Box::new(move |row| version(row) >= newest))
+            }
+            (_, Some(last)) => (vec![last], Box::new(move |row| row > last)),
+        }
+    }
+
     /// The rows the batch's statements touch so that the result equals applying every record
     /// one by one, in order — a statement may touch a key only once. Per key, the last
     /// tombstone is kept (deletes run first), then one write from the records after it,
@@ -341,10 +373,16 @@ impl Batch {
         winner: Winner,
         skip: &HashSet<usize>,
     ) -> Changes {
+        let taken = |r: &usize| !skip.contains(r);
+        let (truncates, survives) = self.truncates(winner, skip);
+        let rows = (0..self.len())
+            .filter(|r| self.ops[*r] != RowOp::Truncate)
+            .filter(|r| survives(*r));
         if key.is_empty() {
             return Changes {
                 deletes: Vec::new(),
-                writes: (0..self.len()).filter(|r| !skip.contains(r)).collect(),
+                writes: rows.filter(taken).collect(),
+                truncates,
             };
         }
         #[derive(Default)]
@@ -359,7 +397,7 @@ impl Batch {
         }
         let mut by_key: HashMap<KeyOf<'_>, Latest> = HashMap::new();
         let mut unkeyed = Vec::new();
-        for row in (0..self.len()).filter(|r| !skip.contains(r)) {
+        for row in rows.filter(taken) {
             let cells: Option<Vec<&str>> = key.iter().map(|c| self.cells.get(*c, row)).collect();
             // A NULL in a unique key never conflicts: such a row stands alone.
             let Some(cells) = cells else {
@@ -387,13 +425,13 @@ impl Batch {
                     .and_then(|v| version_key(kind, v));
                 if kept.is_none() || version > kept_version {
                     *latest = match self.ops[row] {
-                        RowOp::Delete => Latest {
-                            delete: Some(row),
-                            write: None,
-                        },
                         RowOp::Write => Latest {
                             delete: None,
                             write: Some((row, version)),
+                        },
+                        RowOp::Delete | RowOp::Truncate => Latest {
+                            delete: Some(row),
+                            write: None,
                         },
                     };
                 }
@@ -437,9 +475,17 @@ impl Batch {
             .collect();
         deletes.sort_unstable();
         writes.sort_unstable();
-        Changes { deletes, writes }
+        Changes {
+            deletes,
+            writes,
+            truncates,
+        }
     }
 }
+
+/// Whether a row of a batch is still written after the batch's truncates (see
+/// [`Batch::truncates`]).
+type Survives<'a> = Box<dyn Fn(usize) -> bool + 'a>;
 
 /// The items whose flag in `keep` is set.
 fn select<T: Clone>(items: &[T], keep: &[bool]) -> Vec<T> {
@@ -470,11 +516,13 @@ pub enum Winner {
     },
 }
 
-/// Row indices into a batch, in batch order: the tombstones to apply, then the rows to write.
+/// Row indices into a batch, in batch order: the truncates to run, the tombstones to apply,
+/// then the rows to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changes {
     pub deletes: Vec<usize>,
     pub writes: Vec<usize>,
+    pub truncates: Vec<usize>,
 }
 
 impl Changes {
@@ -484,16 +532,39 @@ impl Changes {
         Changes {
             deletes: keep(&self.deletes),
             writes: keep(&self.writes),
+            truncates: keep(&self.truncates),
         }
     }
 
-    /// The changes at positions `range` of the deletes followed by the writes.
+    /// How many steps there are: truncates, deletes and writes.
+    pub fn len(&self) -> usize {
+        self.truncates.len() + self.deletes.len() + self.writes.len()
+    }
+
+    /// Whether there is no step.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of every step, in order.
+    pub fn steps(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.truncates.iter())
+            .chain(&self.deletes)
+            .chain(&self.writes)
+            .copied()
+    }
+
+    /// The changes at positions `range` of the truncates, the deletes and the writes.
     pub fn part(&self, range: std::ops::Range<usize>) -> Changes {
-        let d = self.deletes.len();
+        let slice = |list: &[usize], before: usize| {
+            let at = |i: usize| i.saturating_sub(before).min(list.len());
+            list[at(range.start)..at(range.end)].to_vec()
+        };
+        let (truncates, deletes) = (self.truncates.len(), self.deletes.len());
         Changes {
-            deletes: self.deletes[range.start.min(d)..range.end.min(d)].to_vec(),
-            writes: self.writes[range.start.saturating_sub(d)..range.end.saturating_sub(d)]
-                .to_vec(),
+            truncates: slice(&self.truncates, 0),
+            deletes: slice(&self.deletes, truncates),
+            writes: slice(&self.writes, truncates + deletes),
         }
     }
 }
@@ -546,6 +617,8 @@ mod tests {
                 .and_then(|v| v.parse().ok())
                 .expect("version");
             match (b.ops[row], winner, table.get(&key)) {
+                // Every row before it in the batch is older (one partition).
+                (RowOp::Truncate, _, _) => table.clear(),
                 (RowOp::Delete, _, _) => {
                     table.remove(&key);
                 }
@@ -568,6 +641,7 @@ mod tests {
 
     fn apply(b: &Batch, changes: &Changes) -> HashMap<String, i64> {
         let mut table = HashMap::new();
+        assert!(changes.truncates.len() <= 1, "the last truncate only");
         for row in &changes.deletes {
             table.remove(b.cells.get(0, *row).expect("key"));
         }
@@ -584,7 +658,7 @@ mod tests {
 
     #[test]
     fn changes_equal_one_by_one_application_for_every_winner_rule() {
-        use RowOp::{Delete as D, Write as W};
+        use RowOp::{Delete as D, Truncate as T, Write as W};
         let cases: Vec<Vec<(&str, i64, RowOp)>> = vec![
             vec![("a", 1, W), ("b", 1, W), ("a", 3, W), ("a", 2, W)],
             vec![("a", 5, W), ("a", 1, D), ("a", 2, W), ("a", 1, W)],
@@ -596,6 +670,23 @@ mod tests {
                 ("a", 7, W),
                 ("a", 0, D),
                 ("a", 3, W),
+            ],
+            // A truncate empties what came before it; a key written before and after it is
+            // the one after it, whichever record the rule would have picked among all.
+            vec![
+                ("a", 9, W),
+                ("b", 1, W),
+                ("", 0, T),
+                ("a", 2, W),
+                ("c", 1, W),
+            ],
+            vec![
+                ("a", 1, W),
+                ("", 0, T),
+                ("b", 1, W),
+                ("", 0, T),
+                ("a", 3, D),
+                ("a", 1, W),
             ],
         ];
         let newest = Winner::Newest {
@@ -619,7 +710,8 @@ mod tests {
             b.changes(&[0], None, newest, &HashSet::new()),
             Changes {
                 deletes: vec![],
-                writes: vec![1, 2]
+                writes: vec![1, 2],
+                truncates: vec![],
             },
             "the first of the greatest versions, in batch order"
         );
@@ -627,7 +719,7 @@ mod tests {
 
     #[test]
     fn with_versioned_deletes_the_greatest_version_of_a_key_wins_write_or_delete() {
-        use RowOp::{Delete as D, Write as W};
+        use RowOp::{Delete as D, Truncate as T, Write as W};
         let newest = Winner::Newest {
             column: 1,
             kind: ColumnKind::BIGINT,
@@ -636,13 +728,14 @@ mod tests {
         let changes =
             |rows: &[(&str, i64, RowOp)]| keyed(rows).changes(&[0], None, newest, &HashSet::new());
         type Case<'a> = (&'a [(&'a str, i64, RowOp)], Changes);
-        let cases: [Case<'_>; 5] = [
+        let cases: [Case<'_>; 7] = [
             // Sent again after the newest: an older update and an older delete change nothing.
             (
                 &[("a", 1, W), ("a", 3, W), ("a", 2, W), ("a", 2, D)],
                 Changes {
                     deletes: vec![],
                     writes: vec![1],
+                    truncates: vec![],
                 },
             ),
             // An update older than the delete does not bring the row back.
@@ -651,6 +744,7 @@ mod tests {
                 Changes {
                     deletes: vec![1],
                     writes: vec![],
+                    truncates: vec![],
                 },
             ),
             (
@@ -658,6 +752,7 @@ mod tests {
                 Changes {
                     deletes: vec![2],
                     writes: vec![1],
+                    truncates: vec![],
                 },
             ),
             // The first of equal versions, as the database's guard needs a greater one.
@@ -666,6 +761,31 @@ mod tests {
                 Changes {
                     deletes: vec![],
                     writes: vec![0, 2],
+                    truncates: vec![],
+                },
+            ),
+            // A truncate removes what is older than it, wherever it is in the batch: those
+            // rows are not written, the newer ones are (after it).
+            (
+                &[
+                    ("a", 1, W),
+                    ("b", 8, W),
+                    ("", 5, T),
+                    ("a", 3, W),
+                    ("c", 6, W),
+                ],
+                Changes {
+                    deletes: vec![],
+                    writes: vec![1, 4],
+                    truncates: vec![2],
+                },
+            ),
+            (
+                &[("", 5, T), ("a", 7, W), ("", 9, T), ("b", 9, D)],
+                Changes {
+                    deletes: vec![3],
+                    writes: vec![],
+                    truncates: vec![0, 2],
                 },
             ),
             (
@@ -673,6 +793,7 @@ mod tests {
                 Changes {
                     deletes: vec![],
                     writes: vec![],
+                    truncates: vec![],
                 },
             ),
         ];
@@ -694,7 +815,8 @@ mod tests {
             by_database,
             Changes {
                 deletes: vec![1],
-                writes: vec![2, 3]
+                writes: vec![2, 3],
+                truncates: vec![],
             }
         );
     }
@@ -845,7 +967,8 @@ mod tests {
             all,
             Changes {
                 deletes: vec![3],
-                writes: vec![2, 4]
+                writes: vec![2, 4],
+                truncates: vec![],
             }
         );
         // The write after the tombstone refused: only the tombstone is left for `a`.
@@ -855,7 +978,8 @@ mod tests {
             without,
             Changes {
                 deletes: vec![3],
-                writes: vec![2]
+                writes: vec![2],
+                truncates: vec![],
             }
         );
         assert_eq!(without, all.without(&skip), "nothing else of `a` to write");
@@ -866,7 +990,8 @@ mod tests {
             without,
             Changes {
                 deletes: vec![],
-                writes: vec![1, 2]
+                writes: vec![1, 2],
+                truncates: vec![],
             }
         );
         assert_ne!(
@@ -884,6 +1009,7 @@ mod tests {
         let changes = Changes {
             deletes: vec![3, 7],
             writes: vec![0, 1, 5],
+            truncates: vec![],
         };
         let part = |r| changes.part(r);
         assert_eq!(part(0..5), changes);
@@ -891,14 +1017,16 @@ mod tests {
             part(1..3),
             Changes {
                 deletes: vec![7],
-                writes: vec![0]
+                writes: vec![0],
+                truncates: vec![],
             }
         );
         assert_eq!(
             part(3..5),
             Changes {
                 deletes: vec![],
-                writes: vec![1, 5]
+                writes: vec![1, 5],
+                truncates: vec![],
             }
         );
         assert_eq!(part(0..1).deletes, vec![3]);

@@ -205,6 +205,9 @@ pub struct SinkConfig {
         deserialize_with = "scalar"
     )]
     pub idle_in_transaction_timeout_ms: u64,
+    /// What a Debezium truncate event (op t) does.
+    #[serde(default)]
+    pub truncate: OnTruncate,
     /// How many transactions write at once, each over its own share of the partitions (a
     /// partition is always written by the same one), so the database is never idle while a
     /// batch commits.
@@ -229,6 +232,20 @@ fn default_lock_timeout_ms() -> u64 {
 
 fn default_idle_in_transaction_timeout_ms() -> u64 {
     60_000
+}
+
+/// `sink.truncate`: what a Debezium truncate event (op `t`) does to the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTruncate {
+    /// A bad record: the pipeline stops naming it (or it is a dead letter).
+    #[default]
+    Refuse,
+    /// In the batch's transaction, delete every row of the table the truncate is newer than
+    /// (by the same guard as a delete).
+    Apply,
+    /// Change nothing; its offset is committed, and it is logged and counted.
+    Ignore,
 }
 
 /// What a record value is.
@@ -914,6 +931,27 @@ fn check_conflict_rules(
     if sink.format.is_debezium() {
         problems.extend(check_debezium_rules(sink, columns));
     }
+    if sink.truncate != OnTruncate::Refuse && sink.format != RecordFormat::Debezium {
+        problems.push((
+            "sink.truncate",
+            "only applies to Debezium's change events (sink.format: debezium), which say when \
+             they are a truncate"
+                .to_string(),
+        ));
+    }
+    let versioned_by_source = sink
+        .newer_by
+        .as_ref()
+        .is_some_and(|v| source_of(v) == Some(&Source::SourcePosition));
+    if sink.truncate == OnTruncate::Apply && !versioned_by_source {
+        problems.push((
+            "sink.truncate",
+            "apply needs sink.newer_by on a column mapped from $source_position: a truncate has \
+             no key, so which rows it removes (those older than it) is told by the source's log \
+             position, which Kafka's offsets cannot tell across partitions and replays"
+                .to_string(),
+        ));
+    }
     // Only the envelope's source block holds the position.
     let position = columns.iter().find(|(_, s)| *s == Source::SourcePosition);
     if let Some((name, _)) = position.filter(|_| sink.format != RecordFormat::Debezium) {
@@ -1191,6 +1229,28 @@ sink:
             let errors = load(&file(sink), &env).expect_err(sink);
             assert!(errors.iter().any(|e| e.key == key), "{sink}: {errors:?}");
         }
+        // A truncate is applied by the source's position only.
+        let positioned = |sink: &str| {
+            file(sink).replace(
+                "    kafka_offset: $offset\n",
+                "    kafka_offset: $offset\n    src: $source_position\n",
+            )
+        };
+        let applied =
+            positioned("  mode: upsert\n  key: [order_id]\n  newer_by: src\n  truncate: apply\n");
+        assert_eq!(
+            load(&applied, &env).expect("valid").config.sink.truncate,
+            OnTruncate::Apply
+        );
+        let by_offset = positioned(
+            "  mode: upsert\n  key: [order_id]\n  newer_by: kafka_offset\n  truncate: apply\n",
+        );
+        assert_eq!(only_error(&by_offset, &env).key, "sink.truncate");
+        let json = GOOD.replace(
+            "  table: public.orders\n",
+            "  table: public.orders\n  truncate: ignore\n",
+        );
+        assert_eq!(only_error(&json, &env).key, "sink.truncate");
         let avro = file("").replace("format: debezium", "format: avro");
         let e = only_error(&avro, &env);
         assert!(

@@ -15,7 +15,7 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::cells::Cells;
-use crate::config::RecordFormat;
+use crate::config::{OnTruncate, RecordFormat};
 use crate::debezium::{self, Decoded, Encoding, Encodings, RowIn, SchemaCache};
 use crate::json_pointers::Pointers;
 
@@ -41,6 +41,19 @@ pub enum Source {
 }
 
 impl Source {
+    /// Whether it says where the record comes from (Kafka's coordinates and timestamp, the
+    /// source's position) rather than what it holds.
+    pub fn is_position(&self) -> bool {
+        matches!(
+            self,
+            Source::Topic
+                | Source::Partition
+                | Source::Offset
+                | Source::Timestamp
+                | Source::SourcePosition
+        )
+    }
+
     pub fn parse(spec: &str) -> Result<Source, String> {
         let pointer = |p: &str| -> Result<String, String> {
             // RFC 6901: `~` must be followed by 0 or 1.
@@ -311,6 +324,9 @@ pub enum RowOp {
     Write,
     /// A tombstone: delete the row with this key (`sink.delete_on_null`).
     Delete,
+    /// A Debezium truncate (`sink.truncate: apply`): delete every row it is newer than. Only
+    /// its position is in the row.
+    Truncate,
 }
 
 /// What a converted record comes to.
@@ -344,6 +360,8 @@ pub struct RowMapper {
     /// Where the value's pointers to the event's `source` fields begin, when a column maps
     /// `$source_position`.
     position_at: Option<usize>,
+    /// What a Debezium truncate event does (`sink.truncate`).
+    truncate: OnTruncate,
 }
 
 /// In Debezium format, the value's first pointers find the operation (`op`, or a flattened
@@ -443,7 +461,13 @@ impl RowMapper {
             schemas: SchemaCache::new(field_of.clone()),
             field_of,
             position_at,
+            truncate: OnTruncate::Refuse,
         }
+    }
+
+    /// The same mapper, with a Debezium truncate event doing `truncate` (refused by default).
+    pub fn on_truncate(self, truncate: OnTruncate) -> RowMapper {
+        RowMapper { truncate, ..self }
     }
 
     pub fn columns(&self) -> &[ColumnPlan] {
@@ -476,6 +500,9 @@ impl RowMapper {
                 .read_change(record)?
             {
                 None => return Ok(Converted::Nothing("tombstone")),
+                Some((RowOp::Truncate, ..)) if self.truncate == OnTruncate::Ignore => {
+                    return Ok(Converted::Nothing("truncate"))
+                }
                 Some((op, value, key)) => self.fill(record, op, &value, &key, cells).map(|()| op),
             },
         };
@@ -549,7 +576,13 @@ impl RowMapper {
             envelope_op(op).map_err(error)?
         };
         value.encodings = self.encodings(&value, value_schema, VALUE_SCHEMA, row)?;
-        // Read after the op, so that a truncate (which has no key) is named as one.
+        if op == RowOp::Truncate {
+            // A truncate has no key; it is refused before anything else is read.
+            if self.truncate == OnTruncate::Refuse {
+                return Err(error(TRUNCATE.into()));
+            }
+            return Ok(Some((op, value, ReadJson::default())));
+        }
         let key = self.read_change_key(record.key.ok_or_else(no_key)?)?;
         Ok(Some((op, value, key)))
     }
@@ -631,6 +664,8 @@ impl RowMapper {
     ) -> Result<(), ConvertError> {
         for (c, column) in self.columns.iter().enumerate() {
             let field = match &column.source {
+                // A truncate has no row: only where it comes from is kept.
+                source if op == RowOp::Truncate && !source.is_position() => Field::Missing,
                 Source::Value => record
                     .value
                     .map_or(Field::Missing, |b| Field::Bytes(b, value.text)),
@@ -740,7 +775,7 @@ fn envelope_op(op: &str) -> Result<RowOp, String> {
     match op {
         r#""c""# | r#""r""# | r#""u""# => Ok(RowOp::Write),
         r#""d""# => Ok(RowOp::Delete),
-        r#""t""# => Err(TRUNCATE.into()),
+        r#""t""# => Ok(RowOp::Truncate),
         other => Err(format!(
             "a Debezium event with op {other}: only c (create), r (read, snapshot), u (update) \
              and d (delete) change a row"
@@ -754,13 +789,16 @@ fn flattened_op(op: Option<&str>, deleted: bool) -> Result<RowOp, String> {
     match op {
         _ if deleted => Ok(RowOp::Delete),
         Some(r#""d""#) => Ok(RowOp::Delete),
-        Some(r#""t""#) => Err(TRUNCATE.into()),
+        Some(r#""t""#) => Err(FLATTENED_TRUNCATE.into()),
         _ => Ok(RowOp::Write),
     }
 }
 
-const TRUNCATE: &str =
-    "a truncate event (op t): idemsink does not empty the table on a truncate at the source";
+const TRUNCATE: &str = "a truncate event (op t): sink.truncate is refuse (the default); \
+     apply empties the table of what is older, ignore goes on without";
+
+const FLATTENED_TRUNCATE: &str = "a truncate event (op t), which format debezium_flattened \
+     does not apply: read the unflattened events with format debezium and sink.truncate";
 
 /// A Debezium change event read: what it does, its value and its key.
 type Change<'r> = (RowOp, ReadJson<'r>, ReadJson<'r>);
@@ -1512,6 +1550,7 @@ mod tests {
             let expected = match op {
                 RowOp::Write => vec![Some("7"), Some("2"), Some("n\t1"), Some("x"), Some("77")],
                 RowOp::Delete => vec![Some("7"), Some("2"), None, None, Some("77")],
+                RowOp::Truncate => unreachable!("no truncate among these"),
             };
             assert_eq!(cells.row(0), expected, "{value}");
         }
@@ -1644,6 +1683,26 @@ mod tests {
             let record = record(key.map(str::as_bytes), Some(value.as_bytes()));
             let error = mapper.convert(&record, &mut cells).expect_err(&value);
             assert!(error.to_string().contains(reason), "{value}: {error}");
+        }
+    }
+
+    #[test]
+    fn debezium_truncates_are_applied_or_ignored_when_the_pipeline_says_so() {
+        // As Debezium sends it: without a key, with the position of the truncate.
+        let truncate = r#"{"before":null,"after":null,"source":{"lsn":40},"op":"t"}"#;
+        for value in [truncate.to_string(), wrapped(truncate)] {
+            let applied = debezium_mapper().on_truncate(OnTruncate::Apply);
+            let mut cells = Cells::new(5);
+            let record = record(None, Some(value.as_bytes()));
+            let converted = applied.convert(&record, &mut cells);
+            assert_eq!(converted, Ok(Converted::Row(RowOp::Truncate)), "{value}");
+            // Only where it comes from: no key, no row image.
+            assert_eq!(cells.row(0), [None, None, None, None, Some("77")]);
+            let ignored = debezium_mapper().on_truncate(OnTruncate::Ignore);
+            let mut cells = Cells::new(5);
+            let converted = ignored.convert(&record, &mut cells);
+            assert_eq!(converted, Ok(Converted::Nothing("truncate")));
+            assert_eq!(cells.rows(), 0);
         }
     }
 

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batch, DeadLetter, RawRecord};
 use crate::cells::Cells;
-use crate::config::{redact_url, ConfigErrors, LoadedPipeline, StartFrom, Tolerance};
+use crate::config::{redact_url, ConfigErrors, LoadedPipeline, OnTruncate, StartFrom, Tolerance};
 use crate::consumer::{
     cached_end_offset, client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer,
     SinkContext,
@@ -34,7 +34,7 @@ use crate::consumer::{
 use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool, SessionLimits};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
-use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper};
+use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper, RowOp};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
 use crate::routing::Routes;
@@ -252,6 +252,9 @@ pub async fn run(
         .await
         .map_err(ConfigErrors)?;
     let mappers = Mappers::new(&plans, p.routes.clone());
+    let truncating: Vec<usize> = (0..plans.len())
+        .filter(|t| plans[*t].truncate == OnTruncate::Apply)
+        .collect();
     let tables: Vec<String> = plans.iter().map(|plan| plan.table.to_string()).collect();
     let mode = p.config.sink.mode;
     let store = OffsetStore::new(&p.config.pipeline, pool.clone());
@@ -272,6 +275,7 @@ pub async fn run(
     telemetry::start_pipeline(&p.config.pipeline, pool.backend() == Backend::Postgres);
     status.set_database(true);
     let shared = Arc::new(subscribe(&p, store, dead_letters, status.clone())?);
+    check_truncated_topics(&shared, &p, &truncating).await?;
     info!(
         pipeline = %shared.pipeline,
         database = %pool.backend(),
@@ -338,6 +342,70 @@ async fn dead_letter_table(
             source,
         })?;
     Ok(Some(table))
+}
+
+/// With `sink.truncate: apply`, each topic of a table that truncates must have one partition:
+/// a truncate has no key, so it lands in any partition, and a change made before it at the
+/// source but read after it from another partition would bring back a row it removed.
+async fn check_truncated_topics(
+    shared: &Shared,
+    p: &LoadedPipeline,
+    truncating: &[usize],
+) -> Result<(), PipelineError> {
+    let topics: Vec<String> = truncating
+        .iter()
+        .flat_map(|t| p.routes.topics_of(*t))
+        .map(str::to_string)
+        .collect();
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let consumer = shared.consumer.clone();
+    let counted = tokio::task::spawn_blocking(move || {
+        let mut counts = Vec::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(&topic), SEEK_TIMEOUT)?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .map(|t| t.partitions().len())
+                .sum::<usize>();
+            counts.push((topic, partitions));
+        }
+        Ok::<_, KafkaError>(counts)
+    })
+    .await
+    .map_err(|e| {
+        PipelineError::Fatal(format!(
+            "pipeline {}: reading topics: {e}",
+            p.config.pipeline
+        ))
+    })?
+    .map_err(|source| PipelineError::Kafka {
+        pipeline: p.config.pipeline.clone(),
+        context: "reading the partitions of the topics that truncate",
+        source,
+    })?;
+    let problems: Vec<_> = counted
+        .into_iter()
+        .filter(|(_, partitions)| *partitions > 1)
+        .map(|(topic, partitions)| {
+            p.error(
+                "sink.truncate",
+                format!(
+                    "apply needs topics of one partition, and topic {topic} has {partitions}: a \
+                     truncate has no key, so a change read after it from another partition \
+                     could bring back a row it removed (Debezium's topics have one partition \
+                     unless topic.creation says otherwise)"
+                ),
+            )
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError::Config(ConfigErrors(problems)))
+    }
 }
 
 /// Creates the consumer, whose rebalances load offsets from `store`, and joins the group.
@@ -721,6 +789,9 @@ fn add_record(
     let keep = shared.dead_letters.is_some();
     match mappers.convert(&record, &mut batch.cells) {
         Ok(Converted::Row(op)) => {
+            if op == RowOp::Truncate {
+                info!(pipeline = %shared.pipeline, topic = m.topic(), partition = m.partition(), offset = m.offset(), "a truncate: the rows older than it are deleted from its table in its batch's transaction");
+            }
             let raw = keep.then(|| raw_record(m));
             batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
         }

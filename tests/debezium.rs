@@ -83,11 +83,12 @@ batch:
 };
 
 /// The sink of the pipeline that replicates both accounts and tags, each topic into its table:
-/// every column by name, each table's primary key as the key, and changes ordered by their
-/// position in PostgreSQL's log ($source_position).
+/// every column by name, each table's primary key as the key, changes ordered by their
+/// position in PostgreSQL's log ($source_position), and truncates applied.
 const CHANGES_BY_POSITION: &str = "  format: debezium
   mode: upsert
   newer_by: src_pos
+  truncate: apply
   columns:
     \"*\": auto
     src_pos: $source_position
@@ -189,7 +190,7 @@ const SNAPSHOT: &str = "
 
 /// The source's transactions after the snapshot: inserts, updates (keys included), deletes, rows
 /// deleted and inserted again, transactions of several statements and tables, and values both
-/// databases must carry exactly (odd text, extreme numbers, times, NULLs).
+/// databases must carry exactly (odd text, extreme numbers, times, NULLs), and a truncate.
 const WORKLOAD: &[&str] = &[
     "INSERT INTO lines SELECT o, l, o * l, 'streamed' FROM generate_series(100, 140) o, generate_series(1, 3) l",
     "UPDATE lines SET qty = qty + 1000 WHERE order_id % 3 = 0",
@@ -221,6 +222,8 @@ const WORKLOAD: &[&str] = &[
      COMMIT;",
     "INSERT INTO accounts (id, owner, balance) VALUES ('00000000-0000-0000-0000-000000000005', 'owner 5 again', 0)",
     "UPDATE accounts SET rate = 0, score = 1e308, doc = 'null', meta = NULL WHERE owner = 'owner 9'",
+    "TRUNCATE tags",
+    "INSERT INTO tags VALUES ('after the truncate', 1), ('a', 42)",
 ];
 
 async fn target(backend: Backend, table: &Replicated, topic: String) -> Case {
@@ -366,11 +369,16 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         .await
         .expect("source database");
     source.exec(SNAPSHOT).await.expect("snapshot rows");
-    // Three partitions per topic: Debezium spreads keys over them, and idemsink's writer
-    // lanes too.
+    // The order lines' topic has three partitions: Debezium spreads keys over them, and
+    // idemsink's writer lanes too. The others have one, as applying truncates needs.
     for table in TABLES {
         let topic = source.topic(&format!("public.{}", table.name));
-        testkit::create_topic(&brokers(), &topic, 3, false)
+        let partitions = if table.sink.contains("truncate: apply") {
+            1
+        } else {
+            3
+        };
+        testkit::create_topic(&brokers(), &topic, partitions, false)
             .await
             .expect("create topic");
     }
@@ -385,7 +393,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
         .map(|t| format!("public.{}", t.name))
         .collect();
     source
-        .capture(&brokers(), &captured.join(","), "")
+        .capture(&brokers(), &captured.join(","), "skipped.operations=none")
         .expect("start Debezium");
     let start_all = |targets: &[Target]| -> Vec<Connector> {
         targets
@@ -582,4 +590,103 @@ async fn older_changes_from_the_source_change_nothing(backend: Backend) {
     assert_eq!(rows, ["1|newest|300"], "{backend}");
 }
 
-on_both_databases!(older_changes_from_the_source_change_nothing);
+/// A PostgreSQL truncate event at `lsn`, as Debezium sends it: without a key.
+fn truncate(lsn: i64) -> Outgoing {
+    let event = json!({
+        "before": null,
+        "after": null,
+        "source": {"connector": "postgresql", "snapshot": "false", "lsn": lsn},
+        "op": "t",
+    });
+    Outgoing {
+        partition: 0,
+        key: None,
+        value: Some(event.to_string().into_bytes()),
+    }
+}
+
+/// With `sink.truncate: apply`, a truncate removes every row older than it by the source's
+/// position — stored before, or earlier in its own batch — and what is newer stays; a replay
+/// from offset 0 ends the same.
+async fn a_truncate_removes_what_is_older_than_it(backend: Backend) {
+    let case = Case::with_table(
+        backend,
+        "dbz_truncate",
+        1,
+        brokers(),
+        "id bigint PRIMARY KEY, name text, src_pos bigint NOT NULL",
+    )
+    .await;
+    let config = case
+        .pipeline()
+        .sink(
+            "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  truncate: apply\n  \
+             columns:\n    \"*\": auto\n    src_pos: $source_position\n",
+        )
+        .write();
+    let before = [
+        change(1, "c", 100, "stored, older"),
+        change(2, "c", 300, "stored, newer"),
+        change(3, "c", 150, "stored, older"),
+    ];
+    let with_truncate = [
+        change(5, "c", 120, "older, in the truncate's batch"),
+        truncate(200),
+        change(4, "c", 250, "newer"),
+        change(2, "u", 310, "newer update"),
+        change(6, "c", 190, "older, after it in Kafka"),
+    ];
+    let rows = || async {
+        let sql = format!(
+            "SELECT CONCAT_WS('|', id, name, src_pos) FROM {} ORDER BY id",
+            case.table
+        );
+        case.texts(&sql).await
+    };
+    for events in [&before[..], &with_truncate[..]] {
+        testkit::produce(&case.producer(), &case.topic, events)
+            .await
+            .expect("produce");
+        let end = case.end_offsets().await;
+        case.run_until_stored(&config, &end).await;
+    }
+    let expected = ["2|newer update|310", "4|newer|250"];
+    assert_eq!(rows().await, expected, "{backend}");
+    case.forget_offsets().await;
+    let log = case
+        .run_until_stored(&config, &case.end_offsets().await)
+        .await;
+    assert!(log.contains("batch committed"), "the replay wrote:\n{log}");
+    assert_eq!(rows().await, expected, "{backend}: after the replay");
+}
+
+on_both_databases!(
+    older_changes_from_the_source_change_nothing,
+    a_truncate_removes_what_is_older_than_it
+);
+
+/// A truncate lands in any partition: applying truncates needs topics of one partition, or a
+/// change read late from another partition would bring back a row the truncate removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn applying_truncates_needs_topics_of_one_partition() {
+    let case = Case::with_table(
+        Backend::Postgres,
+        "dbz_truncate_parts",
+        2,
+        brokers(),
+        "id bigint PRIMARY KEY, src_pos bigint NOT NULL",
+    )
+    .await;
+    let config = case
+        .pipeline()
+        .sink(
+            "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  truncate: apply\n  \
+             columns:\n    id: /id\n    src_pos: $source_position\n",
+        )
+        .write();
+    let (_, log) = Connector::run_to_failure(&config, "two partitions");
+    assert!(
+        log.contains("sink.truncate") && log.contains("has 2"),
+        "the pipeline must refuse to start, naming the topic:\n{log}"
+    );
+}

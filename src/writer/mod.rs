@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use crate::batch::{Batch, Changes, DeadLetter, Winner};
-use crate::config::{ConfigError, LoadedPipeline, RecordFormat, SinkMode};
+use crate::config::{ConfigError, LoadedPipeline, OnTruncate, RecordFormat, SinkMode};
 use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
@@ -47,6 +47,8 @@ pub struct SinkPlan {
     pub delete_version: Option<usize>,
     pub position: Option<Position>,
     pub format: RecordFormat,
+    /// What a Debezium truncate event does (`sink.truncate`).
+    pub truncate: OnTruncate,
     /// Whether records delete rows: tombstones with `sink.delete_on_null`, delete events in
     /// Debezium format.
     pub deletes: bool,
@@ -337,6 +339,7 @@ impl SinkPlan {
             delete_version: newer_by.filter(|v| columns[*v].source == Source::SourcePosition),
             position,
             format: sink.format,
+            truncate: sink.truncate,
             deletes: sink.deletes(),
             copy_allowed: schema.copy_allowed,
             columns,
@@ -344,7 +347,7 @@ impl SinkPlan {
     }
 
     pub fn mapper(&self) -> RowMapper {
-        RowMapper::new(self.columns.clone(), self.deletes, self.format)
+        RowMapper::new(self.columns.clone(), self.deletes, self.format).on_truncate(self.truncate)
     }
 
     /// Which record of a key repeated in a batch is written.
@@ -766,7 +769,7 @@ async fn isolate_rejected<S: BatchStatements>(
     changes: &Changes,
 ) -> Result<(RowCounts, Vec<RejectedRow>), sqlx::Error> {
     use sqlx::Connection;
-    let steps = changes.deletes.len() + changes.writes.len();
+    let steps = changes.len();
     let mut counts = RowCounts::default();
     let mut rejected = Vec::new();
     // Parts still to try, the next one last.
@@ -786,7 +789,7 @@ async fn isolate_rejected<S: BatchStatements>(
             Err(e) if is_rejected_row(&e) => {
                 savepoint.rollback().await?;
                 if part.len() == 1 {
-                    let row = subset.deletes.iter().chain(&subset.writes).copied().next();
+                    let row = subset.steps().next();
                     rejected.extend(row.map(|row| RejectedRow {
                         row,
                         error: e.to_string(),

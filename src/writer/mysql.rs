@@ -19,7 +19,7 @@ use super::{
     SinkPlan, StatementLimit,
 };
 use crate::batch::{Batch, Changes, DeadLetter};
-use crate::config::SinkMode;
+use crate::config::{OnTruncate, SinkMode};
 use crate::db::is_rejected_row;
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::ColumnKind;
@@ -46,9 +46,8 @@ pub struct MySqlWriter {
     insert_row: String,
     /// ` [AS idemsink_new] ON DUPLICATE KEY UPDATE …`.
     insert_tail: String,
-    /// The bound on an INSERT, and on a DELETE, from the server's `max_allowed_packet`.
+    /// The bound on an INSERT, from the server's `max_allowed_packet`.
     insert_limit: StatementLimit,
-    delete_limit: StatementLimit,
     /// `max_allowed_packet`: one statement, with all its parameters, must fit in it.
     max_packet: usize,
     /// Every column's index: an INSERT binds them all.
@@ -61,12 +60,15 @@ pub struct MySqlWriter {
     /// The INSERT for a full chunk, prepared once and reused.
     full_insert: String,
     delete: Option<DeleteSql>,
+    /// The same without the key, for truncates (`sink.truncate: apply`).
+    truncate: Option<DeleteSql>,
     /// The kind of each column, for binding.
     kinds: Vec<ColumnKind>,
 }
 
 /// `DELETE t FROM <table> AS t JOIN (SELECT ? AS c<i>, … UNION ALL SELECT ?, …) AS r ON
-/// <key matches> WHERE <not older>`, in parts.
+/// <key matches> WHERE <not older>`, in parts. Without a key (a truncate) every stored row
+/// the bound rows are newer than goes; without a key or a guard, every row.
 #[derive(Debug)]
 struct DeleteSql {
     head: String,
@@ -74,6 +76,8 @@ struct DeleteSql {
     next_row: String,
     tail: String,
     bound: Vec<usize>,
+    /// How many rows one statement takes, from the server's `max_allowed_packet`.
+    limit: StatementLimit,
 }
 
 impl BatchStatements for MySqlWriter {
@@ -91,11 +95,11 @@ impl BatchStatements for MySqlWriter {
         _bulk: bool,
     ) -> Result<RowCounts, sqlx::Error> {
         let mut counts = RowCounts::default();
-        if let Some(delete) = &self.delete {
-            for rows in statement_parts(batch, &delete.bound, &changes.deletes, self.delete_limit) {
-                counts.deleted += self.delete_rows(conn, delete, batch, rows).await?;
-            }
-        }
+        counts.deleted +=
+            (self.delete_rows(conn, self.truncate.as_ref(), batch, &changes.truncates)).await?;
+        counts.deleted += self
+            .delete_rows(conn, self.delete.as_ref(), batch, &changes.deletes)
+            .await?;
         for rows in statement_parts(batch, &self.all_columns, &changes.writes, self.insert_limit) {
             let affected = self.insert_rows(conn, batch, rows).await?;
             // With CLIENT_FOUND_ROWS (sqlx always sets it) MySQL counts an insert and a
@@ -228,11 +232,14 @@ impl MySqlWriter {
         let per_statement =
             |bound: usize| (MAX_PARAMETERS / bound.max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
         let rows_per_statement = per_statement(plan.columns.len());
-        let delete = plan.deletes.then(|| delete_sql(plan));
-        let delete_limit = StatementLimit {
-            rows: per_statement(delete.as_ref().map_or(1, |d| d.bound.len())),
+        let limited = |bound: &[usize]| StatementLimit {
+            rows: per_statement(bound.len()),
             bytes,
         };
+        let delete = plan
+            .deletes
+            .then(|| delete_sql(plan, &plan.conflict, limited));
+        let truncate = (plan.truncate == OnTruncate::Apply).then(|| delete_sql(plan, &[], limited));
         let full_insert = insert_sql(&insert_head, &insert_row, &insert_tail, rows_per_statement);
         Ok(MySqlWriter {
             pool,
@@ -245,7 +252,6 @@ impl MySqlWriter {
                 rows: rows_per_statement,
                 bytes,
             },
-            delete_limit,
             max_packet,
             all_columns: (0..plan.columns.len()).collect(),
             conflict: plan.conflict.clone(),
@@ -255,6 +261,7 @@ impl MySqlWriter {
                     .collect()
             }),
             delete,
+            truncate,
             kinds: plan.columns.iter().map(|c| c.kind).collect(),
         })
     }
@@ -286,25 +293,34 @@ impl MySqlWriter {
         Ok(query.execute(&mut *tx).await?.rows_affected())
     }
 
+    /// Runs `delete` (see [`delete_sql`]) for `rows`, in statements within its limit;
+    /// returns the rows deleted.
     async fn delete_rows(
         &self,
         tx: &mut MySqlConnection,
-        delete: &DeleteSql,
+        delete: Option<&DeleteSql>,
         batch: &Batch,
         rows: &[usize],
     ) -> Result<u64, sqlx::Error> {
-        let mut sql = format!("{}{}", delete.head, delete.first_row);
-        for _ in 1..rows.len() {
-            sql.push_str(&delete.next_row);
-        }
-        sql.push_str(&delete.tail);
-        let mut query = sqlx::query(&sql).persistent(false);
-        for row in rows {
-            for c in &delete.bound {
-                query = bind_typed(query, self.kinds[*c], batch.cells.get(*c, *row));
+        let Some(delete) = delete.filter(|_| !rows.is_empty()) else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        for rows in statement_parts(batch, &delete.bound, rows, delete.limit) {
+            let mut sql = format!("{}{}", delete.head, delete.first_row);
+            for _ in 1..rows.len() {
+                sql.push_str(&delete.next_row);
             }
+            sql.push_str(&delete.tail);
+            let mut query = sqlx::query(&sql).persistent(false);
+            for row in rows {
+                for c in &delete.bound {
+                    query = bind_typed(query, self.kinds[*c], batch.cells.get(*c, *row));
+                }
+            }
+            deleted += query.execute(&mut *tx).await?.rows_affected();
         }
-        Ok(query.execute(&mut *tx).await?.rows_affected())
+        Ok(deleted)
     }
 }
 
@@ -393,12 +409,28 @@ fn on_duplicate_key(plan: &SinkPlan, row_alias: bool) -> String {
     format!("{alias} ON DUPLICATE KEY UPDATE {}", sets.join(", "))
 }
 
-fn delete_sql(plan: &SinkPlan) -> DeleteSql {
-    let mut bound = plan.conflict.clone();
+fn delete_sql(
+    plan: &SinkPlan,
+    key: &[usize],
+    limit: impl Fn(&[usize]) -> StatementLimit,
+) -> DeleteSql {
+    let mut bound = key.to_vec();
     match (plan.delete_version, plan.position) {
         (Some(v), _) => bound.push(v),
         (None, Some(p)) => bound.extend(p.topic.into_iter().chain([p.partition, p.offset])),
         (None, None) => {}
+    }
+    let table = plan.table.quoted(plan.backend);
+    if bound.is_empty() {
+        // A truncate without a guard: every row.
+        return DeleteSql {
+            head: format!("DELETE FROM {table}"),
+            first_row: String::new(),
+            next_row: String::new(),
+            tail: String::new(),
+            limit: limit(&bound),
+            bound,
+        };
     }
     let placeholder = |c: usize| match plan.columns[c].kind {
         ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
@@ -412,11 +444,16 @@ fn delete_sql(plan: &SinkPlan) -> DeleteSql {
         .map(|c| format!("{} AS c{c}", placeholder(*c)))
         .collect();
     let next: Vec<String> = bound.iter().map(|c| placeholder(*c)).collect();
-    let on: Vec<String> = plan
-        .conflict
+    let on: Vec<String> = key
         .iter()
         .map(|c| format!("t.{} = r.c{c}", plan.quoted(*c)))
         .collect();
+    // Without a key (a truncate), every stored row meets every bound row.
+    let on = if on.is_empty() {
+        "TRUE".to_string()
+    } else {
+        on.join(" AND ")
+    };
     let guard = match (plan.delete_version, plan.position) {
         (Some(v), _) => format!(" WHERE t.{0} IS NULL OR r.c{v} > t.{0}", plan.quoted(v)),
         (None, Some(p)) => format!(
@@ -428,13 +465,11 @@ fn delete_sql(plan: &SinkPlan) -> DeleteSql {
         (None, None) => String::new(),
     };
     DeleteSql {
-        head: format!(
-            "DELETE t FROM {} AS t JOIN (",
-            plan.table.quoted(plan.backend)
-        ),
+        head: format!("DELETE t FROM {table} AS t JOIN ("),
         first_row: format!("SELECT {}", first.join(", ")),
         next_row: format!(" UNION ALL SELECT {}", next.join(", ")),
-        tail: format!(") AS r ON {}{guard}", on.join(" AND ")),
+        tail: format!(") AS r ON {on}{guard}"),
+        limit: limit(&bound),
         bound,
     }
 }

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::cells::Column;
-use crate::config::SinkMode;
+use crate::config::{OnTruncate, SinkMode};
 use crate::db::{is_rejected_row, is_unique_violation, Backend};
 use crate::dead_letters::DeadLetterTable;
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
@@ -37,6 +37,8 @@ pub struct PgWriter {
     write_sql: String,
     /// `DELETE … USING UNNEST(<key>…) WHERE <guard>`, with the bound columns' indices.
     delete: Option<(String, Vec<usize>)>,
+    /// The same without the key, for truncates (`sink.truncate: apply`).
+    truncate: Option<(String, Vec<usize>)>,
     /// Every column's index: an INSERT binds them all.
     all_columns: Vec<usize>,
     /// Groups a batch's business keys as the database compares them, with the key columns
@@ -78,14 +80,9 @@ impl BatchStatements for PgWriter {
         bulk: bool,
     ) -> Result<RowCounts, sqlx::Error> {
         let mut counts = RowCounts::default();
-        if let Some((sql, bound)) = &self.delete {
-            for rows in statement_parts(batch, bound, &changes.deletes, STATEMENT_LIMIT) {
-                let query = bound.iter().fold(sqlx::query(sql), |q, c| {
-                    q.bind(gather(batch.cells.column(*c), rows))
-                });
-                counts.deleted += query.execute(&mut *conn).await?.rows_affected();
-            }
-        }
+        counts.deleted +=
+            delete_rows(conn, batch, self.truncate.as_ref(), &changes.truncates).await?;
+        counts.deleted += delete_rows(conn, batch, self.delete.as_ref(), &changes.deletes).await?;
         if !changes.writes.is_empty() {
             let (written, updated) = self.write_rows(conn, batch, &changes.writes, bulk).await?;
             counts.written = written;
@@ -160,7 +157,8 @@ impl PgWriter {
                 )
             }),
             write_sql: write_sql(plan),
-            delete: plan.deletes.then(|| delete_sql(plan)),
+            delete: plan.deletes.then(|| delete_sql(plan, &plan.conflict)),
+            truncate: (plan.truncate == OnTruncate::Apply).then(|| delete_sql(plan, &[])),
             all_columns: (0..plan.columns.len()).collect(),
             key_groups: plan.key_equality.as_ref().map(|equality| {
                 let partition: Vec<String> = equality
@@ -295,16 +293,21 @@ fn write_sql(plan: &SinkPlan) -> String {
 }
 
 /// `DELETE FROM t AS t USING UNNEST(…) AS r(…) WHERE <key matches> AND <not older>`, and
-/// which columns it binds (the key, and the position when the table records it).
-fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
-    let mut bound = plan.conflict.clone();
+/// which columns it binds (the `key`, and the version or the position when the table records
+/// it). Without a key (a truncate), it deletes every row one of the bound rows is newer than;
+/// without a key or a guard, every row.
+fn delete_sql(plan: &SinkPlan, key: &[usize]) -> (String, Vec<usize>) {
+    let mut bound = key.to_vec();
     match (plan.delete_version, plan.position) {
         (Some(v), _) => bound.push(v),
         (None, Some(p)) => bound.extend(p.topic.into_iter().chain([p.partition, p.offset])),
         (None, None) => {}
     }
-    let mut conditions: Vec<String> = plan
-        .conflict
+    let table = plan.table.quoted(plan.backend);
+    if bound.is_empty() {
+        return (format!("DELETE FROM {table}"), bound);
+    }
+    let mut conditions: Vec<String> = key
         .iter()
         .map(|c| {
             format!(
@@ -324,12 +327,32 @@ fn delete_sql(plan: &SinkPlan) -> (String, Vec<usize>) {
         (None, None) => {}
     }
     let sql = format!(
-        "DELETE FROM {} AS t USING {} WHERE {}",
-        plan.table.quoted(plan.backend),
+        "DELETE FROM {table} AS t USING {} WHERE {}",
         unnest(&bound),
         conditions.join(" AND ")
     );
     (sql, bound)
+}
+
+/// Runs `delete` (see [`delete_sql`]) for `rows`, in statements within the limit; returns
+/// the rows deleted.
+async fn delete_rows(
+    conn: &mut PgConnection,
+    batch: &Batch,
+    delete: Option<&(String, Vec<usize>)>,
+    rows: &[usize],
+) -> Result<u64, sqlx::Error> {
+    let Some((sql, bound)) = delete.filter(|_| !rows.is_empty()) else {
+        return Ok(0);
+    };
+    let mut deleted = 0;
+    for rows in statement_parts(batch, bound, rows, STATEMENT_LIMIT) {
+        let query = bound.iter().fold(sqlx::query(sql), |q, c| {
+            q.bind(gather(batch.cells.column(*c), rows))
+        });
+        deleted += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(deleted)
 }
 
 /// `UNNEST($1::text[], …) AS r(c<i>, …)`, named by column index so conditions can refer to

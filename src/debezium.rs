@@ -339,48 +339,74 @@ fn decimal(unscaled: &[u8], scale: u32) -> String {
 }
 
 /// The fields of a change event's `source` block that [`source_position`] reads, in order.
-pub const SOURCE_FIELDS: [&str; 3] = ["connector", "snapshot", "lsn"];
+pub const SOURCE_FIELDS: [&str; 5] = ["connector", "snapshot", "lsn", "file", "pos"];
 
-/// A snapshot row's position is its snapshot's LSN moved below every streamed change's.
+/// A snapshot row's position is its snapshot's position moved below every streamed change's.
 const SNAPSHOT_BELOW_STREAMED: i64 = i64::MIN;
 
 /// Where the source's log had a change, as one number that orders the changes of one row;
-/// `fields` are the JSON texts of [`SOURCE_FIELDS`]. Only the PostgreSQL connector's position
-/// is known to order them:
-/// - a streamed change is at its LSN: changes of one row are serialized by the row's lock, so
-///   their LSNs rise in commit order (changes of different rows may interleave, which does
-///   not matter to a per-row guard);
-/// - a snapshot row is at the snapshot's LSN minus 2^63, below every streamed change: a
-///   transaction in flight when the snapshot began may have changed a row at an LSN below the
-///   snapshot's and still commit after it, so its change is newer than the snapshot's row. A
-///   later snapshot is still newer than an earlier one.
+/// `fields` are the JSON texts of [`SOURCE_FIELDS`]. The connectors whose positions are known
+/// to order them:
+/// - PostgreSQL: a streamed change is at its LSN. Changes of one row are serialized by the
+///   row's lock, so their LSNs rise in commit order (changes of different rows may
+///   interleave, which does not matter to a per-row guard).
+/// - MySQL and MariaDB: at its binlog event (see [`binlog_position`]): the binlog holds
+///   transactions in commit order, and a transaction's events in statement order.
+///
+/// A snapshot row is at its snapshot's position minus 2^63, below every streamed change: a
+/// transaction in flight when the snapshot began may have changed a row before the
+/// snapshot's position and still commit after it, so its change is newer than the snapshot's
+/// row. A later snapshot is still newer than an earlier one.
 pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
-    let [connector, snapshot, lsn] = fields else {
+    let [connector, snapshot, lsn, file, pos] = fields else {
         return Err("the event's source fields were not read".into());
     };
-    match *connector {
-        Some(r#""postgresql""#) => {}
+    let position = match *connector {
+        Some(r#""postgresql""#) => lsn
+            .and_then(|l| l.parse().ok())
+            .filter(|l: &i64| *l >= 0)
+            .ok_or_else(|| format!("the event's source.lsn is not an LSN: {lsn:?}"))?,
+        Some(r#""mysql""# | r#""mariadb""#) => binlog_position(*file, *pos)?,
         Some(other) => {
             return Err(format!(
-                "$source_position knows the PostgreSQL connector's position (source.lsn), not \
-                 that of connector {other}: use newer_by on a version column of the row, or \
-                 leave it to the Kafka position"
+                "$source_position knows the positions of the PostgreSQL (source.lsn), MySQL and \
+                 MariaDB (source.file, source.pos) connectors, not that of connector {other}: \
+                 use newer_by on a version column of the row, or leave it to the Kafka position"
             ))
         }
         None => return Err("the event has no source.connector".into()),
-    }
-    let lsn: i64 = lsn
-        .and_then(|l| l.parse().ok())
-        .filter(|l| *l >= 0)
-        .ok_or_else(|| format!("the event's source.lsn is not an LSN: {lsn:?}"))?;
+    };
     // `snapshot` is "true", "first", "last", "incremental"… for a snapshot row, and "false"
     // or absent for a streamed change.
     let snapshotted = !matches!(*snapshot, None | Some("null" | r#""false""#));
     Ok(if snapshotted {
-        lsn.wrapping_add(SNAPSHOT_BELOW_STREAMED)
+        position.wrapping_add(SNAPSHOT_BELOW_STREAMED)
     } else {
-        lsn
+        position
     })
+}
+
+/// A MySQL or MariaDB binlog event's position as one number: the binlog file's sequence
+/// number (the digits after the last `.` of `mysql-bin.000042`) above, the event's offset in
+/// the file below. Offsets are under 2^32 (a binlog event's header holds them in 32 bits), so
+/// the file takes the 31 bits above them. Two rows of one event share it; one row changes at
+/// most once per event.
+fn binlog_position(file: Option<&str>, pos: Option<&str>) -> Result<i64, String> {
+    let name = file
+        .and_then(|f| f.strip_prefix('"')?.strip_suffix('"'))
+        .ok_or_else(|| format!("the event's source.file is not a binlog file name: {file:?}"))?;
+    let sequence = name
+        .rsplit_once('.')
+        .and_then(|(_, digits)| digits.parse::<i64>().ok())
+        .filter(|n| (0..1 << 31).contains(n))
+        .ok_or_else(|| {
+            format!("the event's source.file {name:?} does not end in a binlog sequence number")
+        })?;
+    let offset = pos
+        .and_then(|p| p.parse::<i64>().ok())
+        .filter(|p| (0..1 << 32).contains(p))
+        .ok_or_else(|| format!("the event's source.pos is not a binlog offset: {pos:?}"))?;
+    Ok(sequence << 32 | offset)
 }
 
 #[cfg(test)]
@@ -570,7 +596,9 @@ mod tests {
     #[test]
     fn source_positions_put_snapshots_below_streamed_changes() {
         let pg = Some(r#""postgresql""#);
-        let at = |snapshot: Option<&str>, lsn: &str| source_position(&[pg, snapshot, Some(lsn)]);
+        let at = |snapshot: Option<&str>, lsn: &str| {
+            source_position(&[pg, snapshot, Some(lsn), None, None])
+        };
         let snapshot_row = at(Some(r#""first""#), "50064998776").expect("position");
         let late_snapshot = at(Some(r#""true""#), "50064999000").expect("position");
         // A transaction in flight at the snapshot: its change is below the snapshot's LSN.
@@ -580,14 +608,57 @@ mod tests {
         assert!(in_flight < streamed);
         assert_eq!(at(Some("null"), "7"), Ok(7));
         for (fields, reason) in [
-            ([Some(r#""mysql""#), None, None], "connector \"mysql\""),
-            ([pg, None, Some("-1")], "not an LSN"),
-            ([pg, None, None], "not an LSN"),
-            ([None, None, Some("7")], "no source.connector"),
+            (
+                [Some(r#""sqlserver""#), None, None, None, None],
+                "connector \"sqlserver\"",
+            ),
+            ([pg, None, Some("-1"), None, None], "not an LSN"),
+            ([pg, None, None, None, None], "not an LSN"),
+            ([None, None, Some("7"), None, None], "no source.connector"),
         ] {
             let error = source_position(&fields).expect_err(reason);
             assert!(error.contains(reason), "{error}");
         }
+    }
+
+    #[test]
+    fn binlog_positions_order_by_file_then_offset_with_snapshots_below() {
+        let at = |connector: &str, snapshot: &str, file: &str, pos: &str| {
+            let connector = format!("\"{connector}\"");
+            let file = format!("\"{file}\"");
+            source_position(&[
+                Some(&connector),
+                Some(snapshot),
+                None,
+                Some(&file),
+                Some(pos),
+            ])
+        };
+        let streamed = |file: &str, pos: &str| at("mysql", r#""false""#, file, pos).expect(pos);
+        // Within a file by offset, across files by the file's number, whatever its prefix.
+        assert!(streamed("mysql-bin.000003", "4015") < streamed("mysql-bin.000003", "4016"));
+        assert!(streamed("mysql-bin.000003", "4294967295") < streamed("mysql-bin.000004", "4"));
+        assert!(streamed("mysql-bin.999999", "4") < streamed("mysql-bin.1000000", "4"));
+        assert_eq!(streamed("binlog.000001", "256"), (1 << 32) + 256);
+        let mariadb = at("mariadb", "null", "mariadb-bin.000002", "10").expect("mariadb");
+        assert_eq!(mariadb, (2 << 32) + 10);
+        // A snapshot's rows are below every streamed change, a later snapshot above an earlier.
+        let snapshot = at("mysql", r#""last""#, "mysql-bin.000009", "900").expect("snapshot");
+        let earlier_snapshot =
+            at("mysql", r#""true""#, "mysql-bin.000008", "900").expect("snapshot");
+        assert!(earlier_snapshot < snapshot && snapshot < streamed("mysql-bin.000001", "4"));
+        for (file, pos, reason) in [
+            ("mysql-bin", "4", "sequence number"),
+            ("mysql-bin.x1", "4", "sequence number"),
+            ("mysql-bin.2147483648", "4", "sequence number"),
+            ("mysql-bin.000001", "4294967296", "binlog offset"),
+            ("mysql-bin.000001", "-1", "binlog offset"),
+        ] {
+            let error = at("mysql", r#""false""#, file, pos).expect_err(reason);
+            assert!(error.contains(reason), "{file} {pos}: {error}");
+        }
+        let no_file = source_position(&[Some(r#""mysql""#), None, None, None, Some("4")]);
+        assert!(no_file.is_err_and(|e| e.contains("source.file")));
     }
 
     #[test]

@@ -1588,11 +1588,23 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{value}: {e}"));
             assert_eq!(cells.get(1, 0), Some(at), "{value}");
         }
+        // MySQL's binlog file and offset, bare and wrapped with a schema.
+        let mysql = r#"{"before":null,"after":{"order_id":7},"source":{"connector":"mysql","snapshot":"false","file":"mysql-bin.000003","pos":4015,"row":0},"op":"u"}"#;
+        let schema = r#"{"type":"struct","fields":[{"type":"struct","fields":[{"type":"int64","field":"order_id"}],"field":"after"}]}"#;
+        let wrapped = format!(r#"{{"schema":{schema},"payload":{mysql}}}"#);
+        let binlog_at = ((3_i64 << 32) + 4015).to_string();
+        for value in [mysql, wrapped.as_str()] {
+            let mut cells = Cells::new(2);
+            mapper
+                .convert(&record(Some(key), Some(value.as_bytes())), &mut cells)
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(cells.get(1, 0), Some(binlog_at.as_str()), "{value}");
+        }
         let mut cells = Cells::new(2);
-        let mysql = event("c", "null").replace("postgresql", "mysql");
+        let other = event("c", "null").replace("postgresql", "sqlserver");
         let error = mapper
-            .convert(&record(Some(key), Some(mysql.as_bytes())), &mut cells)
-            .expect_err("mysql");
+            .convert(&record(Some(key), Some(other.as_bytes())), &mut cells)
+            .expect_err("sqlserver");
         assert_eq!(error.column, "at", "{error}");
     }
 

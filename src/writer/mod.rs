@@ -904,6 +904,71 @@ impl Writer {
     }
 }
 
+/// Plans for the dialects' statement tests, built without a database.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+    use crate::mapping::ColumnKind;
+
+    /// How a plan tells an older record from a newer one.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Guard {
+        /// `newer_by` on a `$source_position` column (deletes versioned too).
+        SourcePosition,
+        /// The Kafka coordinates.
+        Coordinates,
+        /// Neither.
+        Unguarded,
+    }
+
+    /// An upsert of table `t` (id bigint, the key; name text; v bigint from
+    /// `$source_position`; kafka_partition int and kafka_offset bigint) with deletes and
+    /// truncates applied.
+    pub fn upsert(backend: Backend, guard: Guard) -> SinkPlan {
+        let column = |name: &str, kind, source: &str, role| ColumnPlan {
+            name: name.into(),
+            kind,
+            nullable: role == Role::Plain,
+            source: Source::parse(source).expect("source"),
+            role,
+        };
+        let columns = vec![
+            column("id", ColumnKind::BIGINT, "/id", Role::Key),
+            column("name", ColumnKind::TEXT, "/name", Role::Plain),
+            column("v", ColumnKind::BIGINT, "$source_position", Role::Version),
+            column(
+                "kafka_partition",
+                ColumnKind::INT,
+                "$partition",
+                Role::Plain,
+            ),
+            column("kafka_offset", ColumnKind::BIGINT, "$offset", Role::Plain),
+        ];
+        let versioned = matches!(guard, Guard::SourcePosition).then_some(2);
+        let position = matches!(guard, Guard::Coordinates).then_some(Position {
+            topic: None,
+            partition: 3,
+            offset: 4,
+        });
+        SinkPlan {
+            backend,
+            table: TableName::parse("t").expect("name"),
+            columns,
+            mode: SinkMode::Upsert,
+            conflict: vec![0],
+            keyed: true,
+            newer_by: versioned,
+            delete_version: versioned,
+            position,
+            format: RecordFormat::Debezium,
+            truncate: OnTruncate::Apply,
+            deletes: true,
+            copy_allowed: true,
+            key_equality: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

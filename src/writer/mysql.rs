@@ -508,6 +508,57 @@ fn bind_typed<'q>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Backend;
+    use crate::writer::fixtures::{upsert, Guard};
+
+    /// A delete statement of `rows` rows, as `delete_rows` puts it together.
+    fn delete_text(delete: &DeleteSql, rows: usize) -> String {
+        let mut sql = format!("{}{}", delete.head, delete.first_row);
+        for _ in 1..rows {
+            sql.push_str(&delete.next_row);
+        }
+        sql + &delete.tail
+    }
+
+    #[test]
+    fn deletes_and_truncates_delete_what_they_are_newer_than() {
+        let limit = |_: &[usize]| StatementLimit {
+            rows: 10,
+            bytes: 1000,
+        };
+        let statements = |guard| {
+            let plan = upsert(Backend::MySql, guard);
+            (
+                delete_sql(&plan, &plan.conflict, limit),
+                delete_sql(&plan, &[], limit),
+            )
+        };
+        let (delete, truncate) = statements(Guard::SourcePosition);
+        assert_eq!(
+            delete_text(&delete, 2),
+            "DELETE t FROM `t` AS t JOIN (SELECT ? AS c0, ? AS c2 UNION ALL SELECT ?, ?) AS r \
+             ON t.`id` = r.c0 WHERE t.`v` IS NULL OR r.c2 > t.`v`"
+        );
+        assert_eq!(
+            delete_text(&truncate, 1),
+            "DELETE t FROM `t` AS t JOIN (SELECT ? AS c2) AS r ON TRUE WHERE t.`v` IS NULL OR \
+             r.c2 > t.`v`"
+        );
+        let (delete, truncate) = statements(Guard::Coordinates);
+        assert_eq!(delete.bound, [0, 3, 4]);
+        assert_eq!(
+            delete_text(&truncate, 1),
+            "DELETE t FROM `t` AS t JOIN (SELECT ? AS c3, ? AS c4) AS r ON TRUE WHERE NOT \
+             COALESCE(t.`kafka_partition` = r.c3 AND t.`kafka_offset` >= r.c4, FALSE)"
+        );
+        let (delete, truncate) = statements(Guard::Unguarded);
+        assert_eq!(
+            delete_text(&delete, 1),
+            "DELETE t FROM `t` AS t JOIN (SELECT ? AS c0) AS r ON t.`id` = r.c0"
+        );
+        assert_eq!(delete_text(&truncate, 3), "DELETE FROM `t`");
+        assert!(truncate.bound.is_empty());
+    }
 
     #[test]
     fn row_alias_only_on_mysql_8_0_19_and_later() {

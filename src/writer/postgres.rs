@@ -460,6 +460,48 @@ fn push_copy_escaped(buf: &mut Vec<u8>, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::writer::fixtures::{upsert, Guard};
+
+    #[test]
+    fn deletes_and_truncates_delete_what_they_are_newer_than() {
+        let statements = |guard| {
+            let plan = upsert(Backend::Postgres, guard);
+            (delete_sql(&plan, &plan.conflict), delete_sql(&plan, &[]))
+        };
+        let (delete, truncate) = statements(Guard::SourcePosition);
+        assert_eq!(
+            delete,
+            (
+                "DELETE FROM \"t\" AS t USING UNNEST($1::text[], $2::text[]) AS r(c0, c2) WHERE \
+                 t.\"id\" = r.c0::bigint AND (t.\"v\" IS NULL OR r.c2::bigint > t.\"v\")"
+                    .to_string(),
+                vec![0, 2]
+            )
+        );
+        assert_eq!(
+            truncate,
+            (
+                "DELETE FROM \"t\" AS t USING UNNEST($1::text[]) AS r(c2) WHERE \
+                 (t.\"v\" IS NULL OR r.c2::bigint > t.\"v\")"
+                    .to_string(),
+                vec![2]
+            )
+        );
+        let (delete, truncate) = statements(Guard::Coordinates);
+        assert_eq!(delete.1, [0, 3, 4]);
+        assert_eq!(
+            truncate.0,
+            "DELETE FROM \"t\" AS t USING UNNEST($1::text[], $2::text[]) AS r(c3, c4) WHERE \
+             NOT COALESCE(t.\"kafka_partition\" = r.c3::bigint AND t.\"kafka_offset\" >= \
+             r.c4::bigint, false)"
+        );
+        let (delete, truncate) = statements(Guard::Unguarded);
+        assert_eq!(
+            delete.0,
+            "DELETE FROM \"t\" AS t USING UNNEST($1::text[]) AS r(c0) WHERE t.\"id\" = r.c0::bigint"
+        );
+        assert_eq!(truncate, ("DELETE FROM \"t\"".to_string(), vec![]));
+    }
 
     #[test]
     fn copy_text_escapes_what_copy_would_misread() {

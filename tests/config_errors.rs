@@ -197,6 +197,23 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
         ),
     ];
     let mut cases = cases.to_vec();
+    // Debezium's events without sink.key: each table's primary key is the key.
+    cases.push((
+        "Debezium's events into a table without a primary key",
+        keyed_config(
+            backend,
+            &no_key_table,
+            "  format: debezium\n  mode: upsert\n  columns: auto\n",
+        ),
+        "sink.key",
+        "has no primary key",
+    ));
+    cases.push((
+        "a primary key column of Debezium's events not read from the row",
+        keyed("  format: debezium\n  mode: upsert\n  columns:\n    id: $key\n    body: /body\n"),
+        "sink.columns.id",
+        "is a column of table",
+    ));
     // The "not older" guard compares Kafka positions: as numbers, within one topic.
     let (text_type, json_type) = match backend {
         Backend::Postgres => ("text", "jsonb"),

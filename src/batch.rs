@@ -873,6 +873,30 @@ mod tests {
     }
 
     #[test]
+    fn changes_are_split_into_parts_by_step_truncates_first() {
+        let changes = Changes {
+            deletes: vec![1, 2],
+            writes: vec![3, 4],
+            truncates: vec![5],
+        };
+        assert_eq!(changes.len(), 5);
+        assert_eq!(changes.steps().collect::<Vec<_>>(), [5, 1, 2, 3, 4]);
+        let steps = |range| changes.part(range).steps().collect::<Vec<_>>();
+        assert_eq!(steps(0..1), [5]);
+        assert_eq!(steps(1..3), [1, 2]);
+        assert_eq!(steps(2..4), [2, 3]);
+        assert_eq!(steps(0..5), [5, 1, 2, 3, 4]);
+        assert!(changes.part(5..5).is_empty());
+        let part = changes.part(0..2);
+        assert_eq!(
+            (part.truncates, part.deletes, part.writes),
+            (vec![5], vec![1], vec![])
+        );
+        let without = changes.without(&HashSet::from([5, 3]));
+        assert_eq!(without.steps().collect::<Vec<_>>(), [1, 2, 4]);
+    }
+
+    #[test]
     fn parts_are_copies_of_each_parts_spans_in_the_order_of_their_first_span() {
         let mut b = Batch::new(2);
         for (partition, offset) in [(3, 30), (0, 10), (3, 31), (1, 20)] {

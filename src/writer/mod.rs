@@ -506,8 +506,9 @@ pub enum WriteOutcome {
     },
     /// Rolled back: these partitions' stored offsets were not the expected ones.
     Conflict(Vec<TopicPartition>),
-    /// Rolled back (`errors.tolerance: none`): the first record of the batch whose row the
-    /// database refuses. Whatever the tolerance: a row no statement can carry.
+    /// Rolled back (`errors.tolerance: none`): a record whose row the database refuses (the
+    /// first of its table's rows in the batch). Whatever the tolerance: a row no statement
+    /// can carry.
     Rejected(RefusedRecord),
 }
 

@@ -350,7 +350,7 @@ const SNAPSHOT_BELOW_STREAMED: i64 = i64::MIN;
 /// - PostgreSQL: a streamed change is at its LSN. Changes of one row are serialized by the
 ///   row's lock, so their LSNs rise in commit order (changes of different rows may
 ///   interleave, which does not matter to a per-row guard).
-/// - MySQL and MariaDB: at its binlog event (see [`binlog_position`]): the binlog holds
+/// - MySQL and MariaDB: at its binlog event (see `binlog_position`): the binlog holds
 ///   transactions in commit order, and a transaction's events in statement order.
 ///
 /// A snapshot row is at its snapshot's position minus 2^63, below every streamed change: a

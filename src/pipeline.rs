@@ -6,6 +6,12 @@
 //! slower side, one batch waits for the writer while librdkafka prefetches; if it waits long,
 //! fetching pauses and the consumer is polled again, so memory stays bounded and a slow
 //! database never costs the group membership.
+//!
+//! The commit path: `commit_batch` keeps what the instance still owns (`owned_moves`), and
+//! [`Writer::write`] writes it in one transaction (`write_batch` in `writer/mod.rs`: each
+//! table's rows, the dead letters, then the offsets' compare-and-set,
+//! `OffsetStore::compare_and_set_postgres`/`_mysql`); then `on_committed`, or `on_fenced`
+//! when another instance moved an offset first.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,7 +45,7 @@ use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::retry::retry;
 use crate::routing::Routes;
 use crate::telemetry;
-use crate::writer::{RefusedRecord, SinkPlan, WriteOutcome, Writer};
+use crate::writer::{RefusedRecord, RowCounts, SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -1061,8 +1067,10 @@ async fn watch_offsets(shared: &Shared) {
     }
 }
 
-/// Writes one batch. Partitions whose stored offset moved under us are dropped from it, reset
-/// to what the database holds, and the rest is written again.
+/// Commits one batch: its rows and the offsets that cover them in one transaction
+/// ([`Writer::write`], whose compare-and-set on the previous offsets fences a zombie).
+/// Partitions whose stored offset moved under us are dropped from it and restart from the
+/// database, and the rest is written again.
 async fn commit_batch(
     shared: &Shared,
     writer: &Writer,
@@ -1073,74 +1081,14 @@ async fn commit_batch(
     // has ended, and no write decides on ownership while a revocation is under way.
     let _writing = shared.assignment.writing.read().await;
     loop {
-        // Only what this instance still owns, read in the epoch it still owns it in. One look
-        // per span decides both the rows written and the offsets moved, so rows never go in
-        // without the offsets that cover them.
-        let assignment = &shared.assignment;
-        let owned: Vec<Option<Owned>> = batch
-            .spans
-            .iter()
-            .map(|s| assignment.owned(&s.tp).filter(|o| o.epoch == s.epoch))
-            .collect();
-        batch = batch.retain_spans(&owned.iter().map(Option::is_some).collect::<Vec<_>>());
-        let moves: Vec<(OffsetMove, u64)> = batch
-            .spans
-            .iter()
-            .zip(owned.iter().flatten())
-            .map(|(s, o)| {
-                let m = OffsetMove {
-                    tp: s.tp.clone(),
-                    expected: o.db_next,
-                    next: s.next,
-                };
-                (m, s.epoch)
-            })
-            .collect();
+        let moves = owned_moves(shared, &mut batch);
         if moves.is_empty() {
             return Ok(());
         }
-        let offset_moves: Vec<OffsetMove> = moves.iter().map(|(m, _)| m.clone()).collect();
         let started = std::time::Instant::now();
-        // A transaction that failed on a transient fault is tried again whole. If its commit
-        // went through unseen, the retry meets the offsets it moved and is fenced: the
-        // partitions then restart from there, and nothing is written twice.
-        let (attempted, moving) = (&batch, &offset_moves);
-        let written = retry(
-            &shared.pipeline,
-            "writing a batch",
-            shared.retry_for,
-            || async move {
-                let attempt = writer.write(attempted, moving).await;
-                if let Err(e) = &attempt {
-                    write_failed(shared, writer, lane, e).await;
-                }
-                attempt
-            },
-        )
-        .await;
-        shared.status.write_done(lane);
-        let written = written.map_err(shared.db("writing a batch"))?;
-        match written {
+        match write_retrying(shared, writer, lane, &batch, &moves).await? {
             WriteOutcome::Committed { rows, rejected } => {
-                for (m, epoch) in &moves {
-                    assignment.committed(&m.tp, *epoch, m.next);
-                }
-                let seconds = started.elapsed().as_secs_f64();
-                telemetry::batch_committed(&shared.pipeline, batch.records(), &rows, seconds);
-                if rows.dead_lettered > 0 {
-                    report_dead_letters(shared, &batch, &rejected);
-                }
-                debug!(
-                    pipeline = %shared.pipeline,
-                    records = batch.records(),
-                    written = rows.written,
-                    updated = rows.updated,
-                    deleted = rows.deleted,
-                    dead_lettered = rows.dead_lettered,
-                    ms = (seconds * 1000.0) as u64,
-                    "batch committed"
-                );
-                commit_to_kafka(shared, &offset_moves);
+                on_committed(shared, &batch, &moves, &rows, &rejected, started);
                 return Ok(());
             }
             WriteOutcome::Rejected(refused) => {
@@ -1152,35 +1100,148 @@ async fn commit_batch(
                     error: refused.error,
                 });
             }
-            WriteOutcome::Conflict(lost) => {
-                telemetry::batch_fenced(&shared.pipeline, started.elapsed().as_secs_f64());
-                let stored = retry(
-                    &shared.pipeline,
-                    "re-reading offsets",
-                    shared.retry_for,
-                    || shared.store.load(&lost),
-                )
-                .await
-                .map_err(shared.db("re-reading offsets"))?;
-                let mut fenced = Vec::with_capacity(lost.len());
-                for tp in &lost {
-                    let Some((m, epoch)) = moves.iter().find(|(m, _)| &m.tp == tp) else {
-                        continue;
-                    };
-                    let now = stored.get(tp).copied();
-                    fenced.push(restart_from_database(shared, tp, *epoch, m.expected, now));
-                }
-                warn!(
-                    pipeline = %shared.pipeline,
-                    partitions = %fenced.join(", "),
-                    "fenced: the stored offsets of these partitions changed since this instance last \
-                     read or wrote them (another instance took them over, they were set by hand, or the \
-                     acknowledgement of this instance's own commit was lost); \
-                     the batch was rolled back and they restart from the offsets in the database"
-                );
-            }
+            WriteOutcome::Conflict(lost) => on_fenced(shared, &moves, &lost, started).await?,
         }
     }
+}
+
+/// An offset the batch moves, with the epoch of ownership its records were read in.
+struct OwnedMove {
+    offset: OffsetMove,
+    epoch: u64,
+}
+
+/// Keeps only what this instance still owns, read in the epoch it still owns it in, and
+/// returns the offset moves that cover it. One look per span decides both the rows written
+/// and the offsets moved, so rows never go in without the offsets that cover them.
+fn owned_moves(shared: &Shared, batch: &mut Batch) -> Vec<OwnedMove> {
+    let assignment = &shared.assignment;
+    let owned: Vec<Option<Owned>> = batch
+        .spans
+        .iter()
+        .map(|s| assignment.owned(&s.tp).filter(|o| o.epoch == s.epoch))
+        .collect();
+    *batch = std::mem::replace(batch, Batch::new(0))
+        .retain_spans(&owned.iter().map(Option::is_some).collect::<Vec<_>>());
+    batch
+        .spans
+        .iter()
+        .zip(owned.iter().flatten())
+        .map(|(s, o)| OwnedMove {
+            offset: OffsetMove {
+                tp: s.tp.clone(),
+                expected: o.db_next,
+                next: s.next,
+            },
+            epoch: s.epoch,
+        })
+        .collect()
+}
+
+/// Writes the batch with its offset moves, trying a transaction that failed on a transient
+/// fault again whole. If its commit went through unseen, the retry meets the offsets it
+/// moved and is fenced: the partitions then restart from there, and nothing is written twice.
+async fn write_retrying(
+    shared: &Shared,
+    writer: &Writer,
+    lane: usize,
+    batch: &Batch,
+    moves: &[OwnedMove],
+) -> Result<WriteOutcome, PipelineError> {
+    let offsets: Vec<OffsetMove> = moves.iter().map(|m| m.offset.clone()).collect();
+    let offsets = &offsets;
+    let written = retry(
+        &shared.pipeline,
+        "writing a batch",
+        shared.retry_for,
+        || async move {
+            let attempt = writer.write(batch, offsets).await;
+            if let Err(e) = &attempt {
+                write_failed(shared, writer, lane, e).await;
+            }
+            attempt
+        },
+    )
+    .await;
+    shared.status.write_done(lane);
+    written.map_err(shared.db("writing a batch"))
+}
+
+/// The batch committed: its partitions are now owned from their new offsets, which Kafka
+/// learns too (for lag tools; the database's are the ones that count).
+fn on_committed(
+    shared: &Shared,
+    batch: &Batch,
+    moves: &[OwnedMove],
+    rows: &RowCounts,
+    rejected: &[RefusedRecord],
+    started: std::time::Instant,
+) {
+    for m in moves {
+        shared
+            .assignment
+            .committed(&m.offset.tp, m.epoch, m.offset.next);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    telemetry::batch_committed(&shared.pipeline, batch.records(), rows, seconds);
+    if rows.dead_lettered > 0 {
+        report_dead_letters(shared, batch, rejected);
+    }
+    debug!(
+        pipeline = %shared.pipeline,
+        records = batch.records(),
+        written = rows.written,
+        updated = rows.updated,
+        deleted = rows.deleted,
+        dead_lettered = rows.dead_lettered,
+        ms = (seconds * 1000.0) as u64,
+        "batch committed"
+    );
+    let offsets: Vec<OffsetMove> = moves.iter().map(|m| m.offset.clone()).collect();
+    commit_to_kafka(shared, &offsets);
+}
+
+/// The compare-and-set found `lost` partitions' stored offsets moved (another instance took
+/// them over, they were set by hand, or the acknowledgement of this instance's own commit was
+/// lost): the batch was rolled back, and they restart from the offsets in the database.
+async fn on_fenced(
+    shared: &Shared,
+    moves: &[OwnedMove],
+    lost: &[TopicPartition],
+    started: std::time::Instant,
+) -> Result<(), PipelineError> {
+    telemetry::batch_fenced(&shared.pipeline, started.elapsed().as_secs_f64());
+    let stored = retry(
+        &shared.pipeline,
+        "re-reading offsets",
+        shared.retry_for,
+        || shared.store.load(lost),
+    )
+    .await
+    .map_err(shared.db("re-reading offsets"))?;
+    let mut fenced = Vec::with_capacity(lost.len());
+    for tp in lost {
+        let Some(m) = moves.iter().find(|m| &m.offset.tp == tp) else {
+            continue;
+        };
+        let now = stored.get(tp).copied();
+        fenced.push(restart_from_database(
+            shared,
+            tp,
+            m.epoch,
+            m.offset.expected,
+            now,
+        ));
+    }
+    warn!(
+        pipeline = %shared.pipeline,
+        partitions = %fenced.join(", "),
+        "fenced: the stored offsets of these partitions changed since this instance last \
+         read or wrote them (another instance took them over, they were set by hand, or the \
+         acknowledgement of this instance's own commit was lost); \
+         the batch was rolled back and they restart from the offsets in the database"
+    );
+    Ok(())
 }
 
 /// A batch's attempt failed and is retried (or the retries end): readiness learns of it,

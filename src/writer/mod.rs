@@ -1,7 +1,7 @@
-//! The SQL writer: plans the statements from the table's own description, and writes one
-//! batch — its rows, its deletes, its dead letters and the offsets that cover them — in one
-//! transaction. What is shared lives here: the plan ([`SinkPlan`]), which rows a batch
-//! touches, and how rows the database rejects are found ([`isolate_rejected`]); each
+//! The SQL writer: plans each table's statements from the table's own description, and
+//! writes one batch — every table's rows and deletes, its dead letters and the offsets that
+//! cover them — in one transaction (`write_batch`). What is shared lives here: the plan ([`SinkPlan`]), which rows a batch
+//! touches, and how rows the database rejects are found (`isolate_rejected`); each
 //! backend's statements live in its own file.
 
 mod mysql;
@@ -57,7 +57,7 @@ pub struct SinkPlan {
     /// With a business key the database compares other than by text (a case-insensitive
     /// collation, `numeric`, `jsonb`): per key column, an SQL expression of `{v}` that
     /// compares as the database does. A batch's keys are then grouped by the database
-    /// ([`BatchStatements::key_groups`]), so that its reduction agrees with the unique key.
+    /// (`BatchStatements::key_groups`), so that its reduction agrees with the unique key.
     pub key_equality: Option<Vec<String>>,
 }
 

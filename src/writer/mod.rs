@@ -968,6 +968,22 @@ mod fixtures {
             key_equality: None,
         }
     }
+
+    /// The same table in insert mode on the Kafka coordinates (kafka_partition,
+    /// kafka_offset), without deletes.
+    pub fn insert_by_coordinates(backend: Backend) -> SinkPlan {
+        let mut plan = upsert(backend, Guard::Coordinates);
+        plan.columns[0].role = Role::Plain;
+        SinkPlan {
+            mode: SinkMode::Insert,
+            conflict: vec![3, 4],
+            keyed: false,
+            format: RecordFormat::Json,
+            truncate: OnTruncate::Refuse,
+            deletes: false,
+            ..plan
+        }
+    }
 }
 
 #[cfg(test)]

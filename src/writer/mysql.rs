@@ -509,7 +509,75 @@ fn bind_typed<'q>(
 mod tests {
     use super::*;
     use crate::db::Backend;
-    use crate::writer::fixtures::{upsert, Guard};
+    use crate::writer::fixtures::{insert_by_coordinates, upsert, Guard};
+
+    /// Every mode's ON DUPLICATE KEY part, with `VALUES(col)` (MariaDB) and the row alias
+    /// (MySQL 8.0.19+): insert on the coordinates, and upserts on a business key guarded by a
+    /// version, by the Kafka position (the offset assigned before the partition, see
+    /// `SinkPlan::update_columns`), and unguarded.
+    #[test]
+    fn writes_of_every_mode() {
+        let plans = [
+            insert_by_coordinates(Backend::MySql),
+            upsert(Backend::MySql, Guard::SourcePosition),
+            upsert(Backend::MySql, Guard::Coordinates),
+            upsert(Backend::MySql, Guard::Unguarded),
+        ];
+        let expected = [
+            [
+                " ON DUPLICATE KEY UPDATE `kafka_partition` = `kafka_partition`",
+                " ON DUPLICATE KEY UPDATE `kafka_partition` = `kafka_partition`",
+            ],
+            [
+                " ON DUPLICATE KEY UPDATE `name` = IF(`v` IS NULL OR VALUES(`v`) > `v`, \
+                VALUES(`name`), `name`), `kafka_partition` = IF(`v` IS NULL OR VALUES(`v`) > \
+                `v`, VALUES(`kafka_partition`), `kafka_partition`), `kafka_offset` = IF(`v` IS \
+                NULL OR VALUES(`v`) > `v`, VALUES(`kafka_offset`), `kafka_offset`), `v` = IF(`v` \
+                IS NULL OR VALUES(`v`) > `v`, VALUES(`v`), `v`)",
+                " AS idemsink_new ON DUPLICATE KEY UPDATE `name` = IF(`v` IS NULL OR \
+                idemsink_new.`v` > `v`, idemsink_new.`name`, `name`), `kafka_partition` = IF(`v` \
+                IS NULL OR idemsink_new.`v` > `v`, idemsink_new.`kafka_partition`, \
+                `kafka_partition`), `kafka_offset` = IF(`v` IS NULL OR idemsink_new.`v` > `v`, \
+                idemsink_new.`kafka_offset`, `kafka_offset`), `v` = IF(`v` IS NULL OR \
+                idemsink_new.`v` > `v`, idemsink_new.`v`, `v`)",
+            ],
+            [
+                " ON DUPLICATE KEY UPDATE `name` = IF(NOT COALESCE(`kafka_partition` = \
+                VALUES(`kafka_partition`) AND `kafka_offset` >= VALUES(`kafka_offset`), FALSE), \
+                VALUES(`name`), `name`), `v` = IF(NOT COALESCE(`kafka_partition` = \
+                VALUES(`kafka_partition`) AND `kafka_offset` >= VALUES(`kafka_offset`), FALSE), \
+                VALUES(`v`), `v`), `kafka_offset` = IF(NOT COALESCE(`kafka_partition` = \
+                VALUES(`kafka_partition`) AND `kafka_offset` >= VALUES(`kafka_offset`), FALSE), \
+                VALUES(`kafka_offset`), `kafka_offset`), `kafka_partition` = IF(NOT \
+                COALESCE(`kafka_partition` = VALUES(`kafka_partition`) AND `kafka_offset` >= \
+                VALUES(`kafka_offset`), FALSE), VALUES(`kafka_partition`), `kafka_partition`)",
+                " AS idemsink_new ON DUPLICATE KEY UPDATE `name` = IF(NOT \
+                COALESCE(`kafka_partition` = idemsink_new.`kafka_partition` AND `kafka_offset` \
+                >= idemsink_new.`kafka_offset`, FALSE), idemsink_new.`name`, `name`), `v` = \
+                IF(NOT COALESCE(`kafka_partition` = idemsink_new.`kafka_partition` AND \
+                `kafka_offset` >= idemsink_new.`kafka_offset`, FALSE), idemsink_new.`v`, `v`), \
+                `kafka_offset` = IF(NOT COALESCE(`kafka_partition` = \
+                idemsink_new.`kafka_partition` AND `kafka_offset` >= \
+                idemsink_new.`kafka_offset`, FALSE), idemsink_new.`kafka_offset`, \
+                `kafka_offset`), `kafka_partition` = IF(NOT COALESCE(`kafka_partition` = \
+                idemsink_new.`kafka_partition` AND `kafka_offset` >= \
+                idemsink_new.`kafka_offset`, FALSE), idemsink_new.`kafka_partition`, \
+                `kafka_partition`)",
+            ],
+            [
+                " ON DUPLICATE KEY UPDATE `name` = VALUES(`name`), `v` = VALUES(`v`), \
+                `kafka_partition` = VALUES(`kafka_partition`), `kafka_offset` = \
+                VALUES(`kafka_offset`)",
+                " AS idemsink_new ON DUPLICATE KEY UPDATE `name` = idemsink_new.`name`, `v` = \
+                idemsink_new.`v`, `kafka_partition` = idemsink_new.`kafka_partition`, \
+                `kafka_offset` = idemsink_new.`kafka_offset`",
+            ],
+        ];
+        for (plan, [values, alias]) in plans.iter().zip(expected) {
+            assert_eq!(on_duplicate_key(plan, false), values);
+            assert_eq!(on_duplicate_key(plan, true), alias);
+        }
+    }
 
     /// A delete statement of `rows` rows, as `delete_rows` puts it together.
     fn delete_text(delete: &DeleteSql, rows: usize) -> String {

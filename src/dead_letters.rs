@@ -6,7 +6,7 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sqlx::{Executor, MySqlConnection, PgConnection};
+use sqlx::Executor;
 
 use crate::batch::DeadLetter;
 use crate::config::{LoadedPipeline, DEFAULT_DEAD_LETTER_TABLE};
@@ -245,28 +245,24 @@ impl DeadLetterTable {
         )
     }
 
-    /// Adds dead letters inside the batch's transaction (PostgreSQL).
-    pub async fn insert_postgres(
+    /// Adds dead letters inside the batch's transaction, on either database.
+    pub async fn insert<DB>(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut DB::Connection,
         letters: &[&DeadLetter],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), sqlx::Error>
+    where
+        DB: sqlx::Database,
+        for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
+        for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        for<'q> Option<&'q [u8]>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i32: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
         for letter in letters {
-            bind_dead_letter!(sqlx::query(&self.insert_sql), self.pipeline, letter)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Adds dead letters inside the batch's transaction (MySQL, MariaDB).
-    pub async fn insert_mysql(
-        &self,
-        conn: &mut MySqlConnection,
-        letters: &[&DeadLetter],
-    ) -> Result<(), sqlx::Error> {
-        for letter in letters {
-            bind_dead_letter!(sqlx::query(&self.insert_sql), self.pipeline, letter)
+            bind_dead_letter!(sqlx::query::<DB>(&self.insert_sql), self.pipeline, letter)
                 .execute(&mut *conn)
                 .await?;
         }

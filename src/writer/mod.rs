@@ -4,6 +4,7 @@
 //! touches, and how rows the database rejects are found (`isolate_rejected`); each
 //! backend's statements live in its own file.
 
+mod guard;
 mod mysql;
 mod postgres;
 
@@ -373,29 +374,6 @@ impl SinkPlan {
     ) -> Changes {
         let key: &[usize] = if self.keyed { &self.conflict } else { &[] };
         batch.changes(key, groups, self.winner(), refused)
-    }
-
-    /// The columns an upsert sets: every mapped column outside the conflict target, with
-    /// those a guard reads last, so that MySQL's left-to-right assignments evaluate the
-    /// guard on the stored values (see the mysql writer).
-    fn update_columns(&self) -> Vec<usize> {
-        let guard_order: Vec<usize> = match (self.newer_by, self.position) {
-            (Some(v), _) => vec![v],
-            (None, Some(p)) => [Some(p.offset), Some(p.partition), p.topic]
-                .into_iter()
-                .flatten()
-                .collect(),
-            (None, None) => Vec::new(),
-        };
-        let mut columns: Vec<usize> = (0..self.columns.len())
-            .filter(|i| !self.conflict.contains(i) && !guard_order.contains(i))
-            .collect();
-        columns.extend(
-            guard_order
-                .into_iter()
-                .filter(|i| !self.conflict.contains(i)),
-        );
-        columns
     }
 
     fn column_list(&self) -> String {

@@ -5,18 +5,20 @@
 //! NOT NULL violations into warnings, and a bad row must fail as it does in PostgreSQL.
 //!
 //! `ON DUPLICATE KEY UPDATE` assigns left to right, each assignment seeing the ones before.
-//! Every assignment is guarded by the same condition on the stored row, and the columns that
-//! condition reads are assigned last (see [`SinkPlan::update_columns`]), so the condition is
-//! decided on the stored values. MySQL 8.0.19+ names the incoming row by an alias and
+//! Every assignment is guarded by the same condition on the stored row
+//! (`guard::incoming_is_newer`), and the columns that condition reads are assigned last
+//! (`guard::update_columns` says why that order), so the condition is decided on the stored
+//! values. MySQL 8.0.19+ names the incoming row by an alias and
 //! deprecates `VALUES(col)`; MariaDB has only `VALUES(col)`: the server's version decides.
 
 use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
+use super::guard::{self, Sides};
 use super::{
-    group_ids, row_bytes, statement_parts, BatchStatements, Position, RejectedRow, RowCounts,
-    SinkPlan, StatementLimit,
+    group_ids, row_bytes, statement_parts, BatchStatements, RejectedRow, RowCounts, SinkPlan,
+    StatementLimit,
 };
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::config::{OnTruncate, SinkMode};
@@ -185,7 +187,7 @@ impl BatchStatements for MySqlWriter {
         table: &DeadLetterTable,
         letters: &[&DeadLetter],
     ) -> Result<(), sqlx::Error> {
-        table.insert_mysql(conn, letters).await
+        table.insert::<MySql>(conn, letters).await
     }
 
     async fn compare_and_set(
@@ -374,7 +376,7 @@ fn insert_sql(head: &str, row: &str, tail: &str, rows: usize) -> String {
 /// The part after the VALUES list. Insert mode, or nothing to set: a no-op assignment, so a
 /// duplicate is skipped and every other error still raised.
 fn on_duplicate_key(plan: &SinkPlan, row_alias: bool) -> String {
-    let update = plan.update_columns();
+    let update = guard::update_columns(plan);
     if plan.mode == SinkMode::Insert || update.is_empty() {
         let first = plan.quoted(plan.conflict[0]);
         return format!(" ON DUPLICATE KEY UPDATE {first} = {first}");
@@ -386,15 +388,12 @@ fn on_duplicate_key(plan: &SinkPlan, row_alias: bool) -> String {
             format!("VALUES({})", plan.quoted(c))
         }
     };
-    let guard = match (plan.newer_by, plan.position) {
-        (Some(v), _) => Some(format!(
-            "{0} IS NULL OR {1} > {0}",
-            plan.quoted(v),
-            incoming(v)
-        )),
-        (None, Some(p)) => Some(not_older(p, &|c| plan.quoted(c), &incoming)),
-        (None, None) => None,
+    let stored = |c: usize| plan.quoted(c);
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
     };
+    let guard = guard::incoming_is_newer(plan.newer_by, plan.position, &sides);
     let sets: Vec<String> = update
         .iter()
         .map(|c| {
@@ -454,16 +453,14 @@ fn delete_sql(
     } else {
         on.join(" AND ")
     };
-    let guard = match (plan.delete_version, plan.position) {
-        (Some(v), _) => format!(" WHERE t.{0} IS NULL OR r.c{v} > t.{0}", plan.quoted(v)),
-        (None, Some(p)) => format!(
-            " WHERE {}",
-            not_older(p, &|c| format!("t.{}", plan.quoted(c)), &|c| format!(
-                "r.c{c}"
-            ))
-        ),
-        (None, None) => String::new(),
+    let stored = |c: usize| format!("t.{}", plan.quoted(c));
+    let incoming = |c: usize| format!("r.c{c}");
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
     };
+    let guard = guard::incoming_is_newer(plan.delete_version, plan.position, &sides)
+        .map_or_else(String::new, |g| format!(" WHERE {g}"));
     DeleteSql {
         head: format!("DELETE t FROM {table} AS t JOIN ("),
         first_row: format!("SELECT {}", first.join(", ")),
@@ -472,24 +469,6 @@ fn delete_sql(
         limit: limit(&bound),
         bound,
     }
-}
-
-/// True unless the stored row comes from the same partition at the same or a later offset
-/// than the incoming record. Offset first, so that in `ON DUPLICATE KEY UPDATE` the
-/// comparison still reads the stored offset (see the module comment).
-fn not_older(
-    p: Position,
-    stored: &dyn Fn(usize) -> String,
-    incoming: &dyn Fn(usize) -> String,
-) -> String {
-    let mut same: Vec<String> = p
-        .topic
-        .into_iter()
-        .chain([p.partition])
-        .map(|c| format!("{} = {}", stored(c), incoming(c)))
-        .collect();
-    same.push(format!("{} >= {}", stored(p.offset), incoming(p.offset)));
-    format!("NOT COALESCE({}, FALSE)", same.join(" AND "))
 }
 
 /// Binds a cell for a comparison: integers as integers (MySQL compares a number with a

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::{
-    group_ids, statement_parts, BatchStatements, Position, RowCounts, SinkPlan, StatementLimit,
-};
+use super::guard::{self, Sides};
+use super::{group_ids, statement_parts, BatchStatements, RowCounts, SinkPlan, StatementLimit};
 use crate::batch::{Batch, Changes, DeadLetter};
 use crate::cells::Column;
 use crate::config::{OnTruncate, SinkMode};
@@ -132,7 +131,7 @@ impl BatchStatements for PgWriter {
         table: &DeadLetterTable,
         letters: &[&DeadLetter],
     ) -> Result<(), sqlx::Error> {
-        table.insert_postgres(conn, letters).await
+        table.insert::<Postgres>(conn, letters).await
     }
 
     async fn compare_and_set(
@@ -262,7 +261,7 @@ fn write_sql(plan: &SinkPlan) -> String {
         .map(|(i, c)| format!("r.c{i}::{}", c.kind.sql_name()))
         .collect();
     let conflict: Vec<String> = plan.conflict.iter().map(|c| plan.quoted(*c)).collect();
-    let update = plan.update_columns();
+    let update = guard::update_columns(plan);
     let action = if plan.mode == SinkMode::Insert || update.is_empty() {
         "DO NOTHING".to_string()
     } else {
@@ -270,14 +269,14 @@ fn write_sql(plan: &SinkPlan) -> String {
             .iter()
             .map(|c| format!("{0} = EXCLUDED.{0}", plan.quoted(*c)))
             .collect();
-        let guard = match (plan.newer_by, plan.position) {
-            (Some(v), _) => {
-                let v = plan.quoted(v);
-                format!(" WHERE t.{v} IS NULL OR EXCLUDED.{v} > t.{v}")
-            }
-            (None, Some(p)) => format!(" WHERE {}", not_older(plan, p, "EXCLUDED")),
-            (None, None) => String::new(),
+        let stored = |c: usize| format!("t.{}", plan.quoted(c));
+        let incoming = |c: usize| format!("EXCLUDED.{}", plan.quoted(c));
+        let sides = Sides {
+            stored: &stored,
+            incoming: &incoming,
         };
+        let guard = guard::incoming_is_newer(plan.newer_by, plan.position, &sides)
+            .map_or_else(String::new, |g| format!(" WHERE {g}"));
         format!("DO UPDATE SET {}{guard}", sets.join(", "))
     };
     format!(
@@ -317,15 +316,14 @@ fn delete_sql(plan: &SinkPlan, key: &[usize]) -> (String, Vec<usize>) {
             )
         })
         .collect();
-    match (plan.delete_version, plan.position) {
-        (Some(v), _) => conditions.push(format!(
-            "(t.{0} IS NULL OR r.c{v}::{1} > t.{0})",
-            plan.quoted(v),
-            plan.columns[v].kind.sql_name()
-        )),
-        (None, Some(p)) => conditions.push(not_older(plan, p, "r")),
-        (None, None) => {}
-    }
+    let stored = |c: usize| format!("t.{}", plan.quoted(c));
+    let incoming = |c: usize| format!("r.c{c}::{}", plan.columns[c].kind.sql_name());
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
+    };
+    let guard = guard::incoming_is_newer(plan.delete_version, plan.position, &sides);
+    conditions.extend(guard.map(|g| format!("({g})")));
     let sql = format!(
         "DELETE FROM {table} AS t USING {} WHERE {}",
         unnest(&bound),
@@ -374,31 +372,6 @@ fn unnest_parts(columns: &[usize]) -> (String, String) {
         .collect();
     let names: Vec<String> = columns.iter().map(|c| format!("c{c}")).collect();
     (arrays.join(", "), names.join(", "))
-}
-
-/// True unless the stored row `t` comes from the same partition at the same or a later
-/// offset than the incoming record (`EXCLUDED` for an upsert, `r.c<i>` for a delete): an
-/// older record never overwrites or deletes a newer row. Unknown (NULL) counts as older.
-fn not_older(plan: &SinkPlan, p: Position, incoming: &str) -> String {
-    let value = |c: usize| {
-        if incoming == "EXCLUDED" {
-            format!("EXCLUDED.{}", plan.quoted(c))
-        } else {
-            format!("{incoming}.c{c}::{}", plan.columns[c].kind.sql_name())
-        }
-    };
-    let mut same: Vec<String> = p
-        .topic
-        .into_iter()
-        .chain([p.partition])
-        .map(|c| format!("t.{} = {}", plan.quoted(c), value(c)))
-        .collect();
-    same.push(format!(
-        "t.{} >= {}",
-        plan.quoted(p.offset),
-        value(p.offset)
-    ));
-    format!("NOT COALESCE({}, false)", same.join(" AND "))
 }
 
 /// Streams the rows' first `columns` cells (the table's) as `COPY` text: tab-separated
@@ -496,7 +469,7 @@ mod tests {
                 \"kafka_offset\" = EXCLUDED.\"kafka_offset\", \"kafka_partition\" = \
                 EXCLUDED.\"kafka_partition\" WHERE NOT COALESCE(t.\"kafka_partition\" = \
                 EXCLUDED.\"kafka_partition\" AND t.\"kafka_offset\" >= \
-                EXCLUDED.\"kafka_offset\", false) RETURNING t.xmax::text <> '0' AS updated) \
+                EXCLUDED.\"kafka_offset\", FALSE) RETURNING t.xmax::text <> '0' AS updated) \
                 SELECT count(*), count(*) FILTER (WHERE updated) FROM written",
             "WITH written AS (INSERT INTO \"t\" AS t (\"id\", \"name\", \"v\", \
                 \"kafka_partition\", \"kafka_offset\") SELECT r.c0::bigint, r.c1::text, \
@@ -542,8 +515,8 @@ mod tests {
         assert_eq!(
             truncate.0,
             "DELETE FROM \"t\" AS t USING UNNEST($1::text[], $2::text[]) AS r(c3, c4) WHERE \
-             NOT COALESCE(t.\"kafka_partition\" = r.c3::bigint AND t.\"kafka_offset\" >= \
-             r.c4::bigint, false)"
+             (NOT COALESCE(t.\"kafka_partition\" = r.c3::bigint AND t.\"kafka_offset\" >= \
+             r.c4::bigint, FALSE))"
         );
         let (delete, truncate) = statements(Guard::Unguarded);
         assert_eq!(

@@ -41,117 +41,145 @@ pub struct Route {
 /// A problem with the routing: (config key, message).
 pub type RouteProblem = (String, String);
 
+/// The routing as configured, checked for its own consistency: one table for every topic,
+/// or a table per topic by explicit entries and a pattern.
+enum Rule<'a> {
+    OneTable(&'a str),
+    PerTopic {
+        tables: &'a BTreeMap<String, String>,
+        pattern: Option<(Regex, &'a str)>,
+    },
+}
+
+impl<'a> Rule<'a> {
+    fn of(
+        topics: &[String],
+        table: Option<&'a str>,
+        tables: &'a BTreeMap<String, String>,
+        from_topic: Option<&'a TableFromTopic>,
+    ) -> Result<Rule<'a>, Vec<RouteProblem>> {
+        let per_topic = !tables.is_empty() || from_topic.is_some();
+        let mut problems: Vec<RouteProblem> = Vec::new();
+        match (table, per_topic) {
+            (Some(_), true) => problems.push(problem(
+                "sink.table",
+                "give either one table for every topic (sink.table) or a table per topic \
+                 (sink.tables, sink.table_from_topic), not both"
+                    .into(),
+            )),
+            (None, false) => problems.push(problem(
+                "sink.table",
+                "must name the table (or give a table per topic with sink.tables or \
+                 sink.table_from_topic)"
+                    .into(),
+            )),
+            _ => {}
+        }
+        for topic in tables.keys().filter(|t| !topics.contains(t)) {
+            problems.push(problem(
+                &format!("sink.tables.{topic}"),
+                format!("`{topic}` is not one of source.topics"),
+            ));
+        }
+        // The pattern must match the whole topic name.
+        let pattern = from_topic.and_then(|f| match Regex::new(&format!("^(?:{})$", f.pattern)) {
+            Ok(re) => Some((re, f.table.as_str())),
+            Err(e) => {
+                problems.push(problem(
+                    "sink.table_from_topic.pattern",
+                    format!("not a valid regular expression: {e}"),
+                ));
+                None
+            }
+        });
+        match table {
+            _ if !problems.is_empty() => Err(problems),
+            Some(one) => Ok(Rule::OneTable(one)),
+            None => Ok(Rule::PerTopic { tables, pattern }),
+        }
+    }
+
+    /// The table `topic` goes to, as text, with the key that names it.
+    fn table_of(&self, topic: &str) -> Result<(String, String), RouteProblem> {
+        match self {
+            Rule::OneTable(one) => Ok(("sink.table".into(), one.to_string())),
+            Rule::PerTopic { tables, .. } if tables.contains_key(topic) => {
+                Ok((format!("sink.tables.{topic}"), tables[topic].clone()))
+            }
+            Rule::PerTopic {
+                pattern: Some((re, template)),
+                ..
+            } => {
+                let groups = re.captures(topic).ok_or_else(|| {
+                    problem(
+                        "sink.table_from_topic.pattern",
+                        format!(
+                            "topic `{topic}` does not match it, and sink.tables does not name \
+                             its table"
+                        ),
+                    )
+                })?;
+                let mut expanded = String::new();
+                groups.expand(template, &mut expanded);
+                Ok(("sink.table_from_topic".into(), expanded))
+            }
+            Rule::PerTopic { pattern: None, .. } => Err(problem(
+                "sink.tables",
+                format!("topic `{topic}` has no table: add it here, or use sink.table_from_topic"),
+            )),
+        }
+    }
+}
+
+fn problem(key: &str, message: String) -> RouteProblem {
+    (key.to_string(), message)
+}
+
 impl Routes {
     /// Resolves the table of each of `topics`. Exactly one of `table` and (`tables`,
     /// `table_from_topic`) is given; an explicit entry wins over the pattern, and every topic
-    /// must end up with a table.
+    /// must end up with a valid table name.
     pub fn resolve(
         topics: &[String],
         table: Option<&str>,
         tables: &BTreeMap<String, String>,
         from_topic: Option<&TableFromTopic>,
     ) -> Result<Routes, Vec<RouteProblem>> {
-        let per_topic = !tables.is_empty() || from_topic.is_some();
-        let mut problems: Vec<RouteProblem> = Vec::new();
-        let bad = |problems: &mut Vec<RouteProblem>, key: &str, message: String| {
-            problems.push((key.to_string(), message))
-        };
-        match (table, per_topic) {
-            (Some(_), true) => bad(
-                &mut problems,
-                "sink.table",
-                "give either one table for every topic (sink.table) or a table per topic \
-                 (sink.tables, sink.table_from_topic), not both"
-                    .into(),
-            ),
-            (None, false) => bad(
-                &mut problems,
-                "sink.table",
-                "must name the table (or give a table per topic with sink.tables or \
-                 sink.table_from_topic)"
-                    .into(),
-            ),
-            _ => {}
-        }
-        for topic in tables.keys().filter(|t| !topics.contains(t)) {
-            bad(
-                &mut problems,
-                &format!("sink.tables.{topic}"),
-                format!("`{topic}` is not one of source.topics"),
-            );
-        }
-        let pattern = from_topic.and_then(|f| match Regex::new(&format!("^(?:{})$", f.pattern)) {
-            Ok(re) => Some((re, f.table.as_str())),
-            Err(e) => {
-                bad(
-                    &mut problems,
-                    "sink.table_from_topic.pattern",
-                    format!("not a valid regular expression: {e}"),
-                );
-                None
-            }
-        });
+        let rule = Rule::of(topics, table, tables, from_topic)?;
         let mut routes = Routes {
             tables: Vec::new(),
             table_of_topic: BTreeMap::new(),
         };
-        if !problems.is_empty() {
-            return Err(problems);
-        }
+        let mut problems = Vec::new();
         for topic in topics {
-            let (key, text) = if let Some(one) = table {
-                ("sink.table".to_string(), one.to_string())
-            } else if let Some(named) = tables.get(topic) {
-                (format!("sink.tables.{topic}"), named.clone())
-            } else if let Some((re, template)) = &pattern {
-                let Some(groups) = re.captures(topic) else {
-                    bad(
-                        &mut problems,
-                        "sink.table_from_topic.pattern",
-                        format!(
-                            "topic `{topic}` does not match it, and sink.tables does not name its table"
-                        ),
-                    );
-                    continue;
-                };
-                let mut expanded = String::new();
-                groups.expand(template, &mut expanded);
-                ("sink.table_from_topic".to_string(), expanded)
-            } else {
-                bad(
-                    &mut problems,
-                    "sink.tables",
-                    format!(
-                        "topic `{topic}` has no table: add it here, or use sink.table_from_topic"
-                    ),
-                );
-                continue;
-            };
-            let parsed = match TableName::parse(&text) {
-                Ok(parsed) => parsed,
-                Err(e) => {
-                    bad(
-                        &mut problems,
-                        &key,
-                        format!("the table of topic `{topic}`, `{text}`: {e}"),
-                    );
-                    continue;
-                }
-            };
-            let index = match routes.tables.iter().position(|r| r.table == parsed) {
-                Some(index) => index,
-                None => {
-                    routes.tables.push(Route { table: parsed, key });
-                    routes.tables.len() - 1
-                }
-            };
-            routes.table_of_topic.insert(topic.clone(), index);
+            let named = rule.table_of(topic).and_then(|(key, text)| {
+                let table = TableName::parse(&text).map_err(|e| {
+                    problem(&key, format!("the table of topic `{topic}`, `{text}`: {e}"))
+                })?;
+                Ok(Route { table, key })
+            });
+            match named {
+                Ok(route) => routes.add(topic, route),
+                Err(found) => problems.push(found),
+            }
         }
         if problems.is_empty() {
             Ok(routes)
         } else {
             Err(problems)
         }
+    }
+
+    /// Routes `topic` to `route`'s table, which topics may share.
+    fn add(&mut self, topic: &str, route: Route) {
+        let index = match self.tables.iter().position(|r| r.table == route.table) {
+            Some(index) => index,
+            None => {
+                self.tables.push(route);
+                self.tables.len() - 1
+            }
+        };
+        self.table_of_topic.insert(topic.to_string(), index);
     }
 
     /// The index of `topic`'s table in [`Routes::tables`]; `None` for a topic the pipeline

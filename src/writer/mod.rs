@@ -570,17 +570,6 @@ struct TablePart<'a, S> {
     changes: Changes,
 }
 
-impl<S: BatchStatements> TablePart<'_, S> {
-    fn refused(&self, row: RejectedRow) -> RefusedRecord {
-        let (tp, offset) = self.batch.coordinates(row.row);
-        RefusedRecord {
-            tp: tp.clone(),
-            offset,
-            error: row.error,
-        }
-    }
-}
-
 /// Writes a batch in one transaction: each table's rows, the dead letters, then the offsets
 /// by compare-and-set. The rows go in together; if the database refuses one (a constraint, a
 /// value that does not fit), the transaction starts over and each table's refused rows are
@@ -594,65 +583,22 @@ async fn write_batch<S: BatchStatements>(
     batch_parts: &[(usize, &Batch)],
     moves: &[OffsetMove],
 ) -> Result<WriteOutcome, sqlx::Error> {
-    let mut parts = Vec::with_capacity(batch_parts.len());
-    for (table, batch) in batch_parts {
-        let (plan, statements) = (&plans[*table], &tables[*table]);
-        let groups = statements.key_groups(batch).await?;
-        let changes = plan.changes(batch, groups.as_deref(), &HashSet::new());
-        let part = TablePart {
-            plan,
-            statements,
-            batch,
-            groups,
-            changes,
-        };
-        if let Some(row) = statements.too_large(batch, &part.changes) {
-            return Ok(WriteOutcome::Rejected(part.refused(row)));
-        }
-        parts.push(part);
-    }
+    let parts = match plan_parts(tables, plans, batch_parts).await? {
+        Ok(parts) => parts,
+        Err(too_large) => return Ok(WriteOutcome::Rejected(too_large)),
+    };
     // Every table is in the same database: any of them begins the transaction and moves the
     // offsets.
     let first = &tables[0];
-    let mut tx = first.begin().await?;
-    let mut counts = RowCounts::default();
-    let mut rejected = Vec::new();
-    let mut bulk = Ok(());
-    for part in &parts {
-        match part
-            .statements
-            .apply(&mut tx, part.batch, &part.changes, true)
-            .await
-        {
-            Ok(applied) => counts += applied,
-            Err(e) => {
-                bulk = Err(e);
-                break;
-            }
-        }
-    }
-    match bulk {
-        Ok(()) => {}
-        Err(e) if is_rejected_row(&e) => {
+    let tolerate = dead_letter_table.is_some();
+    let (mut tx, applied) = apply_parts(first, first.begin().await?, &parts, tolerate).await?;
+    let (mut counts, rejected) = match applied {
+        Ok(applied) => applied,
+        Err(refused) => {
             tx.rollback().await?;
-            tx = first.begin().await?;
-            counts = RowCounts::default();
-            let tolerate = dead_letter_table.is_some();
-            for part in &parts {
-                match write_isolating(&mut *tx, part, tolerate).await? {
-                    Ok((applied, refused)) => {
-                        counts += applied;
-                        rejected.extend(refused.into_iter().map(|r| (part.batch, r)));
-                    }
-                    Err(first_refused) => {
-                        tx.rollback().await?;
-                        return Ok(WriteOutcome::Rejected(part.refused(first_refused)));
-                    }
-                }
-            }
+            return Ok(WriteOutcome::Rejected(refused));
         }
-        Err(e) => return Err(e),
-    }
+    };
     #[cfg(feature = "testkit")]
     crate::testkit::hold_transaction(&moves.iter().map(|m| m.tp.partition).collect::<Vec<_>>())
         .await;
@@ -678,19 +624,99 @@ async fn write_batch<S: BatchStatements>(
     tx.commit().await?;
     let rejected = rejected
         .into_iter()
-        .map(|(batch, r)| {
-            let (tp, offset) = batch.coordinates(r.row);
-            RefusedRecord {
-                tp: tp.clone(),
-                offset,
-                error: r.error,
-            }
-        })
+        .map(|(batch, r)| refused_record(batch, r))
         .collect();
     Ok(WriteOutcome::Committed {
         rows: counts,
         rejected,
     })
+}
+
+/// Each table's part of the batch with the rows its statements touch; `Err`: a row no
+/// statement can carry, found before anything is sent.
+async fn plan_parts<'a, S: BatchStatements>(
+    tables: &'a [S],
+    plans: &'a [SinkPlan],
+    batch_parts: &[(usize, &'a Batch)],
+) -> Result<Result<Vec<TablePart<'a, S>>, RefusedRecord>, sqlx::Error> {
+    let mut parts = Vec::with_capacity(batch_parts.len());
+    for (table, batch) in batch_parts {
+        let (plan, statements) = (&plans[*table], &tables[*table]);
+        let groups = statements.key_groups(batch).await?;
+        let changes = plan.changes(batch, groups.as_deref(), &HashSet::new());
+        if let Some(row) = statements.too_large(batch, &changes) {
+            return Ok(Err(refused_record(batch, row)));
+        }
+        parts.push(TablePart {
+            plan,
+            statements,
+            batch,
+            groups,
+            changes,
+        });
+    }
+    Ok(Ok(parts))
+}
+
+/// What one table part's row refused by the database, or too large, was.
+fn refused_record(batch: &Batch, row: RejectedRow) -> RefusedRecord {
+    let (tp, offset) = batch.coordinates(row.row);
+    RefusedRecord {
+        tp: tp.clone(),
+        offset,
+        error: row.error,
+    }
+}
+
+/// Rows refused in a batch, each with the table part it is a row of.
+type RefusedRows<'a> = Vec<(&'a Batch, RejectedRow)>;
+
+/// What [`apply_parts`] did: what went in and the refused rows (tolerated: they become dead
+/// letters), or the refused record that stops the batch.
+type Applied<'a> = Result<(RowCounts, RefusedRows<'a>), RefusedRecord>;
+
+/// Applies every part in `tx`, all together. If the database refuses a row, the transaction
+/// starts over and each part is written by [`write_isolating`]. Returns the transaction the
+/// parts are in.
+async fn apply_parts<'a, S: BatchStatements>(
+    first: &S,
+    mut tx: sqlx::Transaction<'static, S::Db>,
+    parts: &[TablePart<'a, S>],
+    tolerate: bool,
+) -> Result<(sqlx::Transaction<'static, S::Db>, Applied<'a>), sqlx::Error> {
+    let mut counts = RowCounts::default();
+    let mut bulk = Ok(());
+    for part in parts {
+        match part
+            .statements
+            .apply(&mut tx, part.batch, &part.changes, true)
+            .await
+        {
+            Ok(applied) => counts += applied,
+            Err(e) => {
+                bulk = Err(e);
+                break;
+            }
+        }
+    }
+    match bulk {
+        Ok(()) => return Ok((tx, Ok((counts, Vec::new())))),
+        Err(e) if is_rejected_row(&e) => {}
+        Err(e) => return Err(e),
+    }
+    tx.rollback().await?;
+    let mut tx = first.begin().await?;
+    let (mut counts, mut rejected) = (RowCounts::default(), Vec::new());
+    for part in parts {
+        match write_isolating(&mut *tx, part, tolerate).await? {
+            Ok((applied, refused)) => {
+                counts += applied;
+                rejected.extend(refused.into_iter().map(|r| (part.batch, r)));
+            }
+            Err(first_refused) => return Ok((tx, Err(refused_record(part.batch, first_refused)))),
+        }
+    }
+    Ok((tx, Ok((counts, rejected))))
 }
 
 /// Writes one table's part of a batch whose rows the database refused some of, finding them

@@ -634,39 +634,91 @@ fn interpolate_str(s: &str, env: &[(String, String)]) -> Result<String, String> 
     Ok(out)
 }
 
-/// The checks that need no database.
-fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    let mut bad = |key: &str, message: String| {
-        errors.push(ConfigError {
-            file: file.to_path_buf(),
-            key: key.into(),
-            message,
-        })
-    };
+/// Problems found by a check: (config key, message) pairs.
+type Problems = Vec<(String, String)>;
 
-    let name = &config.pipeline;
-    if name.is_empty()
-        || name.len() > 100
-        || !name
+fn problem(problems: &mut Problems, key: &str, message: impl Into<String>) {
+    problems.push((key.to_string(), message.into()));
+}
+
+/// The checks that need no database, section by section.
+fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<ConfigError>> {
+    let mut problems = Problems::new();
+    check_name(&config.pipeline, &mut problems);
+    check_source(&config.source, &mut problems);
+    let sink = &config.sink;
+    if crate::db::Backend::of_url(&sink.url).is_none() {
+        problem(
+            &mut problems,
+            "sink.url",
+            "must be a postgres://, postgresql://, mysql:// or mariadb:// URL",
+        );
+    }
+    let routes = Routes::resolve(
+        &config.source.topics,
+        sink.table.as_deref(),
+        &sink.tables,
+        sink.table_from_topic.as_ref(),
+    )
+    .map_err(|mut found| problems.append(&mut found))
+    .ok();
+    let columns = check_columns(sink, &mut problems);
+    // Kafka positions compare within a topic: what matters is how many topics share a table.
+    let topics_per_table = routes
+        .as_ref()
+        .map_or(config.source.topics.len(), Routes::most_topics_per_table);
+    for (key, message) in check_conflict_rules(sink, &columns, topics_per_table) {
+        problem(&mut problems, key, message);
+    }
+    check_limits(&config, &mut problems);
+    check_dead_letter_table(&config.errors, routes.as_ref(), &mut problems);
+    match routes {
+        Some(routes) if problems.is_empty() => Ok(LoadedPipeline {
+            file: file.to_path_buf(),
+            auto_columns: sink.columns.contains_key(EVERY_OTHER_COLUMN),
+            config,
+            columns,
+            routes,
+        }),
+        _ => Err(problems
+            .into_iter()
+            .map(|(key, message)| ConfigError {
+                file: file.to_path_buf(),
+                key,
+                message,
+            })
+            .collect()),
+    }
+}
+
+/// `pipeline`: it names the pipeline's rows in `idemsink_offsets`.
+fn check_name(name: &str, problems: &mut Problems) {
+    let valid = !name.is_empty()
+        && name.len() <= 100
+        && name
             .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
-    {
-        bad(
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+    if !valid {
+        problem(
+            problems,
             "pipeline",
             format!("`{name}` must be 1 to 100 characters of [a-z0-9_]"),
         );
     }
+}
 
-    let source = &config.source;
+/// `source`: brokers, topic names, the group, and the librdkafka properties idemsink leaves
+/// to the user.
+fn check_source(source: &SourceConfig, problems: &mut Problems) {
     if source.brokers.trim().is_empty() {
-        bad(
+        problem(
+            problems,
             "source.brokers",
-            "must list at least one broker (host:port)".into(),
+            "must list at least one broker (host:port)",
         );
     }
     if source.topics.is_empty() {
-        bad("source.topics", "must list at least one topic".into());
+        problem(problems, "source.topics", "must list at least one topic");
     }
     for (i, topic) in source.topics.iter().enumerate() {
         let valid = !topic.is_empty()
@@ -675,7 +727,8 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !valid {
-            bad(
+            problem(
+                problems,
                 &format!("source.topics.{i}"),
                 format!("`{topic}` is not a valid Kafka topic name"),
             );
@@ -686,80 +739,60 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
         .as_deref()
         .is_some_and(|g| g.trim().is_empty())
     {
-        bad("source.group_id", "must not be empty".into());
+        problem(problems, "source.group_id", "must not be empty");
     }
     let consumer_protocol = source
         .properties
         .get("group.protocol")
         .is_some_and(|v| scalar_text(v) == "consumer");
     for (key, value) in &source.properties {
+        let key_path = format!("source.properties.{key}");
         if let Some((_, why)) = REFUSED_PROPERTIES.iter().find(|(k, _)| k == key) {
-            bad(
-                &format!("source.properties.{key}"),
-                format!("may not be set: {why}"),
-            );
+            problem(problems, &key_path, format!("may not be set: {why}"));
         } else if key == AUTO_OFFSET_RESET && OffsetReset::parse(&scalar_text(value)).is_none() {
-            bad(
-                &format!("source.properties.{key}"),
-                "must be error (stop, the default), earliest or latest".into(),
+            problem(
+                problems,
+                &key_path,
+                "must be error (stop, the default), earliest or latest",
             );
         } else if consumer_protocol && CLASSIC_GROUP_PROPERTIES.contains(&key.as_str()) {
-            bad(
-                &format!("source.properties.{key}"),
+            problem(
+                problems,
+                &key_path,
                 "is the broker's to decide with group.protocol: consumer (KIP-848): set \
                  group.consumer.session.timeout.ms and group.consumer.heartbeat.interval.ms on the \
-                 broker or on the group, and group.remote.assignor here"
-                    .into(),
+                 broker or on the group, and group.remote.assignor here",
             );
         } else if value.is_object() || value.is_array() || value.is_null() {
-            bad(
-                &format!("source.properties.{key}"),
-                "must be a string, number or boolean".into(),
-            );
+            problem(problems, &key_path, "must be a string, number or boolean");
         }
     }
+}
 
-    let sink = &config.sink;
-    if crate::db::Backend::of_url(&sink.url).is_none() {
-        bad(
-            "sink.url",
-            "must be a postgres://, postgresql://, mysql:// or mariadb:// URL".into(),
-        );
-    }
-    let routes = Routes::resolve(
-        &source.topics,
-        sink.table.as_deref(),
-        &sink.tables,
-        sink.table_from_topic.as_ref(),
-    );
-    let routes = match routes {
-        Ok(routes) => Some(routes),
-        Err(problems) => {
-            for (key, message) in problems {
-                bad(&key, message);
-            }
-            None
-        }
-    };
+/// `sink.columns`, each source parsed (without `*: auto`), in column-name order.
+fn check_columns(sink: &SinkConfig, problems: &mut Problems) -> Vec<(String, Source)> {
     if sink.columns.is_empty() {
-        bad("sink.columns", "must map at least one column".into());
+        problem(problems, "sink.columns", "must map at least one column");
     }
     let mut columns = Vec::new();
-    let auto_columns = sink.columns.contains_key(EVERY_OTHER_COLUMN);
     for (column, spec) in &sink.columns {
         let key = format!("sink.columns.{column}");
         if column == EVERY_OTHER_COLUMN {
             if spec.trim() != "auto" {
-                bad(&key, format!("`{spec}`: `*` takes `auto` (every other column reads the field of its name)"));
+                problem(
+                    problems,
+                    &key,
+                    format!("`{spec}`: `*` takes `auto` (every other column reads the field of its name)"),
+                );
             }
             continue;
         }
         if let Err(e) = crate::schema::check_identifier(column) {
-            bad(&key, e);
+            problem(problems, &key, e);
         }
         match Source::parse(spec) {
             Ok(source) => columns.push((column.clone(), source)),
-            Err(e) => bad(&key, e),
+            Err(e) => problem(problems, &key, e),
         }
     }
     for coordinate in [Source::Topic, Source::Partition, Source::Offset] {
@@ -769,7 +802,8 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             .map(|(c, _)| c.as_str())
             .collect();
         if mapped.len() > 1 {
-            bad(
+            problem(
+                problems,
                 "sink.columns",
                 format!(
                     "{coordinate} is mapped to several columns ({}); map it once",
@@ -778,85 +812,98 @@ fn check(file: &Path, config: PipelineConfig) -> Result<LoadedPipeline, Vec<Conf
             );
         }
     }
-    for problem in check_conflict_rules(sink, &columns, source.topics.len()) {
-        bad(problem.0, problem.1);
-    }
+    columns
+}
 
-    let batch = &config.batch;
-    if !(1..=1_000_000).contains(&batch.max_records) {
-        bad(
-            "batch.max_records",
-            format!("{} is out of range 1..=1000000", batch.max_records),
-        );
-    }
-    if !(1 << 10..=1 << 40).contains(&batch.max_bytes) {
-        bad(
-            "batch.max_bytes",
-            format!("{} is out of range 1024..=1099511627776", batch.max_bytes),
-        );
-    }
-    if !(1..=MAX_WRITERS).contains(&sink.writers) {
-        bad(
-            "sink.writers",
-            format!("{} is out of range 1..={MAX_WRITERS}", sink.writers),
-        );
-    }
-    if !(1..=600_000).contains(&batch.max_wait_ms) {
-        bad(
-            "batch.max_wait_ms",
-            format!("{} is out of range 1..=600000", batch.max_wait_ms),
-        );
-    }
-    for (key, ms) in [
-        ("sink.lock_timeout_ms", sink.lock_timeout_ms),
-        (
-            "sink.idle_in_transaction_timeout_ms",
-            sink.idle_in_transaction_timeout_ms,
-        ),
-    ] {
-        // MySQL counts these in whole seconds.
-        if !(1_000..=86_400_000).contains(&ms) {
-            bad(key, format!("{ms} is out of range 1000..=86400000"));
+/// The numeric bounds: batch sizes and waits, writers, timeouts and the retry bound.
+fn check_limits(config: &PipelineConfig, problems: &mut Problems) {
+    let (batch, sink) = (&config.batch, &config.sink);
+    let mut within = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>, shown: &str| {
+        if !range.contains(&value) {
+            problem(problems, key, format!("{value} is out of range {shown}"));
         }
-    }
-    if config.errors.retry_for_ms > 86_400_000 {
-        bad(
-            "errors.retry_for_ms",
-            format!(
-                "{} is out of range 0..=86400000 (a day)",
-                config.errors.retry_for_ms
-            ),
-        );
-    }
-    let dead_letters = &config.errors.dead_letter_table;
+    };
+    within(
+        "batch.max_records",
+        batch.max_records as u64,
+        1..=1_000_000,
+        "1..=1000000",
+    );
+    within(
+        "batch.max_bytes",
+        batch.max_bytes as u64,
+        1 << 10..=1 << 40,
+        "1024..=1099511627776",
+    );
+    within(
+        "sink.writers",
+        sink.writers as u64,
+        1..=MAX_WRITERS as u64,
+        &format!("1..={MAX_WRITERS}"),
+    );
+    within(
+        "batch.max_wait_ms",
+        batch.max_wait_ms,
+        1..=600_000,
+        "1..=600000",
+    );
+    // MySQL counts these in whole seconds.
+    within(
+        "sink.lock_timeout_ms",
+        sink.lock_timeout_ms,
+        1_000..=86_400_000,
+        "1000..=86400000",
+    );
+    within(
+        "sink.idle_in_transaction_timeout_ms",
+        sink.idle_in_transaction_timeout_ms,
+        1_000..=86_400_000,
+        "1000..=86400000",
+    );
+    within(
+        "errors.retry_for_ms",
+        config.errors.retry_for_ms,
+        0..=86_400_000,
+        "0..=86400000 (a day)",
+    );
+}
+
+/// `errors.dead_letter_table`: a valid name, and none of the sink tables.
+fn check_dead_letter_table(
+    errors: &ErrorsConfig,
+    routes: Option<&Routes>,
+    problems: &mut Problems,
+) {
+    let dead_letters = &errors.dead_letter_table;
     match crate::schema::TableName::parse(dead_letters) {
-        Err(e) => bad("errors.dead_letter_table", e),
-        Ok(t) if routes.iter().flat_map(|r| &r.tables).any(|r| r.table == t) => bad(
+        Err(e) => problem(problems, "errors.dead_letter_table", e),
+        Ok(t) if routes.iter().flat_map(|r| &r.tables).any(|r| r.table == t) => problem(
+            problems,
             "errors.dead_letter_table",
             format!("{dead_letters} is a sink table; dead letters need a table of their own"),
         ),
         Ok(_) => {}
     }
-
-    match routes {
-        Some(routes) if errors.is_empty() => Ok(LoadedPipeline {
-            file: file.to_path_buf(),
-            config,
-            columns,
-            auto_columns,
-            routes,
-        }),
-        _ => Err(errors),
-    }
 }
 
-/// The checks on `mode`, `key`, `newer_by` and `delete_on_null` that need no database:
-/// (config key, problem) pairs.
+/// The checks on `mode`, `key`, `newer_by`, `delete_on_null`, `format` and `truncate` that
+/// need no database: (config key, problem) pairs.
 fn check_conflict_rules(
     sink: &SinkConfig,
     columns: &[(String, Source)],
-    topic_count: usize,
+    topics_per_table: usize,
 ) -> Vec<(&'static str, String)> {
+    let mut problems = check_key_rules(sink, columns);
+    if sink.key.is_empty() {
+        problems.extend(check_keyless_rules(sink, columns, topics_per_table));
+    }
+    problems.extend(check_format_rules(sink, columns));
+    problems.extend(check_version_rules(sink, columns));
+    problems
+}
+
+/// `sink.key`: each column mapped (from the record key where tombstones delete), once.
+fn check_key_rules(sink: &SinkConfig, columns: &[(String, Source)]) -> Vec<(&'static str, String)> {
     let mut problems = Vec::new();
     let source_of = |name: &str| columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
     // With `columns: auto`, a column not listed is the table's to know of.
@@ -893,41 +940,60 @@ fn check_conflict_rules(
         }
         seen.push(name);
     }
-    if sink.key.is_empty() {
-        match sink.mode {
-            // Debezium's events carry the source's primary key: each table's primary key is
-            // the key (see `writer::business_key`).
-            SinkMode::Upsert if sink.format.is_debezium() => {}
-            SinkMode::Upsert => problems.push((
-                "sink.key",
-                "mode upsert needs a key: the columns of the unique key that identifies a row"
-                    .to_string(),
-            )),
-            SinkMode::Insert => {
-                let mut needed = vec![Source::Partition, Source::Offset];
-                if topic_count > 1 {
-                    needed.insert(0, Source::Topic);
-                }
-                for coordinate in needed {
-                    if !columns.iter().any(|(_, s)| *s == coordinate) {
-                        problems.push((
-                            "sink.columns",
-                            format!(
-                                "mode insert without a key needs a column mapped from {coordinate}: the Kafka \
-                                 coordinates are then the conflict key that makes replays harmless"
-                            ),
-                        ));
-                    }
+    problems
+}
+
+/// Without `sink.key`: upserts need one (unless Debezium's events carry it), inserts need the
+/// Kafka coordinates mapped, and tombstones have nothing to delete by.
+fn check_keyless_rules(
+    sink: &SinkConfig,
+    columns: &[(String, Source)],
+    topics_per_table: usize,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    match sink.mode {
+        // Debezium's events carry the source's primary key: each table's primary key is
+        // the key (see `writer::business_key`).
+        SinkMode::Upsert if sink.format.is_debezium() => {}
+        SinkMode::Upsert => problems.push((
+            "sink.key",
+            "mode upsert needs a key: the columns of the unique key that identifies a row"
+                .to_string(),
+        )),
+        SinkMode::Insert => {
+            let mut needed = vec![Source::Partition, Source::Offset];
+            if topics_per_table > 1 {
+                needed.insert(0, Source::Topic);
+            }
+            for coordinate in needed {
+                if !columns.iter().any(|(_, s)| *s == coordinate) {
+                    problems.push((
+                        "sink.columns",
+                        format!(
+                            "mode insert without a key needs a column mapped from {coordinate}: the Kafka \
+                             coordinates are then the conflict key that makes replays harmless"
+                        ),
+                    ));
                 }
             }
         }
-        if sink.delete_on_null {
-            problems.push((
-                "sink.delete_on_null",
-                "needs sink.key: a tombstone deletes the row with the record's key".to_string(),
-            ));
-        }
     }
+    if sink.delete_on_null {
+        problems.push((
+            "sink.delete_on_null",
+            "needs sink.key: a tombstone deletes the row with the record's key".to_string(),
+        ));
+    }
+    problems
+}
+
+/// What the record format allows: Debezium's rules, `$source_position` and `truncate`.
+fn check_format_rules(
+    sink: &SinkConfig,
+    columns: &[(String, Source)],
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let source_of = |name: &str| columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
     if sink.format.is_debezium() {
         problems.extend(check_debezium_rules(sink, columns));
     }
@@ -963,6 +1029,18 @@ fn check_conflict_rules(
             ),
         ));
     }
+    problems
+}
+
+/// `sink.newer_by`: upserts only, a mapped column, not a key column.
+fn check_version_rules(
+    sink: &SinkConfig,
+    columns: &[(String, Source)],
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let source_of = |name: &str| columns.iter().find(|(c, _)| c == name).map(|(_, s)| s);
+    // With `columns: auto`, a column not listed is the table's to know of.
+    let auto = sink.columns.contains_key(EVERY_OTHER_COLUMN);
     if let Some(version) = &sink.newer_by {
         if sink.mode != SinkMode::Upsert {
             problems.push((
@@ -1483,6 +1561,17 @@ sink:
         let e = only_error(&text, &[("DATABASE_URL", "postgres://h/d")]);
         assert_eq!(e.key, "sink.columns");
         assert!(e.message.contains("$offset"), "{e}");
+        // Offsets compare within a topic: two topics into one table need $topic too, a
+        // table each does not.
+        let env = [("DATABASE_URL", "postgres://h/d")];
+        let two_topics = GOOD.replace("topics: [orders]", "topics: [orders, refunds]");
+        let e = only_error(&two_topics, &env);
+        assert!(e.message.contains("$topic"), "{e}");
+        let a_table_each = two_topics.replace(
+            "  table: public.orders\n",
+            "  tables:\n    orders: public.orders\n    refunds: public.refunds\n",
+        );
+        assert!(load(&a_table_each, &env).is_ok());
     }
 
     #[test]

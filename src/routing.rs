@@ -191,6 +191,14 @@ impl Routes {
         self.table_of_topic.get(topic).copied()
     }
 
+    /// The most topics that share one table.
+    pub fn most_topics_per_table(&self) -> usize {
+        (0..self.tables.len())
+            .map(|t| self.topics_of(t).count())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The topics whose rows go to table `index`.
     pub fn topics_of(&self, index: usize) -> impl Iterator<Item = &str> {
         self.table_of_topic
@@ -269,6 +277,7 @@ mod tests {
         let routes = Routes::resolve(&listed, None, &map(&[]), Some(&pattern)).unwrap();
         assert_eq!(routes.tables.len(), 1);
         assert_eq!(routes.table_of("us.orders"), Some(0));
+        assert_eq!(routes.most_topics_per_table(), 2);
     }
 
     #[test]

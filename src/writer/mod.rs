@@ -105,6 +105,86 @@ fn position_guard_problems(
     problems
 }
 
+/// Why the conflict target cannot be one, if it cannot: it needs a unique key on exactly its
+/// columns, and no other unique key a written row could collide on. The same rule on both
+/// databases: what a collision elsewhere would do differs, and neither is wanted.
+fn conflict_target_problems(
+    schema: &TableSchema,
+    columns: &[ColumnPlan],
+    conflict: &[usize],
+    mode: SinkMode,
+) -> Vec<String> {
+    let (backend, table) = (schema.backend, &schema.table);
+    let target: Vec<&str> = conflict.iter().map(|i| columns[*i].name.as_str()).collect();
+    let mut problems = Vec::new();
+    if !schema.has_unique_key(&target) {
+        problems.push(format!(
+            "table {table} needs a unique index or constraint on exactly ({}) for mode {mode}; e.g. \
+             ALTER TABLE {} ADD UNIQUE ({})",
+            target.join(", "),
+            table.quoted(backend),
+            quote_list(backend, target.iter().copied())
+        ));
+    }
+    let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    for other in schema.other_collidable_keys(&target, &mapped) {
+        let consequence = match backend {
+            Backend::MySql => {
+                "MySQL's ON DUPLICATE KEY would treat a row colliding on it as a \
+                               duplicate and silently skip or overwrite it"
+            }
+            Backend::Postgres => {
+                "ON CONFLICT covers only the conflict target, so PostgreSQL would \
+                                  refuse every row colliding on it (a retried producer's duplicate \
+                                  would stop the pipeline, or go to the dead-letter table)"
+            }
+        };
+        problems.push(format!(
+            "table {table} has another unique key ({}): {consequence}; make ({}) the only \
+             unique key besides generated ones (AUTO_INCREMENT, identity, serial) the pipeline \
+             does not write, or make the other key the conflict target (sink.key)",
+            other.columns.join(", "),
+            target.join(", ")
+        ));
+    }
+    problems
+}
+
+/// How the database compares the business key's values, where it does not compare their
+/// text (see `SinkPlan::key_equality`): one expression per key column, `{v}` for as is.
+fn key_equality(
+    schema: &TableSchema,
+    columns: &[ColumnPlan],
+    conflict: &[usize],
+) -> Option<Vec<String>> {
+    let equality: Vec<Option<&String>> = conflict
+        .iter()
+        .map(|c| {
+            let name = &columns[*c].name;
+            let column = schema.columns.iter().find(|t| &t.name == name);
+            column.and_then(|t| t.equality.as_ref())
+        })
+        .collect();
+    equality.iter().any(Option::is_some).then(|| {
+        equality
+            .iter()
+            .map(|e| e.map_or_else(|| "{v}".to_string(), Clone::clone))
+            .collect()
+    })
+}
+
+impl Position {
+    /// The columns mapped from the Kafka coordinates, when partition and offset both are.
+    fn of(columns: &[ColumnPlan]) -> Option<Position> {
+        let index_of = |source: Source| columns.iter().position(|c| c.source == source);
+        Some(Position {
+            topic: index_of(Source::Topic),
+            partition: index_of(Source::Partition)?,
+            offset: index_of(Source::Offset)?,
+        })
+    }
+}
+
 /// The business key's columns: `sink.key`, or for Debezium's events, which carry the source
 /// table's primary key in the record key, the target table's primary key when `sink.key` is
 /// not given (so one pipeline can replicate tables whose keys differ). Empty: the
@@ -223,15 +303,7 @@ impl SinkPlan {
                 .collect::<Vec<_>>()
         })?;
         let index = |name: &str| columns.iter().position(|c| c.name == name);
-        let index_of = |source: Source| columns.iter().position(|c| c.source == source);
-        let position = match (index_of(Source::Partition), index_of(Source::Offset)) {
-            (Some(partition), Some(offset)) => Some(Position {
-                topic: index_of(Source::Topic),
-                partition,
-                offset,
-            }),
-            _ => None,
-        };
+        let position = Position::of(&columns);
         let conflict: Vec<usize> = if key.is_empty() {
             position
                 .iter()
@@ -267,70 +339,25 @@ impl SinkPlan {
                 columns[*k].role = Role::Key;
             }
         }
-        let target: Vec<&str> = conflict.iter().map(|i| columns[*i].name.as_str()).collect();
         let key_name = if key.is_empty() {
             "sink.columns"
         } else {
             "sink.key"
         };
-        if !schema.has_unique_key(&target) {
-            problems.push(p.error(
-                key_name,
-                format!(
-                    "table {table} needs a unique index or constraint on exactly ({}) for mode {}; e.g. \
-                     ALTER TABLE {} ADD UNIQUE ({})",
-                    target.join(", "),
-                    sink.mode,
-                    table.quoted(backend),
-                    quote_list(backend, target.iter().copied())
-                ),
-            ));
+        for message in conflict_target_problems(&schema, &columns, &conflict, sink.mode) {
+            problems.push(p.error(key_name, message));
         }
         let topics = p.routes.topics_of(route_index).count();
         problems.extend(position_guard_problems(
             p, &columns, position, newer_by, topics,
         ));
-        // The same rule on both databases: the conflict target is the only key a written row
-        // may collide on. What a collision elsewhere would do differs, and neither is wanted.
-        let mapped: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-        for other in schema.other_collidable_keys(&target, &mapped) {
-            let consequence = match backend {
-                Backend::MySql => "MySQL's ON DUPLICATE KEY would treat a row colliding on it as a \
-                                   duplicate and silently skip or overwrite it",
-                Backend::Postgres => "ON CONFLICT covers only the conflict target, so PostgreSQL would \
-                                      refuse every row colliding on it (a retried producer's duplicate \
-                                      would stop the pipeline, or go to the dead-letter table)",
-            };
-            problems.push(p.error(
-                key_name,
-                format!(
-                    "table {table} has another unique key ({}): {consequence}; make ({}) the only \
-                     unique key besides generated ones (AUTO_INCREMENT, identity, serial) the pipeline \
-                     does not write, or make the other key the conflict target (sink.key)",
-                    other.columns.join(", "),
-                    target.join(", ")
-                ),
-            ));
-        }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let equality: Vec<Option<&String>> = conflict
-            .iter()
-            .map(|c| {
-                let name = &columns[*c].name;
-                let column = schema.columns.iter().find(|t| &t.name == name);
-                column.and_then(|t| t.equality.as_ref())
-            })
-            .collect();
-        let key_equality = (!key.is_empty() && equality.iter().any(Option::is_some)).then(|| {
-            equality
-                .iter()
-                .map(|e| e.map_or_else(|| "{v}".to_string(), Clone::clone))
-                .collect()
-        });
         Ok(SinkPlan {
-            key_equality,
+            key_equality: (!key.is_empty())
+                .then(|| key_equality(&schema, &columns, &conflict))
+                .flatten(),
             backend,
             table,
             mode: sink.mode,

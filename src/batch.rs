@@ -385,11 +385,6 @@ impl Batch {
                 truncates,
             };
         }
-        #[derive(Default)]
-        struct Latest {
-            delete: Option<usize>,
-            write: Option<(usize, Option<i64>)>,
-        }
         #[derive(PartialEq, Eq, Hash)]
         enum KeyOf<'a> {
             Cells(Vec<&'a str>),
@@ -408,66 +403,20 @@ impl Batch {
                 Some(groups) => KeyOf::Group(groups[row]),
                 None => KeyOf::Cells(cells),
             };
-            let latest = by_key.entry(key_of).or_default();
-            if let Winner::Newest {
-                column,
-                kind,
-                deletes_versioned: true,
-            } = winner
-            {
-                let version = self
+            let version = match winner {
+                Winner::Newest { column, kind, .. } => self
                     .cells
                     .get(column, row)
-                    .and_then(|v| version_key(kind, v));
-                let kept = latest.delete.or(latest.write.map(|(row, _)| row));
-                let kept_version = kept
-                    .and_then(|r| self.cells.get(column, r))
-                    .and_then(|v| version_key(kind, v));
-                if kept.is_none() || version > kept_version {
-                    *latest = match self.ops[row] {
-                        RowOp::Write => Latest {
-                            delete: None,
-                            write: Some((row, version)),
-                        },
-                        RowOp::Delete | RowOp::Truncate => Latest {
-                            delete: Some(row),
-                            write: None,
-                        },
-                    };
-                }
-                continue;
-            }
-            if self.ops[row] == RowOp::Delete {
-                *latest = Latest {
-                    delete: Some(row),
-                    write: None,
-                };
-                continue;
-            }
-            let replace = match (winner, &latest.write) {
-                (_, None) => true,
-                (Winner::First, Some(_)) => false,
-                (Winner::Last, Some(_)) => true,
-                (Winner::Newest { column, kind, .. }, Some((_, kept))) => {
-                    let version = self
-                        .cells
-                        .get(column, row)
-                        .and_then(|v| version_key(kind, v));
-                    version > *kept
-                }
+                    .and_then(|v| version_key(kind, v)),
+                _ => None,
             };
-            if replace {
-                let version = match winner {
-                    Winner::Newest { column, kind, .. } => self
-                        .cells
-                        .get(column, row)
-                        .and_then(|v| version_key(kind, v)),
-                    _ => None,
-                };
-                latest.write = Some((row, version));
-            }
+            let latest = by_key.entry(key_of).or_default();
+            latest.offer(row, self.ops[row], version, winner);
         }
-        let mut deletes: Vec<usize> = by_key.values().filter_map(|l| l.delete).collect();
+        let mut deletes: Vec<usize> = by_key
+            .values()
+            .filter_map(|l| l.delete.map(|(row, _)| row))
+            .collect();
         let mut writes: Vec<usize> = by_key
             .values()
             .filter_map(|l| l.write.map(|(row, _)| row))
@@ -479,6 +428,58 @@ impl Batch {
             deletes,
             writes,
             truncates,
+        }
+    }
+}
+
+/// What a key's rows come to so far in [`Batch::changes`]: the tombstone to apply and the
+/// write after it, each with its row and version (under `Winner::Newest`).
+#[derive(Default)]
+struct Latest {
+    delete: Option<(usize, Option<i64>)>,
+    write: Option<(usize, Option<i64>)>,
+}
+
+impl Latest {
+    /// Takes `row`, which does `op` at `version`, where it wins over what the key holds.
+    fn offer(&mut self, row: usize, op: RowOp, version: Option<i64>, winner: Winner) {
+        let taken = Some((row, version));
+        if let Winner::Newest {
+            deletes_versioned: true,
+            ..
+        } = winner
+        {
+            // A delete is one more version of its key: the greatest wins, write or delete.
+            let kept = self.delete.or(self.write);
+            if kept.is_none_or(|(_, kept)| version > kept) {
+                *self = match op {
+                    RowOp::Write => Latest {
+                        delete: None,
+                        write: taken,
+                    },
+                    RowOp::Delete | RowOp::Truncate => Latest {
+                        delete: taken,
+                        write: None,
+                    },
+                };
+            }
+            return;
+        }
+        if op != RowOp::Write {
+            *self = Latest {
+                delete: taken,
+                write: None,
+            };
+            return;
+        }
+        let replace = match (winner, self.write) {
+            (_, None) => true,
+            (Winner::First, Some(_)) => false,
+            (Winner::Last, Some(_)) => true,
+            (Winner::Newest { .. }, Some((_, kept))) => version > kept,
+        };
+        if replace {
+            self.write = taken;
         }
     }
 }

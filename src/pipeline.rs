@@ -473,6 +473,10 @@ async fn close(shared: Arc<Shared>) {
 }
 
 /// Reads records, converts them and hands full (or old enough) batches to the writer.
+///
+/// Longer than most functions here, for a reason: it is one `select!` over everything the
+/// consumer loop waits on, whose arms share the open batch, the handover and the timers;
+/// each arm's work is a function of its own.
 async fn read_loop(
     shared: &Shared,
     p: &LoadedPipeline,

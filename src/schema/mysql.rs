@@ -88,6 +88,21 @@ pub(super) async fn load(
             }
         })
         .collect();
+    let unique_keys = unique_keys(conn, table).await?;
+    Ok(Some(TableSchema {
+        backend: Backend::MySql,
+        table: table.clone(),
+        columns,
+        unique_keys,
+        copy_allowed: false,
+    }))
+}
+
+/// The table's unique keys, from its unique indexes (`PRIMARY` is the primary key).
+async fn unique_keys(
+    conn: &mut MySqlConnection,
+    table: &TableName,
+) -> Result<Vec<UniqueKey>, sqlx::Error> {
     let key_rows: Vec<(String, Option<String>, Option<i64>)> = sqlx::query_as(
         "SELECT CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), CAST(SUB_PART AS SIGNED)
            FROM information_schema.STATISTICS
@@ -121,13 +136,7 @@ pub(super) async fn load(
             None => key.exact = false,
         }
     }
-    Ok(Some(TableSchema {
-        backend: Backend::MySql,
-        table: table.clone(),
-        columns,
-        unique_keys: unique_keys.into_iter().map(|(_, k)| k).collect(),
-        copy_allowed: false,
-    }))
+    Ok(unique_keys.into_iter().map(|(_, k)| k).collect())
 }
 
 /// How MySQL compares the column's values, as an expression of `{v}` whose text is equal

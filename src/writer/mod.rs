@@ -105,6 +105,25 @@ fn position_guard_problems(
     problems
 }
 
+/// The key and `newer_by` columns the table does not have. Listed columns were checked
+/// against `sink.columns` when the file was loaded; with `auto`, they are checked here.
+fn named_column_problems(
+    p: &LoadedPipeline,
+    table: &TableName,
+    columns: &[ColumnPlan],
+    key: &[String],
+) -> Vec<ConfigError> {
+    let named = key.iter().map(|k| ("sink.key", k));
+    let version = p.config.sink.newer_by.iter().map(|v| ("sink.newer_by", v));
+    named
+        .chain(version)
+        .filter(|(_, name)| !columns.iter().any(|c| &c.name == *name))
+        .map(|(config_key, name)| {
+            p.error(config_key, format!("table {table} has no column `{name}`"))
+        })
+        .collect()
+}
+
 /// Why the conflict target cannot be one, if it cannot: it needs a unique key on exactly its
 /// columns, and no other unique key a written row could collide on. The same rule on both
 /// databases: what a collision elsewhere would do differs, and neither is wanted.
@@ -313,14 +332,7 @@ impl SinkPlan {
             key.iter().filter_map(|k| index(k)).collect()
         };
         let newer_by = sink.newer_by.as_deref().and_then(index);
-        let mut problems = Vec::new();
-        // Listed columns were checked against sink.columns; with `auto`, against the table.
-        let named = key.iter().map(|k| ("sink.key", k));
-        for (key, name) in named.chain(sink.newer_by.iter().map(|v| ("sink.newer_by", v))) {
-            if index(name).is_none() {
-                problems.push(p.error(key, format!("table {table} has no column `{name}`")));
-            }
-        }
+        let mut problems = named_column_problems(p, &table, &columns, &key);
         if let Some(v) = newer_by {
             if !columns[v].kind.orders_versions() {
                 problems.push(p.error(

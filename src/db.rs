@@ -49,6 +49,26 @@ const MYSQL_SESSION: [&str; 2] = [
     "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
 ];
 
+/// The MySQL and MariaDB error numbers idemsink tells apart, by their server names.
+mod mysql_error {
+    pub const LOCK_WAIT_TIMEOUT: u16 = 1205; // ER_LOCK_WAIT_TIMEOUT
+    pub const LOCK_DEADLOCK: u16 = 1213; // ER_LOCK_DEADLOCK
+    pub const TOO_MANY_CONNECTIONS: u16 = 1040; // ER_CON_COUNT_ERROR
+    pub const SERVER_SHUTDOWN: u16 = 1053; // ER_SERVER_SHUTDOWN
+    pub const CONNECTION_KILLED: u16 = 1927; // ER_CONNECTION_KILLED (MariaDB)
+    pub const CLIENT_INTERACTION_TIMEOUT: u16 = 4031; // ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
+    pub const SPECIFIC_ACCESS_DENIED: u16 = 1227; // ER_SPECIFIC_ACCESS_DENIED_ERROR
+    pub const DATA_TRUNCATED: u16 = 1265; // WARN_DATA_TRUNCATED
+    pub const TRUNCATED_WRONG_VALUE: u16 = 1292; // ER_TRUNCATED_WRONG_VALUE
+    pub const INVALID_CHARACTER_STRING: u16 = 1300; // ER_INVALID_CHARACTER_STRING
+    pub const TRUNCATED_WRONG_VALUE_FOR_FIELD: u16 = 1366; // ER_TRUNCATED_WRONG_VALUE_FOR_FIELD
+    pub const ILLEGAL_VALUE_FOR_TYPE: u16 = 1367; // ER_ILLEGAL_VALUE_FOR_TYPE
+    pub const WRONG_VALUE_FOR_TYPE: u16 = 1411; // ER_WRONG_VALUE_FOR_TYPE
+    pub const INVALID_JSON_TEXT: u16 = 3140; // ER_INVALID_JSON_TEXT
+    pub const CHECK_CONSTRAINT_VIOLATED: u16 = 3819; // ER_CHECK_CONSTRAINT_VIOLATED (MySQL)
+    pub const CONSTRAINT_FAILED: u16 = 4025; // ER_CONSTRAINT_FAILED (MariaDB)
+}
+
 /// Whether `e` may pass if the same work is tried again: the server is unreachable or
 /// restarting, the connection dropped, or the transaction lost a deadlock or a serialization
 /// conflict. Anything else (a constraint, a type, a permission) would fail the same way again.
@@ -61,9 +81,16 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
             if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-                // deadlock, lock wait timeout, too many connections, shutdown in progress,
-                // connection killed (MariaDB), client disconnected by the server (MySQL 8)
-                return matches!(my.number(), 1213 | 1205 | 1040 | 1053 | 1927 | 4031);
+                use mysql_error::*;
+                return matches!(
+                    my.number(),
+                    LOCK_DEADLOCK
+                        | LOCK_WAIT_TIMEOUT
+                        | TOO_MANY_CONNECTIONS
+                        | SERVER_SHUTDOWN
+                        | CONNECTION_KILLED
+                        | CLIENT_INTERACTION_TIMEOUT
+                );
             }
             let code = db.code().unwrap_or_default();
             // connection exception, serialization failure, deadlock, too many connections,
@@ -96,7 +123,7 @@ pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
         return false;
     };
     match db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        Some(my) => my.number() == 1205,
+        Some(my) => my.number() == mysql_error::LOCK_WAIT_TIMEOUT,
         None => db.code().is_some_and(|c| c == "55P03"),
     }
 }
@@ -107,7 +134,7 @@ pub fn is_access_denied(e: &sqlx::Error) -> bool {
         return false;
     };
     match db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        Some(my) => my.number() == 1227,
+        Some(my) => my.number() == mysql_error::SPECIFIC_ACCESS_DENIED,
         None => db.code().is_some_and(|c| c == "42501"),
     }
 }
@@ -291,9 +318,18 @@ pub fn is_rejected_row(e: &sqlx::Error) -> bool {
     // value or string, illegal value, invalid JSON, a CHECK constraint (MySQL, MariaDB).
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .is_some_and(|my| {
+            use mysql_error::*;
             matches!(
                 my.number(),
-                1265 | 1292 | 1300 | 1366 | 1367 | 1411 | 3140 | 3819 | 4025
+                DATA_TRUNCATED
+                    | TRUNCATED_WRONG_VALUE
+                    | INVALID_CHARACTER_STRING
+                    | TRUNCATED_WRONG_VALUE_FOR_FIELD
+                    | ILLEGAL_VALUE_FOR_TYPE
+                    | WRONG_VALUE_FOR_TYPE
+                    | INVALID_JSON_TEXT
+                    | CHECK_CONSTRAINT_VIOLATED
+                    | CONSTRAINT_FAILED
             )
         })
 }

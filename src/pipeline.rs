@@ -289,7 +289,7 @@ pub async fn run(
         mode = %mode,
         topics = %p.config.source.topics.join(","),
         group = %p.group_id(),
-        rows_by = writer.rows_by(),
+        rows_by = writer.write_method(),
         "pipeline started"
     );
 
@@ -796,13 +796,13 @@ fn add_record(
         key: m.key(),
         value: m.payload(),
     };
-    let keep = shared.dead_letters.is_some();
+    let keeps_records = shared.dead_letters.is_some();
     match mappers.convert(&record, &mut batch.cells) {
         Ok(Converted::Row(op)) => {
             if op == RowOp::Truncate {
                 info!(pipeline = %shared.pipeline, topic = m.topic(), partition = m.partition(), offset = m.offset(), "a truncate: the rows older than it are deleted from its table in its batch's transaction");
             }
-            let raw = keep.then(|| raw_record(m));
+            let raw = keeps_records.then(|| raw_record(m));
             batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
         }
         Ok(Converted::Nothing(reason)) => {
@@ -810,7 +810,7 @@ fn add_record(
             telemetry::record_ignored(&shared.pipeline, reason);
             batch.push_nothing(m.topic(), m.partition(), epoch, m.offset());
         }
-        Err(error) if keep => {
+        Err(error) if keeps_records => {
             let dead = DeadLetter {
                 tp: TopicPartition {
                     topic: m.topic().to_string(),

@@ -940,9 +940,9 @@ impl Writer {
     }
 
     /// How rows go in, for the start-up log line.
-    pub fn rows_by(&self) -> &'static str {
+    pub fn write_method(&self) -> &'static str {
         match &self.statements {
-            Statements::Postgres(w) => w[0].rows_by(),
+            Statements::Postgres(w) => w[0].write_method(),
             Statements::MySql(_) => "insert",
         }
     }

@@ -176,7 +176,7 @@ impl PgWriter {
         }
     }
 
-    pub fn rows_by(&self) -> &'static str {
+    pub fn write_method(&self) -> &'static str {
         if self.copy_sql.is_some() {
             "copy"
         } else {

@@ -195,7 +195,10 @@ impl DeadLetterTable {
     /// Creates the table when it is not the one the migrations made, with the same columns
     /// and keys.
     async fn create_if_missing(&self, pool: &DbPool) -> Result<(), sqlx::Error> {
-        let default = TableName::parse(DEFAULT_DEAD_LETTER_TABLE).map_err(sqlx::Error::Protocol)?;
+        let default = TableName {
+            schema: None,
+            name: DEFAULT_DEAD_LETTER_TABLE.to_string(),
+        };
         if self.table == default {
             return Ok(());
         }

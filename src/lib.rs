@@ -2,13 +2,13 @@
 //! offsets that cover them commit in one database transaction; the database, not Kafka, is
 //! where every partition resumes.
 //!
-//! A newcomer's map: [`config`] (pipeline files; [`routing`] for each topic's table), [`consumer`] (Kafka settings, partition
-//! ownership, rebalances), [`batch`] (the batcher's unit), [`mapping`] (record → row;
-//! [`debezium`] for change events' types and positions),
-//! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL,
-//! one file per database), [`offsets`] (the offset store), [`offsets_command`] (the
-//! `offsets` command),
-//! [`pipeline`] (the loop tying them together), [`validate`] (the `validate` command), and for
+//! A newcomer's map: [`config`] (pipeline files; [`routing`] for each topic's table),
+//! [`consumer`] (Kafka settings, partition ownership, rebalances), [`batch`] (the batcher's
+//! unit), [`mapping`] (record → row; [`debezium`] for change events' types and positions),
+//! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL: the
+//! batch's transaction, the guards in one place, one file per database), [`offsets`] (the
+//! offset store), [`offsets_command`] (the `offsets` command), [`pipeline`] (the loop tying
+//! them together, and the commit path), [`validate`] (the `validate` command), and for
 //! operations [`telemetry`] (metrics), [`health`] and [`http`] (the `/metrics`, `/healthz` and
 //! `/readyz` listener).
 

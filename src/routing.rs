@@ -185,9 +185,6 @@ impl Routes {
     /// The index of `topic`'s table in [`Routes::tables`]; `None` for a topic the pipeline
     /// does not read.
     pub fn table_of(&self, topic: &str) -> Option<usize> {
-        if self.tables.len() == 1 {
-            return self.table_of_topic.contains_key(topic).then_some(0);
-        }
         self.table_of_topic.get(topic).copied()
     }
 

@@ -22,7 +22,8 @@ const KEY_SCHEMA: usize = 1;
 impl RowMapper {
     /// A Debezium change event's operation, with its value and key read (`None` for the
     /// tombstone after a delete). Reads and snapshot reads write the row image `after`; a
-    /// delete deletes by the key; a truncate, or anything else, is a bad record. A flattened
+    /// delete deletes by the key; a truncate, which has no key, is refused unless
+    /// `sink.truncate` says otherwise; anything else is a bad record. A flattened
     /// event (ExtractNewRecordState) is the row itself, deleted by a tombstone, by
     /// `__deleted: "true"` (its `rewrite` delete handling) or by `__op: "d"`.
     pub(super) fn read_change<'r>(

@@ -218,6 +218,7 @@ impl RowMapper {
         let (mut value, mut key) = (Vec::new(), Vec::new());
         let debezium = format.is_debezium();
         let flattened = format == RecordFormat::DebeziumFlattened;
+        // Debezium's pointers come first, in the order `events.rs` indexes them by.
         if debezium {
             let op = if flattened { "__op" } else { "op" };
             push_index(&mut value, format!("/{op}"));

@@ -350,6 +350,9 @@ async fn dead_letter_table(
     Ok(Some(table))
 }
 
+/// How long the broker has to say how many partitions a topic has.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// With `sink.truncate: apply`, each topic of a table that truncates must have one partition:
 /// a truncate has no key, so it lands in any partition, and a change made before it at the
 /// source but read after it from another partition would bring back a row it removed.
@@ -370,7 +373,7 @@ async fn check_truncated_topics(
     let counted = tokio::task::spawn_blocking(move || {
         let mut counts = Vec::new();
         for topic in topics {
-            let metadata = consumer.fetch_metadata(Some(&topic), SEEK_TIMEOUT)?;
+            let metadata = consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT)?;
             let partitions = metadata
                 .topics()
                 .iter()
@@ -1089,10 +1092,11 @@ async fn commit_batch(
         if moves.is_empty() {
             return Ok(());
         }
+        let offsets: Vec<OffsetMove> = moves.iter().map(|m| m.offset.clone()).collect();
         let started = std::time::Instant::now();
-        match write_retrying(shared, writer, lane, &batch, &moves).await? {
+        match write_retrying(shared, writer, lane, &batch, &offsets).await? {
             WriteOutcome::Committed { rows, rejected } => {
-                on_committed(shared, &batch, &moves, &rows, &rejected, started);
+                on_committed(shared, &batch, &moves, &offsets, &rows, &rejected, started);
                 return Ok(());
             }
             WriteOutcome::Rejected(refused) => {
@@ -1150,10 +1154,8 @@ async fn write_retrying(
     writer: &Writer,
     lane: usize,
     batch: &Batch,
-    moves: &[OwnedMove],
+    offsets: &[OffsetMove],
 ) -> Result<WriteOutcome, PipelineError> {
-    let offsets: Vec<OffsetMove> = moves.iter().map(|m| m.offset.clone()).collect();
-    let offsets = &offsets;
     let written = retry(
         &shared.pipeline,
         "writing a batch",
@@ -1177,6 +1179,7 @@ fn on_committed(
     shared: &Shared,
     batch: &Batch,
     moves: &[OwnedMove],
+    offsets: &[OffsetMove],
     rows: &RowCounts,
     rejected: &[RefusedRecord],
     started: std::time::Instant,
@@ -1201,8 +1204,7 @@ fn on_committed(
         ms = (seconds * 1000.0) as u64,
         "batch committed"
     );
-    let offsets: Vec<OffsetMove> = moves.iter().map(|m| m.offset.clone()).collect();
-    commit_to_kafka(shared, &offsets);
+    commit_to_kafka(shared, offsets);
 }
 
 /// The compare-and-set found `lost` partitions' stored offsets moved (another instance took

@@ -519,7 +519,18 @@ transforms.flatten.delete.tombstone.handling.mode=rewrite",
     }
 }
 
-/// A PostgreSQL change event of row `id` at `lsn`, schemaless (`op` c, u or d).
+/// A PostgreSQL change event's value, schemaless: `op` at `lsn` with its row images.
+fn event(op: &str, lsn: i64, before: Value, after: Value) -> Vec<u8> {
+    let event = json!({
+        "before": before,
+        "after": after,
+        "source": {"connector": "postgresql", "snapshot": "false", "lsn": lsn},
+        "op": op,
+    });
+    event.to_string().into_bytes()
+}
+
+/// A change event of row `id` at `lsn` (`op` c, u or d), keyed by the row's id.
 fn change(id: i64, op: &str, lsn: i64, name: &str) -> Outgoing {
     let row = json!({"id": id, "name": name});
     let (before, after) = if op == "d" {
@@ -527,37 +538,48 @@ fn change(id: i64, op: &str, lsn: i64, name: &str) -> Outgoing {
     } else {
         (Value::Null, row)
     };
-    Outgoing::json(
-        0,
-        &json!({"id": id}).to_string(),
-        &json!({
-            "before": before,
-            "after": after,
-            "source": {"connector": "postgresql", "snapshot": "false", "lsn": lsn},
-            "op": op,
-        }),
+    Outgoing {
+        partition: 0,
+        key: Some(json!({"id": id}).to_string().into_bytes()),
+        value: Some(event(op, lsn, before, after)),
+    }
+}
+
+/// A truncate event at `lsn`, as Debezium sends it: without a key.
+fn truncate(lsn: i64) -> Outgoing {
+    Outgoing {
+        partition: 0,
+        key: None,
+        value: Some(event("t", lsn, Value::Null, Value::Null)),
+    }
+}
+
+/// A table of rows (id, name) versioned by the source's position, its topic of one
+/// partition, and its pipeline with `sink` (the lines after `sink.table`).
+async fn versioned_by_source(backend: Backend, prefix: &str, sink: &str) -> (Case, PathBuf) {
+    let case = Case::with_table(
+        backend,
+        prefix,
+        1,
+        brokers(),
+        "id bigint PRIMARY KEY, name text, src_pos bigint NOT NULL",
     )
+    .await;
+    let config = case.pipeline().sink(sink).write();
+    (case, config)
 }
 
 /// With `newer_by` on `$source_position`, a change older than the stored row (as Debezium
 /// sends again after a restart of its own, at later Kafka offsets) changes nothing: neither an
 /// update nor a delete.
 async fn older_changes_from_the_source_change_nothing(backend: Backend) {
-    let case = Case::with_table(
+    let (case, config) = versioned_by_source(
         backend,
         "dbz_order",
-        1,
-        brokers(),
-        "id bigint PRIMARY KEY, name text, src_pos bigint NOT NULL",
+        "  format: debezium\n  mode: upsert\n  key: [id]\n  newer_by: src_pos\n  columns:\n    \
+         id: /id\n    name: /name\n    src_pos: $source_position\n",
     )
     .await;
-    let config = case
-        .pipeline()
-        .sink(
-            "  format: debezium\n  mode: upsert\n  key: [id]\n  newer_by: src_pos\n  columns:\n    \
-             id: /id\n    name: /name\n    src_pos: $source_position\n",
-        )
-        .write();
     // Two runs: the older changes meet the stored rows in the database (its guards), and
     // within one batch (its reduction).
     let first = [
@@ -590,40 +612,17 @@ async fn older_changes_from_the_source_change_nothing(backend: Backend) {
     assert_eq!(rows, ["1|newest|300"], "{backend}");
 }
 
-/// A PostgreSQL truncate event at `lsn`, as Debezium sends it: without a key.
-fn truncate(lsn: i64) -> Outgoing {
-    let event = json!({
-        "before": null,
-        "after": null,
-        "source": {"connector": "postgresql", "snapshot": "false", "lsn": lsn},
-        "op": "t",
-    });
-    Outgoing {
-        partition: 0,
-        key: None,
-        value: Some(event.to_string().into_bytes()),
-    }
-}
-
 /// With `sink.truncate: apply`, a truncate removes every row older than it by the source's
 /// position — stored before, or earlier in its own batch — and what is newer stays; a replay
 /// from offset 0 ends the same.
 async fn a_truncate_removes_what_is_older_than_it(backend: Backend) {
-    let case = Case::with_table(
+    let (case, config) = versioned_by_source(
         backend,
         "dbz_truncate",
-        1,
-        brokers(),
-        "id bigint PRIMARY KEY, name text, src_pos bigint NOT NULL",
+        "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  truncate: apply\n  \
+         columns:\n    \"*\": auto\n    src_pos: $source_position\n",
     )
     .await;
-    let config = case
-        .pipeline()
-        .sink(
-            "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  truncate: apply\n  \
-             columns:\n    \"*\": auto\n    src_pos: $source_position\n",
-        )
-        .write();
     let before = [
         change(1, "c", 100, "stored, older"),
         change(2, "c", 300, "stored, newer"),

@@ -5,6 +5,7 @@
 //! database rejects can be dead-lettered, and the records that never became rows.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use crate::cells::Cells;
 use crate::mapping::{version_key, ColumnKind, RowOp};
@@ -53,6 +54,22 @@ pub struct DeadLetter {
     pub offset: i64,
     pub record: RawRecord,
     pub error: String,
+}
+
+/// When the consumer loop hands a batch to the writer (`batch.*`): once it holds
+/// `max_records` records or `max_bytes` bytes, or its first row is `max_wait` old.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+impl BatchLimits {
+    /// Whether `batch` is to be handed over now, whatever its age.
+    pub fn is_full(&self, batch: &Batch) -> bool {
+        batch.records() >= self.max_records || batch.bytes() >= self.max_bytes
+    }
 }
 
 #[derive(Debug)]

@@ -37,11 +37,14 @@ const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The consumer settings for a pipeline. The last four are what the guarantee rests on and
 /// cannot be overridden (`config` refuses them in `source.properties`).
-pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
+pub fn client_config(pipeline: &LoadedPipeline) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &p.config.source.brokers)
-        .set("group.id", p.group_id())
-        .set("client.id", format!("idemsink-{}", p.config.pipeline))
+    c.set("bootstrap.servers", &pipeline.config.source.brokers)
+        .set("group.id", pipeline.group_id())
+        .set(
+            "client.id",
+            format!("idemsink-{}", pipeline.config.pipeline),
+        )
         // Partitions added to a topic are noticed within this (librdkafka's default: 5 min).
         .set("topic.metadata.refresh.interval.ms", "30000")
         // Statistics carry the watermarks the consumer-lag metrics are computed from.
@@ -51,7 +54,7 @@ pub fn client_config(p: &LoadedPipeline) -> ClientConfig {
         // several kB) the queue fills whenever the writer is behind, and a second's pause
         // per refill left the database idle for most of a backlog.
         .set("fetch.queue.backoff.ms", "20");
-    for (key, value) in p.properties() {
+    for (key, value) in pipeline.properties() {
         c.set(key, value);
     }
     // An offset out of range is idemsink's to handle (`source.properties.auto.offset.reset`
@@ -514,8 +517,8 @@ impl OutOfRange {
 
 /// A third of the rebalance timeout, at most 30 s: long enough for an ordinary batch, short
 /// enough to rejoin in time when the database hangs (the compare-and-set fences the write).
-fn drain_patience(p: &LoadedPipeline) -> Duration {
-    let max_poll_ms = p
+fn drain_patience(pipeline: &LoadedPipeline) -> Duration {
+    let max_poll_ms = pipeline
         .properties()
         .get("max.poll.interval.ms")
         .and_then(|v| v.parse().ok())
@@ -551,21 +554,21 @@ pub struct SinkContext {
 
 impl SinkContext {
     pub fn new(
-        p: &LoadedPipeline,
+        pipeline: &LoadedPipeline,
         assignment: Arc<Assignment>,
         store: OffsetStore,
         status: Arc<PipelineStatus>,
     ) -> SinkContext {
         SinkContext {
             status,
-            pipeline: p.config.pipeline.clone(),
+            pipeline: pipeline.config.pipeline.clone(),
             assignment,
             store,
-            start_from: p.config.source.start_from,
-            offset_reset: p.offset_reset(),
+            start_from: pipeline.config.source.start_from,
+            offset_reset: pipeline.offset_reset,
             runtime: tokio::runtime::Handle::current(),
-            drain_patience: drain_patience(p),
-            retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
+            drain_patience: drain_patience(pipeline),
+            retry_for: pipeline.retry_for,
         }
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Executor;
 
 use crate::batch::DeadLetter;
-use crate::config::{LoadedPipeline, DEFAULT_DEAD_LETTER_TABLE};
+use crate::config::DEFAULT_DEAD_LETTER_TABLE;
 use crate::db::{Backend, DbPool};
 use crate::schema::TableName;
 
@@ -170,11 +170,13 @@ enum Bound<'a> {
 impl DeadLetterTable {
     /// The pipeline's dead-letter table (`errors.dead_letter_table`), created like
     /// `idemsink_dead_letters` if it is another one and missing. Run after the migrations.
-    pub async fn open(p: &LoadedPipeline, pool: &DbPool) -> Result<DeadLetterTable, sqlx::Error> {
-        let table = TableName::parse(&p.config.errors.dead_letter_table)
-            .map_err(|e| sqlx::Error::Configuration(e.into()))?;
+    pub async fn open(
+        pipeline: &str,
+        table: TableName,
+        pool: &DbPool,
+    ) -> Result<DeadLetterTable, sqlx::Error> {
         let mut opened = DeadLetterTable {
-            pipeline: p.config.pipeline.clone(),
+            pipeline: pipeline.to_string(),
             table,
             backend: pool.backend(),
             insert_sql: String::new(),

@@ -49,19 +49,22 @@ struct Opened {
 }
 
 impl Opened {
-    async fn new(p: &LoadedPipeline) -> Result<Opened, DeadLettersError> {
+    async fn new(pipeline: &LoadedPipeline) -> Result<Opened, DeadLettersError> {
         // A database idemsink has not run on yet simply has no dead letters.
-        let pool = pipeline::connect_migrated(p, Duration::ZERO)
+        let pool = pipeline::connect_migrated(pipeline, Duration::ZERO)
             .await
             .map_err(|e| DeadLettersError::Connect(Box::new(e)))?;
-        let table =
-            DeadLetterTable::open(p, &pool)
-                .await
-                .map_err(|source| DeadLettersError::Database {
-                    pipeline: p.config.pipeline.clone(),
-                    table: p.config.errors.dead_letter_table.clone(),
-                    source,
-                })?;
+        let table = DeadLetterTable::open(
+            &pipeline.config.pipeline,
+            pipeline.dead_letter_table.clone(),
+            &pool,
+        )
+        .await
+        .map_err(|source| DeadLettersError::Database {
+            pipeline: pipeline.config.pipeline.clone(),
+            table: pipeline.config.errors.dead_letter_table.clone(),
+            source,
+        })?;
         Ok(Opened { pool, table })
     }
 
@@ -76,10 +79,10 @@ impl Opened {
 
 /// The pipeline's dead letters that `selection` picks, in record order.
 pub async fn list(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     selection: &Selection,
 ) -> Result<Vec<StoredDeadLetter>, DeadLettersError> {
-    let opened = Opened::new(p).await?;
+    let opened = Opened::new(pipeline).await?;
     let listed = opened.table.list(&opened.pool, selection).await;
     opened.pool.close().await;
     listed.map_err(|e| opened.error(e))
@@ -133,18 +136,18 @@ pub struct Requeued {
 /// until the broker has them all, then (unless `keep`) removes them from the table. A crash
 /// between the two leaves them in the table: re-queuing is at least once.
 pub async fn requeue(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     selection: &Selection,
     to_topic: Option<&str>,
     keep: bool,
 ) -> Result<Vec<Requeued>, DeadLettersError> {
-    let opened = Opened::new(p).await?;
+    let opened = Opened::new(pipeline).await?;
     let letters = opened
         .table
         .list(&opened.pool, selection)
         .await
         .map_err(|e| opened.error(e))?;
-    let requeued = produce(p, letters, to_topic).await?;
+    let requeued = produce(pipeline, letters, to_topic).await?;
     if !keep {
         let ids: Vec<i64> = requeued.iter().map(|r| r.letter.id).collect();
         opened
@@ -158,13 +161,13 @@ pub async fn requeue(
 }
 
 async fn produce(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     letters: Vec<StoredDeadLetter>,
     to_topic: Option<&str>,
 ) -> Result<Vec<Requeued>, DeadLettersError> {
-    let pipeline = &p.config.pipeline;
+    let name = &pipeline.config.pipeline;
     let kafka = |context: String, delivered, source| DeadLettersError::Kafka {
-        pipeline: pipeline.clone(),
+        pipeline: name.clone(),
         context,
         delivered,
         source: Box::new(source),
@@ -172,13 +175,13 @@ async fn produce(
     if letters.is_empty() {
         return Ok(Vec::new());
     }
-    let producer: FutureProducer = producer_config(p)
+    let producer: FutureProducer = producer_config(pipeline)
         .create()
         .map_err(|e| kafka("creating a producer".into(), 0, e))?;
     // Every dead letter is checked before the first is sent.
     let mut headers: Vec<Option<OwnedHeaders>> = letters
         .iter()
-        .map(|letter| stored_headers(pipeline, letter))
+        .map(|letter| stored_headers(name, letter))
         .collect::<Result<_, _>>()?;
     // The topic each record was delivered to, in order.
     let mut delivered: Vec<String> = Vec::with_capacity(letters.len());
@@ -254,13 +257,14 @@ fn stored_headers(
 
 /// The pipeline's own connection settings (TLS, SASL) for a producer that waits for every
 /// replica and never writes a record twice.
-fn producer_config(p: &LoadedPipeline) -> ClientConfig {
+fn producer_config(pipeline: &LoadedPipeline) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &p.config.source.brokers).set(
-        "client.id",
-        format!("idemsink-{}-requeue", p.config.pipeline),
-    );
-    for (key, value) in p.properties() {
+    c.set("bootstrap.servers", &pipeline.config.source.brokers)
+        .set(
+            "client.id",
+            format!("idemsink-{}-requeue", pipeline.config.pipeline),
+        );
+    for (key, value) in pipeline.properties() {
         c.set(key, value);
     }
     c.set("enable.idempotence", "true")

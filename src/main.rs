@@ -238,9 +238,9 @@ async fn run(a: RunArgs) -> Result<(), String> {
     let health = Arc::new(Health::default());
     let server = serve_http(&a.http_addr, health.clone(), stopped.clone()).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    for p in pipelines {
-        let status = health.register(&p.config.pipeline);
-        tasks.spawn(pipeline::run(p, stopped.clone(), status));
+    for pipeline in pipelines {
+        let status = health.register(&pipeline.config.pipeline);
+        tasks.spawn(pipeline::run(pipeline, stopped.clone(), status));
     }
     let mut signal = std::pin::pin!(signal);
     let mut first_error = None;
@@ -326,16 +326,16 @@ async fn validate_cmd(a: ValidateArgs) -> Result<(), String> {
 async fn migrate(a: ConfigArg) -> Result<(), String> {
     let pipelines = load(&a)?;
     let mut done = std::collections::BTreeSet::new();
-    for p in &pipelines {
+    for pipeline in &pipelines {
         // Several pipelines often share one database: migrate each URL once.
-        if !done.insert(p.config.sink.url.clone()) {
+        if !done.insert(pipeline.config.sink.url.clone()) {
             continue;
         }
-        let pool = pipeline::connect_migrated(p, std::time::Duration::ZERO)
+        let pool = pipeline::connect_migrated(pipeline, std::time::Duration::ZERO)
             .await
             .map_err(|e| e.to_string())?;
         pool.close().await;
-        println!("migrated {}", config::redact_url(&p.config.sink.url));
+        println!("migrated {}", config::redact_url(&pipeline.config.sink.url));
     }
     Ok(())
 }
@@ -345,10 +345,12 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
         OffsetsCommand::List(a) => {
             let pipelines = select(&a, false)?;
             println!("{}", offsets_command::table_header());
-            for p in &pipelines {
-                let listed = offsets_command::list(p).await.map_err(|e| e.to_string())?;
+            for pipeline in &pipelines {
+                let listed = offsets_command::list(pipeline)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 for o in &listed {
-                    println!("{}", o.table_row(&p.config.pipeline));
+                    println!("{}", o.table_row(&pipeline.config.pipeline));
                 }
                 if let Some(note) = offsets_command::held_note(&listed) {
                     println!("{note}");
@@ -363,9 +365,9 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
             offset,
             force,
         } => {
-            let p = one(&pipeline)?;
+            let loaded = one(&pipeline)?;
             let tp = TopicPartition { topic, partition };
-            offsets_command::set(&p, tp, offset, force).await
+            offsets_command::set(&loaded, tp, offset, force).await
         }
         OffsetsCommand::Reset {
             pipeline,
@@ -373,8 +375,8 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
             topic,
             force,
         } => {
-            let p = one(&pipeline)?;
-            offsets_command::reset(&p, to, topic, force).await
+            let loaded = one(&pipeline)?;
+            offsets_command::reset(&loaded, to, topic, force).await
         }
     };
     for change in changes.map_err(|e| e.to_string())? {
@@ -391,13 +393,13 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
             limit,
         } => {
             let selection = filter.selection(Some(limit));
-            for p in select(&pipeline, false)? {
-                let listed = dead_letters_command::list(&p, &selection)
+            for loaded in select(&pipeline, false)? {
+                let listed = dead_letters_command::list(&loaded, &selection)
                     .await
                     .map_err(|e| e.to_string())?;
                 println!(
                     "pipeline {}: {} dead letter(s){}",
-                    p.config.pipeline,
+                    loaded.config.pipeline,
                     listed.len(),
                     if listed.len() as u64 == limit {
                         format!(" (the first {limit}; --limit shows more)")
@@ -416,9 +418,9 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
             to_topic,
             keep,
         } => {
-            let p = one(&pipeline)?;
+            let loaded = one(&pipeline)?;
             let requeued = dead_letters_command::requeue(
-                &p,
+                &loaded,
                 &filter.selection(None),
                 to_topic.as_deref(),
                 keep,
@@ -446,7 +448,7 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
 fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, String> {
     let mut pipelines = load(&a.config)?;
     if let Some(name) = &a.pipeline {
-        pipelines.retain(|p| &p.config.pipeline == name);
+        pipelines.retain(|pipeline| &pipeline.config.pipeline == name);
         if pipelines.is_empty() {
             return Err(format!(
                 "no pipeline named {name} in {}",
@@ -457,7 +459,7 @@ fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, Str
     if exactly_one && pipelines.len() > 1 {
         let names: Vec<&str> = pipelines
             .iter()
-            .map(|p| p.config.pipeline.as_str())
+            .map(|pipeline| pipeline.config.pipeline.as_str())
             .collect();
         return Err(format!(
             "{} holds several pipelines ({}): choose one with --pipeline",

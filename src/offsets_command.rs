@@ -169,7 +169,7 @@ impl std::str::FromStr for ResetTo {
 
 /// A pipeline's Kafka side for this command: metadata, watermarks and the group.
 struct Kafka<'a> {
-    p: &'a LoadedPipeline,
+    pipeline: &'a LoadedPipeline,
     /// Reads as the pipeline does (read_committed): its end offsets are the stable offsets.
     consumer: BaseConsumer,
     /// Reads uncommitted: its end offsets are the high watermarks.
@@ -177,25 +177,29 @@ struct Kafka<'a> {
 }
 
 impl<'a> Kafka<'a> {
-    fn connect(p: &'a LoadedPipeline) -> Result<Kafka<'a>, OffsetsError> {
+    fn connect(pipeline: &'a LoadedPipeline) -> Result<Kafka<'a>, OffsetsError> {
         // The pipeline's own settings (TLS, SASL); these clients never join the group.
-        let consumer = client_config(p)
+        let consumer = client_config(pipeline)
             .create()
-            .map_err(|e| Self::error(p, "creating a client", e))?;
-        let uncommitted = client_config(p)
+            .map_err(|e| Self::error(pipeline, "creating a client", e))?;
+        let uncommitted = client_config(pipeline)
             .set("isolation.level", "read_uncommitted")
             .create()
-            .map_err(|e| Self::error(p, "creating a client", e))?;
+            .map_err(|e| Self::error(pipeline, "creating a client", e))?;
         Ok(Kafka {
-            p,
+            pipeline,
             consumer,
             uncommitted,
         })
     }
 
-    fn error(p: &LoadedPipeline, context: impl Into<String>, source: KafkaError) -> OffsetsError {
+    fn error(
+        pipeline: &LoadedPipeline,
+        context: impl Into<String>,
+        source: KafkaError,
+    ) -> OffsetsError {
         OffsetsError::Kafka {
-            pipeline: p.config.pipeline.clone(),
+            pipeline: pipeline.config.pipeline.clone(),
             context: context.into(),
             source: Box::new(source),
         }
@@ -203,11 +207,11 @@ impl<'a> Kafka<'a> {
 
     fn partitions(&self) -> Result<Vec<TopicPartition>, OffsetsError> {
         let mut all = Vec::new();
-        for topic in &self.p.config.source.topics {
+        for topic in &self.pipeline.config.source.topics {
             let metadata = self
                 .consumer
                 .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-                .map_err(|e| Self::error(self.p, format!("reading topic {topic}"), e))?;
+                .map_err(|e| Self::error(self.pipeline, format!("reading topic {topic}"), e))?;
             for t in metadata.topics() {
                 all.extend(t.partitions().iter().map(|part| TopicPartition {
                     topic: t.name().to_string(),
@@ -223,7 +227,7 @@ impl<'a> Kafka<'a> {
     fn watermarks(&self, tp: &TopicPartition) -> Result<(i64, i64), OffsetsError> {
         self.consumer
             .fetch_watermarks(&tp.topic, tp.partition, KAFKA_TIMEOUT)
-            .map_err(|e| Self::error(self.p, format!("reading the watermarks of {tp}"), e))
+            .map_err(|e| Self::error(self.pipeline, format!("reading the watermarks of {tp}"), e))
     }
 
     /// The high watermark, past open transactions.
@@ -231,16 +235,16 @@ impl<'a> Kafka<'a> {
         self.uncommitted
             .fetch_watermarks(&tp.topic, tp.partition, KAFKA_TIMEOUT)
             .map(|(_, high)| high)
-            .map_err(|e| Self::error(self.p, format!("reading the end offset of {tp}"), e))
+            .map_err(|e| Self::error(self.pipeline, format!("reading the end offset of {tp}"), e))
     }
 
     /// Members of the pipeline's consumer group: running instances.
     fn active_members(&self) -> Result<usize, OffsetsError> {
-        let group = self.p.group_id();
+        let group = self.pipeline.group_id();
         let groups = self
             .consumer
             .fetch_group_list(Some(&group), KAFKA_TIMEOUT)
-            .map_err(|e| Self::error(self.p, format!("describing group {group}"), e))?;
+            .map_err(|e| Self::error(self.pipeline, format!("describing group {group}"), e))?;
         Ok(groups.groups().iter().map(|g| g.members().len()).sum())
     }
 
@@ -253,12 +257,12 @@ impl<'a> Kafka<'a> {
         let mut tpl = TopicPartitionList::new();
         for tp in partitions {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(ms))
-                .map_err(|e| Self::error(self.p, "building the request", e))?;
+                .map_err(|e| Self::error(self.pipeline, "building the request", e))?;
         }
         let found = self
             .consumer
             .offsets_for_times(tpl, KAFKA_TIMEOUT)
-            .map_err(|e| Self::error(self.p, "looking offsets up by time", e))?;
+            .map_err(|e| Self::error(self.pipeline, "looking offsets up by time", e))?;
         let mut offsets = HashMap::new();
         for e in found.elements() {
             let tp = TopicPartition {
@@ -276,11 +280,11 @@ impl<'a> Kafka<'a> {
 }
 
 /// Every partition of the pipeline's topics, with its stored offset and watermarks.
-pub async fn list(p: &LoadedPipeline) -> Result<Vec<PartitionOffsets>, OffsetsError> {
-    let stored = store(p).await?.list().await.map_err(db(p))?;
-    let p = p.clone();
+pub async fn list(pipeline: &LoadedPipeline) -> Result<Vec<PartitionOffsets>, OffsetsError> {
+    let stored = store(pipeline).await?.list().await.map_err(db(pipeline))?;
+    let pipeline = pipeline.clone();
     blocking(move || {
-        let kafka = Kafka::connect(&p)?;
+        let kafka = Kafka::connect(&pipeline)?;
         kafka
             .partitions()?
             .into_iter()
@@ -303,7 +307,7 @@ pub async fn list(p: &LoadedPipeline) -> Result<Vec<PartitionOffsets>, OffsetsEr
 
 /// Stores `offset` for one partition.
 pub async fn set(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     tp: TopicPartition,
     offset: i64,
     force: bool,
@@ -313,7 +317,7 @@ pub async fn set(
             "offset {offset}: offsets are 0 or more"
         )));
     }
-    let owned = p.clone();
+    let owned = pipeline.clone();
     let wanted = tp.clone();
     let plan = blocking(move || {
         let kafka = Kafka::connect(&owned)?;
@@ -328,17 +332,17 @@ pub async fn set(
         Ok(vec![(wanted, offset)])
     })
     .await?;
-    apply(p, plan).await
+    apply(pipeline, plan).await
 }
 
 /// Moves the stored offsets of every partition (of `topic` only, if given) to `to`.
 pub async fn reset(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     to: ResetTo,
     topic: Option<String>,
     force: bool,
 ) -> Result<Vec<Change>, OffsetsError> {
-    let owned = p.clone();
+    let owned = pipeline.clone();
     let plan = blocking(move || {
         let kafka = Kafka::connect(&owned)?;
         refuse_if_running(&kafka, force)?;
@@ -372,7 +376,7 @@ pub async fn reset(
             .collect()
     })
     .await?;
-    apply(p, plan).await
+    apply(pipeline, plan).await
 }
 
 fn refuse_if_running(kafka: &Kafka<'_>, force: bool) -> Result<(), OffsetsError> {
@@ -382,8 +386,8 @@ fn refuse_if_running(kafka: &Kafka<'_>, force: bool) -> Result<(), OffsetsError>
             "pipeline {}: group {} has {members} active member(s), so an instance is running it; \
              stop it first, or pass --force (a running instance is fenced on its next commit and \
              then reads from the new offsets)",
-            kafka.p.config.pipeline,
-            kafka.p.group_id()
+            kafka.pipeline.config.pipeline,
+            kafka.pipeline.group_id()
         )));
     }
     Ok(())
@@ -391,12 +395,12 @@ fn refuse_if_running(kafka: &Kafka<'_>, force: bool) -> Result<(), OffsetsError>
 
 /// Writes `plan` in one transaction and returns what changed.
 async fn apply(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     plan: Vec<(TopicPartition, i64)>,
 ) -> Result<Vec<Change>, OffsetsError> {
-    let store = store(p).await?;
-    let before = store.list().await.map_err(db(p))?;
-    store.overwrite(&plan).await.map_err(db(p))?;
+    let store = store(pipeline).await?;
+    let before = store.list().await.map_err(db(pipeline))?;
+    store.overwrite(&plan).await.map_err(db(pipeline))?;
     Ok(plan
         .into_iter()
         .map(|(tp, after)| Change {
@@ -407,16 +411,16 @@ async fn apply(
         .collect())
 }
 
-async fn store(p: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
-    let pool = pipeline::connect_migrated(p, Duration::ZERO)
+async fn store(pipeline: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
+    let pool = pipeline::connect_migrated(pipeline, Duration::ZERO)
         .await
         .map_err(|e| OffsetsError::Connect(Box::new(e)))?;
-    Ok(OffsetStore::new(&p.config.pipeline, pool))
+    Ok(OffsetStore::new(&pipeline.config.pipeline, pool))
 }
 
-fn db(p: &LoadedPipeline) -> impl Fn(sqlx::Error) -> OffsetsError + '_ {
+fn db(pipeline: &LoadedPipeline) -> impl Fn(sqlx::Error) -> OffsetsError + '_ {
     |source| OffsetsError::Database {
-        pipeline: p.config.pipeline.clone(),
+        pipeline: pipeline.config.pipeline.clone(),
         source,
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
+use crate::batch::BatchLimits;
 use crate::batch::{Batch, DeadLetter, RawRecord};
 use crate::cells::Cells;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, OnTruncate, StartFrom, Tolerance};
@@ -37,7 +38,7 @@ use crate::consumer::{
     cached_end_offset, client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer,
     SinkContext,
 };
-use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool, SessionLimits};
+use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
 use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper, RowOp};
@@ -205,20 +206,23 @@ impl Shared {
 /// Connects to the pipeline's database with a small pool: one connection per writer lane,
 /// one that serves rebalances, and a spare that absorbs a reconnect. A database that is unreachable or
 /// starting is waited for up to `patience` (zero: one attempt, for the commands).
-pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, PipelineError> {
-    let url = &p.config.sink.url;
-    let limits = SessionLimits {
-        lock_timeout: Duration::from_millis(p.config.sink.lock_timeout_ms),
-        idle_in_transaction: Duration::from_millis(p.config.sink.idle_in_transaction_timeout_ms),
-    };
-    let connected = retry(&p.config.pipeline, "connecting", patience, || {
-        DbPool::connect_with_limits(url, p.config.sink.writers as u32 + 2, limits)
+pub async fn connect(
+    pipeline: &LoadedPipeline,
+    patience: Duration,
+) -> Result<DbPool, PipelineError> {
+    let url = &pipeline.config.sink.url;
+    let connected = retry(&pipeline.config.pipeline, "connecting", patience, || {
+        DbPool::connect_with_limits(
+            url,
+            pipeline.config.sink.writers as u32 + 2,
+            pipeline.session,
+        )
     });
     connected.await.map_err(|e| {
         PipelineError::Fatal(format!(
             "pipeline {}: cannot connect to {}: {e}",
-            p.config.pipeline,
-            redact_url(&p.config.sink.url)
+            pipeline.config.pipeline,
+            redact_url(&pipeline.config.sink.url)
         ))
     })
 }
@@ -226,14 +230,14 @@ pub async fn connect(p: &LoadedPipeline, patience: Duration) -> Result<DbPool, P
 /// Connects as [`connect`] does, then creates or upgrades idemsink's own tables (offsets,
 /// dead letters): what `run` and every command that reads those tables start with.
 pub async fn connect_migrated(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     patience: Duration,
 ) -> Result<DbPool, PipelineError> {
-    let pool = connect(p, patience).await?;
+    let pool = connect(pipeline, patience).await?;
     pool.migrate().await.map_err(|e| {
         PipelineError::Fatal(format!(
             "pipeline {}: creating idemsink's tables failed: {e}",
-            p.config.pipeline
+            pipeline.config.pipeline
         ))
     })?;
     Ok(pool)
@@ -242,61 +246,64 @@ pub async fn connect_migrated(
 /// Runs one pipeline until `shutdown` turns true (clean exit) or a fatal error, reporting
 /// its readiness in `status`.
 pub async fn run(
-    p: LoadedPipeline,
+    pipeline: LoadedPipeline,
     mut shutdown: watch::Receiver<bool>,
     status: Arc<PipelineStatus>,
 ) -> Result<(), PipelineError> {
     // Waiting for the database may take `errors.retry_for_ms`: a shutdown meanwhile ends it.
     let pool = tokio::select! {
-        pool = connect_migrated(&p, Duration::from_millis(p.config.errors.retry_for_ms)) => pool?,
+        pool = connect_migrated(&pipeline, pipeline.retry_for) => pool?,
         _ = shutdown.wait_for(|stop| *stop) => {
-            info!(pipeline = %p.config.pipeline, "shutdown requested while waiting for the database; nothing was read");
+            info!(pipeline = %pipeline.config.pipeline, "shutdown requested while waiting for the database; nothing was read");
             return Ok(());
         }
     };
-    let plans = SinkPlan::prepare_all(&p, &pool)
+    let plans = SinkPlan::prepare_all(&pipeline, &pool)
         .await
         .map_err(ConfigErrors)?;
-    let mappers = Mappers::new(&plans, p.routes.clone());
+    let mappers = Mappers::new(&plans, pipeline.routes.clone());
     let truncating: Vec<usize> = (0..plans.len())
         .filter(|t| plans[*t].truncate == OnTruncate::Apply)
         .collect();
     let tables: Vec<String> = plans.iter().map(|plan| plan.table.to_string()).collect();
-    let mode = p.config.sink.mode;
-    let store = OffsetStore::new(&p.config.pipeline, pool.clone());
-    let dead_letters = dead_letter_table(&p, &pool).await?;
+    let mode = pipeline.config.sink.mode;
+    let store = OffsetStore::new(&pipeline.config.pipeline, pool.clone());
+    let dead_letters = dead_letter_table(&pipeline, &pool).await?;
     let writer = Writer::new(
         &pool,
         plans,
-        p.routes.clone(),
+        pipeline.routes.clone(),
         store.clone(),
         dead_letters.clone(),
     )
     .await
     .map_err(|source| PipelineError::Database {
-        pipeline: p.config.pipeline.clone(),
+        pipeline: pipeline.config.pipeline.clone(),
         context: "preparing the writer",
         source,
     })?;
-    telemetry::start_pipeline(&p.config.pipeline, pool.backend() == Backend::Postgres);
+    telemetry::start_pipeline(
+        &pipeline.config.pipeline,
+        pool.backend() == Backend::Postgres,
+    );
     status.set_database(true);
-    let shared = Arc::new(subscribe(&p, store, dead_letters, status.clone())?);
-    check_truncated_topics(&shared, &p, &truncating).await?;
+    let shared = Arc::new(subscribe(&pipeline, store, dead_letters, status.clone())?);
+    check_truncated_topics(&shared, &pipeline, &truncating).await?;
     info!(
         pipeline = %shared.pipeline,
         database = %pool.backend(),
         tables = %tables.join(","),
         mode = %mode,
-        topics = %p.config.source.topics.join(","),
-        group = %p.group_id(),
+        topics = %pipeline.config.source.topics.join(","),
+        group = %pipeline.group_id(),
         rows_by = writer.write_method(),
         "pipeline started"
     );
 
     let (batches, inbox) = mpsc::channel::<Batch>(1);
-    let lanes = p.config.sink.writers;
+    let lanes = pipeline.config.sink.writers;
     let writer_task = tokio::spawn(write_loop(shared.clone(), Arc::new(writer), lanes, inbox));
-    let reading = read_loop(&shared, &p, mappers, batches, &mut shutdown).await;
+    let reading = read_loop(&shared, pipeline.batch, mappers, batches, &mut shutdown).await;
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
     let writing = serve_group_while(&shared, writer_task).await;
     let writing = writing.unwrap_or_else(|e| {
@@ -334,19 +341,23 @@ async fn serve_group_while<T>(shared: &Shared, task: impl std::future::Future<Ou
 
 /// With `errors.tolerance: all`, the dead-letter table, created if it is not the default one.
 async fn dead_letter_table(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     pool: &DbPool,
 ) -> Result<Option<DeadLetterTable>, PipelineError> {
-    if p.config.errors.tolerance == Tolerance::None {
+    if pipeline.config.errors.tolerance == Tolerance::None {
         return Ok(None);
     }
-    let table = DeadLetterTable::open(p, pool)
-        .await
-        .map_err(|source| PipelineError::Database {
-            pipeline: p.config.pipeline.clone(),
-            context: "opening the dead-letter table",
-            source,
-        })?;
+    let table = DeadLetterTable::open(
+        &pipeline.config.pipeline,
+        pipeline.dead_letter_table.clone(),
+        pool,
+    )
+    .await
+    .map_err(|source| PipelineError::Database {
+        pipeline: pipeline.config.pipeline.clone(),
+        context: "opening the dead-letter table",
+        source,
+    })?;
     Ok(Some(table))
 }
 
@@ -358,12 +369,12 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// source but read after it from another partition would bring back a row it removed.
 async fn check_truncated_topics(
     shared: &Shared,
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     truncating: &[usize],
 ) -> Result<(), PipelineError> {
     let topics: Vec<String> = truncating
         .iter()
-        .flat_map(|t| p.routes.topics_of(*t))
+        .flat_map(|t| pipeline.routes.topics_of(*t))
         .map(str::to_string)
         .collect();
     if topics.is_empty() {
@@ -387,11 +398,11 @@ async fn check_truncated_topics(
     .map_err(|e| {
         PipelineError::Fatal(format!(
             "pipeline {}: reading topics: {e}",
-            p.config.pipeline
+            pipeline.config.pipeline
         ))
     })?
     .map_err(|source| PipelineError::Kafka {
-        pipeline: p.config.pipeline.clone(),
+        pipeline: pipeline.config.pipeline.clone(),
         context: "reading the partitions of the topics that truncate",
         source,
     })?;
@@ -399,7 +410,7 @@ async fn check_truncated_topics(
         .into_iter()
         .filter(|(_, partitions)| *partitions > 1)
         .map(|(topic, partitions)| {
-            p.error(
+            pipeline.error(
                 "sink.truncate",
                 format!(
                     "apply needs topics of one partition, and topic {topic} has {partitions}: a \
@@ -419,14 +430,14 @@ async fn check_truncated_topics(
 
 /// Creates the consumer, whose rebalances load offsets from `store`, and joins the group.
 fn subscribe(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     store: OffsetStore,
     dead_letters: Option<DeadLetterTable>,
     status: Arc<PipelineStatus>,
 ) -> Result<Shared, PipelineError> {
-    let pipeline = p.config.pipeline.clone();
+    let name = pipeline.config.pipeline.clone();
     let kafka = |context| {
-        let pipeline = pipeline.clone();
+        let pipeline = name.clone();
         move |source| PipelineError::Kafka {
             pipeline,
             context,
@@ -436,23 +447,29 @@ fn subscribe(
     let assignment = Arc::new(Assignment::default());
     // A lock wait ends after `lock_timeout_ms` and the batch is retried: a batch still
     // failing after three such waits is stuck, not unlucky.
-    status.set_stuck_after(Duration::from_millis(3 * p.config.sink.lock_timeout_ms));
-    let context = SinkContext::new(p, assignment.clone(), store.clone(), status.clone());
-    let consumer: SinkConsumer = client_config(p)
+    status.set_stuck_after(3 * pipeline.session.lock_timeout);
+    let context = SinkContext::new(pipeline, assignment.clone(), store.clone(), status.clone());
+    let consumer: SinkConsumer = client_config(pipeline)
         .create_with_context(context)
         .map_err(kafka("creating the consumer"))?;
-    let topics: Vec<&str> = p.config.source.topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = pipeline
+        .config
+        .source
+        .topics
+        .iter()
+        .map(String::as_str)
+        .collect();
     consumer.subscribe(&topics).map_err(kafka("subscribing"))?;
     Ok(Shared {
         store,
         dead_letters,
-        retry_for: Duration::from_millis(p.config.errors.retry_for_ms),
-        pipeline,
-        start_from: p.config.source.start_from,
+        retry_for: pipeline.retry_for,
+        pipeline: name,
+        start_from: pipeline.config.source.start_from,
         assignment,
         consumer: Arc::new(consumer),
         status,
-        writer: WriterIdle::new(p.config.sink.writers),
+        writer: WriterIdle::new(pipeline.config.sink.writers),
     })
 }
 
@@ -482,14 +499,13 @@ async fn close(shared: Arc<Shared>) {
 /// each arm's work is a function of its own.
 async fn read_loop(
     shared: &Shared,
-    p: &LoadedPipeline,
+    limits: BatchLimits,
     mappers: Mappers,
     batches: mpsc::Sender<Batch>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
-    let (max_records, max_bytes) = (p.config.batch.max_records, p.config.batch.max_bytes);
-    let full = |batch: &Batch| batch.records() >= max_records || batch.bytes() >= max_bytes;
-    let max_wait = Duration::from_millis(p.config.batch.max_wait_ms);
+    let full = |batch: &Batch| limits.is_full(batch);
+    let max_wait = limits.max_wait;
     let mut batch = Batch::new(mappers.width);
     let mut handover = Handover {
         shared,

@@ -20,28 +20,28 @@ pub struct Report {
 pub async fn validate(path: &Path, offline: bool) -> Report {
     let mut report = Report::default();
     let pipelines = match config::load_all(path) {
-        Ok(p) => p,
+        Ok(pipeline) => pipeline,
         Err(errors) => {
             report.problems = errors.0;
             return report;
         }
     };
-    for p in &pipelines {
+    for pipeline in &pipelines {
         if offline {
             report.ok.push(format!(
                 "{}: pipeline {} (files only: the database was not checked)",
-                p.file.display(),
-                p.config.pipeline
+                pipeline.file.display(),
+                pipeline.config.pipeline
             ));
             continue;
         }
-        match check_against_database(p).await {
+        match check_against_database(pipeline).await {
             Ok(plans) => {
                 for plan in plans {
                     report.ok.push(format!(
                         "{}: pipeline {} → {} table {} ({} columns, mode {} on {})",
-                        p.file.display(),
-                        p.config.pipeline,
+                        pipeline.file.display(),
+                        pipeline.config.pipeline,
                         plan.backend,
                         plan.table,
                         plan.columns.len(),
@@ -60,14 +60,21 @@ pub async fn validate(path: &Path, offline: bool) -> Report {
     report
 }
 
-async fn check_against_database(p: &LoadedPipeline) -> Result<Vec<SinkPlan>, Vec<ConfigError>> {
-    let pool = DbPool::connect(&p.config.sink.url, 1).await.map_err(|e| {
-        vec![p.error(
-            "sink.url",
-            format!("cannot connect to {}: {e}", redact_url(&p.config.sink.url)),
-        )]
-    })?;
-    let plans = SinkPlan::prepare_all(p, &pool).await;
+async fn check_against_database(
+    pipeline: &LoadedPipeline,
+) -> Result<Vec<SinkPlan>, Vec<ConfigError>> {
+    let pool = DbPool::connect(&pipeline.config.sink.url, 1)
+        .await
+        .map_err(|e| {
+            vec![pipeline.error(
+                "sink.url",
+                format!(
+                    "cannot connect to {}: {e}",
+                    redact_url(&pipeline.config.sink.url)
+                ),
+            )]
+        })?;
+    let plans = SinkPlan::prepare_all(pipeline, &pool).await;
     // Closing is a courtesy to the server; the verdict is already in.
     pool.close().await;
     plans

@@ -89,9 +89,13 @@ impl TwoTables {
         let routes = self.pipeline.routes.clone();
         let dead_letters = match dead_letters {
             true => Some(
-                DeadLetterTable::open(&self.pipeline, &self.pool)
-                    .await
-                    .expect("dead letters"),
+                DeadLetterTable::open(
+                    &self.pipeline.config.pipeline,
+                    self.pipeline.dead_letter_table.clone(),
+                    &self.pool,
+                )
+                .await
+                .expect("dead letters"),
             ),
             false => None,
         };

@@ -2,9 +2,13 @@
 //! database (what needs the table's schema is checked by `writer::SinkPlan::prepare`).
 
 use std::path::Path;
+use std::time::Duration;
 
+use crate::batch::BatchLimits;
+use crate::db::{Backend, SessionLimits};
 use crate::mapping::Source;
 use crate::routing::Routes;
+use crate::schema::TableName;
 
 use super::model::*;
 use super::{ConfigError, LoadedPipeline};
@@ -52,7 +56,8 @@ pub(super) fn check(
     check_name(&config.pipeline, &mut problems);
     check_source(&config.source, &mut problems);
     let sink = &config.sink;
-    if crate::db::Backend::of_url(&sink.url).is_none() {
+    let backend = Backend::of_url(&sink.url);
+    if backend.is_none() {
         problem(
             &mut problems,
             "sink.url",
@@ -76,15 +81,30 @@ pub(super) fn check(
         problem(&mut problems, key, message);
     }
     check_limits(&config, &mut problems);
-    check_dead_letter_table(&config.errors, routes.as_ref(), &mut problems);
-    match routes {
-        Some(routes) if problems.is_empty() => Ok(LoadedPipeline {
-            file: file.to_path_buf(),
-            auto_columns: sink.columns.contains_key(EVERY_OTHER_COLUMN),
-            config,
-            columns,
-            routes,
-        }),
+    let dead_letter_table = check_dead_letter_table(&config.errors, routes.as_ref(), &mut problems);
+    match (routes, backend, dead_letter_table) {
+        (Some(routes), Some(backend), Some(dead_letter_table)) if problems.is_empty() => {
+            Ok(LoadedPipeline {
+                file: file.to_path_buf(),
+                auto_columns: sink.columns.contains_key(EVERY_OTHER_COLUMN),
+                backend,
+                batch: BatchLimits {
+                    max_records: config.batch.max_records,
+                    max_bytes: config.batch.max_bytes,
+                    max_wait: Duration::from_millis(config.batch.max_wait_ms),
+                },
+                session: SessionLimits {
+                    lock_timeout: Duration::from_millis(sink.lock_timeout_ms),
+                    idle_in_transaction: Duration::from_millis(sink.idle_in_transaction_timeout_ms),
+                },
+                retry_for: Duration::from_millis(config.errors.retry_for_ms),
+                dead_letter_table,
+                offset_reset: offset_reset(&config.source),
+                config,
+                columns,
+                routes,
+            })
+        }
         _ => Err(problems
             .into_iter()
             .map(|(key, message)| ConfigError {
@@ -278,17 +298,32 @@ fn check_dead_letter_table(
     errors: &ErrorsConfig,
     routes: Option<&Routes>,
     problems: &mut Problems,
-) {
+) -> Option<TableName> {
     let dead_letters = &errors.dead_letter_table;
-    match crate::schema::TableName::parse(dead_letters) {
-        Err(e) => problem(problems, "errors.dead_letter_table", e),
-        Ok(t) if routes.iter().flat_map(|r| &r.tables).any(|r| r.table == t) => problem(
-            problems,
-            "errors.dead_letter_table",
-            format!("{dead_letters} is a sink table; dead letters need a table of their own"),
-        ),
-        Ok(_) => {}
+    match TableName::parse(dead_letters) {
+        Err(e) => {
+            problem(problems, "errors.dead_letter_table", e);
+            None
+        }
+        Ok(t) if routes.iter().flat_map(|r| &r.tables).any(|r| r.table == t) => {
+            problem(
+                problems,
+                "errors.dead_letter_table",
+                format!("{dead_letters} is a sink table; dead letters need a table of their own"),
+            );
+            None
+        }
+        Ok(t) => Some(t),
     }
+}
+
+/// `source.properties.auto.offset.reset`, once `check_source` has found it valid.
+fn offset_reset(source: &SourceConfig) -> OffsetReset {
+    source
+        .properties
+        .get(AUTO_OFFSET_RESET)
+        .and_then(|v| OffsetReset::parse(&scalar_text(v)))
+        .unwrap_or_default()
 }
 
 /// The checks on `mode`, `key`, `newer_by`, `delete_on_null`, `format` and `truncate` that

@@ -49,18 +49,18 @@ pub fn load_all(path: &Path) -> Result<Vec<LoadedPipeline>, ConfigErrors> {
     let mut errors = Vec::new();
     for file in files {
         match load_file(&file, &env) {
-            Ok(p) => loaded.push(p),
+            Ok(pipeline) => loaded.push(pipeline),
             Err(mut e) => errors.append(&mut e),
         }
     }
     let mut seen = BTreeMap::new();
-    for p in &loaded {
-        if let Some(first) = seen.insert(p.config.pipeline.clone(), p.file.clone()) {
-            errors.push(p.error(
+    for pipeline in &loaded {
+        if let Some(first) = seen.insert(pipeline.config.pipeline.clone(), pipeline.file.clone()) {
+            errors.push(pipeline.error(
                 "pipeline",
                 format!(
                     "`{}` is also the name of {}; names must be unique",
-                    p.config.pipeline,
+                    pipeline.config.pipeline,
                     first.display()
                 ),
             ));

@@ -17,9 +17,13 @@ mod redact;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use crate::batch::BatchLimits;
+use crate::db::{Backend, SessionLimits};
 use crate::mapping::Source;
 use crate::routing::Routes;
+use crate::schema::TableName;
 
 pub use load::{load_all, load_file, pipeline_files};
 pub use model::*;
@@ -59,11 +63,24 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// A pipeline file that parsed and passed the static checks.
+/// A pipeline file that parsed and passed the static checks, with what they validated held
+/// as typed values: no component parses the file's text again.
 #[derive(Debug, Clone)]
 pub struct LoadedPipeline {
     pub file: PathBuf,
     pub config: PipelineConfig,
+    /// The database `sink.url` names.
+    pub backend: Backend,
+    /// `batch.*`: when the consumer loop hands a batch to the writer.
+    pub batch: BatchLimits,
+    /// `sink.lock_timeout_ms` and `sink.idle_in_transaction_timeout_ms`.
+    pub session: SessionLimits,
+    /// `errors.retry_for_ms`: how long database work is retried through transient faults.
+    pub retry_for: Duration,
+    /// `errors.dead_letter_table`.
+    pub dead_letter_table: TableName,
+    /// `source.properties.auto.offset.reset`.
+    pub offset_reset: OffsetReset,
     /// `sink.columns` with each source parsed, in column-name order (without `*`).
     pub columns: Vec<(String, Source)>,
     /// `columns: auto` (or `"*": auto`): the table's other columns read the fields of their
@@ -80,16 +97,6 @@ impl LoadedPipeline {
             .group_id
             .clone()
             .unwrap_or_else(|| format!("idemsink-{}", self.config.pipeline))
-    }
-
-    /// `source.properties.auto.offset.reset`, checked when the file was loaded.
-    pub fn offset_reset(&self) -> OffsetReset {
-        self.config
-            .source
-            .properties
-            .get(AUTO_OFFSET_RESET)
-            .and_then(|v| OffsetReset::parse(&scalar_text(v)))
-            .unwrap_or_default()
     }
 
     /// librdkafka properties from `source.properties`, as strings.

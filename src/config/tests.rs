@@ -1,7 +1,11 @@
 //! Loading and checking pipeline files, from YAML text to `LoadedPipeline` or its errors.
 
 use super::load::interpolate_str;
+use std::time::Duration;
+
 use super::*;
+use crate::batch::BatchLimits;
+use crate::db::Backend;
 
 const GOOD: &str = r#"
 pipeline: orders_pg
@@ -39,16 +43,39 @@ fn only_error(text: &str, env: &[(&str, &str)]) -> ConfigError {
 
 #[test]
 fn loads_a_good_file_with_interpolation_and_defaults() {
-    let p = load(GOOD, &[("DATABASE_URL", "postgres://u@h/db")]).expect("valid");
-    assert_eq!(p.config.sink.url, "postgres://u@h/db");
-    assert_eq!(p.group_id(), "idemsink-orders_pg");
-    assert_eq!(p.config.batch.max_records, 5000);
+    let pipeline = load(GOOD, &[("DATABASE_URL", "postgres://u@h/db")]).expect("valid");
+    assert_eq!(pipeline.config.sink.url, "postgres://u@h/db");
+    assert_eq!(pipeline.group_id(), "idemsink-orders_pg");
+    // What the checks validated comes typed, defaults included.
+    assert_eq!(pipeline.backend, Backend::Postgres);
     assert_eq!(
-        p.properties().get("session.timeout.ms").map(String::as_str),
+        pipeline.batch,
+        BatchLimits {
+            max_records: 5000,
+            max_bytes: 16 << 20,
+            max_wait: Duration::from_millis(100),
+        }
+    );
+    assert_eq!(pipeline.session.lock_timeout, Duration::from_secs(10));
+    assert_eq!(
+        pipeline.session.idle_in_transaction,
+        Duration::from_secs(60)
+    );
+    assert_eq!(pipeline.retry_for, Duration::from_secs(300));
+    assert_eq!(
+        pipeline.dead_letter_table.to_string(),
+        DEFAULT_DEAD_LETTER_TABLE
+    );
+    assert_eq!(pipeline.offset_reset, OffsetReset::Stop);
+    assert_eq!(
+        pipeline
+            .properties()
+            .get("session.timeout.ms")
+            .map(String::as_str),
         Some("6000")
     );
     // Column names keep their case: they are quoted identifiers.
-    assert!(p
+    assert!(pipeline
         .columns
         .iter()
         .any(|(c, s)| c == "Customer" && *s == Source::ValuePointer("/customer/name".into())));
@@ -62,9 +89,9 @@ fn environment_overrides_keys_and_ignores_unrelated_variables() {
         ("IDEMSINK_BATCH__MAX_RECORDS", "42"),
         ("IDEMSINK_TEST_BROKERS", "ignored:1"),
     ];
-    let p = load(GOOD, &env).expect("valid");
-    assert_eq!(p.config.sink.url, "postgres://other/db");
-    assert_eq!(p.config.batch.max_records, 42);
+    let pipeline = load(GOOD, &env).expect("valid");
+    assert_eq!(pipeline.config.sink.url, "postgres://other/db");
+    assert_eq!(pipeline.config.batch.max_records, 42);
 }
 
 #[test]
@@ -77,11 +104,11 @@ fn environment_overrides_keep_strings_as_they_are_and_type_what_is_typed() {
         ("IDEMSINK_ERRORS__RETRY_FOR_MS", "1000"),
         ("IDEMSINK_SINK__DELETE_ON_NULL", "true"),
     ];
-    let p = load(GOOD, &env[..5]).expect("valid");
-    assert_eq!(p.group_id(), "007", "not re-typed to 7");
-    assert_eq!(p.config.pipeline, "1e5", "not re-typed to 100000.0");
-    assert_eq!(p.config.batch.max_wait_ms, 250);
-    assert_eq!(p.config.errors.retry_for_ms, 1000);
+    let pipeline = load(GOOD, &env[..5]).expect("valid");
+    assert_eq!(pipeline.group_id(), "007", "not re-typed to 7");
+    assert_eq!(pipeline.config.pipeline, "1e5", "not re-typed to 100000.0");
+    assert_eq!(pipeline.batch.max_wait, Duration::from_millis(250));
+    assert_eq!(pipeline.retry_for, Duration::from_secs(1));
     // Parsed as true: tombstones then need a business key, which GOOD does not have.
     let e = only_error(GOOD, &[env[0], env[5]]);
     assert_eq!(e.key, "sink.delete_on_null");
@@ -99,8 +126,8 @@ fn debezium_format_needs_upsert_and_key_columns_from_the_row() {
             &format!("  table: public.orders\n  format: debezium\n{sink}"),
         )
     };
-    let p = load(&file("  mode: upsert\n  key: [order_id]\n"), &env).expect("valid");
-    assert_eq!(p.config.sink.format, RecordFormat::Debezium);
+    let pipeline = load(&file("  mode: upsert\n  key: [order_id]\n"), &env).expect("valid");
+    assert_eq!(pipeline.config.sink.format, RecordFormat::Debezium);
     let refused = [
         ("  key: [order_id]\n", "sink.mode"),
         (
@@ -164,9 +191,9 @@ fn a_pipeline_routes_each_topic_to_its_table_from_the_file() {
     };
     let routing = "  tables:\n    Shop.public.order_lines: replica.lines\n  table_from_topic:\n    pattern: 'Shop\\.(\\w+)\\.(\\w+)'\n    table: 'replica.$2'\n";
     // Debezium's events need no sink.key: each table's primary key is it.
-    let p = load(&cdc(routing), &env).expect("valid");
+    let pipeline = load(&cdc(routing), &env).expect("valid");
     let table = |topic: &str| {
-        p.routes.tables[p.routes.table_of(topic).expect(topic)]
+        pipeline.routes.tables[pipeline.routes.table_of(topic).expect(topic)]
             .table
             .to_string()
     };
@@ -222,12 +249,12 @@ fn columns_auto_maps_the_rest_by_name_and_leaves_key_checks_to_the_table() {
 #[test]
 fn session_limits_default_and_are_checked() {
     let env = [("DATABASE_URL", "postgres://u@h/db")];
-    let p = load(GOOD, &env).expect("valid");
-    assert_eq!(p.config.sink.lock_timeout_ms, 10_000);
-    assert_eq!(p.config.batch.max_bytes, 16 << 20);
+    let pipeline = load(GOOD, &env).expect("valid");
+    assert_eq!(pipeline.config.sink.lock_timeout_ms, 10_000);
+    assert_eq!(pipeline.config.batch.max_bytes, 16 << 20);
     let e = only_error(GOOD, &[env[0], ("IDEMSINK_BATCH__MAX_BYTES", "100")]);
     assert_eq!(e.key, "batch.max_bytes");
-    assert_eq!(p.config.sink.idle_in_transaction_timeout_ms, 60_000);
+    assert_eq!(pipeline.config.sink.idle_in_transaction_timeout_ms, 60_000);
     for (key, value) in [
         ("IDEMSINK_SINK__LOCK_TIMEOUT_MS", "0"),
         ("IDEMSINK_SINK__IDLE_IN_TRANSACTION_TIMEOUT_MS", "999"),
@@ -239,7 +266,7 @@ fn session_limits_default_and_are_checked() {
         );
         assert!(e.message.contains("out of range 1000..=86400000"), "{e}");
     }
-    assert_eq!(p.config.sink.writers, 2);
+    assert_eq!(pipeline.config.sink.writers, 2);
     for writers in ["0", "17"] {
         let e = only_error(GOOD, &[env[0], ("IDEMSINK_SINK__WRITERS", writers)]);
         assert_eq!(e.key, "sink.writers");
@@ -252,17 +279,20 @@ fn session_limits_default_and_are_checked() {
 #[test]
 fn errors_tolerance_and_dead_letter_table_default_parse_and_are_checked() {
     let env = [("DATABASE_URL", "postgres://u@h/db")];
-    let p = load(GOOD, &env).expect("valid");
-    assert_eq!(p.config.errors.tolerance, Tolerance::None);
-    assert_eq!(p.config.errors.dead_letter_table, DEFAULT_DEAD_LETTER_TABLE);
+    let pipeline = load(GOOD, &env).expect("valid");
+    assert_eq!(pipeline.config.errors.tolerance, Tolerance::None);
+    assert_eq!(
+        pipeline.config.errors.dead_letter_table,
+        DEFAULT_DEAD_LETTER_TABLE
+    );
     let with = |errors: &str| format!("{GOOD}errors:\n{errors}");
-    let p = load(
+    let pipeline = load(
         &with("  tolerance: all\n  dead_letter_table: audit.bad_orders\n"),
         &env,
     )
     .expect("valid");
-    assert_eq!(p.config.errors.tolerance, Tolerance::All);
-    assert_eq!(p.config.errors.dead_letter_table, "audit.bad_orders");
+    assert_eq!(pipeline.config.errors.tolerance, Tolerance::All);
+    assert_eq!(pipeline.config.errors.dead_letter_table, "audit.bad_orders");
     let e = only_error(&with("  tolerance: some\n"), &env);
     assert_eq!(e.key, "errors.tolerance");
     assert!(e.message.contains("unknown variant `some`"), "{e}");
@@ -318,7 +348,7 @@ fn guarantee_properties_are_refused() {
 fn auto_offset_reset_is_applied_by_idemsink_and_checked() {
     let env = [("DATABASE_URL", "postgres://h/d")];
     let with = |line: &str| GOOD.replace("session.timeout.ms: 6000", line);
-    let policy = |line: &str| load(&with(line), &env).expect("valid").offset_reset();
+    let policy = |line: &str| load(&with(line), &env).expect("valid").offset_reset;
     assert_eq!(
         policy("fetch.min.bytes: 1"),
         OffsetReset::Stop,
@@ -331,9 +361,9 @@ fn auto_offset_reset_is_applied_by_idemsink_and_checked() {
     let e = only_error(&with("auto.offset.reset: newest"), &env);
     assert_eq!(e.key, "source.properties.auto.offset.reset");
     assert!(e.message.contains("earliest or latest"), "{e}");
-    let p = load(&with("auto.offset.reset: earliest"), &env).expect("valid");
+    let pipeline = load(&with("auto.offset.reset: earliest"), &env).expect("valid");
     assert_eq!(
-        crate::consumer::client_config(&p).get("auto.offset.reset"),
+        crate::consumer::client_config(&pipeline).get("auto.offset.reset"),
         Some("error"),
         "librdkafka never skips on its own"
     );

@@ -66,13 +66,13 @@ pub struct SinkPlan {
 /// `newer_by`, or tombstones), the position must be comparable: numbers, not text (where
 /// `'999' >= '1000'`), and never across topics (partition 0 of two topics are unrelated).
 fn position_guard_problems(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     columns: &[ColumnPlan],
     position: Option<Position>,
     newer_by: Option<usize>,
     topics: usize,
 ) -> Vec<ConfigError> {
-    let sink = &p.config.sink;
+    let sink = &pipeline.config.sink;
     let guarded = (sink.mode == SinkMode::Upsert && newer_by.is_none()) || sink.deletes();
     let Some(position) = position.filter(|_| guarded) else {
         return Vec::new();
@@ -81,7 +81,7 @@ fn position_guard_problems(
     for c in [position.partition, position.offset] {
         let column = &columns[c];
         if !matches!(column.kind, crate::mapping::ColumnKind::Integer { .. }) {
-            problems.push(p.error(
+            problems.push(pipeline.error(
                 &format!("sink.columns.{}", column.name),
                 format!(
                     "`{}` has type {}: an older record is told from a newer one by comparing the Kafka \
@@ -94,7 +94,7 @@ fn position_guard_problems(
         }
     }
     if position.topic.is_none() && topics > 1 {
-        problems.push(p.error(
+        problems.push(pipeline.error(
             "sink.columns",
             "several topics are read and $topic is not mapped: an older record is told from a newer \
              one by its partition and offset, which only compare within one topic; map $topic to a \
@@ -108,18 +108,23 @@ fn position_guard_problems(
 /// The key and `newer_by` columns the table does not have. Listed columns were checked
 /// against `sink.columns` when the file was loaded; with `auto`, they are checked here.
 fn named_column_problems(
-    p: &LoadedPipeline,
+    pipeline: &LoadedPipeline,
     table: &TableName,
     columns: &[ColumnPlan],
     key: &[String],
 ) -> Vec<ConfigError> {
     let named = key.iter().map(|k| ("sink.key", k));
-    let version = p.config.sink.newer_by.iter().map(|v| ("sink.newer_by", v));
+    let version = pipeline
+        .config
+        .sink
+        .newer_by
+        .iter()
+        .map(|v| ("sink.newer_by", v));
     named
         .chain(version)
         .filter(|(_, name)| !columns.iter().any(|c| &c.name == *name))
         .map(|(config_key, name)| {
-            p.error(config_key, format!("table {table} has no column `{name}`"))
+            pipeline.error(config_key, format!("table {table} has no column `{name}`"))
         })
         .collect()
 }
@@ -208,14 +213,17 @@ impl Position {
 /// table's primary key in the record key, the target table's primary key when `sink.key` is
 /// not given (so one pipeline can replicate tables whose keys differ). Empty: the
 /// coordinates are the key.
-fn business_key(p: &LoadedPipeline, schema: &TableSchema) -> Result<Vec<String>, ConfigError> {
-    let sink = &p.config.sink;
+fn business_key(
+    pipeline: &LoadedPipeline,
+    schema: &TableSchema,
+) -> Result<Vec<String>, ConfigError> {
+    let sink = &pipeline.config.sink;
     if !sink.key.is_empty() || !sink.format.is_debezium() {
         return Ok(sink.key.clone());
     }
     let primary = schema.unique_keys.iter().find(|k| k.primary && k.exact);
     let Some(primary) = primary else {
-        return Err(p.error(
+        return Err(pipeline.error(
             "sink.key",
             format!(
                 "table {} has no primary key: name the columns of the key Debezium's events \
@@ -225,12 +233,12 @@ fn business_key(p: &LoadedPipeline, schema: &TableSchema) -> Result<Vec<String>,
         ));
     };
     for name in &primary.columns {
-        let listed = p.columns.iter().find(|(column, _)| column == name);
+        let listed = pipeline.columns.iter().find(|(column, _)| column == name);
         match listed.map(|(_, source)| source) {
             Some(Source::ValuePointer(_)) => {}
-            None if p.auto_columns => {}
+            None if pipeline.auto_columns => {}
             Some(source) => {
-                return Err(p.error(
+                return Err(pipeline.error(
                     &format!("sink.columns.{name}"),
                     format!(
                         "`{name}` is a column of table {}'s primary key, the key of Debezium's \
@@ -241,7 +249,7 @@ fn business_key(p: &LoadedPipeline, schema: &TableSchema) -> Result<Vec<String>,
                 ))
             }
             None => {
-                return Err(p.error(
+                return Err(pipeline.error(
                     "sink.columns",
                     format!(
                         "`{name}`, a column of table {}'s primary key, is not mapped: map it \
@@ -258,11 +266,14 @@ fn business_key(p: &LoadedPipeline, schema: &TableSchema) -> Result<Vec<String>,
 /// The columns a pipeline writes: those `sink.columns` lists, and with `auto` every other
 /// column of the table, from the field of its name — except the columns the database fills in
 /// itself (generated, AUTO_INCREMENT).
-fn mapped_columns(p: &LoadedPipeline, schema: &TableSchema) -> Vec<(String, Source)> {
-    let mut mapped = p.columns.clone();
-    if p.auto_columns {
+fn mapped_columns(pipeline: &LoadedPipeline, schema: &TableSchema) -> Vec<(String, Source)> {
+    let mut mapped = pipeline.columns.clone();
+    if pipeline.auto_columns {
         for column in &schema.columns {
-            let listed = p.columns.iter().any(|(name, _)| *name == column.name);
+            let listed = pipeline
+                .columns
+                .iter()
+                .any(|(name, _)| *name == column.name);
             if !listed && !column.generated && !column.auto_increment {
                 let token = column.name.replace('~', "~0").replace('/', "~1");
                 mapped.push((
@@ -279,13 +290,13 @@ impl SinkPlan {
     /// The plan of every table the pipeline writes, in the order of [`crate::routing::Routes`];
     /// the problems of all of them at once.
     pub async fn prepare_all(
-        p: &LoadedPipeline,
+        pipeline: &LoadedPipeline,
         pool: &DbPool,
     ) -> Result<Vec<SinkPlan>, Vec<ConfigError>> {
         let mut plans = Vec::new();
         let mut problems = Vec::new();
-        for (index, route) in p.routes.tables.iter().enumerate() {
-            match SinkPlan::prepare(p, pool, index).await {
+        for (index, route) in pipeline.routes.tables.iter().enumerate() {
+            match SinkPlan::prepare(pipeline, pool, index).await {
                 Ok(plan) => plans.push(plan),
                 Err(mut found) => problems.append(&mut found),
             }
@@ -301,24 +312,28 @@ impl SinkPlan {
     /// Describes the target table `route_index` of the routes and checks the mapping against it.
     /// Problems come back with the file and key they concern.
     pub async fn prepare(
-        p: &LoadedPipeline,
+        pipeline: &LoadedPipeline,
         pool: &DbPool,
         route_index: usize,
     ) -> Result<SinkPlan, Vec<ConfigError>> {
-        let sink = &p.config.sink;
+        let sink = &pipeline.config.sink;
         let backend = pool.backend();
-        let route = &p.routes.tables[route_index];
+        let route = &pipeline.routes.tables[route_index];
         let table = route.table.clone();
         let schema = TableSchema::load(pool, &table)
             .await
-            .map_err(|e| vec![p.error(&route.key, format!("cannot describe table {table}: {e}"))])?
-            .ok_or_else(|| vec![p.error(&route.key, format!("table {table} does not exist"))])?;
-        let key = business_key(p, &schema).map_err(|e| vec![e])?;
-        let mapped = mapped_columns(p, &schema);
+            .map_err(|e| {
+                vec![pipeline.error(&route.key, format!("cannot describe table {table}: {e}"))]
+            })?
+            .ok_or_else(|| {
+                vec![pipeline.error(&route.key, format!("table {table} does not exist"))]
+            })?;
+        let key = business_key(pipeline, &schema).map_err(|e| vec![e])?;
+        let mapped = mapped_columns(pipeline, &schema);
         let mut columns = schema.plan(&mapped).map_err(|problems| {
             problems
                 .into_iter()
-                .map(|(key, message)| p.error(&key, message))
+                .map(|(key, message)| pipeline.error(&key, message))
                 .collect::<Vec<_>>()
         })?;
         let index = |name: &str| columns.iter().position(|c| c.name == name);
@@ -332,10 +347,10 @@ impl SinkPlan {
             key.iter().filter_map(|k| index(k)).collect()
         };
         let newer_by = sink.newer_by.as_deref().and_then(index);
-        let mut problems = named_column_problems(p, &table, &columns, &key);
+        let mut problems = named_column_problems(pipeline, &table, &columns, &key);
         if let Some(v) = newer_by {
             if !columns[v].kind.orders_versions() {
-                problems.push(p.error(
+                problems.push(pipeline.error(
                     "sink.newer_by",
                     format!(
                         "`{}` has type {}; a version column must be an integer, timestamp or date",
@@ -357,11 +372,11 @@ impl SinkPlan {
             "sink.key"
         };
         for message in conflict_target_problems(&schema, &columns, &conflict, sink.mode) {
-            problems.push(p.error(key_name, message));
+            problems.push(pipeline.error(key_name, message));
         }
-        let topics = p.routes.topics_of(route_index).count();
+        let topics = pipeline.routes.topics_of(route_index).count();
         problems.extend(position_guard_problems(
-            p, &columns, position, newer_by, topics,
+            pipeline, &columns, position, newer_by, topics,
         ));
         if !problems.is_empty() {
             return Err(problems);

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{LoadedPipeline, OffsetReset, StartFrom, AUTO_OFFSET_RESET};
 use crate::db::is_transient;
+use crate::error::{ErrorKind, Failure};
 use crate::health::PipelineStatus;
 use crate::offsets::{OffsetStore, TopicPartition};
 use crate::retry::retry;
@@ -113,7 +114,7 @@ struct AssignmentState {
     owned: HashMap<String, HashMap<i32, Owned>>,
     next_epoch: u64,
     seeks: Vec<Seek>,
-    fatal: Option<String>,
+    fatal: Option<(ErrorKind, String)>,
     /// The consumer loop paused fetching because the writer is behind; partitions assigned
     /// meanwhile start paused too.
     paused: bool,
@@ -395,14 +396,15 @@ impl Assignment {
         self.lock().paused
     }
 
-    pub fn set_fatal(&self, reason: String) {
-        self.lock().fatal.get_or_insert(reason);
+    pub fn set_fatal(&self, kind: ErrorKind, reason: String) {
+        self.lock().fatal.get_or_insert((kind, reason));
         self.wake.notify_one();
     }
 
     /// A failure inside a rebalance that the pipeline cannot continue from.
-    pub fn fatal(&self) -> Option<String> {
-        self.lock().fatal.clone()
+    pub fn fatal(&self) -> Option<Failure> {
+        let (kind, reason) = self.lock().fatal.clone()?;
+        Some(Failure::Position { kind, reason })
     }
 }
 
@@ -446,10 +448,11 @@ impl OutOfRange {
 
     /// Applies `policy`: where reading goes on from, the skip logged and counted; or the
     /// one-line reason to stop.
-    pub fn resolve(&self, pipeline: &str, policy: OffsetReset) -> Result<i64, String> {
-        let to = self
-            .resume_at(policy)
-            .ok_or_else(|| self.stop_reason(pipeline))?;
+    pub fn resolve(&self, pipeline: &str, policy: OffsetReset) -> Result<i64, Failure> {
+        let to = self.resume_at(policy).ok_or_else(|| Failure::Position {
+            kind: ErrorKind::Permanent,
+            reason: self.stop_reason(),
+        })?;
         self.report_skip(pipeline, to);
         Ok(to)
     }
@@ -464,7 +467,7 @@ impl OutOfRange {
     }
 
     /// The one line that stops a pipeline: what is missing, where, and what to do.
-    fn stop_reason(&self, pipeline: &str) -> String {
+    fn stop_reason(&self) -> String {
         let what = if self.at < self.low {
             format!(
                 "offsets {}..{} were deleted from Kafka (retention) before they were written",
@@ -479,7 +482,7 @@ impl OutOfRange {
             .stored
             .map_or_else(|| "none".to_string(), |s| s.to_string());
         format!(
-            "pipeline {pipeline}: topic {} partition {}: the next offset to write, {}, is outside what \
+            "topic {} partition {}: the next offset to write, {}, is outside what \
              Kafka has (stored offset {stored}, log start offset {}, end offset {}): {what}; nothing \
              from it on was written. Set source.properties.auto.offset.reset to earliest or latest \
              to go on without them, or move the offset with `idemsink offsets set`",
@@ -605,7 +608,7 @@ impl SinkContext {
         consumer: &C,
         tp: &TopicPartition,
         stored: i64,
-    ) -> Result<i64, String> {
+    ) -> Result<i64, Failure> {
         let watermarks = match consumer.fetch_watermarks(&tp.topic, tp.partition, WATERMARK_TIMEOUT)
         {
             Ok(w) => w,
@@ -661,12 +664,8 @@ impl SinkContext {
             }
             Err(e) => {
                 // Without the stored offsets there is no safe place to start: assign nothing.
-                let reason = format!(
-                    "pipeline {}: cannot read stored offsets on assignment: {e}",
-                    self.pipeline
-                );
-                error!("{reason}");
-                self.assignment.set_fatal(reason);
+                let reason = format!("cannot read stored offsets on assignment: {e}");
+                self.stop(ErrorKind::of_database(&e), reason);
                 return;
             }
         };
@@ -675,10 +674,9 @@ impl SinkContext {
             let offset = stored.get(tp).copied();
             let (read_from, start) = match self.start_of(consumer, tp, offset) {
                 Ok(start) => start,
-                Err(reason) => {
+                Err(failure) => {
                     // Assigning nothing: the pipeline stops before reading a record.
-                    error!("{reason}");
-                    self.assignment.set_fatal(reason);
+                    self.stop(failure.kind(), failure.to_string());
                     return;
                 }
             };
@@ -712,7 +710,7 @@ impl SinkContext {
         consumer: &C,
         tp: &TopicPartition,
         stored: Option<i64>,
-    ) -> Result<(Option<i64>, Offset), String> {
+    ) -> Result<(Option<i64>, Offset), Failure> {
         let read_from = match stored {
             Some(n) => Some(self.check_range(consumer, tp, n)?),
             None => self.fixed_start(consumer, tp),
@@ -722,6 +720,13 @@ impl SinkContext {
             None => start_offset(None, self.start_from),
         };
         Ok((read_from, start))
+    }
+
+    /// Stops the pipeline from a rebalance callback, which cannot return an error: the
+    /// consumer loop takes the failure from the assignment.
+    fn stop(&self, kind: ErrorKind, reason: String) {
+        error!(pipeline = %self.pipeline, %kind, "{reason}");
+        self.assignment.set_fatal(kind, reason);
     }
 
     /// The database did not answer within a rebalance's patience. The partitions are
@@ -760,7 +765,7 @@ impl SinkContext {
     /// while the database did not answer, and has the loop seek each to its start. Err is
     /// the one-line reason to stop: a permanent error, an offset outside what Kafka has
     /// (unless `auto.offset.reset` says otherwise), or `errors.retry_for_ms` spent.
-    pub async fn load_unloaded(&self, consumer: &SinkConsumer) -> Result<(), String> {
+    pub async fn load_unloaded(&self, consumer: &SinkConsumer) -> Result<(), Failure> {
         let (unloaded, since) = self.assignment.unloaded();
         if unloaded.is_empty() {
             return Ok(());
@@ -775,11 +780,13 @@ impl SinkContext {
                 return Ok(());
             }
             Err(e) => {
-                return Err(format!(
-                    "pipeline {}: cannot read stored offsets on assignment (waited {} s): {e}",
-                    self.pipeline,
-                    waited.as_secs()
-                ))
+                return Err(Failure::Position {
+                    kind: ErrorKind::of_database(&e),
+                    reason: format!(
+                        "cannot read stored offsets on assignment (waited {} s): {e}",
+                        waited.as_secs()
+                    ),
+                })
             }
         };
         let mut loaded = Vec::with_capacity(unloaded.len());
@@ -904,7 +911,7 @@ pub fn cached_end_offset(consumer: &SinkConsumer, tp: &TopicPartition) -> Option
 /// whose position is outside what Kafka has now and, as `auto.offset.reset` says, returns the
 /// one-line reason to stop, or logs and counts the skip and fetches them again from there.
 /// Returns how many partitions it found.
-pub fn recover_out_of_range(consumer: &SinkConsumer) -> Result<usize, String> {
+pub fn recover_out_of_range(consumer: &SinkConsumer) -> Result<usize, Failure> {
     let context = consumer.context();
     let pipeline = &context.pipeline;
     let mut found = 0;
@@ -914,15 +921,22 @@ pub fn recover_out_of_range(consumer: &SinkConsumer) -> Result<usize, String> {
         };
         let watermarks = consumer
             .fetch_watermarks(&tp.topic, tp.partition, WATERMARK_TIMEOUT)
-            .map_err(|e| format!("pipeline {pipeline}: a fetch was out of range, and the watermarks of {tp} cannot be read: {e}"))?;
+            .map_err(|e| Failure::Position {
+                kind: ErrorKind::of_kafka(&e),
+                reason: format!(
+                    "a fetch was out of range, and the watermarks of {tp} cannot be read: {e}"
+                ),
+            })?;
         let Some(out) = OutOfRange::check(&tp, at, owned.db_next, watermarks) else {
             continue;
         };
         found += 1;
         let to = out.resolve(pipeline, context.offset_reset)?;
         context.assignment.skip_to(&tp, to);
-        fetch_again(consumer, &tp, to)
-            .map_err(|e| format!("pipeline {pipeline}: cannot fetch {tp} again from {to}: {e}"))?;
+        fetch_again(consumer, &tp, to).map_err(|e| Failure::Position {
+            kind: ErrorKind::of_kafka(&e),
+            reason: format!("cannot fetch {tp} again from {to}: {e}"),
+        })?;
     }
     Ok(found)
 }
@@ -1022,12 +1036,9 @@ impl ConsumerContext for SinkContext {
             // another to come, owning nothing while the group thinks otherwise would stall
             // the partitions unseen, so the pipeline stops and a restart joins afresh.
             other => {
-                let reason = format!(
-                    "pipeline {}: rebalance failed ({other:?}); the whole assignment is dropped",
-                    self.pipeline
-                );
-                error!("{reason}");
-                self.assignment.set_fatal(reason);
+                let reason =
+                    format!("rebalance failed ({other:?}); the whole assignment is dropped");
+                self.stop(ErrorKind::Internal, reason);
                 self.assignment.revoke_all();
                 self.drain();
                 // Under a cooperative protocol librdkafka refuses the eager unassign().
@@ -1218,7 +1229,11 @@ mod tests {
         assert_eq!(gone.resume_at(OffsetReset::Stop), None);
         assert_eq!(gone.resume_at(OffsetReset::Earliest), Some(50));
         assert_eq!(gone.resume_at(OffsetReset::Latest), Some(200));
-        let reason = gone.stop_reason("p");
+        let stopped = gone
+            .resolve("p", OffsetReset::Stop)
+            .expect_err("stop is the default");
+        assert_eq!(stopped.kind(), ErrorKind::Permanent);
+        let reason = crate::error::PipelineError::new("p", stopped).to_string();
         for needle in [
             "pipeline p",
             "topic t partition 3",
@@ -1230,6 +1245,6 @@ mod tests {
             assert!(reason.contains(needle), "{needle}: {reason}");
         }
         let beyond = OutOfRange::check(&tp, 300, Some(300), (0, 200)).expect("beyond");
-        assert!(beyond.stop_reason("p").contains("beyond the end"));
+        assert!(beyond.stop_reason().contains("beyond the end"));
     }
 }

@@ -9,6 +9,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Executor;
 
+use crate::error::MigrationError;
+
 /// Which database a pipeline writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -256,13 +258,13 @@ impl DbPool {
 
     /// Creates or upgrades the tables idemsink owns. Safe to run from several instances at
     /// once: sqlx serialises migrations with a lock (advisory lock, `GET_LOCK`).
-    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+    pub async fn migrate(&self) -> Result<(), MigrationError> {
         match self {
             DbPool::Postgres(pool) => {
                 let mut migrator = sqlx::migrate!("migrations/postgres");
                 // The database may also hold another application's sqlx migrations.
                 migrator.set_ignore_missing(true);
-                migrator.run(pool).await
+                Ok(migrator.run(pool).await?)
             }
             DbPool::MySql(pool) => {
                 // sqlx takes its migration lock with `GET_LOCK(…, -1)`, which MariaDB answers
@@ -276,10 +278,9 @@ impl DbPool {
                         .fetch_one(&mut *conn)
                         .await?;
                 if locked != Some(1) {
-                    return Err(sqlx::Error::Protocol(format!(
-                        "another instance held the migration lock for {MIGRATION_LOCK_WAIT_SECONDS} s"
-                    ))
-                    .into());
+                    return Err(MigrationError::LockBusy {
+                        seconds: MIGRATION_LOCK_WAIT_SECONDS,
+                    });
                 }
                 let mut migrator = sqlx::migrate!("migrations/mysql");
                 migrator.set_ignore_missing(true);
@@ -289,7 +290,8 @@ impl DbPool {
                     .execute(&mut *conn)
                     .await;
                 migrated?;
-                released.map(|_| ()).map_err(Into::into)
+                released?;
+                Ok(())
             }
         }
     }

@@ -12,7 +12,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::config::LoadedPipeline;
 use crate::db::DbPool;
 use crate::dead_letters::{headers_from_json, DeadLetterTable, Selection, StoredDeadLetter};
-use crate::pipeline::{self, PipelineError};
+use crate::error::{ErrorKind, PipelineError};
+use crate::pipeline;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLettersError {
@@ -40,6 +41,18 @@ pub enum DeadLettersError {
         id: i64,
         reason: String,
     },
+}
+
+impl DeadLettersError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DeadLettersError::Database { source, .. } => ErrorKind::of_database(source),
+            DeadLettersError::Connect(e) => e.kind(),
+            DeadLettersError::Kafka { source, .. } => ErrorKind::of_kafka(source),
+            // A stored dead letter that cannot be sent as it came: its row must be mended.
+            DeadLettersError::Corrupt { .. } => ErrorKind::Permanent,
+        }
+    }
 }
 
 /// A pipeline's dead-letter table and a connection to it.

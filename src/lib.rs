@@ -20,6 +20,7 @@ pub mod db;
 pub mod dead_letters;
 pub mod dead_letters_command;
 pub mod debezium;
+pub mod error;
 pub mod health;
 pub mod http;
 pub mod json_pointers;

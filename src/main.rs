@@ -10,9 +10,12 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use idemsink::config::{self, LoadedPipeline};
+use idemsink::config::{self, ConfigErrors, LoadedPipeline};
+use idemsink::dead_letters_command::DeadLettersError;
+use idemsink::error::{ErrorKind, PipelineError};
 use idemsink::health::Health;
 use idemsink::offsets::TopicPartition;
+use idemsink::offsets_command::OffsetsError;
 use idemsink::offsets_command::{self, ResetTo};
 use idemsink::{dead_letters, dead_letters_command};
 use idemsink::{http, pipeline, telemetry, validate};
@@ -199,7 +202,11 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+        Err(e) => {
+            return fail(&CliError::Setup(format!(
+                "cannot start the async runtime: {e}"
+            )))
+        }
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -212,27 +219,62 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(reason) => fail(&reason),
+        Err(e) => fail(&e),
     }
 }
 
-fn fail(reason: &str) -> ExitCode {
+/// Why a command failed. Each failure keeps its type up to here, where its kind becomes the
+/// exit code (see [`ErrorKind::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Pipeline(#[from] PipelineError),
+    #[error("{0}")]
+    Offsets(#[from] OffsetsError),
+    #[error("{0}")]
+    DeadLetters(#[from] DeadLettersError),
+    /// A command line that names what does not exist or cannot be (a pipeline, an address).
+    #[error("{0}")]
+    Usage(String),
+    /// The process could not set itself up (the runtime, signals, metrics, the listener).
+    #[error("{0}")]
+    Setup(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CliError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => ErrorKind::Configuration,
+            CliError::Pipeline(e) => e.kind(),
+            CliError::Offsets(e) => e.kind(),
+            CliError::DeadLetters(e) => e.kind(),
+            CliError::Setup(_) => ErrorKind::Permanent,
+            CliError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+fn fail(e: &CliError) -> ExitCode {
     // Several configuration problems come as several lines: each is a reason on its own.
-    for line in reason.lines() {
+    for line in e.to_string().lines() {
         eprintln!("idemsink: error: {line}");
     }
-    ExitCode::FAILURE
+    ExitCode::from(e.kind().exit_code())
 }
 
-fn load(a: &ConfigArg) -> Result<Vec<LoadedPipeline>, String> {
-    config::load_all(&a.config).map_err(|e| e.to_string())
+fn load(a: &ConfigArg) -> Result<Vec<LoadedPipeline>, CliError> {
+    Ok(config::load_all(&a.config)?)
 }
 
-async fn run(a: RunArgs) -> Result<(), String> {
+async fn run(a: RunArgs) -> Result<(), CliError> {
     // Listening first: a SIGTERM that comes while starting (a pod deleted at once) is a clean
     // shutdown too, not the default action's kill.
-    let signal =
-        shutdown_signal().map_err(|e| format!("cannot listen for SIGTERM and SIGINT: {e}"))?;
+    let signal = shutdown_signal()
+        .map_err(|e| CliError::Setup(format!("cannot listen for SIGTERM and SIGINT: {e}")))?;
     let pipelines = load(&a.config)?;
     let (stop, stopped) = watch::channel(false);
     let health = Arc::new(Health::default());
@@ -253,10 +295,10 @@ async fn run(a: RunArgs) -> Result<(), String> {
             joined = tasks.join_next() => {
                 let Some(joined) = joined else { break };
                 let outcome = joined
-                    .map_err(|e| format!("pipeline task failed: {e}"))
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                    .map_err(|e| CliError::Internal(format!("a pipeline task failed: {e}")))
+                    .and_then(|r| r.map_err(CliError::from));
                 if let Err(reason) = outcome {
-                    error!("{reason}");
+                    error!(kind = %reason.kind(), "{reason}");
                     // One pipeline failing stops the others cleanly; the exit code tells.
                     first_error.get_or_insert(reason);
                     let _ = stop.send(true);
@@ -281,17 +323,20 @@ async fn serve_http(
     addr: &str,
     health: Arc<Health>,
     stopped: watch::Receiver<bool>,
-) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, String> {
+) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, CliError> {
     if addr == "off" {
         return Ok(None);
     }
     let socket: SocketAddr = addr.parse().map_err(|e| {
-        format!("--http-addr {addr:?}: {e} (expected host:port, e.g. 0.0.0.0:9464, or off)")
+        CliError::Usage(format!(
+            "--http-addr {addr:?}: {e} (expected host:port, e.g. 0.0.0.0:9464, or off)"
+        ))
     })?;
-    let metrics = telemetry::install().map_err(|e| format!("cannot set up metrics: {e}"))?;
+    let metrics =
+        telemetry::install().map_err(|e| CliError::Setup(format!("cannot set up metrics: {e}")))?;
     let (bound, server) = http::serve(socket, metrics, health, stopped)
         .await
-        .map_err(|e| format!("--http-addr {addr}: cannot listen: {e}"))?;
+        .map_err(|e| CliError::Setup(format!("--http-addr {addr}: cannot listen: {e}")))?;
     info!(address = %bound, "serving /metrics, /healthz and /readyz");
     Ok(Some(server))
 }
@@ -309,7 +354,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-async fn validate_cmd(a: ValidateArgs) -> Result<(), String> {
+async fn validate_cmd(a: ValidateArgs) -> Result<(), CliError> {
     let report = validate::validate(&a.config.config, a.offline).await;
     for line in &report.ok {
         println!("ok: {line}");
@@ -319,11 +364,11 @@ async fn validate_cmd(a: ValidateArgs) -> Result<(), String> {
     }
     match report.problems.len() {
         0 => Ok(()),
-        n => Err(format!("{n} problem(s) found")),
+        n => Err(CliError::Usage(format!("{n} problem(s) found"))),
     }
 }
 
-async fn migrate(a: ConfigArg) -> Result<(), String> {
+async fn migrate(a: ConfigArg) -> Result<(), CliError> {
     let pipelines = load(&a)?;
     let mut done = std::collections::BTreeSet::new();
     for pipeline in &pipelines {
@@ -331,24 +376,20 @@ async fn migrate(a: ConfigArg) -> Result<(), String> {
         if !done.insert(pipeline.config.sink.url.clone()) {
             continue;
         }
-        let pool = pipeline::connect_migrated(pipeline, std::time::Duration::ZERO)
-            .await
-            .map_err(|e| e.to_string())?;
+        let pool = pipeline::connect_migrated(pipeline, std::time::Duration::ZERO).await?;
         pool.close().await;
         println!("migrated {}", config::redact_url(&pipeline.config.sink.url));
     }
     Ok(())
 }
 
-async fn offsets(command: OffsetsCommand) -> Result<(), String> {
+async fn offsets(command: OffsetsCommand) -> Result<(), CliError> {
     let changes = match command {
         OffsetsCommand::List(a) => {
             let pipelines = select(&a, false)?;
             println!("{}", offsets_command::table_header());
             for pipeline in &pipelines {
-                let listed = offsets_command::list(pipeline)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let listed = offsets_command::list(pipeline).await?;
                 for o in &listed {
                     println!("{}", o.table_row(&pipeline.config.pipeline));
                 }
@@ -379,13 +420,13 @@ async fn offsets(command: OffsetsCommand) -> Result<(), String> {
             offsets_command::reset(&loaded, to, topic, force).await
         }
     };
-    for change in changes.map_err(|e| e.to_string())? {
+    for change in changes? {
         println!("{change}");
     }
     Ok(())
 }
 
-async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
+async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), CliError> {
     match command {
         DeadLettersCommand::List {
             pipeline,
@@ -394,9 +435,7 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
         } => {
             let selection = filter.selection(Some(limit));
             for loaded in select(&pipeline, false)? {
-                let listed = dead_letters_command::list(&loaded, &selection)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let listed = dead_letters_command::list(&loaded, &selection).await?;
                 println!(
                     "pipeline {}: {} dead letter(s){}",
                     loaded.config.pipeline,
@@ -425,8 +464,7 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
                 to_topic.as_deref(),
                 keep,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             for r in &requeued {
                 let l = &r.letter;
                 println!(
@@ -445,15 +483,15 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), String> {
 }
 
 /// The pipelines `a` names: all of them, or the one given by `--pipeline`.
-fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, String> {
+fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, CliError> {
     let mut pipelines = load(&a.config)?;
     if let Some(name) = &a.pipeline {
         pipelines.retain(|pipeline| &pipeline.config.pipeline == name);
         if pipelines.is_empty() {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "no pipeline named {name} in {}",
                 a.config.config.display()
-            ));
+            )));
         }
     }
     if exactly_one && pipelines.len() > 1 {
@@ -461,17 +499,17 @@ fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, Str
             .iter()
             .map(|pipeline| pipeline.config.pipeline.as_str())
             .collect();
-        return Err(format!(
+        return Err(CliError::Usage(format!(
             "{} holds several pipelines ({}): choose one with --pipeline",
             a.config.config.display(),
             names.join(", ")
-        ));
+        )));
     }
     Ok(pipelines)
 }
 
-fn one(a: &PipelineArg) -> Result<LoadedPipeline, String> {
+fn one(a: &PipelineArg) -> Result<LoadedPipeline, CliError> {
     select(a, true)?
         .pop()
-        .ok_or_else(|| format!("no pipeline in {}", a.config.config.display()))
+        .ok_or_else(|| CliError::Usage(format!("no pipeline in {}", a.config.config.display())))
 }

@@ -14,8 +14,9 @@ use rdkafka::Offset;
 
 use crate::config::LoadedPipeline;
 use crate::consumer::client_config;
+use crate::error::{ErrorKind, PipelineError};
 use crate::offsets::{OffsetStore, TopicPartition};
-use crate::pipeline::{self, PipelineError};
+use crate::pipeline;
 
 /// How long each request to the broker may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,8 +36,24 @@ pub enum OffsetsError {
     },
     #[error("{0}")]
     Connect(Box<PipelineError>),
+    /// The command cannot do what was asked (an offset below 0, a partition the pipeline
+    /// does not read, an instance running it).
     #[error("{0}")]
     Refused(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl OffsetsError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OffsetsError::Kafka { source, .. } => ErrorKind::of_kafka(source),
+            OffsetsError::Database { source, .. } => ErrorKind::of_database(source),
+            OffsetsError::Connect(e) => e.kind(),
+            OffsetsError::Refused(_) => ErrorKind::Configuration,
+            OffsetsError::Internal(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// One partition: the offset stored in the database and Kafka's watermarks.
@@ -431,7 +448,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, OffsetsError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| OffsetsError::Refused(format!("the Kafka request failed: {e}")))?
+        .map_err(|e| OffsetsError::Internal(format!("the Kafka request failed: {e}")))?
 }
 
 #[cfg(test)]

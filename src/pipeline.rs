@@ -40,6 +40,7 @@ use crate::consumer::{
 };
 use crate::db::{is_access_denied, is_lock_timeout, Backend, DbPool};
 use crate::dead_letters::{headers_to_json, DeadLetterTable};
+use crate::error::{ErrorKind, Failure, PipelineError};
 use crate::health::PipelineStatus;
 use crate::mapping::{ConvertError, Converted, RecordRef, RowMapper, RowOp};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
@@ -49,50 +50,6 @@ use crate::telemetry;
 use crate::writer::{RefusedRecord, RowCounts, SinkPlan, WriteOutcome, Writer};
 
 /// Why a pipeline stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("{0}")]
-    Config(#[from] ConfigErrors),
-    #[error("pipeline {pipeline}: database: {context}: {source}")]
-    Database {
-        pipeline: String,
-        context: &'static str,
-        source: sqlx::Error,
-    },
-    #[error("pipeline {pipeline}: kafka: {context}: {source}")]
-    Kafka {
-        pipeline: String,
-        context: &'static str,
-        source: KafkaError,
-    },
-    #[error(
-        "pipeline {pipeline}: record topic {topic} partition {partition} offset {offset} cannot be written: {error}; \
-         it and the records after it in its partition were not committed \
-         (errors.tolerance: all would write it to the dead-letter table and go on)"
-    )]
-    BadRecord {
-        pipeline: String,
-        topic: String,
-        partition: i32,
-        offset: i64,
-        error: ConvertError,
-    },
-    #[error(
-        "pipeline {pipeline}: record topic {topic} partition {partition} offset {offset} was refused by the database: \
-         {error}; the batch holding it was rolled back, so neither it nor any record after it in its partition \
-         was committed (errors.tolerance: all would write it to the dead-letter table and go on)"
-    )]
-    RefusedRecord {
-        pipeline: String,
-        topic: String,
-        partition: i32,
-        offset: i64,
-        error: String,
-    },
-    #[error("{0}")]
-    Fatal(String),
-}
-
 /// Everything a running pipeline shares between its consumer loop and its writer.
 struct Shared {
     pipeline: String,
@@ -195,11 +152,11 @@ impl Shared {
     }
 
     fn db(&self, context: &'static str) -> impl FnOnce(sqlx::Error) -> PipelineError + '_ {
-        move |source| PipelineError::Database {
-            pipeline: self.pipeline.clone(),
-            context,
-            source,
-        }
+        move |source| self.fail(Failure::Database { context, source })
+    }
+
+    fn fail(&self, failure: Failure) -> PipelineError {
+        PipelineError::new(&self.pipeline, failure)
     }
 }
 
@@ -218,12 +175,9 @@ pub async fn connect(
             pipeline.session,
         )
     });
-    connected.await.map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {}: cannot connect to {}: {e}",
-            pipeline.config.pipeline,
-            redact_url(&pipeline.config.sink.url)
-        ))
+    connected.await.map_err(|source| {
+        let url = redact_url(&pipeline.config.sink.url);
+        PipelineError::new(&pipeline.config.pipeline, Failure::Connect { url, source })
     })
 }
 
@@ -234,12 +188,9 @@ pub async fn connect_migrated(
     patience: Duration,
 ) -> Result<DbPool, PipelineError> {
     let pool = connect(pipeline, patience).await?;
-    pool.migrate().await.map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {}: creating idemsink's tables failed: {e}",
-            pipeline.config.pipeline
-        ))
-    })?;
+    pool.migrate()
+        .await
+        .map_err(|e| PipelineError::new(&pipeline.config.pipeline, Failure::Migrate(e)))?;
     Ok(pool)
 }
 
@@ -258,9 +209,9 @@ pub async fn run(
             return Ok(());
         }
     };
-    let plans = SinkPlan::prepare_all(&pipeline, &pool)
-        .await
-        .map_err(ConfigErrors)?;
+    let plans = SinkPlan::prepare_all(&pipeline, &pool).await.map_err(|e| {
+        PipelineError::new(&pipeline.config.pipeline, Failure::Config(ConfigErrors(e)))
+    })?;
     let mappers = Mappers::new(&plans, pipeline.routes.clone());
     let truncating: Vec<usize> = (0..plans.len())
         .filter(|t| plans[*t].truncate == OnTruncate::Apply)
@@ -277,10 +228,12 @@ pub async fn run(
         dead_letters.clone(),
     )
     .await
-    .map_err(|source| PipelineError::Database {
-        pipeline: pipeline.config.pipeline.clone(),
-        context: "preparing the writer",
-        source,
+    .map_err(|source| {
+        let context = "preparing the writer";
+        PipelineError::new(
+            &pipeline.config.pipeline,
+            Failure::Database { context, source },
+        )
     })?;
     telemetry::start_pipeline(
         &pipeline.config.pipeline,
@@ -307,10 +260,7 @@ pub async fn run(
     // The consumer loop has stopped and dropped its sender: the writer drains and ends.
     let writing = serve_group_while(&shared, writer_task).await;
     let writing = writing.unwrap_or_else(|e| {
-        Err(PipelineError::Fatal(format!(
-            "pipeline {}: writer task failed: {e}",
-            shared.pipeline
-        )))
+        Err(shared.fail(Failure::Internal(format!("the writer task failed: {e}"))))
     });
     let pipeline = shared.pipeline.clone();
     close(shared).await;
@@ -353,10 +303,12 @@ async fn dead_letter_table(
         pool,
     )
     .await
-    .map_err(|source| PipelineError::Database {
-        pipeline: pipeline.config.pipeline.clone(),
-        context: "opening the dead-letter table",
-        source,
+    .map_err(|source| {
+        let context = "opening the dead-letter table";
+        PipelineError::new(
+            &pipeline.config.pipeline,
+            Failure::Database { context, source },
+        )
     })?;
     Ok(Some(table))
 }
@@ -395,16 +347,10 @@ async fn check_truncated_topics(
         Ok::<_, KafkaError>(counts)
     })
     .await
-    .map_err(|e| {
-        PipelineError::Fatal(format!(
-            "pipeline {}: reading topics: {e}",
-            pipeline.config.pipeline
-        ))
-    })?
-    .map_err(|source| PipelineError::Kafka {
-        pipeline: pipeline.config.pipeline.clone(),
-        context: "reading the partitions of the topics that truncate",
-        source,
+    .map_err(|e| shared.fail(Failure::Internal(format!("reading topics failed: {e}"))))?
+    .map_err(|source| {
+        let context = "reading the partitions of the topics that truncate";
+        shared.fail(Failure::Kafka { context, source })
     })?;
     let problems: Vec<_> = counted
         .into_iter()
@@ -424,7 +370,7 @@ async fn check_truncated_topics(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(PipelineError::Config(ConfigErrors(problems)))
+        Err(shared.fail(Failure::Config(ConfigErrors(problems))))
     }
 }
 
@@ -438,11 +384,7 @@ fn subscribe(
     let name = pipeline.config.pipeline.clone();
     let kafka = |context| {
         let pipeline = name.clone();
-        move |source| PipelineError::Kafka {
-            pipeline,
-            context,
-            source,
-        }
+        move |source| PipelineError::new(&pipeline, Failure::Kafka { context, source })
     };
     let assignment = Arc::new(Assignment::default());
     // A lock wait ends after `lock_timeout_ms` and the batch is retried: a batch still
@@ -531,8 +473,8 @@ async fn read_loop(
             // even when no record is coming that would have to be sent to it.
             _ = batches.closed() => return Ok(()),
             _ = shared.assignment.wake.notified() => {
-                if let Some(reason) = shared.assignment.fatal() {
-                    return Err(PipelineError::Fatal(reason));
+                if let Some(failure) = shared.assignment.fatal() {
+                    return Err(shared.fail(failure));
                 }
                 apply_seeks(shared, &mut batch).await?;
             }
@@ -546,7 +488,7 @@ async fn read_loop(
             _ = handover.pause_at.as_mut(), if may_pause => handover.pause(),
             // Partitions assigned while the database did not answer wait for their offsets.
             _ = load_again.tick(), if shared.assignment.has_unloaded() => {
-                shared.consumer.context().load_unloaded(&shared.consumer).await.map_err(PipelineError::Fatal)?;
+                shared.consumer.context().load_unloaded(&shared.consumer).await.map_err(|f| shared.fail(f))?;
                 apply_seeks(shared, &mut batch).await?;
             }
             _ = &mut flush_timer, if can_offer && !batch.is_empty() => {
@@ -573,10 +515,8 @@ async fn read_loop(
                 let mut received = received;
                 for taken in 1.. {
                     let Some(received_now) = received else {
-                        return Err(PipelineError::Fatal(format!(
-                            "pipeline {}: the consumer's message stream ended",
-                            shared.pipeline
-                        )));
+                        let ended = "the consumer's message stream ended".to_string();
+                        return Err(shared.fail(Failure::Internal(ended)));
                     };
                     let message = match received_now {
                         Ok(m) => m,
@@ -586,13 +526,14 @@ async fn read_loop(
                     crate::testkit::hold_received(message.offset()).await;
                     let opens_batch = batch.is_empty();
                     if let Err(error) = add_record(shared, &mappers, &message, &mut batch) {
-                        let failed = PipelineError::BadRecord {
-                            pipeline: shared.pipeline.clone(),
-                            topic: message.topic().to_string(),
-                            partition: message.partition(),
+                        let failed = shared.fail(Failure::BadRecord {
+                            tp: TopicPartition {
+                                topic: message.topic().to_string(),
+                                partition: message.partition(),
+                            },
                             offset: message.offset(),
                             error,
-                        };
+                        });
                         // Commit what came before the bad record, then stop.
                         handover.finish(&batches, batch).await;
                         return Err(failed);
@@ -865,17 +806,16 @@ fn consumer_error(shared: &Shared, e: KafkaError) -> Result<(), PipelineError> {
     match &e {
         KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset) => {
             let found = tokio::task::block_in_place(|| recover_out_of_range(&shared.consumer))
-                .map_err(PipelineError::Fatal)?;
+                .map_err(|f| shared.fail(f))?;
             if found == 0 {
                 warn!(pipeline = %pipeline, error = %e, "a fetch was out of range, but no partition this instance reads stands outside what Kafka has now");
             }
             Ok(())
         }
-        KafkaError::MessageConsumptionFatal(_) => Err(PipelineError::Kafka {
-            pipeline: pipeline.to_string(),
+        KafkaError::MessageConsumptionFatal(_) => Err(shared.fail(Failure::Kafka {
             context: "consuming",
             source: e,
-        }),
+        })),
         _ => {
             warn!(pipeline = %pipeline, error = %e, "consumer error; librdkafka retries");
             Ok(())
@@ -940,10 +880,12 @@ async fn seek_until_done(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => {
-                return Err(PipelineError::Fatal(format!(
-                "pipeline {}: cannot seek {tp} to {offset:?} after {SEEK_ATTEMPTS} attempts: {e}",
-                shared.pipeline
-            )))
+                return Err(shared.fail(Failure::Position {
+                    kind: ErrorKind::of_kafka(&e),
+                    reason: format!(
+                        "cannot seek {tp} to {offset:?} after {SEEK_ATTEMPTS} attempts: {e}"
+                    ),
+                }))
             }
         }
     }
@@ -985,10 +927,7 @@ async fn write_loop(
             },
         };
         let ended = ended.unwrap_or_else(|e| {
-            Err(PipelineError::Fatal(format!(
-                "pipeline {}: a writer lane failed: {e}",
-                shared.pipeline
-            )))
+            Err(shared.fail(Failure::Internal(format!("a writer lane failed: {e}"))))
         });
         if outcome.is_ok() {
             outcome = ended;
@@ -1116,13 +1055,12 @@ async fn commit_batch(
                 return Ok(());
             }
             WriteOutcome::Rejected(refused) => {
-                return Err(PipelineError::RefusedRecord {
-                    pipeline: shared.pipeline.clone(),
-                    topic: refused.tp.topic,
-                    partition: refused.tp.partition,
+                return Err(shared.fail(Failure::RejectedRow {
+                    tp: refused.tp,
                     offset: refused.offset,
+                    sqlstate: refused.sqlstate,
                     error: refused.error,
-                });
+                }));
             }
             WriteOutcome::Conflict(lost) => on_fenced(shared, &moves, &lost, started).await?,
         }

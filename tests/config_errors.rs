@@ -344,9 +344,15 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
         assert!(ok, "the database fills id in ({generated_id}):\n{output}");
     }
 
-    // `run` refuses the same way, with a one-line reason and a non-zero exit.
-    let (ok, text, file) = idemsink("run", dir.path(), &cases[2].1);
-    assert!(!ok, "{text}");
+    // `run` refuses the same way, with a one-line reason and the exit code of a
+    // configuration error.
+    let file = dir.path().join(format!("{}.yaml", common::unique("cfg")));
+    std::fs::write(&file, &cases[2].1).expect("write");
+    let (status, text) = common::idemsink_exit(
+        &["run".as_ref(), "--config".as_ref(), file.as_os_str()],
+        &[],
+    );
+    common::assert_failed_as(status, common::ErrorKind::Configuration, &text);
     let last = text.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("idemsink: error: ")

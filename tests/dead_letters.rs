@@ -11,7 +11,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{assert_exactly_once, idemsink, Backend, Case, Connector, EXIT, STANDARD_COLUMNS};
+use common::{
+    assert_exactly_once, idemsink, Backend, Case, Connector, ErrorKind, EXIT, STANDARD_COLUMNS,
+};
 use idemsink::testkit::{self, Outgoing};
 use rand::SeedableRng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -55,8 +57,11 @@ async fn a_deferred_constraint_refuses_its_record_like_any_other() {
         .expect("produce");
     let refused_at = landed[50].1;
 
-    let (last, _) =
-        Connector::run_to_failure(&poison_config(&case, "  tolerance: none\n", 30), "none");
+    let (last, _) = Connector::run_to_failure(
+        &poison_config(&case, "  tolerance: none\n", 30),
+        "none",
+        ErrorKind::RejectedRow,
+    );
     for needle in [
         format!("offset {refused_at}"),
         format!("{}_n_known", case.name),
@@ -275,7 +280,11 @@ async fn with_tolerance_none_the_run_stops_at_the_first_refused_record_naming_it
         .expect("produce");
     let bad_offset = landed[303].1;
     for attempt in 1..=2 {
-        let (last, _) = Connector::run_to_failure(&config, &format!("attempt {attempt}"));
+        let (last, _) = Connector::run_to_failure(
+            &config,
+            &format!("attempt {attempt}"),
+            ErrorKind::RejectedRow,
+        );
         for needle in [
             format!(
                 "record topic {} partition 0 offset {bad_offset} was refused by the database",

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{brokers, database_url, unique, Backend, Case, Connector};
+use common::{brokers, database_url, unique, Backend, Case, Connector, ErrorKind};
 use idemsink::testkit::connect::CapturedDatabase;
 use idemsink::testkit::{self, Outgoing};
 use serde_json::{json, Value};
@@ -683,7 +683,7 @@ async fn applying_truncates_needs_topics_of_one_partition() {
              columns:\n    id: /id\n    src_pos: $source_position\n",
         )
         .write();
-    let (_, log) = Connector::run_to_failure(&config, "two partitions");
+    let (_, log) = Connector::run_to_failure(&config, "two partitions", ErrorKind::Configuration);
     assert!(
         log.contains("sink.truncate") && log.contains("has 2"),
         "the pipeline must refuse to start, naming the topic:\n{log}"

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_exactly_once, with_ids, Backend, Case, Connector, EXIT};
+use common::{assert_exactly_once, with_ids, Backend, Case, Connector, ErrorKind, EXIT};
 use idemsink::testkit::{self, Outgoing};
 use rand::{Rng, SeedableRng};
 
@@ -162,7 +162,8 @@ async fn bad_record_stops_the_pipeline(backend: Backend, bad_value: &[u8], expec
 
     for attempt in 1..=2 {
         // A restart meets the same record again: nothing was skipped.
-        let (last, _) = Connector::run_to_failure(&config, &format!("attempt {attempt}"));
+        let (last, _) =
+            Connector::run_to_failure(&config, &format!("attempt {attempt}"), ErrorKind::BadRecord);
         for needle in [
             format!("pipeline {}", case.name),
             format!("topic {}", case.topic),
@@ -346,7 +347,7 @@ async fn a_row_the_database_refuses_stops_the_run_with_the_reason_and_commits_no
     let producer = case.producer();
     let landed = case.produce_ids(&producer, 0..60).await;
     let config = case.config("batch:\n  max_records: 1000\n  max_wait_ms: 200\n");
-    let (last, _) = Connector::run_to_failure(&config, "refused row");
+    let (last, _) = Connector::run_to_failure(&config, "refused row", ErrorKind::RejectedRow);
     let record = format!(
         "record topic {} partition 0 offset {} was refused by the database",
         case.topic, landed[50].1

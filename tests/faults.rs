@@ -11,7 +11,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use common::{
-    assert_exactly_once, Backend, Case, Connector, PrivateBroker, PrivateDatabase, ASSIGNED,
+    assert_exactly_once, assert_failed_as, Backend, Case, Connector, ErrorKind, PrivateBroker,
+    PrivateDatabase, ASSIGNED,
 };
 use idemsink::db::DbPool;
 use rand::{Rng, SeedableRng};
@@ -327,7 +328,11 @@ async fn past_its_retry_bound_the_pipeline_stops_with_the_reason_and_a_restart_c
     db.stop();
     landed.extend(case.produce_ids(&producer, 1000..2000).await);
     let (status, log) = connector.wait(Duration::from_secs(60));
-    assert!(!status.success(), "it must give up:\n{log}");
+    assert_failed_as(
+        status,
+        ErrorKind::Transient,
+        &format!("it must give up:\n{log}"),
+    );
     let last = log.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("idemsink: error: ")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_exactly_once, http_get, idemsink, metric_sum, record, unique, with_ids, Backend, Case,
-    Connector, EXIT,
+    Connector, ErrorKind, EXIT,
 };
 use idemsink::testkit::{self, Outgoing};
 use rdkafka::producer::Producer;
@@ -264,7 +264,9 @@ async fn a_transaction_left_open_holds_reading_at_its_first_offset_until_the_bro
 /// `needles`, and nothing may have been written (rows and offsets as they were).
 async fn stops_writing_nothing(case: &Case, config: &std::path::Path, needles: &[&str]) {
     let before = case.snapshot().await;
-    let (last, _) = Connector::run_to_failure(config, needles.last().copied().unwrap_or_default());
+    // An offset Kafka no longer has needs an operator's decision: permanent, not transient.
+    let label = needles.last().copied().unwrap_or_default();
+    let (last, _) = Connector::run_to_failure(config, label, ErrorKind::Permanent);
     for needle in needles {
         assert!(last.contains(needle), "{needle:?} in the last line: {last}");
     }

@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use common::{brokers, logged_counts, Backend, Case, Connector, PrivateDatabase};
+use common::{brokers, logged_counts, Backend, Case, Connector, ErrorKind, PrivateDatabase};
 use idemsink::testkit::{self, Outgoing};
 
 on_both_databases!(
@@ -174,7 +174,11 @@ async fn mysql_statements_fit_max_allowed_packet_and_a_row_too_large_for_one_is_
     testkit::produce(&producer, &case.topic, &oversized)
         .await
         .expect("produce");
-    let (failure, log) = Connector::run_to_failure(&config, "a row over max_allowed_packet");
+    let (failure, log) = Connector::run_to_failure(
+        &config,
+        "a row over max_allowed_packet",
+        ErrorKind::RejectedRow,
+    );
     for expected in [
         &format!("topic {} partition 0 offset 300", case.topic),
         "max_allowed_packet (1048576 bytes)",

@@ -549,6 +549,8 @@ pub enum WriteOutcome {
 pub struct RefusedRecord {
     pub tp: TopicPartition,
     pub offset: i64,
+    /// The database's SQLSTATE, when it gave one.
+    pub sqlstate: Option<String>,
     pub error: String,
 }
 
@@ -556,6 +558,8 @@ pub struct RefusedRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedRow {
     pub row: usize,
+    /// The database's SQLSTATE; none for a row refused before it was sent.
+    pub sqlstate: Option<String>,
     pub error: String,
 }
 
@@ -713,11 +717,19 @@ async fn plan_parts<'a, S: BatchStatements>(
 }
 
 /// What one table part's row refused by the database, or too large, was.
+/// The SQLSTATE of a database error (MySQL and MariaDB give one too, beside their number).
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned())
+}
+
 fn refused_record(batch: &Batch, row: RejectedRow) -> RefusedRecord {
     let (tp, offset) = batch.coordinates(row.row);
     RefusedRecord {
         tp: tp.clone(),
         offset,
+        sqlstate: row.sqlstate,
         error: row.error,
     }
 }
@@ -851,6 +863,7 @@ async fn isolate_rejected<S: BatchStatements>(
                     let row = subset.steps().next();
                     rejected.extend(row.map(|row| RejectedRow {
                         row,
+                        sqlstate: sqlstate(&e),
                         error: e.to_string(),
                     }));
                 } else {

@@ -154,6 +154,7 @@ impl BatchStatements for MySqlWriter {
             .find(|(_, bytes)| bytes + PACKET_HEADER_BYTES > self.max_packet)
             .map(|(row, bytes)| RejectedRow {
                 row,
+                sqlstate: None,
                 error: format!(
                     "the row needs a statement of about {bytes} bytes, more than the server's \
                      max_allowed_packet ({} bytes) lets one statement carry; raise it (SET GLOBAL \

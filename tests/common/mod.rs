@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use idemsink::db::Backend;
 use idemsink::db::DbPool;
+pub use idemsink::error::ErrorKind;
 use idemsink::testkit::{self, Outgoing};
 use rdkafka::producer::FutureProducer;
 
@@ -898,12 +899,27 @@ pub fn assert_exactly_once(rows: &[(i64, i32, i64)], produced: &[(i64, (i32, i64
 
 /// Runs the idemsink binary to completion with `args`; returns whether it succeeded and its
 /// stdout followed by its stderr. It must never panic, whatever the outcome.
+/// Asserts that idemsink exited with the code of a failure of `kind`.
+pub fn assert_failed_as(status: ExitStatus, kind: ErrorKind, context: &str) {
+    assert_eq!(
+        status.code(),
+        Some(i32::from(kind.exit_code())),
+        "expected a {kind} failure ({status}): {context}"
+    );
+}
+
 pub fn idemsink(args: &[&std::ffi::OsStr]) -> (bool, String) {
     idemsink_with_env(args, &[])
 }
 
 /// [`idemsink`] with environment variables of its own (e.g. `RUST_LOG`).
 pub fn idemsink_with_env(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (bool, String) {
+    let (status, text) = idemsink_exit(args, env);
+    (status.success(), text)
+}
+
+/// Runs an idemsink command to its end: how it exited, and what it printed.
+pub fn idemsink_exit(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_idemsink"))
         .args(args)
         .env("IDEMSINK_HTTP_ADDR", "127.0.0.1:0")
@@ -916,7 +932,7 @@ pub fn idemsink_with_env(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> (bo
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!text.contains("panicked"), "idemsink panicked:\n{text}");
-    (out.status.success(), text)
+    (out.status, text)
 }
 
 /// The idemsink binary running one pipeline file, as a child process that is killed if the
@@ -957,11 +973,16 @@ impl Connector {
         }
     }
 
-    /// Runs `config` until idemsink exits by itself (60 s at most), asserts that it failed,
-    /// and returns the last line it printed (its one-line reason) and the whole log.
-    pub fn run_to_failure(config: &Path, label: &str) -> (String, String) {
+    /// Runs `config` until idemsink exits by itself (60 s at most), asserts that it failed
+    /// with the exit code of `kind`, and returns the last line it printed (its one-line
+    /// reason) and the whole log.
+    pub fn run_to_failure(config: &Path, label: &str, kind: ErrorKind) -> (String, String) {
         let (status, log) = Connector::start(config).wait(Duration::from_secs(60));
-        assert!(!status.success(), "{label}: the run must fail; log:\n{log}");
+        assert_failed_as(
+            status,
+            kind,
+            &format!("{label}: the run must fail; log:\n{log}"),
+        );
         let last = log
             .lines()
             .rfind(|l| !l.trim().is_empty())

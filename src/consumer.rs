@@ -42,10 +42,7 @@ pub fn client_config(pipeline: &LoadedPipeline) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &pipeline.config.source.brokers)
         .set("group.id", pipeline.group_id())
-        .set(
-            "client.id",
-            format!("idemsink-{}", pipeline.config.pipeline),
-        )
+        .set("client.id", format!("idemsink-{}", pipeline.name()))
         // Partitions added to a topic are noticed within this (librdkafka's default: 5 min).
         .set("topic.metadata.refresh.interval.ms", "30000")
         // Statistics carry the watermarks the consumer-lag metrics are computed from.
@@ -564,7 +561,7 @@ impl SinkContext {
     ) -> SinkContext {
         SinkContext {
             status,
-            pipeline: pipeline.config.pipeline.clone(),
+            pipeline: pipeline.name().to_string(),
             assignment,
             store,
             start_from: pipeline.config.source.start_from,

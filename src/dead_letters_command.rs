@@ -67,17 +67,14 @@ impl Opened {
         let pool = pipeline::connect_migrated(pipeline, Duration::ZERO)
             .await
             .map_err(|e| DeadLettersError::Connect(Box::new(e)))?;
-        let table = DeadLetterTable::open(
-            &pipeline.config.pipeline,
-            pipeline.dead_letter_table.clone(),
-            &pool,
-        )
-        .await
-        .map_err(|source| DeadLettersError::Database {
-            pipeline: pipeline.config.pipeline.clone(),
-            table: pipeline.config.errors.dead_letter_table.clone(),
-            source,
-        })?;
+        let table =
+            DeadLetterTable::open(pipeline.name(), pipeline.dead_letter_table.clone(), &pool)
+                .await
+                .map_err(|source| DeadLettersError::Database {
+                    pipeline: pipeline.name().to_string(),
+                    table: pipeline.config.errors.dead_letter_table.clone(),
+                    source,
+                })?;
         Ok(Opened { pool, table })
     }
 
@@ -178,9 +175,9 @@ async fn produce(
     letters: Vec<StoredDeadLetter>,
     to_topic: Option<&str>,
 ) -> Result<Vec<Requeued>, DeadLettersError> {
-    let name = &pipeline.config.pipeline;
+    let name = pipeline.name();
     let kafka = |context: String, delivered, source| DeadLettersError::Kafka {
-        pipeline: name.clone(),
+        pipeline: name.to_string(),
         context,
         delivered,
         source: Box::new(source),
@@ -273,10 +270,7 @@ fn stored_headers(
 fn producer_config(pipeline: &LoadedPipeline) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &pipeline.config.source.brokers)
-        .set(
-            "client.id",
-            format!("idemsink-{}-requeue", pipeline.config.pipeline),
-        );
+        .set("client.id", format!("idemsink-{}-requeue", pipeline.name()));
     for (key, value) in pipeline.properties() {
         c.set(key, value);
     }

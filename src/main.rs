@@ -281,7 +281,7 @@ async fn run(a: RunArgs) -> Result<(), CliError> {
     let server = serve_http(&a.http_addr, health.clone(), stopped.clone()).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for pipeline in pipelines {
-        let status = health.register(&pipeline.config.pipeline);
+        let status = health.register(pipeline.name());
         tasks.spawn(pipeline::run(pipeline, stopped.clone(), status));
     }
     let mut signal = std::pin::pin!(signal);
@@ -391,7 +391,7 @@ async fn offsets(command: OffsetsCommand) -> Result<(), CliError> {
             for pipeline in &pipelines {
                 let listed = offsets_command::list(pipeline).await?;
                 for o in &listed {
-                    println!("{}", o.table_row(&pipeline.config.pipeline));
+                    println!("{}", o.table_row(pipeline.name()));
                 }
                 if let Some(note) = offsets_command::held_note(&listed) {
                     println!("{note}");
@@ -438,7 +438,7 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), CliError> {
                 let listed = dead_letters_command::list(&loaded, &selection).await?;
                 println!(
                     "pipeline {}: {} dead letter(s){}",
-                    loaded.config.pipeline,
+                    loaded.name(),
                     listed.len(),
                     if listed.len() as u64 == limit {
                         format!(" (the first {limit}; --limit shows more)")
@@ -486,7 +486,7 @@ async fn dead_letters_cmd(command: DeadLettersCommand) -> Result<(), CliError> {
 fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, CliError> {
     let mut pipelines = load(&a.config)?;
     if let Some(name) = &a.pipeline {
-        pipelines.retain(|pipeline| &pipeline.config.pipeline == name);
+        pipelines.retain(|pipeline| pipeline.name() == name);
         if pipelines.is_empty() {
             return Err(CliError::Usage(format!(
                 "no pipeline named {name} in {}",
@@ -495,10 +495,7 @@ fn select(a: &PipelineArg, exactly_one: bool) -> Result<Vec<LoadedPipeline>, Cli
         }
     }
     if exactly_one && pipelines.len() > 1 {
-        let names: Vec<&str> = pipelines
-            .iter()
-            .map(|pipeline| pipeline.config.pipeline.as_str())
-            .collect();
+        let names: Vec<&str> = pipelines.iter().map(|pipeline| pipeline.name()).collect();
         return Err(CliError::Usage(format!(
             "{} holds several pipelines ({}): choose one with --pipeline",
             a.config.config.display(),

@@ -216,7 +216,7 @@ impl<'a> Kafka<'a> {
         source: KafkaError,
     ) -> OffsetsError {
         OffsetsError::Kafka {
-            pipeline: pipeline.config.pipeline.clone(),
+            pipeline: pipeline.name().to_string(),
             context: context.into(),
             source: Box::new(source),
         }
@@ -342,7 +342,7 @@ pub async fn set(
         if !kafka.partitions()?.contains(&wanted) {
             return Err(OffsetsError::Refused(format!(
                 "pipeline {}: {wanted} is not a partition of its topics ({})",
-                owned.config.pipeline,
+                owned.name(),
                 owned.config.source.topics.join(", ")
             )));
         }
@@ -369,7 +369,7 @@ pub async fn reset(
             if partitions.is_empty() {
                 return Err(OffsetsError::Refused(format!(
                     "pipeline {} does not read topic {topic}",
-                    owned.config.pipeline
+                    owned.name()
                 )));
             }
         }
@@ -403,7 +403,7 @@ fn refuse_if_running(kafka: &Kafka<'_>, force: bool) -> Result<(), OffsetsError>
             "pipeline {}: group {} has {members} active member(s), so an instance is running it; \
              stop it first, or pass --force (a running instance is fenced on its next commit and \
              then reads from the new offsets)",
-            kafka.pipeline.config.pipeline,
+            kafka.pipeline.name(),
             kafka.pipeline.group_id()
         )));
     }
@@ -432,12 +432,12 @@ async fn store(pipeline: &LoadedPipeline) -> Result<OffsetStore, OffsetsError> {
     let pool = pipeline::connect_migrated(pipeline, Duration::ZERO)
         .await
         .map_err(|e| OffsetsError::Connect(Box::new(e)))?;
-    Ok(OffsetStore::new(&pipeline.config.pipeline, pool))
+    Ok(OffsetStore::new(pipeline.name(), pool))
 }
 
 fn db(pipeline: &LoadedPipeline) -> impl Fn(sqlx::Error) -> OffsetsError + '_ {
     |source| OffsetsError::Database {
-        pipeline: pipeline.config.pipeline.clone(),
+        pipeline: pipeline.name().to_string(),
         source,
     }
 }

@@ -168,7 +168,7 @@ pub async fn connect(
     patience: Duration,
 ) -> Result<DbPool, PipelineError> {
     let url = &pipeline.config.sink.url;
-    let connected = retry(&pipeline.config.pipeline, "connecting", patience, || {
+    let connected = retry(pipeline.name(), "connecting", patience, || {
         DbPool::connect_with_limits(
             url,
             pipeline.config.sink.writers as u32 + 2,
@@ -177,7 +177,7 @@ pub async fn connect(
     });
     connected.await.map_err(|source| {
         let url = redact_url(&pipeline.config.sink.url);
-        PipelineError::new(&pipeline.config.pipeline, Failure::Connect { url, source })
+        PipelineError::new(pipeline.name(), Failure::Connect { url, source })
     })
 }
 
@@ -190,7 +190,7 @@ pub async fn connect_migrated(
     let pool = connect(pipeline, patience).await?;
     pool.migrate()
         .await
-        .map_err(|e| PipelineError::new(&pipeline.config.pipeline, Failure::Migrate(e)))?;
+        .map_err(|e| PipelineError::new(pipeline.name(), Failure::Migrate(e)))?;
     Ok(pool)
 }
 
@@ -205,20 +205,20 @@ pub async fn run(
     let pool = tokio::select! {
         pool = connect_migrated(&pipeline, pipeline.retry_for) => pool?,
         _ = shutdown.wait_for(|stop| *stop) => {
-            info!(pipeline = %pipeline.config.pipeline, "shutdown requested while waiting for the database; nothing was read");
+            info!(pipeline = %pipeline.name(), "shutdown requested while waiting for the database; nothing was read");
             return Ok(());
         }
     };
-    let plans = SinkPlan::prepare_all(&pipeline, &pool).await.map_err(|e| {
-        PipelineError::new(&pipeline.config.pipeline, Failure::Config(ConfigErrors(e)))
-    })?;
+    let plans = SinkPlan::prepare_all(&pipeline, &pool)
+        .await
+        .map_err(|e| PipelineError::new(pipeline.name(), Failure::Config(ConfigErrors(e))))?;
     let mappers = Mappers::new(&plans, pipeline.routes.clone());
     let truncating: Vec<usize> = (0..plans.len())
         .filter(|t| plans[*t].truncate == OnTruncate::Apply)
         .collect();
     let tables: Vec<String> = plans.iter().map(|plan| plan.table.to_string()).collect();
     let mode = pipeline.config.sink.mode;
-    let store = OffsetStore::new(&pipeline.config.pipeline, pool.clone());
+    let store = OffsetStore::new(pipeline.name(), pool.clone());
     let dead_letters = dead_letter_table(&pipeline, &pool).await?;
     let writer = Writer::new(
         &pool,
@@ -230,15 +230,9 @@ pub async fn run(
     .await
     .map_err(|source| {
         let context = "preparing the writer";
-        PipelineError::new(
-            &pipeline.config.pipeline,
-            Failure::Database { context, source },
-        )
+        PipelineError::new(pipeline.name(), Failure::Database { context, source })
     })?;
-    telemetry::start_pipeline(
-        &pipeline.config.pipeline,
-        pool.backend() == Backend::Postgres,
-    );
+    telemetry::start_pipeline(pipeline.name(), pool.backend() == Backend::Postgres);
     status.set_database(true);
     let shared = Arc::new(subscribe(&pipeline, store, dead_letters, status.clone())?);
     check_truncated_topics(&shared, &pipeline, &truncating).await?;
@@ -297,19 +291,12 @@ async fn dead_letter_table(
     if pipeline.config.errors.tolerance == Tolerance::None {
         return Ok(None);
     }
-    let table = DeadLetterTable::open(
-        &pipeline.config.pipeline,
-        pipeline.dead_letter_table.clone(),
-        pool,
-    )
-    .await
-    .map_err(|source| {
-        let context = "opening the dead-letter table";
-        PipelineError::new(
-            &pipeline.config.pipeline,
-            Failure::Database { context, source },
-        )
-    })?;
+    let table = DeadLetterTable::open(pipeline.name(), pipeline.dead_letter_table.clone(), pool)
+        .await
+        .map_err(|source| {
+            let context = "opening the dead-letter table";
+            PipelineError::new(pipeline.name(), Failure::Database { context, source })
+        })?;
     Ok(Some(table))
 }
 
@@ -381,7 +368,7 @@ fn subscribe(
     dead_letters: Option<DeadLetterTable>,
     status: Arc<PipelineStatus>,
 ) -> Result<Shared, PipelineError> {
-    let name = pipeline.config.pipeline.clone();
+    let name = pipeline.name().to_string();
     let kafka = |context| {
         let pipeline = name.clone();
         move |source| PipelineError::new(&pipeline, Failure::Kafka { context, source })

@@ -31,7 +31,7 @@ pub async fn validate(path: &Path, offline: bool) -> Report {
             report.ok.push(format!(
                 "{}: pipeline {} (files only: the database was not checked)",
                 pipeline.file.display(),
-                pipeline.config.pipeline
+                pipeline.name()
             ));
             continue;
         }
@@ -41,7 +41,7 @@ pub async fn validate(path: &Path, offline: bool) -> Report {
                     report.ok.push(format!(
                         "{}: pipeline {} → {} table {} ({} columns, mode {} on {})",
                         pipeline.file.display(),
-                        pipeline.config.pipeline,
+                        pipeline.name(),
                         plan.backend,
                         plan.table,
                         plan.columns.len(),

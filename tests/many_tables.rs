@@ -85,12 +85,12 @@ impl TwoTables {
     /// The pipeline's writer; with `dead_letters`, one that sends refused rows to the
     /// dead-letter table (`errors.tolerance: all`).
     async fn writer(&self, dead_letters: bool) -> Writer {
-        let store = OffsetStore::new(&self.pipeline.config.pipeline, self.pool.clone());
+        let store = OffsetStore::new(self.pipeline.name(), self.pool.clone());
         let routes = self.pipeline.routes.clone();
         let dead_letters = match dead_letters {
             true => Some(
                 DeadLetterTable::open(
-                    &self.pipeline.config.pipeline,
+                    self.pipeline.name(),
                     self.pipeline.dead_letter_table.clone(),
                     &self.pool,
                 )
@@ -187,10 +187,9 @@ impl TwoTables {
     }
 
     async fn stored(&self, case: &Case) -> Option<i64> {
-        let stored =
-            testkit::stored_offsets(&self.pool, &self.pipeline.config.pipeline, &case.topic)
-                .await
-                .expect("stored offsets");
+        let stored = testkit::stored_offsets(&self.pool, self.pipeline.name(), &case.topic)
+            .await
+            .expect("stored offsets");
         stored.get(&0).copied()
     }
 
@@ -209,7 +208,7 @@ impl TwoTables {
 
     /// Stores an offset for the notes' partition 0, as another instance's commit would.
     async fn store_notes_offset(&self, next: i64) {
-        let store = OffsetStore::new(&self.pipeline.config.pipeline, self.pool.clone());
+        let store = OffsetStore::new(self.pipeline.name(), self.pool.clone());
         let tp = TopicPartition {
             topic: self.notes.topic.clone(),
             partition: 0,
@@ -355,7 +354,7 @@ async fn refused_rows_of_either_table_become_dead_letters_and_the_rest_commits(b
     let letters = (tables.orders)
         .texts(&format!(
             "SELECT {line} FROM idemsink_dead_letters WHERE pipeline = '{}' ORDER BY {offset}",
-            tables.pipeline.config.pipeline
+            tables.pipeline.name()
         ))
         .await;
     assert_eq!(

@@ -55,12 +55,12 @@ pub fn load_all(path: &Path) -> Result<Vec<LoadedPipeline>, ConfigErrors> {
     }
     let mut seen = BTreeMap::new();
     for pipeline in &loaded {
-        if let Some(first) = seen.insert(pipeline.config.pipeline.clone(), pipeline.file.clone()) {
+        if let Some(first) = seen.insert(pipeline.name().to_string(), pipeline.file.clone()) {
             errors.push(pipeline.error(
                 "pipeline",
                 format!(
                     "`{}` is also the name of {}; names must be unique",
-                    pipeline.config.pipeline,
+                    pipeline.name(),
                     first.display()
                 ),
             ));

@@ -91,6 +91,11 @@ pub struct LoadedPipeline {
 }
 
 impl LoadedPipeline {
+    /// The pipeline's name (`pipeline`): its rows in `idemsink_offsets`, its metrics' label.
+    pub fn name(&self) -> &str {
+        &self.config.pipeline
+    }
+
     pub fn group_id(&self) -> String {
         self.config
             .source

@@ -106,7 +106,7 @@ fn environment_overrides_keep_strings_as_they_are_and_type_what_is_typed() {
     ];
     let pipeline = load(GOOD, &env[..5]).expect("valid");
     assert_eq!(pipeline.group_id(), "007", "not re-typed to 7");
-    assert_eq!(pipeline.config.pipeline, "1e5", "not re-typed to 100000.0");
+    assert_eq!(pipeline.name(), "1e5", "not re-typed to 100000.0");
     assert_eq!(pipeline.batch.max_wait, Duration::from_millis(250));
     assert_eq!(pipeline.retry_for, Duration::from_secs(1));
     // Parsed as true: tombstones then need a business key, which GOOD does not have.

@@ -182,6 +182,10 @@ pub(super) fn convert_bytes(
     Ok(())
 }
 
+/// Writes JSON value `v` into `out` as the column of `kind` takes it, or says why it cannot.
+///
+/// Longer than most functions here, for a reason: it is one match over every column kind,
+/// each arm a line or two, and splitting it would scatter what a reader compares side by side.
 pub(super) fn convert_json(
     kind: ColumnKind,
     v: &JsonRef<'_>,

@@ -17,7 +17,7 @@ use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
-use crate::routing::Routes;
+use crate::routing::{Route, Routes};
 use crate::schema::{quote_list, TableName, TableSchema};
 
 /// The columns that record a row's Kafka position, when the mapping has them: they let an
@@ -209,6 +209,36 @@ impl Position {
     }
 }
 
+/// The target table's columns and keys, or why it cannot be written: `route.key` names the
+/// setting that chose the table.
+async fn describe(
+    pipeline: &LoadedPipeline,
+    pool: &DbPool,
+    route: &Route,
+) -> Result<TableSchema, Vec<ConfigError>> {
+    let table = &route.table;
+    TableSchema::load(pool, table)
+        .await
+        .map_err(|e| {
+            vec![pipeline.error(&route.key, format!("cannot describe table {table}: {e}"))]
+        })?
+        .ok_or_else(|| vec![pipeline.error(&route.key, format!("table {table} does not exist"))])
+}
+
+/// `sink.newer_by` must name a column whose values order versions.
+fn version_column_problem(pipeline: &LoadedPipeline, column: &ColumnPlan) -> Option<ConfigError> {
+    (!column.kind.orders_versions()).then(|| {
+        pipeline.error(
+            "sink.newer_by",
+            format!(
+                "`{}` has type {}; a version column must be an integer, timestamp or date",
+                column.name,
+                column.kind.sql_name()
+            ),
+        )
+    })
+}
+
 /// The business key's columns: `sink.key`, or for Debezium's events, which carry the source
 /// table's primary key in the record key, the target table's primary key when `sink.key` is
 /// not given (so one pipeline can replicate tables whose keys differ). Empty: the
@@ -320,14 +350,7 @@ impl SinkPlan {
         let backend = pool.backend();
         let route = &pipeline.routes.tables[route_index];
         let table = route.table.clone();
-        let schema = TableSchema::load(pool, &table)
-            .await
-            .map_err(|e| {
-                vec![pipeline.error(&route.key, format!("cannot describe table {table}: {e}"))]
-            })?
-            .ok_or_else(|| {
-                vec![pipeline.error(&route.key, format!("table {table} does not exist"))]
-            })?;
+        let schema = describe(pipeline, pool, route).await?;
         let key = business_key(pipeline, &schema).map_err(|e| vec![e])?;
         let mapped = mapped_columns(pipeline, &schema);
         let mut columns = schema.plan(&mapped).map_err(|problems| {
@@ -349,16 +372,7 @@ impl SinkPlan {
         let newer_by = sink.newer_by.as_deref().and_then(index);
         let mut problems = named_column_problems(pipeline, &table, &columns, &key);
         if let Some(v) = newer_by {
-            if !columns[v].kind.orders_versions() {
-                problems.push(pipeline.error(
-                    "sink.newer_by",
-                    format!(
-                        "`{}` has type {}; a version column must be an integer, timestamp or date",
-                        columns[v].name,
-                        columns[v].kind.sql_name()
-                    ),
-                ));
-            }
+            problems.extend(version_column_problem(pipeline, &columns[v]));
             columns[v].role = Role::Version;
         }
         if !key.is_empty() {

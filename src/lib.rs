@@ -2,7 +2,8 @@
 //! offsets that cover them commit in one database transaction; the database, not Kafka, is
 //! where every partition resumes.
 //!
-//! A newcomer's map: [`config`] (pipeline files; [`routing`] for each topic's table),
+//! A newcomer's map: [`config`] (pipeline files, checked into typed values; [`routing`] for
+//! each topic's table), [`error`] (why a pipeline stopped, and whether a retry can help),
 //! [`consumer`] (Kafka settings, partition ownership, rebalances), [`batch`] (the batcher's
 //! unit), [`mapping`] (record → row; [`debezium`] for change events' types and positions),
 //! [`db`] (the database and its pool), [`schema`] (the target table), [`writer`] (the SQL: the

@@ -5,8 +5,8 @@
 //! `${VAR}` interpolation → typed structs through `serde_path_to_error`, so every error
 //! names the file and the key it comes from.
 //!
-//! One concept per file: [`model`] is what a pipeline file may say, [`load`] reads and
-//! interpolates it, [`check`] validates it into a [`LoadedPipeline`], [`redact`] keeps
+//! One concept per file: `model` is what a pipeline file may say, `load` reads and
+//! interpolates it, `check` validates it into a [`LoadedPipeline`], `redact` keeps
 //! passwords out of messages.
 
 mod check;

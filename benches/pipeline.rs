@@ -16,8 +16,10 @@
 //! BENCH_SWEEP=1 (instead: insert mode on both databases over 1, 4, 16 and 64 partitions and
 //! records of 200 B, 2 kB and 20 kB, the same bytes for each size, one run each), BENCH_LOG
 //! (idemsink's RUST_LOG, default warn), BENCH_PERF (a file: idemsink runs under `perf record
-//! -g`; its CPU time and RSS are then perf's). idemsink's own settings can be changed through
-//! its environment overrides, e.g. IDEMSINK_SINK__WRITERS=1.
+//! -g`; its CPU time and RSS are then perf's), BENCH_STARTUP (default 1: after the table,
+//! process start to the first committed batch on each database, with the group join apart;
+//! 0 leaves it out). idemsink's own settings can be changed through its environment
+//! overrides, e.g. IDEMSINK_SINK__WRITERS=1.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -156,7 +158,56 @@ async fn main() -> Result<()> {
         );
     }
     println!("\n{table}");
+    if env_or("BENCH_SWEEP", 0) == 0 && env_or("BENCH_STARTUP", 1) == 1 {
+        println!("{}", startup_table(&brokers, &urls, runs).await?);
+    }
     Ok(())
+}
+
+/// BENCH_STARTUP (default 1): process start to the first committed batch on each database,
+/// `runs` times, as a table of medians with every run in brackets.
+async fn startup_table(brokers: &str, urls: &[(Backend, String)], runs: u64) -> Result<String> {
+    let mut table = String::from(
+        "| database | start to first committed batch, s | group join, s | without the join, s |\n\
+         | --- | --- | --- | --- |\n",
+    );
+    for (backend, url) in urls {
+        let bench = Bench {
+            brokers: brokers.to_string(),
+            url: url.clone(),
+            pool: DbPool::connect(url, 2).await?,
+            scenario: Scenario {
+                backend: *backend,
+                mode: Mode::Insert,
+                partitions: 4,
+                record_bytes: 200,
+                records: 1000,
+            },
+        };
+        let (mut total, mut join, mut own) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let s = bench.startup(run).await?;
+            total.push(s.to_first_commit.as_secs_f64());
+            join.push(s.group_join.as_secs_f64());
+            own.push(s.to_first_commit.saturating_sub(s.group_join).as_secs_f64());
+        }
+        bench.pool.close().await;
+        table.push_str(&format!(
+            "| {backend} | {} | {} | {} |\n",
+            median_of(&mut total),
+            median_of(&mut join),
+            median_of(&mut own)
+        ));
+    }
+    Ok(table)
+}
+
+/// "median (run / run / …)", seconds to two decimals.
+fn median_of(values: &mut [f64]) -> String {
+    let runs: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    values.sort_by(f64::total_cmp);
+    let median = values.get(values.len() / 2).copied().unwrap_or(f64::NAN);
+    format!("{median:.2} ({})", runs.join(" / "))
 }
 
 /// BENCH_SCENARIOS, or all six.
@@ -481,26 +532,7 @@ impl Bench {
         let table = format!("{tag}_sink");
         self.prepared_table(&table, lines).await?;
         let dir = tempfile::tempdir()?;
-        let config = dir.path().join("bench.yaml");
-        let properties: String = GROUP_SETTINGS
-            .iter()
-            .map(|(k, v)| format!("    {k}: {v}\n"))
-            .collect();
-        let mode = if self.scenario.mode.upsert() {
-            "  mode: upsert\n  key: [order_id]\n"
-        } else {
-            ""
-        };
-        std::fs::write(
-            &config,
-            format!(
-                "pipeline: {tag}\nsource:\n  brokers: {}\n  topics: [{topic}]\n  properties:\n{properties}\
-                 sink:\n  url: {}\n  table: {table}\n{mode}  columns:\n    order_id: /order_id\n    customer: /customer/name\n    \
-                 amount: /amount\n    status: /status\n    created_at: /created_at\n    payload: $value\n    \
-                 kafka_topic: $topic\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
-                self.brokers, self.url
-            ),
-        )?;
+        let config = self.pipeline_file(dir.path(), tag, topic, &table)?;
         let sink = common::run_idemsink(&config, &self.pool, tag, topic, end).await?;
         let rows = self.count(&format!("SELECT count(*) FROM {table}")).await?;
         if rows != self.scenario.records {
@@ -521,6 +553,75 @@ impl Bench {
         }
         sink.report(rows);
         Ok(sink)
+    }
+}
+
+impl Bench {
+    /// The benchmark's pipeline file, in `dir`: `topic` into `table`, every column mapped.
+    fn pipeline_file(
+        &self,
+        dir: &std::path::Path,
+        tag: &str,
+        topic: &str,
+        table: &str,
+    ) -> Result<std::path::PathBuf> {
+        let config = dir.join("bench.yaml");
+        let properties: String = GROUP_SETTINGS
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v}\n"))
+            .collect();
+        let mode = if self.scenario.mode.upsert() {
+            "  mode: upsert\n  key: [order_id]\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "pipeline: {tag}\nsource:\n  brokers: {}\n  topics: [{topic}]\n  properties:\n{properties}\
+                 sink:\n  url: {}\n  table: {table}\n{mode}  columns:\n    order_id: /order_id\n    customer: /customer/name\n    \
+                 amount: /amount\n    status: /status\n    created_at: /created_at\n    payload: $value\n    \
+                 kafka_topic: $topic\n    kafka_partition: $partition\n    kafka_offset: $offset\n",
+                self.brokers, self.url
+            ),
+        )?;
+        Ok(config)
+    }
+
+    /// Process start to the first committed batch, and the group join within it, on a
+    /// small topic (the start-up target excludes the join, which is the broker's).
+    async fn startup(&self, run: u64) -> Result<common::Startup> {
+        let (brokers, s) = (&self.brokers, self.scenario);
+        let tag = format!("bench_start_{}_{run}", std::process::id());
+        let topic = format!("{tag}_topic");
+        testkit::create_topic(brokers, &topic, s.partitions, false).await?;
+        let outgoing: Vec<Outgoing> = (0..s.records)
+            .map(|id| {
+                Outgoing::json(
+                    (id % i64::from(s.partitions)) as i32,
+                    &id.to_string(),
+                    &event(id, s.record_bytes),
+                )
+            })
+            .collect();
+        let landed = testkit::produce(&testkit::producer(brokers)?, &topic, &outgoing).await?;
+        let end = testkit::end_offsets(brokers, &topic).await?;
+        let lines = Lines::new(&topic, &outgoing, &landed, self.backend())?;
+        let table = format!("{tag}_sink");
+        self.prepared_table(&table, &lines).await?;
+        let dir = tempfile::tempdir()?;
+        let config = self.pipeline_file(dir.path(), &tag, &topic, &table)?;
+        let log = dir.path().join("idemsink.log");
+        let spawned = chrono::Utc::now();
+        common::run_idemsink_logged(&config, &self.pool, &tag, &topic, &end, Some(&log)).await?;
+        let startup = common::Startup::from_log(&std::fs::read_to_string(&log)?, spawned);
+        self.exec(&format!("DROP TABLE {table}")).await?;
+        self.exec(&format!(
+            "DELETE FROM idemsink_offsets WHERE pipeline = '{tag}'"
+        ))
+        .await?;
+        testkit::delete_topic(brokers, &topic).await?;
+        startup
     }
 }
 

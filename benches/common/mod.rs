@@ -136,6 +136,19 @@ pub async fn run_idemsink(
     topic: &str,
     end: &BTreeMap<i32, i64>,
 ) -> Result<SinkRun> {
+    run_idemsink_logged(config, pool, tag, topic, end, None).await
+}
+
+/// [`run_idemsink`]; with `log`, idemsink writes its log there as JSON lines, every batch
+/// included (`idemsink=debug`), for [`startup_times`].
+pub async fn run_idemsink_logged(
+    config: &Path,
+    pool: &DbPool,
+    tag: &str,
+    topic: &str,
+    end: &BTreeMap<i32, i64>,
+    log: Option<&Path>,
+) -> Result<SinkRun> {
     let started = Instant::now();
     let idemsink = env!("CARGO_BIN_EXE_idemsink");
     // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
@@ -148,14 +161,20 @@ pub async fn run_idemsink(
         }
         None => std::process::Command::new(idemsink),
     };
-    let mut child = command
+    command
         .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .env(
+        .arg(config);
+    match log {
+        Some(file) => command
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info,idemsink=debug")
+            .stderr(std::fs::File::create(file)?),
+        None => command.env(
             "RUST_LOG",
             std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .spawn()?;
+        ),
+    };
+    let mut child = command.spawn()?;
     let waited =
         testkit::wait_for_offsets(
             pool,
@@ -226,4 +245,35 @@ pub async fn consume_only(brokers: &str, topic: &str, records: usize) -> Result<
         bytes / 1_000_000
     );
     Ok(elapsed)
+}
+
+/// Where the time from process start to the first committed batch went, from a run's JSON
+/// log: the group join (from subscribing, just before "pipeline started", to the first
+/// assignment) is the broker's, the rest idemsink's.
+pub struct Startup {
+    pub to_first_commit: Duration,
+    pub group_join: Duration,
+}
+
+impl Startup {
+    /// Reads `log` (see [`run_idemsink_logged`]) of a process spawned at `spawned`.
+    pub fn from_log(log: &str, spawned: chrono::DateTime<chrono::Utc>) -> Result<Startup> {
+        let at = |message: &str| -> Result<chrono::DateTime<chrono::Utc>> {
+            log.lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(|line| line["fields"]["message"] == message)
+                .and_then(|line| line["timestamp"].as_str()?.parse().ok())
+                .with_context(|| format!("no {message:?} in the log"))
+        };
+        let started = at("pipeline started")?;
+        let assigned = at("assigned; starting from offsets stored in the database")?;
+        let committed = at("batch committed")?;
+        let span = |from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>| {
+            (to - from).to_std().unwrap_or_default()
+        };
+        Ok(Startup {
+            to_first_commit: span(spawned, committed),
+            group_join: span(started, assigned),
+        })
+    }
 }

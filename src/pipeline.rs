@@ -30,8 +30,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, warn};
 
-use crate::batch::BatchLimits;
-use crate::batch::{Batch, DeadLetter, RawRecord};
+use crate::batch::{Batch, BatchLimits, DeadLetter, RawRecord};
 use crate::cells::Cells;
 use crate::config::{redact_url, ConfigErrors, LoadedPipeline, OnTruncate, StartFrom, Tolerance};
 use crate::consumer::{
@@ -49,7 +48,6 @@ use crate::routing::Routes;
 use crate::telemetry;
 use crate::writer::{RefusedRecord, RowCounts, SinkPlan, WriteOutcome, Writer};
 
-/// Why a pipeline stopped with an error.
 /// Everything a running pipeline shares between its consumer loop and its writer.
 struct Shared {
     pipeline: String,

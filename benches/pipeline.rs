@@ -16,7 +16,9 @@
 //! BENCH_SWEEP=1 (instead: insert mode on both databases over 1, 4, 16 and 64 partitions and
 //! records of 200 B, 2 kB and 20 kB, the same bytes for each size, one run each), BENCH_LOG
 //! (idemsink's RUST_LOG, default warn), BENCH_PERF (a file: idemsink runs under `perf record
-//! -g`; its CPU time and RSS are then perf's), BENCH_STARTUP (default 1: after the table,
+//! -g`; its CPU time and RSS are then perf's), BENCH_WRAP (a command idemsink runs under,
+//! e.g. `valgrind --tool=callgrind --callgrind-out-file=F`, whose instruction counts do not
+//! move with the machine's load), BENCH_STARTUP (default 1: after the table,
 //! process start to the first committed batch on each database, with the group join apart;
 //! 0 leaves it out). idemsink's own settings can be changed through its environment
 //! overrides, e.g. IDEMSINK_SINK__WRITERS=1.

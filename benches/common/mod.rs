@@ -153,13 +153,24 @@ pub async fn run_idemsink_logged(
     let idemsink = env!("CARGO_BIN_EXE_idemsink");
     // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
     let profiled = std::env::var("BENCH_PERF").ok();
-    let mut command = match &profiled {
-        Some(out) => {
+    // BENCH_WRAP: a command idemsink runs under, e.g. `valgrind --tool=callgrind`, whose
+    // instruction counts are stable on a noisy machine.
+    let wrapper = std::env::var("BENCH_WRAP").ok();
+    let wrapper: Vec<&str> = wrapper
+        .as_deref()
+        .map_or(Vec::new(), |w| w.split_whitespace().collect());
+    let mut command = match (&profiled, wrapper.split_first()) {
+        (Some(out), _) => {
             let mut perf = std::process::Command::new("perf");
             perf.args(["record", "-F", "499", "-g", "-o", out, "--", idemsink]);
             perf
         }
-        None => std::process::Command::new(idemsink),
+        (None, Some((program, args))) => {
+            let mut wrapped = std::process::Command::new(program);
+            wrapped.args(args).arg(idemsink);
+            wrapped
+        }
+        (None, None) => std::process::Command::new(idemsink),
     };
     command
         .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
@@ -198,7 +209,7 @@ pub async fn run_idemsink_logged(
     let status = child.wait()?;
     waited?;
     // Under `perf record`, the child is perf, which reports idemsink's SIGTERM as its own.
-    if !status.success() && profiled.is_none() {
+    if !status.success() && profiled.is_none() && wrapper.is_empty() {
         bail!("idemsink exited with {status}");
     }
     Ok(SinkRun {

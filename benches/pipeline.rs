@@ -376,21 +376,16 @@ impl Bench {
     async fn once(&self, run: u64) -> Result<Run> {
         let (brokers, s) = (&self.brokers, self.scenario);
         let tag = format!("bench_{}_{run}", std::process::id());
-        let topic = format!("{tag}_topic");
-        testkit::create_topic(brokers, &topic, s.partitions, false).await?;
-        let outgoing: Vec<Outgoing> = (0..s.records)
-            .map(|id| {
-                let partition = (id % i64::from(s.partitions)) as i32;
-                Outgoing::json(partition, &id.to_string(), &event(id, s.record_bytes))
-            })
-            .collect();
+        let Produced {
+            topic,
+            outgoing,
+            end,
+            lines,
+        } = self.produce(&tag).await?;
         let bytes = outgoing
             .iter()
             .map(|o| o.value.as_ref().map_or(0, Vec::len))
             .sum();
-        let landed = testkit::produce(&testkit::producer(brokers)?, &topic, &outgoing).await?;
-        let end = testkit::end_offsets(brokers, &topic).await?;
-        let lines = Lines::new(&topic, &outgoing, &landed, self.backend())?;
 
         let consume = consume_only(brokers, &topic, outgoing.len()).await?;
         let load = self.load_ceiling(&format!("{tag}_load"), &lines).await?;
@@ -593,22 +588,10 @@ impl Bench {
     /// Process start to the first committed batch, and the group join within it, on a
     /// small topic (the start-up target excludes the join, which is the broker's).
     async fn startup(&self, run: u64) -> Result<common::Startup> {
-        let (brokers, s) = (&self.brokers, self.scenario);
         let tag = format!("bench_start_{}_{run}", std::process::id());
-        let topic = format!("{tag}_topic");
-        testkit::create_topic(brokers, &topic, s.partitions, false).await?;
-        let outgoing: Vec<Outgoing> = (0..s.records)
-            .map(|id| {
-                Outgoing::json(
-                    (id % i64::from(s.partitions)) as i32,
-                    &id.to_string(),
-                    &event(id, s.record_bytes),
-                )
-            })
-            .collect();
-        let landed = testkit::produce(&testkit::producer(brokers)?, &topic, &outgoing).await?;
-        let end = testkit::end_offsets(brokers, &topic).await?;
-        let lines = Lines::new(&topic, &outgoing, &landed, self.backend())?;
+        let Produced {
+            topic, end, lines, ..
+        } = self.produce(&tag).await?;
         let table = format!("{tag}_sink");
         self.prepared_table(&table, &lines).await?;
         let dir = tempfile::tempdir()?;
@@ -622,9 +605,39 @@ impl Bench {
             "DELETE FROM idemsink_offsets WHERE pipeline = '{tag}'"
         ))
         .await?;
-        testkit::delete_topic(brokers, &topic).await?;
+        testkit::delete_topic(&self.brokers, &topic).await?;
         startup
     }
+
+    /// A new topic `<tag>_topic` holding the scenario's records, spread over its partitions.
+    async fn produce(&self, tag: &str) -> Result<Produced> {
+        let (brokers, s) = (&self.brokers, self.scenario);
+        let topic = format!("{tag}_topic");
+        testkit::create_topic(brokers, &topic, s.partitions, false).await?;
+        let outgoing: Vec<Outgoing> = (0..s.records)
+            .map(|id| {
+                let partition = (id % i64::from(s.partitions)) as i32;
+                Outgoing::json(partition, &id.to_string(), &event(id, s.record_bytes))
+            })
+            .collect();
+        let landed = testkit::produce(&testkit::producer(brokers)?, &topic, &outgoing).await?;
+        let end = testkit::end_offsets(brokers, &topic).await?;
+        let lines = Lines::new(&topic, &outgoing, &landed, self.backend())?;
+        Ok(Produced {
+            topic,
+            outgoing,
+            end,
+            lines,
+        })
+    }
+}
+
+/// A topic a run reads: its records, where they ended, and its rows as bulk-load text.
+struct Produced {
+    topic: String,
+    outgoing: Vec<Outgoing>,
+    end: BTreeMap<i32, i64>,
+    lines: Lines,
 }
 
 /// The rows of a run as bulk-load text (tab-separated, one per line): all of them, and for

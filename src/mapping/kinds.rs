@@ -128,6 +128,20 @@ impl ColumnKind {
         }
     }
 
+    /// Whether a cell of this kind, as conversion writes it, is only digits, letters, signs
+    /// and punctuation: never a tab, line break or backslash, so the writer may send it as it
+    /// is where a text format would escape those. Numbers are checked to be numbers and
+    /// written as they came, times and UUIDs are formatted; text, JSON and `bytea` (`\x…`)
+    /// are not plain.
+    pub fn writes_plain_text(&self) -> bool {
+        use ColumnKind::*;
+        match self {
+            Integer { .. } | Real | Double | Numeric { .. } | Bool | BoolAsInt => true,
+            Timestamp | TimestampTz | DateTime { .. } | Date | Uuid | Binary { .. } => true,
+            Text { .. } | Json | Jsonb | Bytea => false,
+        }
+    }
+
     /// Whether this kind can order versions of a row (`sink.newer_by`).
     pub fn orders_versions(&self) -> bool {
         use ColumnKind::*;

@@ -40,6 +40,9 @@ pub struct PgWriter {
     truncate: Option<(String, Vec<usize>)>,
     /// Every column's index: an INSERT binds them all.
     all_columns: Vec<usize>,
+    /// Per column, whether its cells may hold a byte COPY escapes (see
+    /// [`ColumnKind::writes_plain_text`]); the others are copied without a look.
+    may_need_escapes: Vec<bool>,
     /// Groups a batch's business keys as the database compares them, with the key columns
     /// it binds (`SinkPlan::key_equality`).
     key_groups: Option<(String, Vec<usize>)>,
@@ -159,6 +162,9 @@ impl PgWriter {
             delete: plan.deletes.then(|| delete_sql(plan, &plan.conflict)),
             truncate: (plan.truncate == OnTruncate::Apply).then(|| delete_sql(plan, &[])),
             all_columns: (0..plan.columns.len()).collect(),
+            may_need_escapes: (plan.columns.iter())
+                .map(|c| !c.kind.writes_plain_text())
+                .collect(),
             key_groups: plan.key_equality.as_ref().map(|equality| {
                 let partition: Vec<String> = equality
                     .iter()
@@ -197,7 +203,7 @@ impl PgWriter {
             sqlx::query("SAVEPOINT idemsink_rows")
                 .execute(&mut *tx)
                 .await?;
-            match copy_rows(tx, copy_sql, batch, self.all_columns.len(), rows).await {
+            match copy_rows(tx, copy_sql, batch, &self.may_need_escapes, rows).await {
                 Ok(n) => {
                     sqlx::query("RELEASE SAVEPOINT idemsink_rows")
                         .execute(&mut *tx)
@@ -374,25 +380,29 @@ fn unnest_parts(columns: &[usize]) -> (String, String) {
     (arrays.join(", "), names.join(", "))
 }
 
-/// Streams the rows' first `columns` cells (the table's) as `COPY` text: tab-separated
-/// cells, `\N` for NULL, backslash escapes.
+/// Streams the rows' first cells (the table's, one per entry of `may_need_escapes`) as
+/// `COPY` text: tab-separated cells, `\N` for NULL, backslash escapes.
 async fn copy_rows(
     tx: &mut PgConnection,
     copy_sql: &str,
     batch: &Batch,
-    columns: usize,
+    may_need_escapes: &[bool],
     rows: &[usize],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = tx.copy_in_raw(copy_sql).await?;
     let mut buf = Vec::with_capacity(64 * 1024);
     for row in rows {
-        for column in 0..columns {
+        for (column, may_need_escape) in may_need_escapes.iter().enumerate() {
             if column > 0 {
                 buf.push(b'\t');
             }
             match batch.cells.column(column).bytes(*row) {
                 None => buf.extend_from_slice(b"\\N"),
-                Some(cell) => push_copy_escaped(&mut buf, cell),
+                Some(cell) if *may_need_escape => push_copy_escaped(&mut buf, cell),
+                Some(cell) => {
+                    debug_assert!(!cell.iter().any(|b| needs_escape(*b)), "{cell:?}");
+                    buf.extend_from_slice(cell);
+                }
             }
         }
         buf.push(b'\n');
@@ -406,11 +416,15 @@ async fn copy_rows(
 }
 
 fn push_copy_escaped(buf: &mut Vec<u8>, bytes: &[u8]) {
-    // Most cells hold none of the four bytes COPY escapes: two vectorised searches tell, and
-    // the cell is copied whole.
-    if memchr::memchr3(b'\\', b'\n', b'\t', bytes).is_none()
-        && memchr::memchr(b'\r', bytes).is_none()
-    {
+    // Most cells hold none of the four bytes COPY escapes: a search tells, and the cell is
+    // copied whole. Vectorised searches cost more to set up than they save on a short cell.
+    let plain = if bytes.len() < SHORT_CELL {
+        !bytes.iter().any(|b| needs_escape(*b))
+    } else {
+        memchr::memchr3(b'\\', b'\n', b'\t', bytes).is_none()
+            && memchr::memchr(b'\r', bytes).is_none()
+    };
+    if plain {
         buf.extend_from_slice(bytes);
         return;
     }
@@ -428,6 +442,14 @@ fn push_copy_escaped(buf: &mut Vec<u8>, bytes: &[u8]) {
         plain_from = i + 1;
     }
     buf.extend_from_slice(&bytes[plain_from..]);
+}
+
+/// Below this length a cell is searched byte by byte for what COPY escapes.
+const SHORT_CELL: usize = 32;
+
+/// Whether COPY text escapes `b`.
+fn needs_escape(b: u8) -> bool {
+    matches!(b, b'\\' | b'\n' | b'\r' | b'\t')
 }
 
 #[cfg(test)]
@@ -523,10 +545,17 @@ mod tests {
             ("only\r", "only\\r"),
             ("\\", "\\\\"),
             ("", ""),
+            // Other control characters pass as they are.
+            ("v\x0bf\x0c", "v\x0bf\x0c"),
         ] {
             buf.clear();
             push_copy_escaped(&mut buf, text.as_bytes());
             assert_eq!(buf, escaped.as_bytes(), "{text:?}");
         }
+        // A long cell, whose one escape comes last.
+        let long = format!("{}\n", "x".repeat(1000));
+        buf.clear();
+        push_copy_escaped(&mut buf, long.as_bytes());
+        assert_eq!(buf, format!("{}\\n", "x".repeat(1000)).as_bytes());
     }
 }

@@ -727,14 +727,13 @@ fn add_record(
     m: &BorrowedMessage<'_>,
     batch: &mut Batch,
 ) -> Result<(), ConvertError> {
-    let Some(epoch) = shared
-        .assignment
-        .accept(m.topic(), m.partition(), m.offset())
-    else {
+    // librdkafka gives the topic as a C string, checked as UTF-8 on every call: once here.
+    let topic = m.topic();
+    let Some(epoch) = shared.assignment.accept(topic, m.partition(), m.offset()) else {
         return Ok(()); // not ours, or already covered by the stored offset
     };
     let record = RecordRef {
-        topic: m.topic(),
+        topic,
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis(),
@@ -745,20 +744,20 @@ fn add_record(
     match mappers.convert(&record, &mut batch.cells) {
         Ok(Converted::Row(op)) => {
             if op == RowOp::Truncate {
-                info!(pipeline = %shared.pipeline, topic = m.topic(), partition = m.partition(), offset = m.offset(), "a truncate: the rows older than it are deleted from its table in its batch's transaction");
+                info!(pipeline = %shared.pipeline, topic, partition = m.partition(), offset = m.offset(), "a truncate: the rows older than it are deleted from its table in its batch's transaction");
             }
             let raw = keeps_records.then(|| raw_record(m));
-            batch.push(m.topic(), m.partition(), epoch, m.offset(), op, raw);
+            batch.push(topic, m.partition(), epoch, m.offset(), op, raw);
         }
         Ok(Converted::Nothing(reason)) => {
-            debug!(pipeline = %shared.pipeline, topic = m.topic(), partition = m.partition(), offset = m.offset(), reason, "a record that changes no row");
+            debug!(pipeline = %shared.pipeline, topic, partition = m.partition(), offset = m.offset(), reason, "a record that changes no row");
             telemetry::record_ignored(&shared.pipeline, reason);
-            batch.push_nothing(m.topic(), m.partition(), epoch, m.offset());
+            batch.push_nothing(topic, m.partition(), epoch, m.offset());
         }
         Err(error) if keeps_records => {
             let dead = DeadLetter {
                 tp: TopicPartition {
-                    topic: m.topic().to_string(),
+                    topic: topic.to_string(),
                     partition: m.partition(),
                 },
                 offset: m.offset(),

@@ -410,13 +410,14 @@ pub(super) fn integer_digits_after_rounding(text: &str, scale: u32) -> Option<u3
     {
         return None;
     }
-    // value = 0.D × 10^point, with D the digits without leading zeros.
-    let all: String = format!("{int_part}{frac_part}");
-    let leading_zeros = all.bytes().take_while(|b| *b == b'0').count();
-    let digits = &all.as_bytes()[leading_zeros..];
-    if digits.is_empty() {
+    // value = 0.D × 10^point, with D the digits without leading zeros (read in place: this
+    // runs for every numeric cell).
+    let all = || int_part.bytes().chain(frac_part.bytes());
+    let leading_zeros = all().take_while(|b| *b == b'0').count();
+    if leading_zeros == int_part.len() + frac_part.len() {
         return Some(0);
     }
+    let digits = || all().skip(leading_zeros);
     let point = int_part.len() as i64 - leading_zeros as i64 + exponent;
     // Digits kept after rounding to `scale` places: positions [0, point + scale).
     let kept = point + scale as i64;
@@ -424,8 +425,8 @@ pub(super) fn integer_digits_after_rounding(text: &str, scale: u32) -> Option<u3
         return Some(0);
     }
     let kept = kept as usize;
-    let rounds_up = digits.get(kept).is_some_and(|d| *d >= b'5');
-    let carry_out = rounds_up && digits.iter().take(kept).all(|d| *d == b'9');
+    let rounds_up = digits().nth(kept).is_some_and(|d| d >= b'5');
+    let carry_out = rounds_up && digits().take(kept).all(|d| d == b'9');
     // Carrying out of the kept digits turns 0.99…×10^point into 0.1×10^(point+1).
     let int_digits = if carry_out { point + 1 } else { point }.max(0);
     Some(u32::try_from(int_digits).unwrap_or(u32::MAX))

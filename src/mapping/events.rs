@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{ConvertError, Part, ReadJson, RecordRef, RowMapper, RowOp};
 use crate::config::{OnTruncate, RecordFormat};
 use crate::debezium::{Encodings, RowIn};
+use smallvec::smallvec;
 
 /// In Debezium format, the value's first pointers find the operation (`op`, or a flattened
 /// event's `__op`), without and with the schema wrapper, then the schema; a flattened event's
@@ -137,7 +138,7 @@ impl RowMapper {
                 .strip_prefix(r#","payload":"#)?
                 .trim_end()
                 .strip_suffix('}')?;
-            let mut found = vec![None; self.pointers(part).len()];
+            let mut found = smallvec![None; self.pointers(part).len()];
             // A payload that is not one JSON value (say, a key repeated after it) is left
             // to the whole read, which reports it.
             self.pointers(part).find(payload, &mut found).ok()?;

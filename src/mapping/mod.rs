@@ -17,6 +17,7 @@ use crate::cells::Cells;
 use crate::config::{OnTruncate, RecordFormat};
 use crate::debezium::{self, Encoding, Encodings, SchemaCache};
 use crate::json_pointers::Pointers;
+use smallvec::{smallvec, SmallVec};
 
 mod convert;
 mod events;
@@ -450,7 +451,7 @@ impl RowMapper {
         })?;
         let not_json = |reason| error(format!("the record {what} is not JSON: {reason}"));
         let text = std::str::from_utf8(bytes).map_err(|e| not_json(format!("not UTF-8: {e}")))?;
-        let mut found = vec![None; pointers.len()];
+        let mut found = smallvec![None; pointers.len()];
         pointers
             .find(text, &mut found)
             .map_err(|e| not_json(e.to_string()))?;
@@ -462,6 +463,11 @@ impl RowMapper {
         })
     }
 }
+
+/// What each pointer found, by index. A record's values are read once per record: inline up
+/// to this many pointers (a Debezium event's own fields included), so that reading one
+/// allocates nothing.
+type Found<'r> = SmallVec<[Option<&'r str>; 16]>;
 
 /// The two parts of a record that JSON Pointers read.
 #[derive(Clone, Copy)]
@@ -490,7 +496,7 @@ impl Part {
 #[derive(Default)]
 struct ReadJson<'r> {
     text: Option<&'r str>,
-    found: Vec<Option<&'r str>>,
+    found: Found<'r>,
     /// Whether JsonConverter wrapped it with its schema: the second pointer of each column
     /// then reads it.
     wrapped: bool,

@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 use serde_json::value::RawValue;
 
 /// The pointers a mapping reads from one document, merged into a tree of their tokens.
@@ -149,6 +151,14 @@ impl<'t> Visitor<'t> for Within<'_, '_, 't> {
     fn visit_map<A: MapAccess<'t>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(Key(key)) = map.next_key()? {
             match self.node.children.iter().find(|(t, _, _)| *t == *key) {
+                // Only pointers below it: read on into it, in the same pass.
+                Some((_, _, child)) if child.ends.is_empty() => {
+                    child.forget(self.found);
+                    map.next_value_seed(Within {
+                        node: child,
+                        found: &mut *self.found,
+                    })?;
+                }
                 Some((_, _, child)) => {
                     let raw: &'t RawValue = map.next_value()?;
                     child
@@ -163,6 +173,31 @@ impl<'t> Visitor<'t> for Within<'_, '_, 't> {
         Ok(())
     }
 
+    // A value that is neither an object nor an array has nothing below it to find.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
     fn visit_seq<A: SeqAccess<'t>>(self, mut seq: A) -> Result<(), A::Error> {
         for index in 0.. {
             let child = self
@@ -171,6 +206,14 @@ impl<'t> Visitor<'t> for Within<'_, '_, 't> {
                 .iter()
                 .find(|(_, i, _)| *i == Some(index));
             let more = match child {
+                Some((_, _, child)) if child.ends.is_empty() => {
+                    child.forget(self.found);
+                    let within = Within {
+                        node: child,
+                        found: &mut *self.found,
+                    };
+                    seq.next_element_seed(within)?.is_some()
+                }
                 Some((_, _, child)) => match seq.next_element::<&'t RawValue>()? {
                     Some(raw) => {
                         child
@@ -187,6 +230,16 @@ impl<'t> Visitor<'t> for Within<'_, '_, 't> {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads a value whatever it is, finding the node's pointers below it (used for a node that
+/// only leads further: no pointer ends there, so its text is not needed).
+impl<'t> DeserializeSeed<'t> for Within<'_, '_, 't> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'t>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -259,16 +312,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pointer_below_a_value_that_is_not_an_object_or_array_finds_nothing() {
+        agrees(
+            r#"{"n": 5, "big": 123456789012345678901234567890, "f": -1.5e3, "b": true,
+                "z": null, "s": "text", "o": {"k": [1, {"deep": 2}]}, "after": 1}"#,
+            &[
+                "/n/x",
+                "/big/0",
+                "/f/x",
+                "/b/x",
+                "/z/x",
+                "/s/x",
+                "/o/k/1/deep",
+                "/o/k/0/x",
+                "/after",
+            ],
+        );
+    }
+
+    #[test]
     fn a_repeated_key_takes_its_last_value_below_it_too() {
         agrees(
             r#"{"a": {"b": 1, "c": 2}, "a": {"c": 3}, "d": 1, "d": [5]}"#,
             &["/a/b", "/a/c", "/a", "/d", "/d/0"],
         );
+        // No pointer names `a` itself: it is read into in the same pass, and still forgotten.
+        agrees(
+            r#"{"a": {"b": 1, "c": 2}, "a": {"c": 3}, "d": [[7]], "d": [5]}"#,
+            &["/a/b", "/a/c", "/d/0/0"],
+        );
     }
 
     #[test]
     fn refuses_what_is_not_one_json_document() {
-        let set = Pointers::new(["/a"]);
         let mut found = vec![None];
         for bad in [
             r#"{"a": 1"#,
@@ -276,8 +352,15 @@ mod tests {
             r#"{"b": [1,]}"#,
             "",
             r#"{"a": tru}"#,
+            r#"{"a": {"b": 1,}}"#,
+            r#"{"a": {"b": [1 2]}}"#,
+            r#"{"a": {"c": nul}}"#,
         ] {
-            assert!(set.find(bad, &mut found).is_err(), "{bad}");
+            // Read from the value itself, and from below it in the same pass.
+            for pointer in ["/a", "/a/b"] {
+                let set = Pointers::new([pointer]);
+                assert!(set.find(bad, &mut found).is_err(), "{pointer} in {bad}");
+            }
         }
     }
 }

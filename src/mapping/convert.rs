@@ -4,8 +4,10 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use memchr::memmem;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
@@ -480,7 +482,10 @@ pub(super) fn format_micros(micros: i64) -> String {
 
 /// Whether JSON text may hold a `\u0000` escape (a NUL, which jsonb refuses).
 pub(super) fn may_hold_nul_escape(bytes: &[u8]) -> bool {
-    memchr::memmem::find(bytes, b"\\u0000").is_some()
+    // Built once: building the searcher costs more than searching a record with it.
+    static NUL_ESCAPE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\\u0000"));
+    NUL_ESCAPE.find(bytes).is_some()
 }
 
 pub(super) const NUL_IN_JSONB: &str = "jsonb cannot hold a \\u0000 character";

@@ -3,6 +3,8 @@
 //! into these buffers, so it allocates nothing per cell, and the writer reads each cell as a
 //! `&str` in place.
 
+use std::ops::Range;
+
 /// One column's cells.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Column {
@@ -65,25 +67,24 @@ impl Column {
         self.text.truncate(self.text_end(rows));
     }
 
-    /// The cells of the rows whose flag in `keep` is set, copied a run of kept rows at a time.
-    fn retain(&self, keep: &[bool]) -> Column {
-        let mut kept = Column::default();
-        let mut row = 0;
-        while row < keep.len() {
-            if !keep[row] {
-                row += 1;
-                continue;
-            }
-            let first = row;
-            while row < keep.len() && keep[row] {
-                row += 1;
-            }
-            let (from, to) = (self.text_end(first), self.text_end(row));
+    /// The cells of the rows in `runs` (ranges of rows, in order), copied a run at a time
+    /// into buffers of the size they need.
+    fn retain(&self, runs: &[Range<usize>], rows: usize) -> Column {
+        let text_of = |run: &Range<usize>| self.text_end(run.start)..self.text_end(run.end);
+        let mut kept = Column {
+            text: String::with_capacity(runs.iter().map(|run| text_of(run).len()).sum()),
+            ends: Vec::with_capacity(rows),
+        };
+        for run in runs {
+            let text = text_of(run);
             let base = kept.text.len();
-            kept.text.push_str(&self.text[from..to]);
+            kept.text.push_str(&self.text[text.clone()]);
             // The NULL bit is above any length: shifting an end keeps it.
-            kept.ends
-                .extend(self.ends[first..row].iter().map(|end| end - from + base));
+            kept.ends.extend(
+                self.ends[run.clone()]
+                    .iter()
+                    .map(|end| end - text.start + base),
+            );
         }
         kept
     }
@@ -185,11 +186,31 @@ impl Cells {
 
     /// The cells of the rows whose flag in `keep` is set.
     pub fn retain(&self, keep: &[bool]) -> Cells {
+        let runs = kept_runs(keep);
+        let rows = runs.iter().map(ExactSizeIterator::len).sum();
         Cells {
-            columns: self.columns.iter().map(|c| c.retain(keep)).collect(),
-            rows: keep.iter().filter(|k| **k).count(),
+            columns: self.columns.iter().map(|c| c.retain(&runs, rows)).collect(),
+            rows,
         }
     }
+}
+
+/// The runs of consecutive rows whose flag in `keep` is set.
+fn kept_runs(keep: &[bool]) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut row = 0;
+    while row < keep.len() {
+        if !keep[row] {
+            row += 1;
+            continue;
+        }
+        let first = row;
+        while row < keep.len() && keep[row] {
+            row += 1;
+        }
+        runs.push(first..row);
+    }
+    runs
 }
 
 #[cfg(test)]

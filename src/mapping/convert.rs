@@ -441,11 +441,36 @@ pub(super) fn timestamp(v: &JsonRef<'_>, with_zone: bool, out: &mut String) -> R
         return Err(format!("{utc} is before the earliest PostgreSQL timestamp"));
     }
     if with_zone {
-        out.push_str(&utc.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+        match v {
+            // Most producers write what the column takes already: kept as it came.
+            JsonRef::String(s) if is_written_as_rfc3339_utc(s) => out.push_str(s),
+            _ => out.push_str(&utc.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        }
         Ok(())
     } else {
         write_text(out, utc.naive_utc().format(NAIVE_TIMESTAMP))
     }
+}
+
+/// Whether `s`, a timestamp already read as RFC 3339, is written exactly as
+/// `to_rfc3339_opts(SecondsFormat::AutoSi, true)` would write it: in UTC with a `Z`, a `T`
+/// between date and time, no leap second, and a fraction of 3, 6 or 9 digits only as long as
+/// it needs to be (none for a whole second).
+fn is_written_as_rfc3339_utc(s: &str) -> bool {
+    let Some((b'Z', body)) = s.as_bytes().split_last() else {
+        return false;
+    };
+    if body.len() < "YYYY-MM-DDTHH:MM:SS".len() {
+        return false;
+    }
+    let (date_time, fraction) = body.split_at(19);
+    let whole_seconds = date_time[10] == b'T' && date_time[17..] < b"60"[..];
+    let shortest_fraction = match fraction {
+        [] => true,
+        [b'.', digits @ ..] => matches!(digits.len(), 3 | 6 | 9) && !digits.ends_with(b"000"),
+        _ => false,
+    };
+    whole_seconds && shortest_fraction
 }
 
 /// Epoch milliseconds, RFC 3339, or (unless `with_zone` is required) a zoneless

@@ -1075,6 +1075,32 @@ mod tests {
             Ok("2024-01-02T03:04:05")
         );
         assert!(one(ColumnKind::TimestampTz, "\"yesterday\"").is_err());
+        // A timestamp already written as the column takes it is kept as it came; whichever
+        // way, the cell is what chrono writes.
+        for input in [
+            "2024-01-02T03:04:05Z",
+            "2024-01-02T03:04:05.500Z",
+            "2024-01-02T03:04:05.500000Z",
+            "2024-01-02T03:04:05.000Z",
+            "2024-01-02T03:04:05.123456Z",
+            "2024-01-02T03:04:05.123456780Z",
+            "2024-01-02T03:04:05.123456789Z",
+            "2024-01-02T03:04:05.1Z",
+            "2024-01-02T03:04:05.12345Z",
+            "2024-01-02 03:04:05Z",
+            "2024-01-02t03:04:05z",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.500Z",
+            "0001-01-01T00:00:00Z",
+            "2024-01-02T03:04:05-00:00",
+        ] {
+            let written = chrono::DateTime::parse_from_rfc3339(input)
+                .expect("RFC 3339")
+                .with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+            let json = format!("\"{input}\"");
+            assert_eq!(one(ColumnKind::TimestampTz, &json), Ok(written), "{input}");
+        }
         assert_eq!(
             one(ColumnKind::Date, "\"2024-02-29\"").as_deref(),
             Ok("2024-02-29")

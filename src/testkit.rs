@@ -11,6 +11,7 @@ use rdkafka::admin::{
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
@@ -198,9 +199,18 @@ pub async fn produce(
         if let Some(v) = &r.value {
             record = record.payload(v.as_slice());
         }
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| anyhow::anyhow!("enqueueing a record: {e}"))?;
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                // More records than the producer queues (a benchmark's millions): wait for
+                // deliveries to make room.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => bail!("enqueueing a record: {e}"),
+            }
+        };
         pending.push(delivery);
     }
     let mut landed = Vec::with_capacity(pending.len());

@@ -464,9 +464,9 @@ impl RowMapper {
     }
 }
 
-/// What each pointer found, by index. A record's values are read once per record: inline up
-/// to this many pointers (a Debezium event's own fields included), so that reading one
-/// allocates nothing.
+/// What each pointer found, by index, for one record: inline up to 16 pointers (a JSON
+/// mapping's columns, usually), so that reading a record allocates nothing. More (a Debezium
+/// event's own fields, and two pointers per column) spill to the heap, as a `Vec` would.
 type Found<'r> = SmallVec<[Option<&'r str>; 16]>;
 
 /// The two parts of a record that JSON Pointers read.

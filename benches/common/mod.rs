@@ -140,7 +140,7 @@ pub async fn run_idemsink(
 }
 
 /// [`run_idemsink`]; with `log`, idemsink writes its log there as JSON lines, every batch
-/// included (`idemsink=debug`), for [`startup_times`].
+/// included (`idemsink=debug`), for [`Startup::from_log`].
 pub async fn run_idemsink_logged(
     config: &Path,
     pool: &DbPool,
@@ -151,26 +151,26 @@ pub async fn run_idemsink_logged(
 ) -> Result<SinkRun> {
     let started = Instant::now();
     let idemsink = env!("CARGO_BIN_EXE_idemsink");
-    // BENCH_PERF=<file>: the run is recorded by `perf record` (call graphs) into <file>.
-    let profiled = std::env::var("BENCH_PERF").ok();
-    // BENCH_WRAP: a command idemsink runs under, e.g. `valgrind --tool=callgrind`, whose
-    // instruction counts are stable on a noisy machine.
-    let wrapper = std::env::var("BENCH_WRAP").ok();
-    let wrapper: Vec<&str> = wrapper
-        .as_deref()
-        .map_or(Vec::new(), |w| w.split_whitespace().collect());
-    let mut command = match (&profiled, wrapper.split_first()) {
-        (Some(out), _) => {
-            let mut perf = std::process::Command::new("perf");
-            perf.args(["record", "-F", "499", "-g", "-o", out, "--", idemsink]);
-            perf
-        }
-        (None, Some((program, args))) => {
+    // A command idemsink runs under, if any: BENCH_PERF=<file> records the run with `perf
+    // record` (call graphs) into <file>; BENCH_WRAP is any other, e.g. `valgrind
+    // --tool=callgrind`, whose instruction counts are stable on a noisy machine.
+    let wrapper: Vec<String> = match std::env::var("BENCH_PERF") {
+        Ok(out) => ["perf", "record", "-F", "499", "-g", "-o", &out, "--"]
+            .map(String::from)
+            .to_vec(),
+        Err(_) => std::env::var("BENCH_WRAP")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    };
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
             let mut wrapped = std::process::Command::new(program);
             wrapped.args(args).arg(idemsink);
             wrapped
         }
-        (None, None) => std::process::Command::new(idemsink),
+        None => std::process::Command::new(idemsink),
     };
     command
         .args(["run", "--http-addr", "127.0.0.1:0", "--config"])
@@ -208,8 +208,8 @@ pub async fn run_idemsink_logged(
         .status();
     let status = child.wait()?;
     waited?;
-    // Under `perf record`, the child is perf, which reports idemsink's SIGTERM as its own.
-    if !status.success() && profiled.is_none() && wrapper.is_empty() {
+    // Under a wrapper, the child is the wrapper, which reports idemsink's SIGTERM as its own.
+    if !status.success() && wrapper.is_empty() {
         bail!("idemsink exited with {status}");
     }
     Ok(SinkRun {

@@ -204,12 +204,16 @@ async fn startup_table(brokers: &str, urls: &[(Backend, String)], runs: u64) -> 
     Ok(table)
 }
 
-/// "median (run / run / …)", seconds to two decimals.
+/// "median (run / run / …)", to two decimals.
 fn median_of(values: &mut [f64]) -> String {
     let runs: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    format!("{:.2} ({})", median(values), runs.join(" / "))
+}
+
+/// The median of `values` (NaN for none), which it sorts.
+fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    let median = values.get(values.len() / 2).copied().unwrap_or(f64::NAN);
-    format!("{median:.2} ({})", runs.join(" / "))
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// BENCH_SCENARIOS, or all six.
@@ -262,11 +266,6 @@ fn sweep(records: i64) -> Vec<Scenario> {
 
 /// The table line of a scenario's runs.
 fn row(s: &Scenario, runs: &mut [Run]) -> String {
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let ratios: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.ratio())).collect();
     let mut sink: Vec<f64> = runs.iter().map(|r| r.sink).collect();
     let mut ceiling: Vec<f64> = runs.iter().map(|r| r.ceiling).collect();
     let mut ratio: Vec<f64> = runs.iter().map(Run::ratio).collect();
@@ -300,7 +299,7 @@ fn row(s: &Scenario, runs: &mut [Run]) -> String {
         (Backend::MySql, _) => "LOAD DATA",
     };
     format!(
-        "| {} | {} | {} | {size} | {} | {:.0} | {:.1} | {:.0} ({ceiling_name}) | {:.2} ({}) | {cpu} | {rss} |\n",
+        "| {} | {} | {} | {size} | {} | {:.0} | {:.1} | {:.0} ({ceiling_name}) | {} | {cpu} | {rss} |\n",
         s.backend,
         s.mode.name(),
         s.partitions,
@@ -308,8 +307,7 @@ fn row(s: &Scenario, runs: &mut [Run]) -> String {
         median(&mut sink),
         median(&mut megabytes),
         median(&mut ceiling),
-        median(&mut ratio),
-        ratios.join(" / "),
+        median_of(&mut ratio),
     )
 }
 

@@ -400,6 +400,7 @@ impl Batch {
                 deletes: Vec::new(),
                 writes: rows.filter(taken).collect(),
                 truncates,
+                patches: Vec::new(),
             };
         }
         #[derive(PartialEq, Eq, Hash)]
@@ -408,6 +409,8 @@ impl Batch {
             Group(usize),
         }
         let mut by_key: HashMap<KeyOf<'_>, Latest> = HashMap::new();
+        // Only a batch with unavailable cells needs each key's earlier writes (see `patches`).
+        let keep_history = self.cells.may_be_unavailable() && !matches!(winner, Winner::First);
         let mut unkeyed = Vec::new();
         for row in rows.filter(taken) {
             let cells: Option<Vec<&str>> = key.iter().map(|c| self.cells.get(*c, row)).collect();
@@ -429,23 +432,94 @@ impl Batch {
             };
             let latest = by_key.entry(key_of).or_default();
             latest.offer(row, self.ops[row], version, winner);
+            if keep_history && self.ops[row] == RowOp::Write {
+                latest.history.push((row, version));
+            }
         }
         let mut deletes: Vec<usize> = by_key
             .values()
             .filter_map(|l| l.delete.map(|(row, _)| row))
             .collect();
-        let mut writes: Vec<usize> = by_key
-            .values()
-            .filter_map(|l| l.write.map(|(row, _)| row))
-            .chain(unkeyed)
-            .collect();
+        let mut writes = Vec::with_capacity(by_key.len() + unkeyed.len());
+        let mut patches = Vec::new();
+        for latest in by_key.values() {
+            let Some((row, version)) = latest.write else {
+                continue;
+            };
+            if !keep_history || !self.cells.has_unavailable(row) {
+                writes.push(row);
+                continue;
+            }
+            let mut rounds = self.patch_chain(&latest.history, row, version, winner);
+            if !rounds.is_empty() && !self.cells.has_unavailable(rounds[0]) {
+                writes.push(rounds.remove(0));
+            }
+            patches.extend((0..).zip(rounds).map(|(round, row)| Patch { row, round }));
+        }
+        // A row with an unavailable cell but no key has no row to keep a value of: it is
+        // written as it is, the cell NULL.
+        writes.extend(unkeyed);
         deletes.sort_unstable();
         writes.sort_unstable();
+        patches.sort_unstable_by_key(|p| (p.round, p.row));
         Changes {
             deletes,
             writes,
             truncates,
+            patches,
         }
+    }
+
+    /// The writes of one key that leave its row as applying all of them in order would,
+    /// when the last one, `row` (at `version`), has unavailable cells (it keeps the stored
+    /// value of those columns): from the earliest, each applied after the one before. Walking
+    /// back from `row`, an earlier write is needed when it has a value of a column that every
+    /// write after it left unavailable; the walk ends at the latest write with every value
+    /// (which also makes the row exist), or at the first. `history` holds the key's writes since its last delete (under versioned
+    /// deletes: all of them, as a write after a delete is a whole row anyway), in batch order.
+    fn patch_chain(
+        &self,
+        history: &[(usize, Option<i64>)],
+        row: usize,
+        version: Option<i64>,
+        winner: Winner,
+    ) -> Vec<usize> {
+        let unavailable = |r: usize, c: usize| self.cells.column(c).is_unavailable(r);
+        // The writes before `row` that took effect, latest first: by batch order, or by
+        // version (the first of equal versions: a later equal one changes nothing).
+        let mut earlier: Vec<(usize, Option<i64>)> = match winner {
+            Winner::Newest { .. } => {
+                let mut by_version: Vec<_> = history
+                    .iter()
+                    .copied()
+                    .filter(|(_, v)| *v < version)
+                    .collect();
+                by_version.sort_by_key(|(r, v)| (*v, *r));
+                by_version.dedup_by_key(|(_, v)| *v);
+                by_version
+            }
+            _ => history.iter().copied().filter(|(r, _)| *r < row).collect(),
+        };
+        earlier.reverse();
+        let mut needed: Vec<usize> = (0..self.cells.column_count())
+            .filter(|c| unavailable(row, *c))
+            .collect();
+        let mut chain = vec![row];
+        for (candidate, _) in earlier {
+            // A write with every value ends the walk: it has what is still needed, and it
+            // makes the row exist for the patches after it (after a delete in the batch, a
+            // patch alone would find no row).
+            if !self.cells.has_unavailable(candidate) {
+                chain.push(candidate);
+                break;
+            }
+            if needed.iter().any(|c| !unavailable(candidate, *c)) {
+                chain.push(candidate);
+                needed.retain(|c| unavailable(candidate, *c));
+            }
+        }
+        chain.reverse();
+        chain
     }
 }
 
@@ -455,6 +529,9 @@ impl Batch {
 struct Latest {
     delete: Option<(usize, Option<i64>)>,
     write: Option<(usize, Option<i64>)>,
+    /// The key's writes since its last delete (all of them under versioned deletes), with
+    /// their versions, when the batch has unavailable cells (see [`Batch::patch_chain`]).
+    history: Vec<(usize, Option<i64>)>,
 }
 
 impl Latest {
@@ -469,24 +546,16 @@ impl Latest {
             // A delete is one more version of its key: the greatest wins, write or delete.
             let kept = self.delete.or(self.write);
             if kept.is_none_or(|(_, kept)| version > kept) {
-                *self = match op {
-                    RowOp::Write => Latest {
-                        delete: None,
-                        write: taken,
-                    },
-                    RowOp::Delete | RowOp::Truncate => Latest {
-                        delete: taken,
-                        write: None,
-                    },
+                (self.delete, self.write) = match op {
+                    RowOp::Write => (None, taken),
+                    RowOp::Delete | RowOp::Truncate => (taken, None),
                 };
             }
             return;
         }
         if op != RowOp::Write {
-            *self = Latest {
-                delete: taken,
-                write: None,
-            };
+            (self.delete, self.write) = (taken, None);
+            self.history.clear();
             return;
         }
         let replace = match (winner, self.write) {
@@ -535,12 +604,24 @@ pub enum Winner {
 }
 
 /// Row indices into a batch, in batch order: the truncates to run, the tombstones to apply,
-/// then the rows to write.
+/// the rows to write, then the patches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changes {
     pub deletes: Vec<usize>,
     pub writes: Vec<usize>,
     pub truncates: Vec<usize>,
+    /// Rows with unavailable cells: each updates its key's stored row, if there is one,
+    /// leaving those columns as they are. By round, then row: a key is in a round at most
+    /// once, and a round applies after the one before.
+    pub patches: Vec<Patch>,
+}
+
+/// A row that updates a stored row, leaving its unavailable cells' columns as they are, in
+/// its round (see [`Changes::patches`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Patch {
+    pub row: usize,
+    pub round: u32,
 }
 
 impl Changes {
@@ -551,12 +632,16 @@ impl Changes {
             deletes: keep(&self.deletes),
             writes: keep(&self.writes),
             truncates: keep(&self.truncates),
+            patches: (self.patches.iter())
+                .filter(|p| !rows.contains(&p.row))
+                .copied()
+                .collect(),
         }
     }
 
-    /// How many steps there are: truncates, deletes and writes.
+    /// How many steps there are: truncates, deletes, writes and patches.
     pub fn len(&self) -> usize {
-        self.truncates.len() + self.deletes.len() + self.writes.len()
+        self.truncates.len() + self.deletes.len() + self.writes.len() + self.patches.len()
     }
 
     /// Whether there is no step.
@@ -570,19 +655,23 @@ impl Changes {
             .chain(&self.deletes)
             .chain(&self.writes)
             .copied()
+            .chain(self.patches.iter().map(|p| p.row))
     }
 
-    /// The changes at positions `range` of the truncates, the deletes and the writes.
+    /// The changes at positions `range` of the truncates, the deletes, the writes and the
+    /// patches.
     pub fn part(&self, range: std::ops::Range<usize>) -> Changes {
-        let slice = |list: &[usize], before: usize| {
+        fn slice<T: Clone>(list: &[T], before: usize, range: &std::ops::Range<usize>) -> Vec<T> {
             let at = |i: usize| i.saturating_sub(before).min(list.len());
             list[at(range.start)..at(range.end)].to_vec()
-        };
+        }
         let (truncates, deletes) = (self.truncates.len(), self.deletes.len());
+        let writes = self.writes.len();
         Changes {
-            truncates: slice(&self.truncates, 0),
-            deletes: slice(&self.deletes, truncates),
-            writes: slice(&self.writes, truncates + deletes),
+            truncates: slice(&self.truncates, 0, &range),
+            deletes: slice(&self.deletes, truncates, &range),
+            writes: slice(&self.writes, truncates + deletes, &range),
+            patches: slice(&self.patches, truncates + deletes + writes, &range),
         }
     }
 }
@@ -730,6 +819,7 @@ mod tests {
                 deletes: vec![],
                 writes: vec![1, 2],
                 truncates: vec![],
+                patches: Vec::new(),
             },
             "the first of the greatest versions, in batch order"
         );
@@ -754,6 +844,7 @@ mod tests {
                     deletes: vec![],
                     writes: vec![1],
                     truncates: vec![],
+                    patches: Vec::new(),
                 },
             ),
             // An update older than the delete does not bring the row back.
@@ -763,6 +854,7 @@ mod tests {
                     deletes: vec![1],
                     writes: vec![],
                     truncates: vec![],
+                    patches: Vec::new(),
                 },
             ),
             (
@@ -771,6 +863,7 @@ mod tests {
                     deletes: vec![2],
                     writes: vec![1],
                     truncates: vec![],
+                    patches: Vec::new(),
                 },
             ),
             // The first of equal versions, as the database's guard needs a greater one.
@@ -780,6 +873,7 @@ mod tests {
                     deletes: vec![],
                     writes: vec![0, 2],
                     truncates: vec![],
+                    patches: Vec::new(),
                 },
             ),
             // A truncate removes what is older than it, wherever it is in the batch: those
@@ -796,6 +890,7 @@ mod tests {
                     deletes: vec![],
                     writes: vec![1, 4],
                     truncates: vec![2],
+                    patches: Vec::new(),
                 },
             ),
             (
@@ -804,6 +899,7 @@ mod tests {
                     deletes: vec![3],
                     writes: vec![],
                     truncates: vec![0, 2],
+                    patches: Vec::new(),
                 },
             ),
             (
@@ -812,12 +908,146 @@ mod tests {
                     deletes: vec![],
                     writes: vec![],
                     truncates: vec![],
+                    patches: Vec::new(),
                 },
             ),
         ];
         for (rows, expected) in cases {
             assert_eq!(changes(rows), expected, "{rows:?}");
         }
+    }
+
+    /// Rows of (key, version, A, B) whose A and B may be unavailable (`None`), or deletes.
+    type Step = (usize, Option<Option<u32>>, Option<Option<u32>>, RowOp);
+
+    /// A batch of `steps` (key, A, B, op), versions rising in batch order.
+    fn with_unavailable(steps: &[Step]) -> Batch {
+        let mut b = Batch::new(4);
+        for (offset, (key, a, b_cell, op)) in steps.iter().enumerate() {
+            let key = key.to_string();
+            let version = (offset + 10).to_string();
+            for (c, cell) in [Some(Some(key.as_str())), Some(Some(version.as_str()))]
+                .into_iter()
+                .enumerate()
+            {
+                b.cells.buffer(c).push_str(cell.flatten().unwrap_or(""));
+                b.cells.end_cell(c, false);
+            }
+            for (c, cell) in [(2, a), (3, b_cell)] {
+                match cell {
+                    None => b.cells.end_unavailable(c),
+                    Some(value) => {
+                        let text = value.map(|v| v.to_string());
+                        b.cells.buffer(c).push_str(text.as_deref().unwrap_or(""));
+                        b.cells.end_cell(c, text.is_none());
+                    }
+                }
+            }
+            b.cells.end_row();
+            b.push("t", 0, 1, offset as i64, *op, None);
+        }
+        b
+    }
+
+    type Stored = HashMap<String, (i64, Option<String>, Option<String>)>;
+
+    /// A write of `row` over the table: newer only, unavailable cells keep the stored value,
+    /// and a row with one has nothing to keep it from if there is no stored row.
+    fn write_over(b: &Batch, row: usize, table: &mut Stored) {
+        let key = b.cells.get(0, row).expect("key").to_string();
+        let version: i64 = b.cells.get(1, row).and_then(|v| v.parse().ok()).expect("v");
+        let cell = |c: usize, stored: Option<&Option<String>>| {
+            if b.cells.column(c).is_unavailable(row) {
+                stored.cloned()
+            } else {
+                Some(b.cells.get(c, row).map(str::to_string))
+            }
+        };
+        let stored = table.get(&key).cloned();
+        if stored.as_ref().is_some_and(|s| s.0 >= version) {
+            return;
+        }
+        let (a, b_cell) = (
+            cell(2, stored.as_ref().map(|s| &s.1)),
+            cell(3, stored.as_ref().map(|s| &s.2)),
+        );
+        if let (Some(a), Some(b_cell)) = (a, b_cell) {
+            table.insert(key, (version, a, b_cell));
+        }
+    }
+
+    #[test]
+    fn patches_leave_unavailable_columns_as_applying_every_record_in_order_would() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+        let newest = Winner::Newest {
+            column: 1,
+            kind: ColumnKind::BIGINT,
+            deletes_versioned: true,
+        };
+        let mut rounds_seen = 0;
+        for case in 0..3000 {
+            let cell = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..4) {
+                0 => None,
+                1 => Some(None),
+                n => Some(Some(n * 100 + rng.gen_range(0..10))),
+            };
+            // A history the source can have: a row that does not exist is created whole (only
+            // an update of an existing row can leave a value out).
+            let mut exists = [rng.gen_bool(0.6), rng.gen_bool(0.6)];
+            let mut initial = Stored::new();
+            for (key, _) in exists.iter().enumerate().filter(|(_, e)| **e) {
+                initial.insert(key.to_string(), (1, Some("a0".into()), Some("b0".into())));
+            }
+            let steps: Vec<Step> = (0..rng.gen_range(1..9))
+                .map(|_| {
+                    let key = rng.gen_range(0..2);
+                    let (a, b) = (cell(&mut rng), cell(&mut rng));
+                    if !exists[key] {
+                        exists[key] = true;
+                        return (key, Some(a.flatten()), Some(b.flatten()), RowOp::Write);
+                    }
+                    if rng.gen_range(0..6) == 0 {
+                        exists[key] = false;
+                        return (key, None, None, RowOp::Delete);
+                    }
+                    (key, a, b, RowOp::Write)
+                })
+                .collect();
+            let b = with_unavailable(&steps);
+            for winner in [Winner::Last, newest] {
+                let mut expected = initial.clone();
+                for row in 0..b.len() {
+                    if b.ops[row] == RowOp::Delete {
+                        expected.remove(b.cells.get(0, row).expect("key"));
+                    } else {
+                        write_over(&b, row, &mut expected);
+                    }
+                }
+                let changes = b.changes(&[0], None, winner, &HashSet::new());
+                let mut table = initial.clone();
+                for row in &changes.deletes {
+                    table.remove(b.cells.get(0, *row).expect("key"));
+                }
+                for row in &changes.writes {
+                    assert!(!b.cells.has_unavailable(*row), "case {case}: {steps:?}");
+                    write_over(&b, *row, &mut table);
+                }
+                for round in changes.patches.chunk_by(|x, y| x.round == y.round) {
+                    rounds_seen = rounds_seen.max(round[0].round + 1);
+                    let mut keys = HashSet::new();
+                    for patch in round {
+                        assert!(keys.insert(b.cells.get(0, patch.row)), "one key a round");
+                        write_over(&b, patch.row, &mut table);
+                    }
+                }
+                assert_eq!(
+                    table, expected,
+                    "case {case} {winner:?}: {steps:?} → {changes:?}"
+                );
+            }
+        }
+        assert!(rounds_seen >= 2, "some cases need rounds");
     }
 
     #[test]
@@ -835,6 +1065,7 @@ mod tests {
                 deletes: vec![1],
                 writes: vec![2, 3],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
     }
@@ -896,6 +1127,7 @@ mod tests {
             deletes: vec![1, 2],
             writes: vec![3, 4],
             truncates: vec![5],
+            patches: Vec::new(),
         };
         assert_eq!(changes.len(), 5);
         assert_eq!(changes.steps().collect::<Vec<_>>(), [5, 1, 2, 3, 4]);
@@ -1011,6 +1243,7 @@ mod tests {
                 deletes: vec![3],
                 writes: vec![2, 4],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
         // The write after the tombstone refused: only the tombstone is left for `a`.
@@ -1022,6 +1255,7 @@ mod tests {
                 deletes: vec![3],
                 writes: vec![2],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
         assert_eq!(without, all.without(&skip), "nothing else of `a` to write");
@@ -1034,6 +1268,7 @@ mod tests {
                 deletes: vec![],
                 writes: vec![1, 2],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
         assert_ne!(
@@ -1052,6 +1287,7 @@ mod tests {
             deletes: vec![3, 7],
             writes: vec![0, 1, 5],
             truncates: vec![],
+            patches: Vec::new(),
         };
         let part = |r| changes.part(r);
         assert_eq!(part(0..5), changes);
@@ -1061,6 +1297,7 @@ mod tests {
                 deletes: vec![7],
                 writes: vec![0],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
         assert_eq!(
@@ -1069,6 +1306,7 @@ mod tests {
                 deletes: vec![],
                 writes: vec![1, 5],
                 truncates: vec![],
+                patches: Vec::new(),
             }
         );
         assert_eq!(part(0..1).deletes, vec![3]);

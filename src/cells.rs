@@ -2,6 +2,10 @@
 //! back to back in one buffer, and where each cell ends. Converting a record writes straight
 //! into these buffers, so it allocates nothing per cell, and the writer reads each cell as a
 //! `&str` in place.
+//!
+//! A cell may also be *unavailable*: the source did not send its value and the row keeps
+//! the one it has (Debezium's placeholder for an unchanged TOASTed column). It reads as NULL;
+//! [`Column::is_unavailable`] tells it apart, and the writer leaves such a column as it is.
 
 use std::ops::Range;
 
@@ -11,12 +15,20 @@ pub struct Column {
     /// The cells' text, one after the other.
     text: String,
     /// Per cell, where its text ends in `text` (it starts where the one before ends), with
-    /// [`NULL`] set for a NULL cell (whose text is empty).
+    /// [`NULL`] set for a NULL cell (whose text is empty), and [`UNAVAILABLE`] beside it for
+    /// an unavailable one.
     ends: Vec<usize>,
+    /// Whether a cell of this column was ever ended unavailable: only then is it worth
+    /// looking for one.
+    may_be_unavailable: bool,
 }
 
 /// The bit of an end that marks a NULL cell: no text reaches that length.
 const NULL: usize = 1 << (usize::BITS - 1);
+/// The bit of an end that marks an unavailable cell (always NULL too).
+const UNAVAILABLE: usize = 1 << (usize::BITS - 2);
+/// The bits of an end that are flags, not a length.
+const FLAGS: usize = NULL | UNAVAILABLE;
 
 impl Column {
     /// The cell of `row`: `None` for NULL.
@@ -37,12 +49,17 @@ impl Column {
         Some(self.text_end(row)..end)
     }
 
+    /// Whether the cell of `row` is unavailable: the row keeps the value it has.
+    pub fn is_unavailable(&self, row: usize) -> bool {
+        self.may_be_unavailable && self.ends[row] & UNAVAILABLE != 0
+    }
+
     /// Where the text of the cells before `row` ends.
     fn text_end(&self, row: usize) -> usize {
         if row == 0 {
             0
         } else {
-            self.ends[row - 1] & !NULL
+            self.ends[row - 1] & !FLAGS
         }
     }
 
@@ -62,6 +79,14 @@ impl Column {
         }
     }
 
+    fn end_unavailable(&mut self) {
+        self.end_cell(true);
+        if let Some(end) = self.ends.last_mut() {
+            *end |= UNAVAILABLE;
+        }
+        self.may_be_unavailable = true;
+    }
+
     fn truncate(&mut self, rows: usize) {
         self.ends.truncate(rows);
         self.text.truncate(self.text_end(rows));
@@ -74,12 +99,13 @@ impl Column {
         let mut kept = Column {
             text: String::with_capacity(runs.iter().map(|run| text_of(run).len()).sum()),
             ends: Vec::with_capacity(rows),
+            may_be_unavailable: self.may_be_unavailable,
         };
         for run in runs {
             let text = text_of(run);
             let base = kept.text.len();
             kept.text.push_str(&self.text[text.clone()]);
-            // The NULL bit is above any length: shifting an end keeps it.
+            // The flag bits are above any length: shifting an end keeps them.
             kept.ends.extend(
                 self.ends[run.clone()]
                     .iter()
@@ -111,6 +137,7 @@ impl Cells {
         let room = |c: &Column| Column {
             text: String::with_capacity(c.text.len()),
             ends: Vec::with_capacity(c.ends.len()),
+            may_be_unavailable: false,
         };
         Cells {
             columns: other.columns.iter().map(room).collect(),
@@ -156,6 +183,22 @@ impl Cells {
     /// Ends the next row's cell of `column`: the text appended since is the cell, or it is NULL.
     pub fn end_cell(&mut self, column: usize, null: bool) {
         self.columns[column].end_cell(null);
+    }
+
+    /// Ends the next row's cell of `column` as unavailable: the source did not send its
+    /// value, and the row keeps the one it has.
+    pub fn end_unavailable(&mut self, column: usize) {
+        self.columns[column].end_unavailable();
+    }
+
+    /// Whether any cell of the batch may be unavailable (a quick look before a closer one).
+    pub fn may_be_unavailable(&self) -> bool {
+        self.columns.iter().any(|c| c.may_be_unavailable)
+    }
+
+    /// Whether a cell of `row` is unavailable.
+    pub fn has_unavailable(&self, row: usize) -> bool {
+        self.columns.iter().any(|c| c.is_unavailable(row))
     }
 
     /// Ends the row being written: every column has its cell.

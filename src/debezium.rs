@@ -338,8 +338,72 @@ fn decimal(unscaled: &[u8], scale: u32) -> String {
     format!("{sign}{whole}.{fraction}")
 }
 
+/// Debezium's default `unavailable.value.placeholder`.
+pub const DEFAULT_PLACEHOLDER: &str = "__debezium_unavailable_value";
+
+/// The value Debezium sends for a column whose value it does not have: PostgreSQL leaves an
+/// unchanged TOASTed value (a large text, bytea or json) out of an update's row image unless
+/// the table's `REPLICA IDENTITY` is `FULL`, and Debezium puts its
+/// `unavailable.value.placeholder` there instead. A field holding it is no value of the row:
+/// the row keeps the one it has. Its forms, as JsonConverter writes them: a string for text
+/// and JSON fields, base64 of the placeholder's bytes for a binary field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placeholder {
+    /// The JSON text of the string form, quotes included.
+    text: String,
+    /// The JSON text of the bytes form (base64), quotes included.
+    bytes: String,
+}
+
+impl Placeholder {
+    /// The placeholder of a connector whose `unavailable.value.placeholder` is `setting`: its
+    /// bytes are the setting's UTF-8, or with the `hex:` prefix the octets the rest spells.
+    pub fn new(setting: &str) -> Result<Placeholder, String> {
+        let bytes = match setting.strip_prefix("hex:") {
+            Some(hex) => decode_hex(hex).ok_or_else(|| {
+                format!("`{setting}`: after `hex:` comes an even number of hexadecimal digits")
+            })?,
+            None => setting.as_bytes().to_vec(),
+        };
+        if bytes.is_empty() {
+            return Err("the placeholder is empty: an empty string is a value".into());
+        }
+        // Debezium's string form is the bytes read as UTF-8 (Java's `new String(bytes)`).
+        let text = String::from_utf8_lossy(&bytes);
+        let base64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        Ok(Placeholder {
+            text: serde_json::Value::from(text.as_ref()).to_string(),
+            bytes: format!("\"{base64}\""),
+        })
+    }
+
+    /// Whether `json`, a field's JSON text encoded as `encoding` says, is the placeholder.
+    pub fn is(&self, encoding: &Encoding, json: &str) -> bool {
+        match encoding {
+            Encoding::Bytes => json == self.bytes,
+            _ => json == self.text,
+        }
+    }
+}
+
+impl Default for Placeholder {
+    fn default() -> Placeholder {
+        Placeholder::new(DEFAULT_PLACEHOLDER).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// The fields of a change event's `source` block that [`source_position`] reads, in order.
-pub const SOURCE_FIELDS: [&str; 5] = ["connector", "snapshot", "lsn", "file", "pos"];
+pub const SOURCE_FIELDS: [&str; 6] = ["connector", "snapshot", "lsn", "file", "pos", "row"];
 
 /// A snapshot row's position is its snapshot's position moved below every streamed change's.
 const SNAPSHOT_BELOW_STREAMED: i64 = i64::MIN;
@@ -358,7 +422,7 @@ const SNAPSHOT_BELOW_STREAMED: i64 = i64::MIN;
 /// snapshot's position and still commit after it, so its change is newer than the snapshot's
 /// row. A later snapshot is still newer than an earlier one.
 pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
-    let [connector, snapshot, lsn, file, pos] = fields else {
+    let [connector, snapshot, lsn, file, pos, row] = fields else {
         return Err("the event's source fields were not read".into());
     };
     let position = match *connector {
@@ -366,7 +430,7 @@ pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
             .and_then(|l| l.parse().ok())
             .filter(|l: &i64| *l >= 0)
             .ok_or_else(|| format!("the event's source.lsn is not an LSN: {lsn:?}"))?,
-        Some(r#""mysql""# | r#""mariadb""#) => binlog_position(*file, *pos)?,
+        Some(r#""mysql""# | r#""mariadb""#) => binlog_position(*file, *pos, *row)?,
         Some(other) => {
             return Err(format!(
                 "$source_position knows the positions of the PostgreSQL (source.lsn), MySQL and \
@@ -377,8 +441,8 @@ pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
         None => return Err("the event has no source.connector".into()),
     };
     // `snapshot` is "true", "first", "last", "incremental"… for a snapshot row, and "false"
-    // or absent for a streamed change.
-    let snapshotted = !matches!(*snapshot, None | Some("null" | r#""false""#));
+    // or absent for a streamed change; Debezium 1.0 and older send a JSON boolean.
+    let snapshotted = !matches!(*snapshot, None | Some("null" | "false" | r#""false""#));
     Ok(if snapshotted {
         position.wrapping_add(SNAPSHOT_BELOW_STREAMED)
     } else {
@@ -386,12 +450,19 @@ pub fn source_position(fields: &[Option<&str>]) -> Result<i64, String> {
     })
 }
 
-/// A MySQL or MariaDB binlog event's position as one number: the binlog file's sequence
+/// A MySQL or MariaDB row change's position as one number: the binlog file's sequence
 /// number (the digits after the last `.` of `mysql-bin.000042`) above, the event's offset in
-/// the file below. Offsets are under 2^32 (a binlog event's header holds them in 32 bits), so
-/// the file takes the 31 bits above them. Two rows of one event share it; one row changes at
-/// most once per event.
-fn binlog_position(file: Option<&str>, pos: Option<&str>) -> Result<i64, String> {
+/// the file plus the row's index in the event (`source.row`) below. One rows event holds
+/// several rows, and may change one row several times (`INSERT … ON DUPLICATE KEY UPDATE`
+/// or `REPLACE` with a key repeated): the row index orders them. Adding it to the offset
+/// keeps every event's rows below the next event's offset, since each row takes at least one
+/// byte of its event (its null bitmap). Offsets are under 2^32 (a binlog event's header
+/// holds them in 32 bits), so the file takes the 31 bits above them.
+fn binlog_position(
+    file: Option<&str>,
+    pos: Option<&str>,
+    row: Option<&str>,
+) -> Result<i64, String> {
     let name = file
         .and_then(|f| f.strip_prefix('"')?.strip_suffix('"'))
         .ok_or_else(|| format!("the event's source.file is not a binlog file name: {file:?}"))?;
@@ -406,7 +477,24 @@ fn binlog_position(file: Option<&str>, pos: Option<&str>) -> Result<i64, String>
         .and_then(|p| p.parse::<i64>().ok())
         .filter(|p| (0..1 << 32).contains(p))
         .ok_or_else(|| format!("the event's source.pos is not a binlog offset: {pos:?}"))?;
-    Ok(sequence << 32 | offset)
+    // A snapshot row has no row index: 0.
+    let index = match row {
+        None | Some("null") => 0,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|r| *r >= 0)
+            .ok_or_else(|| format!("the event's source.row is not a row index: {text}"))?,
+    };
+    let at = offset
+        .checked_add(index)
+        .filter(|at| *at < 1 << 32)
+        .ok_or_else(|| {
+            format!(
+                "the event's source.pos {offset} + source.row {index} is past a binlog file's end"
+            )
+        })?;
+    Ok(sequence << 32 | at)
 }
 
 #[cfg(test)]
@@ -597,7 +685,7 @@ mod tests {
     fn source_positions_put_snapshots_below_streamed_changes() {
         let pg = Some(r#""postgresql""#);
         let at = |snapshot: Option<&str>, lsn: &str| {
-            source_position(&[pg, snapshot, Some(lsn), None, None])
+            source_position(&[pg, snapshot, Some(lsn), None, None, None])
         };
         let snapshot_row = at(Some(r#""first""#), "50064998776").expect("position");
         let late_snapshot = at(Some(r#""true""#), "50064999000").expect("position");
@@ -607,14 +695,20 @@ mod tests {
         assert!(snapshot_row < late_snapshot && late_snapshot < in_flight);
         assert!(in_flight < streamed);
         assert_eq!(at(Some("null"), "7"), Ok(7));
+        // Debezium 1.0 and older: a JSON boolean.
+        assert_eq!(at(Some("false"), "7"), Ok(7));
+        assert!(at(Some("true"), "7").is_ok_and(|p| p < 0));
         for (fields, reason) in [
             (
-                [Some(r#""sqlserver""#), None, None, None, None],
+                [Some(r#""sqlserver""#), None, None, None, None, None],
                 "connector \"sqlserver\"",
             ),
-            ([pg, None, Some("-1"), None, None], "not an LSN"),
-            ([pg, None, None, None, None], "not an LSN"),
-            ([None, None, Some("7"), None, None], "no source.connector"),
+            ([pg, None, Some("-1"), None, None, None], "not an LSN"),
+            ([pg, None, None, None, None, None], "not an LSN"),
+            (
+                [None, None, Some("7"), None, None, None],
+                "no source.connector",
+            ),
         ] {
             let error = source_position(&fields).expect_err(reason);
             assert!(error.contains(reason), "{error}");
@@ -632,6 +726,7 @@ mod tests {
                 None,
                 Some(&file),
                 Some(pos),
+                None,
             ])
         };
         let streamed = |file: &str, pos: &str| at("mysql", r#""false""#, file, pos).expect(pos);
@@ -657,8 +752,50 @@ mod tests {
             let error = at("mysql", r#""false""#, file, pos).expect_err(reason);
             assert!(error.contains(reason), "{file} {pos}: {error}");
         }
-        let no_file = source_position(&[Some(r#""mysql""#), None, None, None, Some("4")]);
+        let no_file = source_position(&[Some(r#""mysql""#), None, None, None, Some("4"), None]);
         assert!(no_file.is_err_and(|e| e.contains("source.file")));
+    }
+
+    #[test]
+    fn the_placeholder_is_known_in_its_text_and_its_bytes_form() {
+        let default = Placeholder::default();
+        let text = r#""__debezium_unavailable_value""#;
+        let bytes = r#""X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==""#;
+        for encoding in [Encoding::Plain, Encoding::JsonText, Encoding::Unknown] {
+            assert!(default.is(&encoding, text), "{encoding:?}");
+            assert!(!default.is(&encoding, bytes), "{encoding:?}");
+        }
+        assert!(default.is(&Encoding::Bytes, bytes));
+        assert!(!default.is(&Encoding::Bytes, text));
+        assert!(!default.is(&Encoding::Plain, r#""__debezium_unavailable_valu""#));
+        // `hex:` spells the bytes; the text form is the bytes read as UTF-8.
+        let custom = Placeholder::new("hex:e298830a").expect("hex");
+        assert!(custom.is(&Encoding::Plain, "\"☃\\n\""));
+        assert!(custom.is(&Encoding::Bytes, r#""4piDCg==""#));
+    }
+
+    #[test]
+    fn rows_of_one_binlog_event_are_ordered_by_their_index() {
+        let at = |pos: &str, row: Option<&str>| {
+            source_position(&[
+                Some(r#""mariadb""#),
+                Some(r#""false""#),
+                None,
+                Some(r#""mysql-bin.000003""#),
+                Some(pos),
+                row,
+            ])
+        };
+        let rows: Vec<i64> = ["0", "1", "2"]
+            .iter()
+            .map(|r| at("4015", Some(r)).expect("row"))
+            .collect();
+        assert!(rows[0] < rows[1] && rows[1] < rows[2], "{rows:?}");
+        // Every row of an event is below the next event (a row takes a byte at least).
+        assert!(rows[2] < at("4018", Some("0")).expect("next event"));
+        assert_eq!(at("4015", None), at("4015", Some("0")));
+        assert!(at("4015", Some("-1")).is_err_and(|e| e.contains("source.row")));
+        assert!(at("4294967295", Some("1")).is_err_and(|e| e.contains("past")));
     }
 
     #[test]

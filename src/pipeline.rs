@@ -1132,6 +1132,10 @@ fn on_committed(
     if rows.dead_lettered > 0 {
         report_dead_letters(shared, batch, rejected);
     }
+    for (tp, offset) in &rows.absent {
+        warn!(pipeline = %shared.pipeline, topic = %tp.topic, partition = tp.partition, offset, "a change whose row has values its source did not send (Debezium's placeholder for an unchanged TOASTed value), for a row the table does not have: nothing to keep those values from, so it is not written; an older change sent again after the row's delete (a Debezium restart, a replay) comes to this, and the delete that follows it removes the row anyway");
+        telemetry::record_ignored(&shared.pipeline, "unavailable_values_no_row");
+    }
     debug!(
         pipeline = %shared.pipeline,
         records = batch.records(),

@@ -327,8 +327,8 @@ impl Target {
     }
 
     /// Replays every event from offset 0: the pipeline runs until it has stored every
-    /// topic's end offsets, writes batches, and leaves each table as it was.
-    async fn replay(&self, source: &CapturedDatabase) {
+    /// topic's end offsets, writes batches, and leaves each table as it was. Returns its log.
+    async fn replay(&self, source: &CapturedDatabase) -> String {
         let (_, first) = &self.tables[0];
         first.forget_offsets().await;
         let mut running = Connector::start(&self.config);
@@ -350,6 +350,7 @@ impl Target {
             let last = table.rows_at_source(source).await;
             wait_for_rows(table, case, &last, Duration::ZERO, Path::new("")).await;
         }
+        log
     }
 }
 
@@ -519,6 +520,155 @@ transforms.flatten.delete.tombstone.handling.mode=rewrite",
     }
 }
 
+/// Documents: a large text, bytea and jsonb value in every row, which PostgreSQL stores out
+/// of line (TOAST). The source keeps `REPLICA IDENTITY DEFAULT`, so an update that leaves
+/// one of them unchanged has Debezium send its placeholder instead of the value. Each row is
+/// rendered with the values' digests and the text's length.
+const DOCS: Replicated = Replicated {
+    name: "docs",
+    source: "CREATE TABLE docs (id integer PRIMARY KEY, n integer NOT NULL, body text, data bytea, doc jsonb);
+        CREATE FUNCTION big(seed integer) RETURNS text LANGUAGE sql VOLATILE AS
+          $$ SELECT string_agg(md5(seed || '.' || g || random()::text), '') FROM generate_series(1, 400) g $$",
+    target: |backend| match backend {
+        Backend::Postgres => "id integer PRIMARY KEY, n integer NOT NULL, body text, data bytea, \
+                              doc jsonb, src_pos bigint NOT NULL"
+            .into(),
+        Backend::MySql => "id integer PRIMARY KEY, n integer NOT NULL, body mediumtext, \
+                           data mediumblob, doc json, src_pos bigint NOT NULL"
+            .into(),
+    },
+    sink: "  format: debezium
+  mode: upsert
+  newer_by: src_pos
+  columns:
+    \"*\": auto
+    src_pos: $source_position
+batch:
+  max_wait_ms: 50
+",
+    rows_postgres: "SELECT CONCAT_WS('|', id, n, COALESCE(md5(body), '∅'), COALESCE(md5(data), '∅'),
+        COALESCE(md5(doc::text), '∅'), COALESCE(length(body)::text, '∅')) FROM TABLE",
+    rows_mysql: "SELECT CONVERT(CONCAT_WS('|', id, n, COALESCE(MD5(body), '∅'), COALESCE(MD5(data), '∅'),
+        COALESCE(MD5(doc), '∅'), COALESCE(CAST(CHAR_LENGTH(body) AS CHAR), '∅')) USING utf8mb4) FROM TABLE",
+};
+
+/// Changes to the documents that leave the large values unchanged (Debezium sends its
+/// placeholder), change some of them, NULL one, and do both to one row within one
+/// transaction; a placeholder update right before the row's delete, and a row deleted and
+/// inserted again.
+const DOCS_WORKLOAD: &[&str] = &[
+    "UPDATE docs SET n = n + 1",
+    "UPDATE docs SET body = big(id + 1000) WHERE id % 3 = 0",
+    "BEGIN;
+     INSERT INTO docs SELECT i, 0, big(i), decode(big(i), 'hex'), jsonb_build_object('id', i, 'body', big(i))
+       FROM generate_series(21, 25) i;
+     UPDATE docs SET n = n + 10 WHERE id > 20;
+     COMMIT;",
+    "UPDATE docs SET doc = NULL, n = 7 WHERE id = 2",
+    "UPDATE docs SET n = 8 WHERE id = 2",
+    "BEGIN; UPDATE docs SET n = n + 1 WHERE id = 4; DELETE FROM docs WHERE id = 4; COMMIT;",
+    "UPDATE docs SET data = '\\x0102' WHERE id = 5",
+    "UPDATE docs SET n = 9 WHERE id = 5",
+    "BEGIN;
+     UPDATE docs SET body = big(600) WHERE id = 6;
+     UPDATE docs SET n = 99 WHERE id = 6;
+     UPDATE docs SET doc = jsonb_build_object('v', big(601)) WHERE id = 6;
+     UPDATE docs SET n = 100 WHERE id = 6;
+     COMMIT;",
+    "DELETE FROM docs WHERE id = 7",
+    "INSERT INTO docs VALUES (7, 70, big(700), decode(big(700), 'hex'), '{\"small\": true}')",
+    "UPDATE docs SET n = n + 1 WHERE id IN (7, 8)",
+    "UPDATE docs SET n = n + 1 WHERE id % 2 = 0",
+];
+
+/// A column PostgreSQL stores out of line and an update leaves unchanged keeps its value in
+/// the target: Debezium's placeholder is never written, on either database, through SIGKILLs
+/// of idemsink, a SIGKILL of the Connect worker (which sends changes again) and a replay from
+/// offset 0, one record a batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn unchanged_toasted_values_are_kept_through_kills_a_connect_restart_and_a_replay() {
+    let admin = database_url(Backend::Postgres);
+    let mut source = CapturedDatabase::create(&admin, &unique("dbztoast"), DOCS.source)
+        .await
+        .expect("source database");
+    source
+        .exec(
+            "INSERT INTO docs SELECT i, i, big(i), decode(big(i), 'hex'),
+               jsonb_build_object('id', i, 'body', big(i)) FROM generate_series(1, 20) i",
+        )
+        .await
+        .expect("snapshot rows");
+    // Out of line: each value is stored larger than a row may hold inline (about 2 kB).
+    let stored_out_of_line: Vec<String> = source
+        .texts(
+            "SELECT (LEAST(pg_column_size(body), pg_column_size(data), pg_column_size(doc)) > 2100)::text
+             FROM docs",
+        )
+        .await
+        .expect("sizes");
+    assert!(
+        stored_out_of_line.iter().all(|t| t == "true"),
+        "the values must be TOASTed: {stored_out_of_line:?}"
+    );
+    let topic = source.topic("public.docs");
+    testkit::create_topic(&brokers(), &topic, 3, false)
+        .await
+        .expect("create topic");
+    let mut targets = Vec::new();
+    for backend in [Backend::Postgres, Backend::MySql] {
+        targets.push(Target::create(backend, &[&DOCS], &source).await);
+    }
+    source
+        .capture(&brokers(), "public.docs", "")
+        .expect("start Debezium");
+    let start_all = |targets: &[Target]| -> Vec<Connector> {
+        targets
+            .iter()
+            .map(|target| Connector::start(&target.config))
+            .collect()
+    };
+    let mut running = start_all(&targets);
+    wait_for_sources(&targets, &running, &source).await;
+
+    for (step, sql) in DOCS_WORKLOAD.iter().enumerate() {
+        source.exec(sql).await.expect("workload");
+        if step == DOCS_WORKLOAD.len() / 2 {
+            source.restart_capture().expect("restart Kafka Connect");
+        }
+        if step % 3 == 2 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for connector in running {
+                connector.kill();
+            }
+            running = start_all(&targets);
+        }
+    }
+    let expected = DOCS.rows_at_source(&source).await;
+    assert_eq!(expected.len(), 24, "rows 1–25 but 4: {expected:?}");
+    wait_for_sources(&targets, &running, &source).await;
+    for connector in running {
+        connector.kill();
+    }
+    for target in &targets {
+        // One record a batch: each placeholder update is then a patch of the stored row by
+        // itself, where in the first pass most were folded into the writes of their batch.
+        let config = std::fs::read_to_string(&target.config).expect("pipeline file");
+        let one_by_one = config.replace("batch:\n", "batch:\n  max_records: 1\n");
+        assert_ne!(config, one_by_one, "the pipeline file has a batch section");
+        std::fs::write(&target.config, one_by_one).expect("pipeline file");
+        target.replay(&source).await;
+    }
+    let connect_log: String = source
+        .logs()
+        .iter()
+        .filter_map(|log| std::fs::read_to_string(log).ok())
+        .collect();
+    assert!(
+        !connect_log.contains(" ERROR "),
+        "Kafka Connect logged errors:\n{connect_log}"
+    );
+}
+
 /// A PostgreSQL change event's value, schemaless: `op` at `lsn` with its row images.
 fn event(op: &str, lsn: i64, before: Value, after: Value) -> Vec<u8> {
     let event = json!({
@@ -659,9 +809,52 @@ async fn a_truncate_removes_what_is_older_than_it(backend: Backend) {
     assert_eq!(rows().await, expected, "{backend}: after the replay");
 }
 
+/// Debezium's placeholder for a value it did not have leaves the stored value as it is, and
+/// an update that has it for a row the table does not have (an older change sent again after
+/// the row's delete) writes nothing, and is logged with its coordinates and counted.
+async fn a_placeholder_keeps_the_stored_value_and_needs_a_stored_row(backend: Backend) {
+    let (case, config) = versioned_by_source(
+        backend,
+        "dbz_toast",
+        "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  columns:\n    \
+         \"*\": auto\n    src_pos: $source_position\n",
+    )
+    .await;
+    let placeholder = "__debezium_unavailable_value";
+    let created = [change(1, "c", 100, "kept"), change(2, "c", 110, "two")];
+    let updated = [
+        change(1, "u", 200, placeholder),
+        change(3, "u", 300, placeholder),
+        change(2, "u", 120, placeholder),
+        change(2, "u", 130, "new"),
+        change(2, "u", 140, placeholder),
+    ];
+    let mut log = String::new();
+    for events in [&created[..], &updated[..]] {
+        testkit::produce(&case.producer(), &case.topic, events)
+            .await
+            .expect("produce");
+        let end = case.end_offsets().await;
+        log = case.run_until_stored(&config, &end).await;
+    }
+    let rows = case
+        .texts(&format!(
+            "SELECT CONCAT_WS('|', id, name, src_pos) FROM {} ORDER BY id",
+            case.table
+        ))
+        .await;
+    assert_eq!(rows, ["1|kept|200", "2|new|140"], "{backend}");
+    let absent = log
+        .lines()
+        .find(|l| l.contains("for a row the table does not have"))
+        .unwrap_or_else(|| panic!("{backend}: the update of row 3 is reported:\n{log}"));
+    assert!(absent.contains("offset=3"), "{absent}");
+}
+
 on_both_databases!(
     older_changes_from_the_source_change_nothing,
-    a_truncate_removes_what_is_older_than_it
+    a_truncate_removes_what_is_older_than_it,
+    a_placeholder_keeps_the_stored_value_and_needs_a_stored_row
 );
 
 /// A truncate lands in any partition: applying truncates needs topics of one partition, or a

@@ -437,6 +437,18 @@ fn check_format_rules(
     if sink.format.is_debezium() {
         problems.extend(check_debezium_rules(sink, columns));
     }
+    if let Some(setting) = &sink.unavailable_value_placeholder {
+        match crate::debezium::Placeholder::new(setting) {
+            Err(reason) => problems.push(("sink.unavailable_value_placeholder", reason)),
+            Ok(_) if !sink.format.is_debezium() => problems.push((
+                "sink.unavailable_value_placeholder",
+                "only applies to Debezium's change events (sink.format: debezium or \
+                 debezium_flattened), whose connector sends it for a value it does not have"
+                    .to_string(),
+            )),
+            Ok(_) => {}
+        }
+    }
     if sink.truncate != OnTruncate::Refuse && sink.format != RecordFormat::Debezium {
         problems.push((
             "sink.truncate",
@@ -493,6 +505,18 @@ fn check_version_rules(
             problems.push((
                 "sink.newer_by",
                 format!("`{version}` is not mapped in sink.columns"),
+            ));
+        }
+        if source_of(version) == Some(&Source::Timestamp) {
+            problems.push((
+                "sink.newer_by",
+                format!(
+                    "`{version}` is mapped from $timestamp, the record's time in milliseconds: \
+                     several versions of a row written within one millisecond would tie, and \
+                     all but the first would be dropped; use a version the producer increments, \
+                     $source_position for Debezium's events, or no newer_by (the Kafka position \
+                     orders the records of a partition)"
+                ),
             ));
         }
         if sink.key.contains(version) {

@@ -170,6 +170,10 @@ pub struct SinkConfig {
     /// What a Debezium truncate event (op t) does.
     #[serde(default)]
     pub truncate: OnTruncate,
+    /// The connector's `unavailable.value.placeholder`, when it is not Debezium's default:
+    /// a field holding it keeps the row's value (an unchanged TOASTed column).
+    #[serde(default)]
+    pub unavailable_value_placeholder: Option<String>,
     /// How many transactions write at once, each over its own share of the partitions (a
     /// partition is always written by the same one), so the database is never idle while a
     /// batch commits.

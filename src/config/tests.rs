@@ -441,6 +441,47 @@ fn business_key_rules_name_their_key() {
         load(&fine, &url).is_ok(),
         "upsert on a key needs no coordinates"
     );
+    // The record's time has milliseconds: versions written within one would tie.
+    let by_time = only_error(
+        &keyed("  mode: upsert\n  key: [order_id]\n  newer_by: Customer\n")
+            .replace("Customer: /customer/name", "Customer: $timestamp"),
+        &url,
+    );
+    assert_eq!(by_time.key, "sink.newer_by");
+    assert!(by_time.message.contains("millisecond"), "{by_time}");
+}
+
+#[test]
+fn a_placeholder_setting_is_checked_and_only_for_debezium() {
+    let url = [("DATABASE_URL", "postgres://u@h/db")];
+    let with = |format: &str, placeholder: &str| {
+        GOOD.replace(
+            "  table: public.orders\n",
+            &format!(
+                "  table: public.orders\n  format: {format}\n  mode: upsert\n  \
+                 unavailable_value_placeholder: '{placeholder}'\n"
+            ),
+        )
+        .replace(
+            "    kafka_partition: $partition\n    kafka_offset: $offset\n",
+            "",
+        )
+    };
+    assert!(load(&with("debezium", "hex:00ff"), &url).is_ok());
+    for (format, placeholder, reason) in [
+        ("debezium", "hex:0", "hexadecimal"),
+        ("debezium", "hex:zz", "hexadecimal"),
+        ("debezium", "", "empty"),
+        ("json", "__x", "only applies to Debezium"),
+    ] {
+        let errors = load(&with(format, placeholder), &url).expect_err(placeholder);
+        assert!(
+            errors.iter().any(
+                |e| e.key == "sink.unavailable_value_placeholder" && e.message.contains(reason)
+            ),
+            "{placeholder}: {errors:?}"
+        );
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::cells::Cells;
 use crate::config::{OnTruncate, RecordFormat};
-use crate::debezium::{self, Encoding, Encodings, SchemaCache};
+use crate::debezium::{self, Encoding, Encodings, Placeholder, SchemaCache};
 use crate::json_pointers::Pointers;
 use smallvec::{smallvec, SmallVec};
 
@@ -211,6 +211,9 @@ pub struct RowMapper {
     position_at: Option<usize>,
     /// What a Debezium truncate event does (`sink.truncate`).
     truncate: OnTruncate,
+    /// In Debezium format, the value Debezium sends for a column it does not have: such a
+    /// cell is unavailable, and the row keeps its value.
+    placeholder: Placeholder,
 }
 
 impl RowMapper {
@@ -288,6 +291,16 @@ impl RowMapper {
             field_of,
             position_at,
             truncate: OnTruncate::Refuse,
+            placeholder: Placeholder::default(),
+        }
+    }
+
+    /// The same mapper, with Debezium's placeholder for a value it does not have being
+    /// `placeholder` (its default otherwise).
+    pub fn with_placeholder(self, placeholder: Placeholder) -> RowMapper {
+        RowMapper {
+            placeholder,
+            ..self
         }
     }
 
@@ -397,6 +410,12 @@ impl RowMapper {
                         Some(encodings) => &encodings[c],
                         None => &Encoding::Unknown,
                     };
+                    // Only a plain column's value can be left out (a key or a version is
+                    // always sent).
+                    if column.role == Role::Plain && self.placeholder.is(encoding, json) {
+                        cells.end_unavailable(c);
+                        continue;
+                    }
                     convert_decoded(column.kind, encoding, json, out)
                 }
                 (field, _) => convert_field(column.kind, field, out),

@@ -31,6 +31,7 @@ pub fn jars(which: &str) -> Result<PathBuf> {
 pub struct Worker {
     child: Child,
     dir: tempfile::TempDir,
+    jars: PathBuf,
 }
 
 impl Worker {
@@ -55,8 +56,29 @@ plugin.discovery=only_scan
         );
         std::fs::write(dir.path().join("worker.properties"), worker)?;
         std::fs::write(dir.path().join("connector.properties"), properties)?;
-        let log = std::fs::File::create(dir.path().join("connect.log"))?;
-        let child = Command::new("java")
+        let child = Worker::spawn(jars, dir.path())?;
+        Ok(Worker {
+            child,
+            dir,
+            jars: jars.to_path_buf(),
+        })
+    }
+
+    /// SIGKILLs the worker and starts it again on the same files: its connector resumes from
+    /// the source offsets it had flushed, and sends again what came after them.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Worker::spawn(&self.jars, self.dir.path())?;
+        Ok(())
+    }
+
+    fn spawn(jars: &Path, dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("connect.log"))?;
+        Command::new("java")
             .arg("-Xmx512m")
             .arg(format!(
                 "-Dlog4j2.configurationFile={ROOT}/scripts/kafka/log4j2.properties"
@@ -64,13 +86,12 @@ plugin.discovery=only_scan
             .arg("-cp")
             .arg(format!("{}/*", jars.display()))
             .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-            .arg(dir.path().join("worker.properties"))
-            .arg(dir.path().join("connector.properties"))
+            .arg(dir.join("worker.properties"))
+            .arg(dir.join("connector.properties"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting Kafka Connect")?;
-        Ok(Worker { child, dir })
+            .context("starting Kafka Connect")
     }
 
     /// The worker's log (warnings and errors).
@@ -189,6 +210,13 @@ table.include.list={tables}
         self.workers.push(worker);
         self.connectors.push(connector.to_string());
         Ok(())
+    }
+
+    /// SIGKILLs the workers and starts them again (see [`Worker::kill_and_restart`]).
+    pub fn restart_capture(&mut self) -> Result<()> {
+        self.workers
+            .iter_mut()
+            .try_for_each(Worker::kill_and_restart)
     }
 
     /// Stops the workers (their slots stay until the database is dropped).

@@ -11,10 +11,11 @@ mod postgres;
 use std::collections::HashSet;
 use std::ops::Range;
 
-use crate::batch::{Batch, Changes, DeadLetter, Winner};
+use crate::batch::{Batch, Changes, DeadLetter, Patch, Winner};
 use crate::config::{ConfigError, LoadedPipeline, OnTruncate, RecordFormat, SinkMode};
 use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
+use crate::debezium::Placeholder;
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::routing::{Route, Routes};
@@ -50,6 +51,8 @@ pub struct SinkPlan {
     pub format: RecordFormat,
     /// What a Debezium truncate event does (`sink.truncate`).
     pub truncate: OnTruncate,
+    /// What Debezium sends for a value it does not have (`sink.unavailable_value_placeholder`).
+    pub placeholder: Placeholder,
     /// Whether records delete rows: tombstones with `sink.delete_on_null`, delete events in
     /// Debezium format.
     pub deletes: bool,
@@ -392,10 +395,16 @@ impl SinkPlan {
         problems.extend(position_guard_problems(
             pipeline, &columns, position, newer_by, topics,
         ));
+        let placeholder = sink
+            .unavailable_value_placeholder
+            .as_deref()
+            .map_or_else(|| Ok(Placeholder::default()), Placeholder::new)
+            .map_err(|e| vec![pipeline.error("sink.unavailable_value_placeholder", e)])?;
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(SinkPlan {
+            placeholder,
             key_equality: (!key.is_empty())
                 .then(|| key_equality(&schema, &columns, &conflict))
                 .flatten(),
@@ -416,7 +425,9 @@ impl SinkPlan {
     }
 
     pub fn mapper(&self) -> RowMapper {
-        RowMapper::new(self.columns.clone(), self.deletes, self.format).on_truncate(self.truncate)
+        RowMapper::new(self.columns.clone(), self.deletes, self.format)
+            .on_truncate(self.truncate)
+            .with_placeholder(self.placeholder.clone())
     }
 
     /// Which record of a key repeated in a batch is written.
@@ -512,8 +523,29 @@ fn statement_parts<'r>(
     parts
 }
 
+/// The rows of `patches` by round, in order (see [`Changes::patches`]).
+fn patch_rounds(patches: &[Patch]) -> impl Iterator<Item = Vec<usize>> + '_ {
+    patches
+        .chunk_by(|a, b| a.round == b.round)
+        .map(|round| round.iter().map(|p| p.row).collect())
+}
+
+/// Per column of `row`, `u` where its cell is unavailable and `-` elsewhere: what a patch
+/// statement reads to leave those columns as they are.
+fn unavailable_mask(batch: &Batch, row: usize, columns: usize) -> String {
+    (0..columns)
+        .map(|c| {
+            if batch.cells.column(c).is_unavailable(row) {
+                'u'
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
 /// What a batch did to the table.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RowCounts {
     /// Rows inserted or updated. MySQL reports a duplicate it left as it was like an insert,
     /// so there they count too.
@@ -526,6 +558,19 @@ pub struct RowCounts {
     pub deleted: u64,
     /// Records written to the dead-letter table instead.
     pub dead_lettered: u64,
+    /// Records whose row has unavailable values (see [`Changes::patches`]) but is not in
+    /// the table, so there is nothing to keep them from: nothing is written for them.
+    pub absent: Vec<(TopicPartition, i64)>,
+}
+
+impl RowCounts {
+    /// Adds the records of `rows` of `batch` to the absent ones.
+    fn add_absent(&mut self, batch: &Batch, rows: &[usize]) {
+        self.absent.extend(rows.iter().map(|row| {
+            let (tp, offset) = batch.coordinates(*row);
+            (tp.clone(), offset)
+        }));
+    }
 }
 
 impl std::ops::AddAssign for RowCounts {
@@ -538,6 +583,7 @@ impl std::ops::AddAssign for RowCounts {
         };
         self.deleted += other.deleted;
         self.dead_lettered += other.dead_lettered;
+        self.absent.extend(other.absent);
     }
 }
 
@@ -1048,6 +1094,7 @@ mod fixtures {
             position,
             format: RecordFormat::Debezium,
             truncate: OnTruncate::Apply,
+            placeholder: Placeholder::default(),
             deletes: true,
             copy_allowed: true,
             key_equality: None,

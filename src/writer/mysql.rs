@@ -13,14 +13,14 @@
 
 use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
-use sqlx::{MySql, MySqlConnection, MySqlPool};
+use sqlx::{MySql, MySqlConnection, MySqlPool, Row};
 
 use super::guard::{self, Sides};
 use super::{
-    group_ids, row_bytes, statement_parts, BatchStatements, RejectedRow, RowCounts, SinkPlan,
-    StatementLimit,
+    group_ids, patch_rounds, row_bytes, statement_parts, unavailable_mask, BatchStatements,
+    RejectedRow, RowCounts, SinkPlan, StatementLimit,
 };
-use crate::batch::{Batch, Changes, DeadLetter};
+use crate::batch::{Batch, Changes, DeadLetter, Patch};
 use crate::config::{OnTruncate, SinkMode};
 use crate::db::is_rejected_row;
 use crate::dead_letters::DeadLetterTable;
@@ -66,6 +66,9 @@ pub struct MySqlWriter {
     truncate: Option<DeleteSql>,
     /// The kind of each column, for binding.
     kinds: Vec<ColumnKind>,
+    /// The plan patch statements are built from, in upsert mode on a business key (their
+    /// text depends on the number of rows).
+    patch: Option<SinkPlan>,
 }
 
 /// `DELETE t FROM <table> AS t JOIN (SELECT ? AS c<i>, … UNION ALL SELECT ?, …) AS r ON
@@ -109,6 +112,11 @@ impl BatchStatements for MySqlWriter {
             counts.written += rows.len() as u64;
             counts.updated += affected.saturating_sub(rows.len() as u64);
         }
+        if let Some(plan) = self.patch.as_ref().filter(|_| !changes.patches.is_empty()) {
+            let (updated, absent) = self.patch_rows(conn, plan, batch, &changes.patches).await?;
+            counts.written += updated;
+            counts.add_absent(batch, &absent);
+        }
         Ok(counts)
     }
 
@@ -147,8 +155,9 @@ impl BatchStatements for MySqlWriter {
             let bound = self.delete.as_ref().map_or(&[][..], |d| &d.bound[..]);
             (*row, row_bytes(batch, bound, *row))
         });
-        let writes =
-            (changes.writes.iter()).map(|row| (*row, row_bytes(batch, &self.all_columns, *row)));
+        let patches = changes.patches.iter().map(|p| &p.row);
+        let writes = (changes.writes.iter().chain(patches))
+            .map(|row| (*row, row_bytes(batch, &self.all_columns, *row)));
         deletes
             .chain(writes)
             .find(|(_, bytes)| bytes + PACKET_HEADER_BYTES > self.max_packet)
@@ -266,6 +275,7 @@ impl MySqlWriter {
             delete,
             truncate,
             kinds: plan.columns.iter().map(|c| c.kind).collect(),
+            patch: (plan.mode == SinkMode::Upsert && plan.keyed).then(|| plan.clone()),
         })
     }
 
@@ -294,6 +304,47 @@ impl MySqlWriter {
             }
         }
         Ok(query.execute(&mut *tx).await?.rows_affected())
+    }
+
+    /// Applies the patches round by round: finds which rows have no stored row (their
+    /// records are reported, nothing is written for them), then updates the others. Returns
+    /// the rows the update matched and the rows without a stored row.
+    async fn patch_rows(
+        &self,
+        tx: &mut MySqlConnection,
+        plan: &SinkPlan,
+        batch: &Batch,
+        patches: &[Patch],
+    ) -> Result<(u64, Vec<usize>), sqlx::Error> {
+        let (mut updated, mut absent) = (0, Vec::new());
+        let columns = self.all_columns.len();
+        for round in patch_rounds(patches) {
+            for rows in statement_parts(batch, &self.all_columns, &round, self.insert_limit) {
+                let (absent_sql, update_sql) = patch_sql(plan, rows.len());
+                let mut find = sqlx::query(&absent_sql).persistent(false);
+                for row in rows {
+                    for c in &self.conflict {
+                        find = bind_typed(find, self.kinds[*c], batch.cells.get(*c, *row));
+                    }
+                }
+                for found in find.fetch_all(&mut *tx).await? {
+                    let i: i64 = found.try_get(0)?;
+                    absent.extend(usize::try_from(i).ok().and_then(|i| rows.get(i)));
+                }
+                let masks: Vec<String> = (rows.iter())
+                    .map(|r| unavailable_mask(batch, *r, columns))
+                    .collect();
+                let mut update = sqlx::query(&update_sql).persistent(false);
+                for (row, mask) in rows.iter().zip(&masks) {
+                    for c in &self.all_columns {
+                        update = bind_typed(update, self.kinds[*c], batch.cells.get(*c, *row));
+                    }
+                    update = update.bind(mask.as_str());
+                }
+                updated += update.execute(&mut *tx).await?.rows_affected();
+            }
+        }
+        Ok((updated, absent))
     }
 
     /// Runs `delete` (see [`delete_sql`]) for `rows`, in statements within its limit;
@@ -432,22 +483,12 @@ fn delete_sql(
             bound,
         };
     }
-    let placeholder = |c: usize| match plan.columns[c].kind {
-        ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
-        ColumnKind::Numeric { precision, scale } => {
-            format!("CAST(? AS DECIMAL({}, {scale}))", precision.unwrap_or(65))
-        }
-        _ => "?".to_string(),
-    };
     let first: Vec<String> = bound
         .iter()
-        .map(|c| format!("{} AS c{c}", placeholder(*c)))
+        .map(|c| format!("{} AS c{c}", placeholder(plan, *c)))
         .collect();
-    let next: Vec<String> = bound.iter().map(|c| placeholder(*c)).collect();
-    let on: Vec<String> = key
-        .iter()
-        .map(|c| format!("t.{} = r.c{c}", plan.quoted(*c)))
-        .collect();
+    let next: Vec<String> = bound.iter().map(|c| placeholder(plan, *c)).collect();
+    let on = key_matches(plan, key);
     // Without a key (a truncate), every stored row meets every bound row.
     let on = if on.is_empty() {
         "TRUE".to_string()
@@ -470,6 +511,90 @@ fn delete_sql(
         limit: limit(&bound),
         bound,
     }
+}
+
+/// A bound cell of column `c` in a derived table of rows, typed as the column compares.
+fn placeholder(plan: &SinkPlan, c: usize) -> String {
+    match plan.columns[c].kind {
+        ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
+        ColumnKind::Numeric { precision, scale } => {
+            format!("CAST(? AS DECIMAL({}, {scale}))", precision.unwrap_or(65))
+        }
+        _ => "?".to_string(),
+    }
+}
+
+/// `t.<k> = r.c<k>` for each column of `key`: the stored row of a bound row.
+fn key_matches(plan: &SinkPlan, key: &[usize]) -> Vec<String> {
+    key.iter()
+        .map(|c| format!("t.{} = r.c{c}", plan.quoted(*c)))
+        .collect()
+}
+
+/// A patch's statements (see [`Changes::patches`]) for `rows` rows: which bound rows have no
+/// stored row (`SELECT r.i … WHERE NOT EXISTS`, binding the key), and the update of those
+/// that have one — every column the upsert sets, but those whose cell is unavailable (the
+/// last bound value of a row holds `u` at the position of each such column), where the
+/// stored row is not newer.
+fn patch_sql(plan: &SinkPlan, rows: usize) -> (String, String) {
+    let derived = |bound: &[usize], numbered: bool, mask: bool| {
+        let mut sql = String::new();
+        for i in 0..rows {
+            let mut cells: Vec<String> = bound
+                .iter()
+                .map(|c| match i {
+                    0 => format!("{} AS c{c}", placeholder(plan, *c)),
+                    _ => placeholder(plan, *c),
+                })
+                .collect();
+            if numbered {
+                cells.insert(0, format!("CAST({i} AS SIGNED) AS i"));
+            }
+            if mask {
+                cells.push("? AS m".to_string());
+            }
+            let union = if i == 0 {
+                "SELECT"
+            } else {
+                " UNION ALL SELECT"
+            };
+            sql.push_str(&format!("{union} {}", cells.join(", ")));
+        }
+        sql
+    };
+    let table = plan.table.quoted(plan.backend);
+    let key = key_matches(plan, &plan.conflict);
+    let absent = format!(
+        "SELECT r.i FROM ({}) AS r WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {})",
+        derived(&plan.conflict, true, false),
+        key.join(" AND ")
+    );
+    let sets: Vec<String> = guard::update_columns(plan)
+        .into_iter()
+        .map(|c| {
+            format!(
+                "t.{0} = IF(SUBSTRING(r.m, {1}, 1) = 'u', t.{0}, r.c{c})",
+                plan.quoted(c),
+                c + 1
+            )
+        })
+        .collect();
+    let all: Vec<usize> = (0..plan.columns.len()).collect();
+    let stored = |c: usize| format!("t.{}", plan.quoted(c));
+    let incoming = |c: usize| format!("r.c{c}");
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
+    };
+    let guard = guard::incoming_is_newer(plan.newer_by, plan.position, &sides)
+        .map_or_else(String::new, |g| format!(" WHERE {g}"));
+    let update = format!(
+        "UPDATE {table} AS t JOIN ({}) AS r ON {} SET {}{guard}",
+        derived(&all, false, true),
+        key.join(" AND "),
+        sets.join(", ")
+    );
+    (absent, update)
 }
 
 /// Binds a cell for a comparison: integers as integers (MySQL compares a number with a

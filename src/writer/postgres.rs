@@ -16,8 +16,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use sqlx::{PgConnection, PgPool, Postgres};
 
 use super::guard::{self, Sides};
-use super::{group_ids, statement_parts, BatchStatements, RowCounts, SinkPlan, StatementLimit};
-use crate::batch::{Batch, Changes, DeadLetter};
+use super::{
+    group_ids, patch_rounds, statement_parts, unavailable_mask, BatchStatements, RowCounts,
+    SinkPlan, StatementLimit,
+};
+use crate::batch::{Batch, Changes, DeadLetter, Patch};
 use crate::cells::Column;
 use crate::config::{OnTruncate, SinkMode};
 use crate::db::{is_rejected_row, is_unique_violation, Backend};
@@ -46,6 +49,10 @@ pub struct PgWriter {
     /// Groups a batch's business keys as the database compares them, with the key columns
     /// it binds (`SinkPlan::key_equality`).
     key_groups: Option<(String, Vec<usize>)>,
+    /// The patch statements, in upsert mode on a business key.
+    patch: Option<PatchSql>,
+    /// The business key's columns (the conflict target).
+    conflict: Vec<usize>,
     store: OffsetStore,
 }
 
@@ -91,6 +98,22 @@ impl BatchStatements for PgWriter {
             counts.updated = updated;
         }
         counts.unchanged = Some((changes.writes.len() as u64).saturating_sub(counts.written));
+        if let Some(patch) = self.patch.as_ref().filter(|_| !changes.patches.is_empty()) {
+            let (updated, absent) = patch_rows(
+                conn,
+                batch,
+                &self.all_columns,
+                &self.conflict,
+                patch,
+                &changes.patches,
+            )
+            .await?;
+            counts.written += updated;
+            counts.updated += updated;
+            let applied = changes.patches.len() - absent.len();
+            counts.unchanged = counts.unchanged.map(|n| n + applied as u64 - updated);
+            counts.add_absent(batch, &absent);
+        }
         Ok(counts)
     }
 
@@ -178,6 +201,8 @@ impl PgWriter {
                 );
                 (sql, plan.conflict.clone())
             }),
+            patch: (plan.mode == SinkMode::Upsert && plan.keyed).then(|| patch_sql(plan)),
+            conflict: plan.conflict.clone(),
             store,
         }
     }
@@ -312,23 +337,8 @@ fn delete_sql(plan: &SinkPlan, key: &[usize]) -> (String, Vec<usize>) {
     if bound.is_empty() {
         return (format!("DELETE FROM {table}"), bound);
     }
-    let mut conditions: Vec<String> = key
-        .iter()
-        .map(|c| {
-            format!(
-                "t.{} = r.c{c}::{}",
-                plan.quoted(*c),
-                plan.columns[*c].kind.sql_name()
-            )
-        })
-        .collect();
-    let stored = |c: usize| format!("t.{}", plan.quoted(c));
-    let incoming = |c: usize| format!("r.c{c}::{}", plan.columns[c].kind.sql_name());
-    let sides = Sides {
-        stored: &stored,
-        incoming: &incoming,
-    };
-    let guard = guard::incoming_is_newer(plan.delete_version, plan.position, &sides);
+    let mut conditions = key_matches(plan, key);
+    let guard = bound_row_is_newer(plan, plan.delete_version);
     conditions.extend(guard.map(|g| format!("({g})")));
     let sql = format!(
         "DELETE FROM {table} AS t USING {} WHERE {}",
@@ -336,6 +346,117 @@ fn delete_sql(plan: &SinkPlan, key: &[usize]) -> (String, Vec<usize>) {
         conditions.join(" AND ")
     );
     (sql, bound)
+}
+
+/// `t.<k> = r.c<k>::<type>` for each column of `key`: the stored row of a bound row.
+fn key_matches(plan: &SinkPlan, key: &[usize]) -> Vec<String> {
+    key.iter()
+        .map(|c| {
+            format!(
+                "t.{} = r.c{c}::{}",
+                plan.quoted(*c),
+                plan.columns[*c].kind.sql_name()
+            )
+        })
+        .collect()
+}
+
+/// The guard of a statement over bound rows (`r`) and the table (`t`): the bound row is
+/// newer than the stored one, by `version` or by the Kafka position.
+fn bound_row_is_newer(plan: &SinkPlan, version: Option<usize>) -> Option<String> {
+    let stored = |c: usize| format!("t.{}", plan.quoted(c));
+    let incoming = |c: usize| format!("r.c{c}::{}", plan.columns[c].kind.sql_name());
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
+    };
+    guard::incoming_is_newer(version, plan.position, &sides)
+}
+
+/// The statements of a patch (see [`Changes::patches`]): which of the bound rows have no
+/// stored row (`SELECT r.i … WHERE NOT EXISTS`, binding the key), and the update of those
+/// that have one — every column the upsert sets, but those whose cell is unavailable (the
+/// last bound array holds, per row, `u` at the position of each such column), where the
+/// stored row is not newer.
+#[derive(Debug)]
+struct PatchSql {
+    absent: String,
+    update: String,
+}
+
+fn patch_sql(plan: &SinkPlan) -> PatchSql {
+    let table = plan.table.quoted(plan.backend);
+    let key = key_matches(plan, &plan.conflict);
+    let absent = format!(
+        "SELECT r.i::int8 FROM {} WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {})",
+        unnest_numbered(&plan.conflict),
+        key.join(" AND ")
+    );
+    let sets: Vec<String> = guard::update_columns(plan)
+        .into_iter()
+        .map(|c| {
+            format!(
+                "{0} = CASE WHEN substr(r.m, {1}, 1) = 'u' THEN t.{0} ELSE r.c{c}::{2} END",
+                plan.quoted(c),
+                c + 1,
+                plan.columns[c].kind.sql_name()
+            )
+        })
+        .collect();
+    let all: Vec<usize> = (0..plan.columns.len()).collect();
+    let (arrays, names) = unnest_parts(&all);
+    let mask = all.len() + 1;
+    let mut conditions = key;
+    let guard = bound_row_is_newer(plan, plan.newer_by);
+    conditions.extend(guard.map(|g| format!("({g})")));
+    let update = format!(
+        "UPDATE {table} AS t SET {} FROM UNNEST({arrays}, ${mask}::text[]) AS r({names}, m) \
+         WHERE {}",
+        sets.join(", "),
+        conditions.join(" AND ")
+    );
+    PatchSql { absent, update }
+}
+
+/// Applies the patches round by round: finds which rows have no stored row (their records
+/// are reported, nothing is written for them), then updates the others. Returns the rows
+/// updated and the rows without a stored row.
+async fn patch_rows(
+    conn: &mut PgConnection,
+    batch: &Batch,
+    plan_columns: &[usize],
+    conflict: &[usize],
+    sql: &PatchSql,
+    patches: &[Patch],
+) -> Result<(u64, Vec<usize>), sqlx::Error> {
+    let (mut updated, mut absent) = (0, Vec::new());
+    for round in patch_rounds(patches) {
+        for rows in statement_parts(batch, plan_columns, &round, STATEMENT_LIMIT) {
+            let find = conflict
+                .iter()
+                .fold(sqlx::query_scalar(&sql.absent), |q, c| {
+                    q.bind(gather(batch.cells.column(*c), rows))
+                });
+            let numbers: Vec<i64> = find.fetch_all(&mut *conn).await?;
+            absent.extend(numbers.iter().filter_map(|i| {
+                let at = usize::try_from(*i).ok()?.checked_sub(1)?;
+                rows.get(at).copied()
+            }));
+            let masks: Vec<String> = rows
+                .iter()
+                .map(|r| unavailable_mask(batch, *r, plan_columns.len()))
+                .collect();
+            let update = plan_columns.iter().fold(sqlx::query(&sql.update), |q, c| {
+                q.bind(gather(batch.cells.column(*c), rows))
+            });
+            updated += update
+                .bind(masks)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+        }
+    }
+    Ok((updated, absent))
 }
 
 /// Runs `delete` (see [`delete_sql`]) for `rows`, in statements within the limit; returns

@@ -354,6 +354,27 @@ impl Target {
     }
 }
 
+/// Starts idemsink on each target's pipeline.
+fn start_all(targets: &[Target]) -> Vec<Connector> {
+    targets
+        .iter()
+        .map(|target| Connector::start(&target.config))
+        .collect()
+}
+
+/// Kafka Connect's logs hold no ERROR line.
+fn assert_connect_logged_no_error(source: &CapturedDatabase) {
+    let connect_log: String = source
+        .logs()
+        .iter()
+        .filter_map(|log| std::fs::read_to_string(log).ok())
+        .collect();
+    assert!(
+        !connect_log.contains(" ERROR "),
+        "Kafka Connect logged errors:\n{connect_log}"
+    );
+}
+
 /// Waits until every target table equals its source table as it is now (`running[i]` runs
 /// `targets[i]`).
 async fn wait_for_sources(targets: &[Target], running: &[Connector], source: &CapturedDatabase) {
@@ -396,12 +417,6 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     source
         .capture(&brokers(), &captured.join(","), "skipped.operations=none")
         .expect("start Debezium");
-    let start_all = |targets: &[Target]| -> Vec<Connector> {
-        targets
-            .iter()
-            .map(|target| Connector::start(&target.config))
-            .collect()
-    };
     let mut running = start_all(&targets);
 
     wait_for_sources(&targets, &running, &source).await;
@@ -429,15 +444,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
     for target in &targets {
         target.replay(&source).await;
     }
-    let connect_log: String = source
-        .logs()
-        .iter()
-        .filter_map(|log| std::fs::read_to_string(log).ok())
-        .collect();
-    assert!(
-        !connect_log.contains(" ERROR "),
-        "Kafka Connect logged errors:\n{connect_log}"
-    );
+    assert_connect_logged_no_error(&source);
 }
 
 /// Debezium's events flattened by its ExtractNewRecordState transform (a delete rewritten as
@@ -620,12 +627,6 @@ async fn unchanged_toasted_values_are_kept_through_kills_and_a_replay() {
     source
         .capture(&brokers(), "public.docs", "")
         .expect("start Debezium");
-    let start_all = |targets: &[Target]| -> Vec<Connector> {
-        targets
-            .iter()
-            .map(|target| Connector::start(&target.config))
-            .collect()
-    };
     let mut running = start_all(&targets);
     wait_for_sources(&targets, &running, &source).await;
 
@@ -654,15 +655,7 @@ async fn unchanged_toasted_values_are_kept_through_kills_and_a_replay() {
         std::fs::write(&target.config, one_by_one).expect("pipeline file");
         target.replay(&source).await;
     }
-    let connect_log: String = source
-        .logs()
-        .iter()
-        .filter_map(|log| std::fs::read_to_string(log).ok())
-        .collect();
-    assert!(
-        !connect_log.contains(" ERROR "),
-        "Kafka Connect logged errors:\n{connect_log}"
-    );
+    assert_connect_logged_no_error(&source);
 }
 
 /// A PostgreSQL change event's value, schemaless: `op` at `lsn` with its row images.

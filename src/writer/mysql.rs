@@ -495,14 +495,7 @@ fn delete_sql(
     } else {
         on.join(" AND ")
     };
-    let stored = |c: usize| format!("t.{}", plan.quoted(c));
-    let incoming = |c: usize| format!("r.c{c}");
-    let sides = Sides {
-        stored: &stored,
-        incoming: &incoming,
-    };
-    let guard = guard::incoming_is_newer(plan.delete_version, plan.position, &sides)
-        .map_or_else(String::new, |g| format!(" WHERE {g}"));
+    let guard = where_bound_row_is_newer(plan, plan.delete_version);
     DeleteSql {
         head: format!("DELETE t FROM {table} AS t JOIN ("),
         first_row: format!("SELECT {}", first.join(", ")),
@@ -511,6 +504,20 @@ fn delete_sql(
         limit: limit(&bound),
         bound,
     }
+}
+
+/// ` WHERE <guard>` of a statement joining the table (`t`) with bound rows (`r`): the bound
+/// row is newer than the stored one, by `version` or by the Kafka position; empty without
+/// either.
+fn where_bound_row_is_newer(plan: &SinkPlan, version: Option<usize>) -> String {
+    let stored = |c: usize| format!("t.{}", plan.quoted(c));
+    let incoming = |c: usize| format!("r.c{c}");
+    let sides = Sides {
+        stored: &stored,
+        incoming: &incoming,
+    };
+    guard::incoming_is_newer(version, plan.position, &sides)
+        .map_or_else(String::new, |g| format!(" WHERE {g}"))
 }
 
 /// A bound cell of column `c` in a derived table of rows, typed as the column compares.
@@ -580,14 +587,7 @@ fn patch_sql(plan: &SinkPlan, rows: usize) -> (String, String) {
         })
         .collect();
     let all: Vec<usize> = (0..plan.columns.len()).collect();
-    let stored = |c: usize| format!("t.{}", plan.quoted(c));
-    let incoming = |c: usize| format!("r.c{c}");
-    let sides = Sides {
-        stored: &stored,
-        incoming: &incoming,
-    };
-    let guard = guard::incoming_is_newer(plan.newer_by, plan.position, &sides)
-        .map_or_else(String::new, |g| format!(" WHERE {g}"));
+    let guard = where_bound_row_is_newer(plan, plan.newer_by);
     let update = format!(
         "UPDATE {table} AS t JOIN ({}) AS r ON {} SET {}{guard}",
         derived(&all, false, true),

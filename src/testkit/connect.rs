@@ -64,6 +64,26 @@ plugin.discovery=only_scan
         })
     }
 
+    /// Waits until the worker has flushed a source offset whose text holds `marker` (Connect
+    /// keeps offsets as serialized JSON, so the text shows in the file's bytes).
+    pub async fn wait_for_offset(&self, marker: &str, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let file = self.dir.path().join("offsets");
+        loop {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "no offset with {marker:?} flushed to {} in {timeout:?}",
+                    file.display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGKILLs the worker and starts it again on the same files: its connector resumes from
     /// the source offsets it had flushed, and sends again what came after them.
     pub fn kill_and_restart(&mut self) -> Result<()> {
@@ -212,11 +232,19 @@ table.include.list={tables}
         Ok(())
     }
 
-    /// SIGKILLs the workers and starts them again (see [`Worker::kill_and_restart`]).
-    pub fn restart_capture(&mut self) -> Result<()> {
-        self.workers
-            .iter_mut()
-            .try_for_each(Worker::kill_and_restart)
+    /// SIGKILLs the workers and starts them again (see [`Worker::kill_and_restart`]), once
+    /// each has flushed an offset of a streamed change: a restart then resumes streaming from
+    /// there and sends again the changes after it. (Killed before, Debezium would take its
+    /// snapshot again, which brings back no delete.)
+    pub async fn restart_capture(&mut self) -> Result<()> {
+        for worker in &mut self.workers {
+            // `lsn_proc`: Debezium's PostgreSQL offset of a streamed change.
+            worker
+                .wait_for_offset("lsn_proc", std::time::Duration::from_secs(60))
+                .await?;
+            worker.kill_and_restart()?;
+        }
+        Ok(())
     }
 
     /// Stops the workers (their slots stay until the database is dropped).

@@ -285,6 +285,37 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
             "has another unique key (body)",
         ));
     }
+    // One table written two ways (`t`, `public.t`): the database's identity, not the spelling,
+    // says that two topics share it, and without $topic a newer record would be skipped.
+    let shared = table(
+        &pool,
+        "id bigint NOT NULL PRIMARY KEY, body varchar(100), kafka_partition int, kafka_offset bigint",
+    )
+    .await;
+    let url = common::database_url(backend);
+    let schema = match backend {
+        Backend::Postgres => "public".to_string(),
+        Backend::MySql => {
+            let path = url.rsplit_once('/').map_or("", |(_, path)| path);
+            path.split('?').next().unwrap_or_default().to_string()
+        }
+    };
+    cases.push((
+        "one table spelled two ways",
+        keyed_config(
+            backend,
+            &shared,
+            "  mode: upsert\n  key: [id]\n  columns:\n    id: $key\n    body: /body\n    \
+             kafka_partition: $partition\n    kafka_offset: $offset\n",
+        )
+        .replace("  topics: [t]", "  topics: [t, u]")
+        .replace(
+            &format!("  table: {shared}\n"),
+            &format!("  tables:\n    t: {shared}\n    u: {schema}.{shared}\n"),
+        ),
+        "sink.tables.u",
+        "spelled another way",
+    ));
     for (what, text, key, message) in &cases {
         let (ok, output, file) = idemsink("validate", dir.path(), text);
         assert!(!ok, "{what}: validate must fail:\n{output}");
@@ -390,6 +421,8 @@ async fn each_config_error_names_the_file_and_the_key(backend: Backend) {
         format!("{scheme}://u:Top/Secret2@127.0.0.1:1/idemsink"),
         format!("{scheme}://u:Top?Secret3@127.0.0.1:1/idemsink"),
         format!("{scheme}://u:Top@Secret4@127.0.0.1:1/idemsink"),
+        // libpq's form for failover: refused, and the refusal hides the password.
+        format!("{scheme}://u:TopSecret7@127.0.0.1:1,127.0.0.1:2/idemsink"),
     ];
     if backend == Backend::Postgres {
         forms.extend([

@@ -64,6 +64,18 @@ pub(super) fn check(
             "must be a postgres://, postgresql://, mysql:// or mariadb:// URL",
         );
     }
+    if let Some(hosts) = super::url_hosts(&sink.url).filter(|h| h.contains(',')) {
+        problem(
+            &mut problems,
+            "sink.url",
+            format!(
+                "names several hosts ({hosts}), libpq's form for failing over between servers, \
+                 which idemsink's driver does not follow (it would connect to none, or the wrong \
+                 one); give one host: the primary's address, or a name your failover moves to \
+                 the new primary (a DNS name, a proxy such as PgBouncer or HAProxy)"
+            ),
+        );
+    }
     let routes = Routes::resolve(
         &config.source.topics,
         sink.table.as_deref(),

@@ -27,7 +27,7 @@ use crate::schema::TableName;
 
 pub use load::{load_all, load_file, pipeline_files};
 pub use model::*;
-pub use redact::redact_url;
+pub use redact::{redact_url, url_hosts};
 
 /// A problem in a configuration file, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,19 +5,7 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_query_password(url);
     };
-    // The user information ends at the last `@` that a host follows: a password may hold
-    // `/`, `?` or `@`, a host none of them. Where that is unclear, more is hidden, never less.
-    let at = rest
-        .rmatch_indices('@')
-        .map(|(i, _)| i)
-        .find(|i| is_host(&rest[i + 1..]));
-    let (userinfo, after) = match at {
-        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
-        None => (None, rest),
-    };
-    let (host, tail) = after
-        .find(['/', '?'])
-        .map_or((after, ""), |i| after.split_at(i));
+    let (userinfo, host, tail) = split_authority(rest);
     let tail = redact_query_password(tail);
     match userinfo.map(|u| {
         u.split_once(':')
@@ -29,12 +17,38 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The host part of a URL (`db:5432`, or libpq's `h1:5432,h2:5432`), where it has one.
+pub fn url_hosts(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    Some(split_authority(rest).1)
+}
+
+/// What follows a URL's `scheme://`, split into its user information, its host part and the
+/// rest (path and query). The user information ends at the last `@` that a host follows: a
+/// password may hold `/`, `?` or `@`, a host none of them. Where that is unclear, more is
+/// taken for the user information, never less.
+fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
+    let at = rest
+        .rmatch_indices('@')
+        .map(|(i, _)| i)
+        .find(|i| is_host(&rest[i + 1..]));
+    let (userinfo, after) = match at {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    };
+    let (host, tail) = after
+        .find(['/', '?'])
+        .map_or((after, ""), |i| after.split_at(i));
+    (userinfo, host, tail)
+}
+
 /// Whether `text` starts with a host (and port) up to the path or query: what may follow the
-/// user information of a URL.
+/// user information of a URL. Several, separated by commas, are libpq's form for failover.
 fn is_host(text: &str) -> bool {
     let host = text.split(['/', '?']).next().unwrap_or_default();
-    host.chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']' | '%'))
+    host.chars().all(|c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']' | '%' | ',')
+    })
 }
 
 /// URL parameters whose values are shown: the drivers' own, none of them secret. Any other
@@ -55,6 +69,7 @@ const SHOWN_URL_PARAMETERS: &[&str] = &[
     "dbname",
     "user",
     "application_name",
+    "target_session_attrs",
     "options",
     "statement-cache-capacity",
     "charset",

@@ -546,9 +546,22 @@ fn urls_are_redacted() {
             "postgres://u@db/app?sslpassword=TopSecret6&Password=TopSecret7&passwrd=TopSecret8",
             "postgres://u@db/app?sslpassword=***&Password=***&passwrd=***",
         ),
+        (
+            "postgres://app:TopSecret9@h1:5432,h2:5432/db?target_session_attrs=read-write",
+            "postgres://app:***@h1:5432,h2:5432/db?target_session_attrs=read-write",
+        ),
     ] {
         assert_eq!(redact_url(url), shown, "{url}");
     }
+}
+
+#[test]
+fn several_hosts_in_the_url_are_refused_without_the_password() {
+    let url = "postgres://app:TopSecret@h1:5432,h2:5432/db";
+    let e = only_error(GOOD, &[("DATABASE_URL", url)]);
+    assert_eq!(e.key, "sink.url");
+    assert!(e.message.contains("h1:5432,h2:5432"), "{e}");
+    assert!(!e.to_string().contains("TopSecret"), "{e}");
 }
 
 #[test]

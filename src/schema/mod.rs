@@ -126,6 +126,9 @@ pub struct UniqueKey {
 pub struct TableSchema {
     pub backend: Backend,
     pub table: TableName,
+    /// What the database knows the table by, whatever the spelling of its name (`t`,
+    /// `public.t`): PostgreSQL's oid, MySQL's schema and name.
+    pub identity: String,
     pub columns: Vec<TableColumn>,
     pub unique_keys: Vec<UniqueKey>,
     /// Whether PostgreSQL's `COPY FROM` can write it: a plain or partitioned table without

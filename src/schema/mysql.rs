@@ -89,9 +89,14 @@ pub(super) async fn load(
         })
         .collect();
     let unique_keys = unique_keys(conn, table).await?;
+    let schema: String = sqlx::query_scalar("SELECT CAST(COALESCE(?, DATABASE()) AS CHAR)")
+        .bind(table.schema.as_deref())
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(Some(TableSchema {
         backend: Backend::MySql,
         table: table.clone(),
+        identity: format!("{schema}.{}", table.name),
         columns,
         unique_keys,
         copy_allowed: false,

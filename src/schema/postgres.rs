@@ -73,6 +73,7 @@ pub(super) async fn load(
     Ok(Some(TableSchema {
         backend: Backend::Postgres,
         table: table.clone(),
+        identity: format!("oid {}", oid.0),
         columns,
         unique_keys: keys
             .into_iter()

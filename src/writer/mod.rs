@@ -36,6 +36,8 @@ pub struct Position {
 pub struct SinkPlan {
     pub backend: Backend,
     pub table: TableName,
+    /// The table's identity in the database (see [`TableSchema::identity`]).
+    pub identity: String,
     pub columns: Vec<ColumnPlan>,
     pub mode: SinkMode,
     /// Indices into `columns` of the conflict target.
@@ -228,6 +230,35 @@ async fn describe(
         .ok_or_else(|| vec![pipeline.error(&route.key, format!("table {table} does not exist"))])
 }
 
+/// Two routes whose tables the database knows as one (`t` and `public.t`): the rules for
+/// topics that share a table (`$topic` mapped, or `newer_by`) compare the names as written, so
+/// one table must be written one way.
+fn same_table_problems(pipeline: &LoadedPipeline, plans: &[SinkPlan]) -> Vec<ConfigError> {
+    let routes = &pipeline.routes.tables;
+    let mut problems = Vec::new();
+    for (later, plan) in plans.iter().enumerate() {
+        if let Some(first) = plans[..later]
+            .iter()
+            .position(|p| p.identity == plan.identity)
+        {
+            let route = routes.iter().find(|r| r.table == plan.table);
+            let named = routes.iter().find(|r| r.table == plans[first].table);
+            let (Some(route), Some(named)) = (route, named) else {
+                continue;
+            };
+            problems.push(pipeline.error(
+                &route.key,
+                format!(
+                    "`{}` is the table `{}` of {} spelled another way: write it one way, so that \
+                     the rules for topics sharing a table apply to it",
+                    plan.table, named.table, named.key
+                ),
+            ));
+        }
+    }
+    problems
+}
+
 /// `sink.newer_by` must name a column whose values order versions.
 fn version_column_problem(pipeline: &LoadedPipeline, column: &ColumnPlan) -> Option<ConfigError> {
     (!column.kind.orders_versions()).then(|| {
@@ -335,6 +366,7 @@ impl SinkPlan {
             }
             debug_assert!(plans.last().is_none_or(|plan| plan.table == route.table));
         }
+        problems.extend(same_table_problems(pipeline, &plans));
         if problems.is_empty() {
             Ok(plans)
         } else {
@@ -405,6 +437,7 @@ impl SinkPlan {
         }
         Ok(SinkPlan {
             placeholder,
+            identity: schema.identity.clone(),
             key_equality: (!key.is_empty())
                 .then(|| key_equality(&schema, &columns, &conflict))
                 .flatten(),
@@ -1085,6 +1118,7 @@ mod fixtures {
         SinkPlan {
             backend,
             table: TableName::parse("t").expect("name"),
+            identity: "t".into(),
             columns,
             mode: SinkMode::Upsert,
             conflict: vec![0],

@@ -110,6 +110,91 @@ fn storable(error: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// What a statement inserting one dead letter holds besides its key, value, headers and
+/// error: the SQL text, the coordinates, the protocol's framing.
+const DEAD_LETTER_OVERHEAD: usize = 4096;
+
+/// At most this much of an error text is kept in a dead letter cut to fit.
+const ERROR_KEPT: usize = 16 * 1024;
+
+/// The dead letter cut to fit in one statement of at most `limit` bytes (MySQL's
+/// `max_allowed_packet`, which a larger one would break, closing the connection), or `None`
+/// when it fits whole. The key and value keep their first bytes; headers, JSON that cannot be
+/// cut, are kept whole or dropped; the error says what was cut, from what length, with the
+/// SHA-256 of what the record held, so the record in Kafka can be told by its coordinates and
+/// checked against it.
+pub fn fitted(letter: &DeadLetter, limit: usize) -> Option<DeadLetter> {
+    let budget = limit.saturating_sub(DEAD_LETTER_OVERHEAD);
+    let record = &letter.record;
+    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+    let headers = record.headers.as_ref().map_or(0, String::len);
+    if len(&record.key) + len(&record.value) + headers + letter.error.len() <= budget {
+        return None;
+    }
+    let mut error = letter.error.clone();
+    truncate_at_char(&mut error, ERROR_KEPT);
+    let mut room = budget.saturating_sub(error.len() + 1024);
+    let mut cuts = Vec::new();
+    let headers = match &record.headers {
+        Some(h) if h.len() <= room / 4 => {
+            room -= h.len();
+            Some(h.clone())
+        }
+        Some(h) => {
+            cuts.push(format!("headers ({} bytes) dropped", h.len()));
+            None
+        }
+        None => None,
+    };
+    let key_room = if record.value.is_some() {
+        room / 2
+    } else {
+        room
+    };
+    let key = cut(&record.key, key_room, "key", &mut cuts);
+    let value = cut(&record.value, room - len(&key), "value", &mut cuts);
+    error.push_str(&format!(
+        " [this dead letter was cut to fit the server's max_allowed_packet ({limit} bytes): {}]",
+        cuts.join("; ")
+    ));
+    Some(DeadLetter {
+        tp: letter.tp.clone(),
+        offset: letter.offset,
+        record: crate::batch::RawRecord {
+            key,
+            value,
+            headers,
+        },
+        error,
+    })
+}
+
+/// The first `room` bytes of `part`, with a note in `cuts` when that is not all of it.
+fn cut(part: &Option<Vec<u8>>, room: usize, what: &str, cuts: &mut Vec<String>) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let bytes = part.as_ref()?;
+    if bytes.len() <= room {
+        return Some(bytes.clone());
+    }
+    cuts.push(format!(
+        "{what} {} bytes, the first {room} kept, SHA-256 of all {:x}",
+        bytes.len(),
+        Sha256::digest(bytes)
+    ));
+    Some(bytes[..room].to_vec())
+}
+
+/// Shortens `text` to at most `max` bytes, on a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let at = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(at);
+    }
+}
+
 /// A dead letter as read back from the table.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredDeadLetter {
@@ -375,6 +460,60 @@ impl DeadLetterTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offsets::TopicPartition;
+
+    #[test]
+    fn a_dead_letter_too_large_for_a_statement_is_cut_to_fit_and_says_so() {
+        let value: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+        let key = vec![b'k'; 700_000];
+        let letter = |key: Option<Vec<u8>>, value: Option<Vec<u8>>, headers: usize| DeadLetter {
+            tp: TopicPartition {
+                topic: "t".into(),
+                partition: 3,
+            },
+            offset: 9,
+            record: crate::batch::RawRecord {
+                key,
+                value,
+                headers: (headers > 0).then(|| format!("[\"{}\"]", "h".repeat(headers))),
+            },
+            error: "é".repeat(30_000),
+        };
+        let limit = 1 << 20;
+        let small = letter(Some(b"k".to_vec()), Some(b"v".to_vec()), 10);
+        assert_eq!(fitted(&small, limit), None, "what fits is kept whole");
+        let large = letter(Some(key.clone()), Some(value.clone()), 600_000);
+        let cut = fitted(&large, limit).expect("cut");
+        let bytes = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        let total = bytes(&cut.record.key) + bytes(&cut.record.value) + cut.error.len();
+        assert!(total + DEAD_LETTER_OVERHEAD <= limit, "{total}");
+        assert_eq!(cut.record.headers, None);
+        let kept = cut.record.value.as_deref().expect("value");
+        assert!(!kept.is_empty() && value.starts_with(kept));
+        assert!(key.starts_with(cut.record.key.as_deref().expect("key")));
+        use sha2::{Digest, Sha256};
+        for needle in [
+            format!("{:x}", Sha256::digest(&value)),
+            format!("{:x}", Sha256::digest(&key)),
+            "value 2000000 bytes".to_string(),
+            "headers (600004 bytes) dropped".to_string(),
+            "max_allowed_packet (1048576 bytes)".to_string(),
+        ] {
+            assert!(
+                cut.error.contains(&needle),
+                "{needle} in {}",
+                &cut.error[30_000..]
+            );
+        }
+        assert!(
+            cut.error.starts_with("éé"),
+            "the error is cut on a character boundary"
+        );
+        // Small headers stay; without a value the key may take all the room.
+        let key_only = fitted(&letter(Some(vec![b'k'; 2_000_000]), None, 10), limit).expect("cut");
+        assert!(key_only.record.headers.is_some());
+        assert!(bytes(&key_only.record.key) > 900_000);
+    }
 
     #[test]
     fn headers_survive_the_table_text_and_binary_and_empty() {

@@ -217,3 +217,52 @@ async fn batches_of_large_records_are_cut_by_bytes(backend: Backend) {
         "batches of at most 4 records of 1 MB: {batches:?}"
     );
 }
+
+/// On a MariaDB whose `max_allowed_packet` is 1 MB, a bad record of 2 MB (not JSON) under
+/// `errors.tolerance: all` becomes a dead letter cut to fit, whose error gives its length and
+/// SHA-256, and its batch commits: the statement holding it whole would break the packet (1153)
+/// and stop the pipeline on every restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_larger_than_max_allowed_packet_is_cut_to_fit_and_the_batch_commits() {
+    use sha2::{Digest, Sha256};
+    let db = PrivateDatabase::start_with_options(Backend::MySql, "--max-allowed-packet=1M");
+    let case = Case::in_database(Backend::MySql, "packet_dlq", 1, db.url()).await;
+    let poison: Vec<u8> = body(7, 2 * KB * KB).into_bytes();
+    let records = [
+        Outgoing {
+            partition: 0,
+            key: Some(b"7".to_vec()),
+            value: Some(poison.clone()),
+        },
+        large_record(8, 10),
+    ];
+    testkit::allow_record_bytes(&case.brokers, &case.topic, 4 * KB * KB)
+        .await
+        .expect("allow large records");
+    testkit::produce(&case.producer(), &case.topic, &records)
+        .await
+        .expect("produce");
+    let config = case.config_with(LARGE_COLUMNS, "errors:\n  tolerance: all\n");
+    let end = case.end_offsets().await;
+    case.run_until_stored(&config, &end).await;
+    let letters = case
+        .texts(&format!(
+            "SELECT CONCAT_WS('|', `offset`, LENGTH(record_value), CAST(error AS CHAR))
+               FROM idemsink_dead_letters WHERE pipeline = '{}'",
+            case.name
+        ))
+        .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let fields: Vec<&str> = letters[0].splitn(3, '|').collect();
+    assert_eq!(fields[0], "0", "{letters:?}");
+    let kept: usize = fields[1].parse().expect("length");
+    assert!(kept > 0 && kept < KB * KB, "{kept}");
+    for needle in [
+        format!("{:x}", Sha256::digest(&poison)),
+        format!("value {} bytes", poison.len()),
+        "max_allowed_packet".to_string(),
+    ] {
+        assert!(fields[2].contains(&needle), "{needle} in {}", fields[2]);
+    }
+    assert_eq!(case.rows().await.len(), 1, "the good record landed");
+}

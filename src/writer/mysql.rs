@@ -197,7 +197,13 @@ impl BatchStatements for MySqlWriter {
         table: &DeadLetterTable,
         letters: &[&DeadLetter],
     ) -> Result<(), sqlx::Error> {
-        table.insert::<MySql>(conn, letters).await
+        let cut: Vec<Option<DeadLetter>> = (letters.iter())
+            .map(|letter| crate::dead_letters::fitted(letter, self.max_packet))
+            .collect();
+        let letters: Vec<&DeadLetter> = (letters.iter().zip(&cut))
+            .map(|(letter, cut)| cut.as_ref().unwrap_or(letter))
+            .collect();
+        table.insert::<MySql>(conn, &letters).await
     }
 
     async fn compare_and_set(

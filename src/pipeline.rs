@@ -32,7 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batch, BatchLimits, DeadLetter, RawRecord};
 use crate::cells::Cells;
-use crate::config::{redact_url, ConfigErrors, LoadedPipeline, OnTruncate, StartFrom, Tolerance};
+use crate::config::{
+    redact_url, ConfigError, ConfigErrors, LoadedPipeline, OnTruncate, StartFrom, Tolerance,
+};
 use crate::consumer::{
     cached_end_offset, client_config, recover_out_of_range, Assignment, Owned, Seek, SinkConsumer,
     SinkContext,
@@ -210,7 +212,7 @@ pub async fn run(
     let plans = SinkPlan::prepare_all(&pipeline, &pool)
         .await
         .map_err(|e| PipelineError::new(pipeline.name(), Failure::Config(ConfigErrors(e))))?;
-    let mappers = Mappers::new(&plans, pipeline.routes.clone());
+    let mappers = Mappers::new(&plans, &pipeline);
     let truncating: Vec<usize> = (0..plans.len())
         .filter(|t| plans[*t].truncate == OnTruncate::Apply)
         .collect();
@@ -510,6 +512,11 @@ async fn read_loop(
                     #[cfg(feature = "testkit")]
                     crate::testkit::hold_received(message.offset()).await;
                     let opens_batch = batch.is_empty();
+                    if let Some(refused) = mappers.refuses(message.topic(), message.partition()) {
+                        // Commit what came before it, then stop.
+                        handover.finish(&batches, batch).await;
+                        return Err(shared.fail(Failure::Config(ConfigErrors(vec![refused]))));
+                    }
                     if let Err(error) = add_record(shared, &mappers, &message, &mut batch) {
                         let failed = shared.fail(Failure::BadRecord {
                             tp: TopicPartition {
@@ -685,17 +692,46 @@ struct Mappers {
     /// The most columns a table has: a batch holds rows of every table, each row's cells in
     /// its table's first columns, NULL in the rest.
     width: usize,
+    /// Per table, whether it applies truncates (`sink.truncate: apply`), which needs topics
+    /// of one partition; with the pipeline file, for the error.
+    truncating: Vec<bool>,
+    file: std::path::PathBuf,
 }
 
 impl Mappers {
-    fn new(plans: &[SinkPlan], routes: Routes) -> Mappers {
+    fn new(plans: &[SinkPlan], pipeline: &LoadedPipeline) -> Mappers {
         let mappers: Vec<RowMapper> = plans.iter().map(SinkPlan::mapper).collect();
         let width = mappers.iter().map(|m| m.columns().len()).max().unwrap_or(0);
         Mappers {
             mappers,
-            routes,
+            routes: pipeline.routes.clone(),
             width,
+            truncating: (plans.iter())
+                .map(|plan| plan.truncate == OnTruncate::Apply)
+                .collect(),
+            file: pipeline.file.clone(),
         }
+    }
+
+    /// Why a record of `partition` of `topic` may not be written: a partition added, while
+    /// the pipeline runs, to a topic whose table applies truncates (checked at start too, by
+    /// `check_truncated_topics`). Only partitions past 0 are looked at, so the usual record
+    /// costs one comparison.
+    fn refuses(&self, topic: &str, partition: i32) -> Option<ConfigError> {
+        if partition == 0 || !self.truncating.iter().any(|t| *t) {
+            return None;
+        }
+        let table = self.routes.table_of(topic)?;
+        self.truncating[table].then(|| ConfigError {
+            file: self.file.clone(),
+            key: "sink.truncate".to_string(),
+            message: format!(
+                "apply needs topics of one partition, and topic {topic} now has partition \
+                 {partition} (added while the pipeline ran): a truncate has no key, so a change \
+                 read after it from another partition could bring back a row it removed; \
+                 nothing of that partition was written"
+            ),
+        })
     }
 
     fn convert(

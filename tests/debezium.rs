@@ -853,6 +853,58 @@ on_both_databases!(
     a_placeholder_keeps_the_stored_value_and_needs_a_stored_row
 );
 
+/// The same rule while the pipeline runs: a partition added to a truncating topic stops it
+/// at the first record of that partition, naming the topic, with what came before committed
+/// and nothing of the new partition written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_added_while_applying_truncates_stops_the_pipeline() {
+    let case = Case::with_table(
+        Backend::Postgres,
+        "dbz_truncate_grow",
+        1,
+        brokers(),
+        "id bigint PRIMARY KEY, name text, src_pos bigint NOT NULL",
+    )
+    .await;
+    let config = case
+        .pipeline()
+        .property("topic.metadata.refresh.interval.ms", "1000")
+        .sink(
+            "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  truncate: apply\n  \
+             columns:\n    \"*\": auto\n    src_pos: $source_position\n",
+        )
+        .write();
+    let connector = Connector::start(&config);
+    connector.wait_assigned(Duration::from_secs(30)).await;
+    testkit::produce(&case.producer(), &case.topic, &[change(1, "c", 100, "one")])
+        .await
+        .expect("produce");
+    let first = case.end_offsets().await;
+    case.wait_for_offsets(&first, Duration::from_secs(30)).await;
+    testkit::add_partitions(&case.brokers, &case.topic, 2)
+        .await
+        .expect("add a partition");
+    let mut late = change(2, "c", 90, "from the new partition");
+    late.partition = 1;
+    testkit::produce(&case.producer(), &case.topic, &[late])
+        .await
+        .expect("produce");
+    let (status, log) = connector.wait(Duration::from_secs(60));
+    common::assert_failed_as(status, ErrorKind::Configuration, &log);
+    assert!(
+        log.contains("sink.truncate") && log.contains("now has partition 1"),
+        "the pipeline names the topic and the partition:\n{log}"
+    );
+    let rows = case
+        .texts(&format!(
+            "SELECT CONCAT_WS('|', id, name) FROM {}",
+            case.table
+        ))
+        .await;
+    assert_eq!(rows, ["1|one"], "nothing of the new partition is written");
+    assert_eq!(case.stored_offsets().await, first);
+}
+
 /// A truncate lands in any partition: applying truncates needs topics of one partition, or a
 /// change read late from another partition would bring back a row the truncate removed.
 #[tokio::test(flavor = "multi_thread")]

@@ -92,6 +92,12 @@ pub(super) fn check(
     for (key, message) in check_conflict_rules(sink, &columns, topics_per_table) {
         problem(&mut problems, key, message);
     }
+    if let Some(routes) = routes
+        .as_ref()
+        .filter(|_| sink.truncate == OnTruncate::Apply)
+    {
+        check_truncated_tables(routes, &mut problems);
+    }
     check_limits(&config, &mut problems);
     let dead_letter_table = check_dead_letter_table(&config.errors, routes.as_ref(), &mut problems);
     match (routes, backend, dead_letter_table) {
@@ -494,6 +500,28 @@ fn check_format_rules(
         ));
     }
     problems
+}
+
+/// A truncate deletes from its table every row older than it: with several topics into one
+/// table (the partitions of a partitioned source table, say), it would delete the rows of the
+/// other topics' source tables too, which their own truncates did not ask for.
+fn check_truncated_tables(routes: &Routes, problems: &mut Problems) {
+    for (index, route) in routes.tables.iter().enumerate() {
+        let topics: Vec<&str> = routes.topics_of(index).collect();
+        if topics.len() > 1 {
+            problem(
+                problems,
+                "sink.truncate",
+                format!(
+                    "apply deletes every older row of a truncated topic's table, and table {} \
+                     takes topics {}: a truncate of one would delete the others' rows too; give \
+                     each such topic a table of its own, or use truncate: ignore or refuse",
+                    route.table,
+                    topics.join(", ")
+                ),
+            );
+        }
+    }
 }
 
 /// `sink.newer_by`: upserts only, a mapped column, not a key column.

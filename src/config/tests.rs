@@ -160,6 +160,19 @@ fn debezium_format_needs_upsert_and_key_columns_from_the_row() {
         "  mode: upsert\n  key: [order_id]\n  newer_by: kafka_offset\n  truncate: apply\n",
     );
     assert_eq!(only_error(&by_offset, &env).key, "sink.truncate");
+    // A table that several topics feed: one topic's truncate would delete the others' rows.
+    let shared = applied
+        .replace("  topics: [orders]", "  topics: [orders, orders_2026]")
+        .replace(
+            "    kafka_offset: $offset\n",
+            "    kafka_offset: $offset\n    kafka_topic: $topic\n",
+        );
+    let e = only_error(&shared, &env);
+    assert_eq!(e.key, "sink.truncate");
+    assert!(
+        e.message.contains("public.orders") && e.message.contains("orders, orders_2026"),
+        "{e}"
+    );
     let json = GOOD.replace(
         "  table: public.orders\n",
         "  table: public.orders\n  truncate: ignore\n",

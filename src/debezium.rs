@@ -37,6 +37,12 @@ pub enum Encoding {
     JsonText,
     /// Bytes without a logical type (bytea, binary): base64.
     Bytes,
+    /// Bytes the connector sends as text (`binary.handling.mode` base64, base64-url-safe or
+    /// hex): a `string` field that goes into a binary column.
+    BinaryText(BinaryMode),
+    /// A `string` field for a binary column while the pipeline expects `bytes` fields: the
+    /// connector's `binary.handling.mode` is a text mode the pipeline was not told of.
+    BinaryModeUnknown,
     /// A logical type idemsink does not convert (named in the error).
     Unsupported(String),
     /// The record has no schema (JsonConverter's `schemas.enable=false`): what is
@@ -102,6 +108,73 @@ impl Encoding {
     }
 }
 
+/// The connector's `binary.handling.mode`: how it sends a binary column's bytes. Its schema
+/// does not say (the text modes are plain `string` fields), so the pipeline says it
+/// (`sink.binary_handling_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum BinaryMode {
+    /// `bytes` (Debezium's default): a `bytes` field, base64 in JSON.
+    #[default]
+    #[serde(rename = "bytes")]
+    Bytes,
+    #[serde(rename = "base64")]
+    Base64,
+    #[serde(rename = "base64-url-safe")]
+    Base64UrlSafe,
+    #[serde(rename = "hex")]
+    Hex,
+}
+
+impl BinaryMode {
+    /// `bytes` as the connector writes them in this mode (text modes only).
+    fn encode(self, bytes: &[u8]) -> String {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+        match self {
+            BinaryMode::Bytes | BinaryMode::Base64 => STANDARD.encode(bytes),
+            BinaryMode::Base64UrlSafe => URL_SAFE.encode(bytes),
+            BinaryMode::Hex => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+
+    /// The bytes `text` spells in this mode.
+    fn decode(self, text: &str) -> Result<Vec<u8>, String> {
+        use base64::engine::general_purpose::URL_SAFE;
+        match self {
+            BinaryMode::Bytes | BinaryMode::Base64 => base64(text),
+            BinaryMode::Base64UrlSafe => URL_SAFE
+                .decode(text)
+                .map_err(|e| format!("`{text}` is not URL-safe base64: {e}")),
+            BinaryMode::Hex => {
+                decode_hex(text).ok_or_else(|| format!("`{text}` is not hexadecimal octets"))
+            }
+        }
+        .map_err(|e| format!("{e} (sink.binary_handling_mode: {})", self.name()))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BinaryMode::Bytes => "bytes",
+            BinaryMode::Base64 => "base64",
+            BinaryMode::Base64UrlSafe => "base64-url-safe",
+            BinaryMode::Hex => "hex",
+        }
+    }
+}
+
+impl Encoding {
+    /// The encoding of a field that goes into a binary column: a `string` field without a
+    /// logical type holds bytes as the connector's `binary.handling.mode` writes them.
+    fn of_binary(field: &FieldSchema, mode: BinaryMode) -> Encoding {
+        match Encoding::of(field) {
+            Encoding::Plain if field.kind == "string" && mode == BinaryMode::Bytes => {
+                Encoding::BinaryModeUnknown
+            }
+            Encoding::Plain if field.kind == "string" => Encoding::BinaryText(mode),
+            other => other,
+        }
+    }
+}
+
 /// A field of a Kafka Connect schema, as JsonConverter writes it.
 #[derive(Debug, Deserialize)]
 struct FieldSchema {
@@ -135,6 +208,10 @@ pub enum RowIn {
 pub struct SchemaCache {
     /// Per column, the field of the row it reads.
     fields: Vec<Option<String>>,
+    /// Per column, whether it is a binary column, and how the connector sends bytes (a
+    /// `string` field into such a column is text-encoded bytes).
+    binary: Vec<bool>,
+    mode: BinaryMode,
     entries: Mutex<Vec<CachedSchema>>,
 }
 
@@ -146,7 +223,7 @@ const CACHED_SCHEMAS: usize = 256;
 
 impl Clone for SchemaCache {
     fn clone(&self) -> SchemaCache {
-        SchemaCache::new(self.fields.clone())
+        SchemaCache::new(self.fields.clone()).with_binary(self.binary.clone(), self.mode)
     }
 }
 
@@ -154,8 +231,21 @@ impl SchemaCache {
     /// A cache for a mapping whose columns read `fields` of the row.
     pub fn new(fields: Vec<Option<String>>) -> SchemaCache {
         SchemaCache {
+            binary: vec![false; fields.len()],
             fields,
+            mode: BinaryMode::default(),
             entries: Mutex::default(),
+        }
+    }
+
+    /// The same, with the columns that are binary (`binary`, per column) and the
+    /// connector's `mode` for bytes.
+    pub fn with_binary(self, binary: Vec<bool>, mode: BinaryMode) -> SchemaCache {
+        SchemaCache {
+            binary,
+            mode,
+            entries: Mutex::default(),
+            ..self
         }
     }
 
@@ -178,7 +268,7 @@ impl SchemaCache {
         {
             return Ok(Arc::clone(found));
         }
-        let parsed = Arc::new(parse(schema, row, &self.fields)?);
+        let parsed = Arc::new(parse(schema, row, self)?);
         if entries.len() == CACHED_SCHEMAS {
             entries.remove(0);
         }
@@ -187,7 +277,7 @@ impl SchemaCache {
     }
 }
 
-fn parse(schema: &str, row: RowIn, columns: &[Option<String>]) -> Result<Encodings, String> {
+fn parse(schema: &str, row: RowIn, cache: &SchemaCache) -> Result<Encodings, String> {
     let schema: FieldSchema = serde_json::from_str(schema)
         .map_err(|e| format!("the record's schema is not a Kafka Connect schema: {e}"))?;
     let fields = match row {
@@ -201,10 +291,10 @@ fn parse(schema: &str, row: RowIn, columns: &[Option<String>]) -> Result<Encodin
     };
     let by_name: HashMap<&str, &FieldSchema> =
         fields.iter().map(|f| (f.field.as_str(), f)).collect();
-    Ok(columns
-        .iter()
+    Ok((cache.fields.iter().zip(&cache.binary))
         .map(
-            |field| match field.as_deref().and_then(|f| by_name.get(f)) {
+            |(field, binary)| match field.as_deref().and_then(|f| by_name.get(f)) {
+                Some(schema) if *binary => Encoding::of_binary(schema, cache.mode),
                 Some(schema) => Encoding::of(schema),
                 None => Encoding::Plain,
             },
@@ -248,6 +338,15 @@ pub fn decode(encoding: &Encoding, kind: ColumnKind, json: &str) -> Result<Decod
         }
         Encoding::JsonText => Decoded::Bytes(string(json)?.into_bytes()),
         Encoding::Bytes => Decoded::Bytes(base64(&string(json)?)?),
+        Encoding::BinaryText(mode) => Decoded::Bytes(mode.decode(&string(json)?)?),
+        Encoding::BinaryModeUnknown => {
+            return Err(
+                "the field is a string, but its column is binary: the connector sends \
+                 bytes as text (its binary.handling.mode is base64, base64-url-safe or hex, not \
+                 bytes); set sink.binary_handling_mode to the same, and idemsink decodes them"
+                    .into(),
+            )
+        }
         Encoding::Unsupported(what) => {
             return Err(format!(
                 "the field holds {what}, which idemsink does not convert"
@@ -353,6 +452,9 @@ pub struct Placeholder {
     text: String,
     /// The JSON text of the bytes form (base64), quotes included.
     bytes: String,
+    /// The placeholder's bytes as each text mode of bytes writes them: base64, URL-safe
+    /// base64, hex.
+    in_modes: [String; 3],
 }
 
 impl Placeholder {
@@ -374,13 +476,36 @@ impl Placeholder {
         Ok(Placeholder {
             text: serde_json::Value::from(text.as_ref()).to_string(),
             bytes: format!("\"{base64}\""),
+            in_modes: [
+                BinaryMode::Base64,
+                BinaryMode::Base64UrlSafe,
+                BinaryMode::Hex,
+            ]
+            .map(|mode| mode.encode(&bytes)),
         })
     }
 
     /// Whether `json`, a field's JSON text encoded as `encoding` says, is the placeholder.
+    /// In a text mode of bytes, Debezium versions differ: the placeholder's bytes in that
+    /// mode, or its text as it is (hex mode, lately); either counts.
     pub fn is(&self, encoding: &Encoding, json: &str) -> bool {
         match encoding {
             Encoding::Bytes => json == self.bytes,
+            Encoding::BinaryText(mode) => {
+                let inner = json.strip_prefix('"').and_then(|j| j.strip_suffix('"'));
+                let same = |encoded: &str| {
+                    inner.is_some_and(|j| match mode {
+                        BinaryMode::Hex => j.eq_ignore_ascii_case(encoded),
+                        _ => j == encoded,
+                    })
+                };
+                json == self.text
+                    || match mode {
+                        BinaryMode::Bytes | BinaryMode::Base64 => same(&self.in_modes[0]),
+                        BinaryMode::Base64UrlSafe => same(&self.in_modes[1]),
+                        BinaryMode::Hex => same(&self.in_modes[2]),
+                    }
+            }
             _ => json == self.text,
         }
     }
@@ -772,6 +897,52 @@ mod tests {
         let custom = Placeholder::new("hex:e298830a").expect("hex");
         assert!(custom.is(&Encoding::Plain, "\"☃\\n\""));
         assert!(custom.is(&Encoding::Bytes, r#""4piDCg==""#));
+    }
+
+    #[test]
+    fn bytes_sent_as_text_are_decoded_as_the_pipeline_says_the_connector_sends_them() {
+        let schema = r#"{"type":"struct","fields":[{"type":"string","field":"b"},{"type":"string","field":"s"}]}"#;
+        let encodings = |mode| {
+            let cache = SchemaCache::new(vec![Some("b".into()), Some("s".into())])
+                .with_binary(vec![true, false], mode);
+            cache.encodings(schema, RowIn::Fields).expect("schema")
+        };
+        let bytes = |mode, json: &str| decode(&encodings(mode)[0], ColumnKind::Bytea, json);
+        let expected = Ok(Decoded::Bytes(vec![0xfb, 0xff, 0x00]));
+        assert_eq!(bytes(BinaryMode::Base64, r#""+/8A""#), expected);
+        assert_eq!(bytes(BinaryMode::Base64UrlSafe, r#""-_8A""#), expected);
+        assert_eq!(bytes(BinaryMode::Hex, r#""fbff00""#), expected);
+        assert_eq!(bytes(BinaryMode::Hex, r#""FBFF00""#), expected);
+        assert!(bytes(BinaryMode::Hex, r#""fbf""#).is_err_and(|e| e.contains("hex")));
+        assert!(bytes(BinaryMode::Base64UrlSafe, r#""+/8A""#).is_err());
+        // Told nothing, a string for a binary column is refused, saying what to set.
+        let unknown = bytes(BinaryMode::Bytes, r#""+/8A""#).expect_err("refused");
+        assert!(unknown.contains("sink.binary_handling_mode"), "{unknown}");
+        // A text column's string stays text.
+        assert_eq!(encodings(BinaryMode::Hex)[1], Encoding::Plain);
+        // The placeholder, in the mode's form or as its text.
+        let placeholder = Placeholder::default();
+        let text = r#""__debezium_unavailable_value""#;
+        for mode in [
+            BinaryMode::Base64,
+            BinaryMode::Base64UrlSafe,
+            BinaryMode::Hex,
+        ] {
+            let encoding = &encodings(mode)[0];
+            let encoded = format!("\"{}\"", mode.encode(DEFAULT_PLACEHOLDER.as_bytes()));
+            assert!(placeholder.is(encoding, &encoded), "{mode:?} {encoded}");
+            assert!(placeholder.is(encoding, text), "{mode:?}");
+            assert!(!placeholder.is(encoding, r#""fbff00""#), "{mode:?}");
+        }
+        assert!(placeholder.is(
+            &Encoding::BinaryText(BinaryMode::Hex),
+            &format!(
+                "\"{}\"",
+                BinaryMode::Hex
+                    .encode(DEFAULT_PLACEHOLDER.as_bytes())
+                    .to_uppercase()
+            )
+        ));
     }
 
     #[test]

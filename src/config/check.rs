@@ -467,6 +467,14 @@ fn check_format_rules(
             Ok(_) => {}
         }
     }
+    if sink.binary_handling_mode.is_some() && !sink.format.is_debezium() {
+        problems.push((
+            "sink.binary_handling_mode",
+            "only applies to Debezium's change events (sink.format: debezium or \
+             debezium_flattened), whose connector may send bytes as text"
+                .to_string(),
+        ));
+    }
     if sink.truncate != OnTruncate::Refuse && sink.format != RecordFormat::Debezium {
         problems.push((
             "sink.truncate",

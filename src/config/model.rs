@@ -174,6 +174,10 @@ pub struct SinkConfig {
     /// a field holding it keeps the row's value (an unchanged TOASTed column).
     #[serde(default)]
     pub unavailable_value_placeholder: Option<String>,
+    /// The connector's `binary.handling.mode`, which its schemas do not say: `bytes` (the
+    /// default), `base64`, `base64-url-safe` or `hex`.
+    #[serde(default)]
+    pub binary_handling_mode: Option<crate::debezium::BinaryMode>,
     /// How many transactions write at once, each over its own share of the partitions (a
     /// partition is always written by the same one), so the database is never idle while a
     /// batch commits.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::cells::Cells;
 use crate::config::{OnTruncate, RecordFormat};
-use crate::debezium::{self, Encoding, Encodings, Placeholder, SchemaCache};
+use crate::debezium::{self, BinaryMode, Encoding, Encodings, Placeholder, SchemaCache};
 use crate::json_pointers::Pointers;
 use smallvec::{smallvec, SmallVec};
 
@@ -292,6 +292,18 @@ impl RowMapper {
             position_at,
             truncate: OnTruncate::Refuse,
             placeholder: Placeholder::default(),
+        }
+    }
+
+    /// The same mapper, with the connector sending bytes as `mode` says (Debezium's
+    /// `binary.handling.mode`; `bytes` otherwise).
+    pub fn with_binary_mode(self, mode: BinaryMode) -> RowMapper {
+        let binary = (self.columns.iter())
+            .map(|c| matches!(c.kind, ColumnKind::Bytea | ColumnKind::Binary { .. }))
+            .collect();
+        RowMapper {
+            schemas: SchemaCache::new(self.field_of.clone()).with_binary(binary, mode),
+            ..self
         }
     }
 

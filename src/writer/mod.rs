@@ -15,7 +15,7 @@ use crate::batch::{Batch, Changes, DeadLetter, Patch, Winner};
 use crate::config::{ConfigError, LoadedPipeline, OnTruncate, RecordFormat, SinkMode};
 use crate::db::{is_rejected_row, Backend, DbPool};
 use crate::dead_letters::DeadLetterTable;
-use crate::debezium::Placeholder;
+use crate::debezium::{BinaryMode, Placeholder};
 use crate::mapping::{ColumnPlan, Role, RowMapper, Source};
 use crate::offsets::{OffsetMove, OffsetStore, TopicPartition};
 use crate::routing::{Route, Routes};
@@ -55,6 +55,8 @@ pub struct SinkPlan {
     pub truncate: OnTruncate,
     /// What Debezium sends for a value it does not have (`sink.unavailable_value_placeholder`).
     pub placeholder: Placeholder,
+    /// How the connector sends bytes (`sink.binary_handling_mode`).
+    pub binary_mode: BinaryMode,
     /// Whether records delete rows: tombstones with `sink.delete_on_null`, delete events in
     /// Debezium format.
     pub deletes: bool,
@@ -437,6 +439,7 @@ impl SinkPlan {
         }
         Ok(SinkPlan {
             placeholder,
+            binary_mode: sink.binary_handling_mode.unwrap_or_default(),
             identity: schema.identity.clone(),
             key_equality: (!key.is_empty())
                 .then(|| key_equality(&schema, &columns, &conflict))
@@ -461,6 +464,7 @@ impl SinkPlan {
         RowMapper::new(self.columns.clone(), self.deletes, self.format)
             .on_truncate(self.truncate)
             .with_placeholder(self.placeholder.clone())
+            .with_binary_mode(self.binary_mode)
     }
 
     /// Which record of a key repeated in a batch is written.
@@ -1129,6 +1133,7 @@ mod fixtures {
             format: RecordFormat::Debezium,
             truncate: OnTruncate::Apply,
             placeholder: Placeholder::default(),
+            binary_mode: BinaryMode::default(),
             deletes: true,
             copy_allowed: true,
             key_equality: None,

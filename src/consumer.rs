@@ -307,10 +307,14 @@ impl Assignment {
     /// Offsets Kafka no longer has: reading goes on from `to` (see [`OffsetReset`]). Forward,
     /// the epoch stays, so the records before the gap that are already batched still commit;
     /// backward (the topic was re-created), a new epoch drops whatever was read before.
-    /// Returns where the partition stood, or `None` if it is not owned.
+    /// A seek still owed for the partition is dropped: the partition is fetched again from
+    /// `to`, and the seek (say, a reset's, to a stored offset Kafka has deleted since) would
+    /// take it back out of range. Returns where the partition stood, or `None` if it is not
+    /// owned.
     pub fn skip_to(&self, tp: &TopicPartition, to: i64) -> Option<Option<i64>> {
         let mut state = self.lock();
         let owned = *state.get_mut(tp)?;
+        state.seeks.retain(|seek| &seek.tp != tp);
         if owned.read_next.is_some_and(|next| to < next) {
             state.start_epoch(tp, owned.db_next, Some(to));
         } else if let Some(o) = state.get_mut(tp) {
@@ -1186,6 +1190,31 @@ mod tests {
         assert_eq!(a.cover_to(&tp, 12), None, "covered already");
         assert_eq!(a.accept("t", 0, 11), None, "below the cover");
         assert_eq!(a.accept("t", 0, 12), Some(epoch));
+    }
+
+    /// Issue 25, item 10: a reset's seek still owed when a fetch out of range from the old
+    /// position arrives. The skip re-assigns the partition at the log start; the stale seek,
+    /// applied after it, would take it below the log start again, where the next fetch out of
+    /// range finds nothing outside (reading stands at the skip's offset), and the partition
+    /// would fetch nothing more.
+    #[test]
+    fn a_skip_supersedes_a_seek_still_owed_for_the_partition() {
+        let a = Assignment::default();
+        let tp = tp(0);
+        a.assign(&tp, Some(10), Some(10));
+        let epoch = a.accept("t", 0, 10).expect("taken");
+        // Fenced: start over from the database's 5, which Kafka has deleted since.
+        a.reset(&tp, epoch, Some(5), StartFrom::Earliest);
+        // Before the consumer loop seeks, the fetch out of range: the log starts at 50.
+        assert_eq!(a.skip_to(&tp, 50), Some(Some(5)));
+        let seeks = a.take_seeks();
+        assert!(
+            !seeks.iter().any(|s| s.offset.is_some() && a.seek_owed(s)),
+            "no seek back below the log start is owed: {seeks:?}"
+        );
+        let skip = seeks.last().expect("the skip's cover");
+        assert_eq!((skip.offset, skip.cover), (None, Some(50)));
+        assert!(a.accept("t", 0, 50).is_some(), "reading goes on at 50");
     }
 
     #[test]

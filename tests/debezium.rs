@@ -953,8 +953,73 @@ async fn a_placeholder_keeps_the_stored_value_and_needs_a_stored_row(backend: Ba
     assert!(absent.contains("offset=3"), "{absent}");
 }
 
+/// A change event of Debezium's MySQL connector: row `id` gets `name`, as row `row` of the
+/// rows event at `pos` of binlog file 3.
+fn binlog_change(id: i64, pos: i64, row: i64, name: &str) -> Outgoing {
+    let event = json!({
+        "before": null,
+        "after": {"id": id, "name": name},
+        "source": {"connector": "mysql", "snapshot": "false", "file": "mysql-bin.000003",
+                   "pos": pos, "row": row},
+        "op": "u",
+    });
+    Outgoing {
+        partition: 0,
+        key: Some(json!({"id": id}).to_string().into_bytes()),
+        value: Some(event.to_string().into_bytes()),
+    }
+}
+
+/// One rows event may change a row several times (`INSERT … ON DUPLICATE KEY UPDATE` with a
+/// key repeated, `REPLACE`): Debezium gives each row change the event's position and its
+/// index in the event (`source.row`), and the last one wins — in one batch and across
+/// batches, and a replay of an earlier one changes nothing.
+async fn the_rows_of_one_binlog_event_apply_in_their_order(backend: Backend) {
+    let (case, config) = versioned_by_source(
+        backend,
+        "dbz_binlog",
+        "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  columns:\n    \
+         \"*\": auto\n    src_pos: $source_position\n",
+    )
+    .await;
+    let one_event = [
+        binlog_change(1, 4015, 0, "n=1"),
+        binlog_change(1, 4015, 1, "n=2"),
+        binlog_change(1, 4015, 2, "n=3"),
+        binlog_change(2, 4015, 3, "other row"),
+    ];
+    let later = [
+        binlog_change(2, 4015, 3, "other row"),
+        binlog_change(1, 4015, 1, "n=2 again"),
+        binlog_change(2, 4099, 0, "next event"),
+    ];
+    for events in [&one_event[..], &later[..]] {
+        testkit::produce(&case.producer(), &case.topic, events)
+            .await
+            .expect("produce");
+        let end = case.end_offsets().await;
+        case.run_until_stored(&config, &end).await;
+    }
+    let rows = case
+        .texts(&format!(
+            "SELECT CONCAT_WS('|', id, name, src_pos) FROM {} ORDER BY id",
+            case.table
+        ))
+        .await;
+    let at = |pos: i64| (3i64 << 32) + pos;
+    assert_eq!(
+        rows,
+        [
+            format!("1|n=3|{}", at(4017)),
+            format!("2|next event|{}", at(4099))
+        ],
+        "{backend}"
+    );
+}
+
 on_both_databases!(
     older_changes_from_the_source_change_nothing,
+    the_rows_of_one_binlog_event_apply_in_their_order,
     a_truncate_removes_what_is_older_than_it,
     a_placeholder_keeps_the_stored_value_and_needs_a_stored_row
 );

@@ -316,6 +316,17 @@ pub fn is_rejected_row(e: &sqlx::Error) -> bool {
     if code.starts_with("22") || code.starts_with("23") {
         return true;
     }
+    // PostgreSQL's "ON CONFLICT DO UPDATE command cannot affect row a second time": two rows
+    // of one statement that its unique index finds equal, where the batch's grouping of keys
+    // did not (a key the database could not cast to group it, say). Isolating the rows writes
+    // them in separate statements, one after the other, as one-by-one application would.
+    if code == "21000"
+        && db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some()
+    {
+        return true;
+    }
     // MySQL errors about a value that report a general SQLSTATE: data truncated, incorrect
     // value or string, illegal value, invalid JSON, a CHECK constraint (MySQL, MariaDB).
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()

@@ -119,6 +119,9 @@ pub struct UniqueKey {
     pub exact: bool,
     /// Whether it is the table's primary key.
     pub primary: bool,
+    /// Per column, how this key compares its values where their text does not tell (see
+    /// [`TableColumn::equality`]): PostgreSQL's index may have a collation of its own.
+    pub equality: Vec<Option<String>>,
 }
 
 /// What the database says about the target table.

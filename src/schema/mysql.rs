@@ -87,8 +87,17 @@ pub(super) async fn load(
                 name: r.name,
             }
         })
-        .collect();
-    let unique_keys = unique_keys(conn, table).await?;
+        .collect::<Vec<TableColumn>>();
+    // MySQL's indexes compare as their columns do.
+    let mut unique_keys = unique_keys(conn, table).await?;
+    for key in &mut unique_keys {
+        key.equality = (key.columns.iter())
+            .map(|name| {
+                let column = columns.iter().find(|c| &c.name == name);
+                column.and_then(|c| c.equality.clone())
+            })
+            .collect();
+    }
     let schema: String = sqlx::query_scalar("SELECT CAST(COALESCE(?, DATABASE()) AS CHAR)")
         .bind(table.schema.as_deref())
         .fetch_one(&mut *conn)
@@ -125,6 +134,7 @@ async fn unique_keys(
                 columns: Vec::new(),
                 exact: true,
                 primary: index == "PRIMARY",
+                equality: Vec::new(),
             };
             unique_keys.push((index, key));
         }
@@ -158,20 +168,36 @@ fn equality(r: &ColumnRow, kind: ColumnKind) -> Option<String> {
                 return None;
             }
             // NO PAD collations (MariaDB's `_nopad_`, MySQL 8's `_0900_`) keep trailing
-            // spaces significant; the others ignore them, but not in the weight string.
-            let no_pad = collation.contains("nopad") || collation.contains("_0900_");
-            let value = if no_pad {
-                "{v}".to_string()
-            } else {
-                "TRIM(TRAILING ' ' FROM {v})".to_string()
+            // spaces significant. The others compare as if the shorter value were padded with
+            // spaces: what weighs as a space at the end is padding, which is more than U+0020
+            // (in the UCA collations a no-break space weighs the same), so the trailing
+            // weights of a space come off the weight string, not the spaces off the text.
+            let weight = |value: &str| {
+                format!("HEX(WEIGHT_STRING(CONVERT({value} USING {charset}) COLLATE {collation}))")
             };
-            format!("HEX(WEIGHT_STRING(CONVERT({value} USING {charset}) COLLATE {collation}))")
+            let no_pad = collation.contains("nopad") || collation.contains("_0900_");
+            if no_pad {
+                weight("{v}")
+            } else {
+                format!("TRIM(TRAILING {} FROM {})", weight("' '"), weight("{v}"))
+            }
+        }
+        // A fixed BINARY(n) pads with zero bytes: `ab` and `ab\0` are one value.
+        ColumnKind::Binary { max_bytes: Some(n) } if r.data_type == "binary" => {
+            format!("HEX(CAST(UNHEX({{v}}) AS BINARY({n})))")
         }
         ColumnKind::Numeric { precision, scale } => format!(
             "CAST(CAST({{v}} AS DECIMAL({}, {scale})) AS CHAR)",
             precision.unwrap_or(65)
         ),
-        ColumnKind::DateTime { .. } => "CAST(CAST({v} AS DATETIME(6)) AS CHAR)".to_string(),
+        // At the column's precision: DATETIME(2) stores `.1234` and `.1299` as one value.
+        ColumnKind::DateTime { .. } => {
+            let fsp = (r.column_type.split_once('('))
+                .and_then(|(_, rest)| rest.trim_end_matches(')').parse::<u8>().ok())
+                .filter(|fsp| *fsp <= 6)
+                .unwrap_or(0);
+            format!("CAST(CAST({{v}} AS DATETIME({fsp})) AS CHAR)")
+        }
         ColumnKind::Date => "CAST(CAST({v} AS DATE) AS CHAR)".to_string(),
         ColumnKind::Real | ColumnKind::Double => "CAST(({v}) + 0e0 AS CHAR)".to_string(),
         _ => return None,

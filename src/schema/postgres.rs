@@ -41,6 +41,17 @@ pub(super) async fn load(
     .bind(oid)
     .fetch_all(&mut *conn)
     .await?;
+    // Per column: its type's names and kind, for the keys' equality under their collations.
+    let types: std::collections::HashMap<String, (String, String, Option<ColumnKind>)> = (rows
+        .iter())
+    .map(|r| {
+        let kind = kind(&r.typname, r.typmod);
+        (
+            r.name.clone(),
+            (r.typname.clone(), r.type_text.clone(), kind),
+        )
+    })
+    .collect();
     let columns = rows
         .into_iter()
         .map(|r| {
@@ -58,12 +69,20 @@ pub(super) async fn load(
         })
         .collect();
     // Partial, expression and deferrable unique indexes cannot serve as ON CONFLICT arbiters.
-    let keys: Vec<(Vec<String>, bool, bool)> = sqlx::query_as(
-        "SELECT array_agg(a.attname::text ORDER BY k.ord),
-                i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL, i.indisprimary
+    // Each key column's collation is the index's, which may differ from the column's.
+    let keys: Vec<KeyRow> = sqlx::query_as(
+        "SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
+                i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL AS exact,
+                i.indisprimary AS primary,
+                array_agg(CASE WHEN k.coll <> 0 AND k.coll <> t.typcollation
+                               THEN k.coll::regcollation::text END ORDER BY k.ord) AS collations,
+                array_agg(COALESCE(co.collisdeterministic, true) ORDER BY k.ord) AS deterministic
            FROM pg_index i
-           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+           CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indcollation::oid[])
+             WITH ORDINALITY AS k(attnum, coll, ord)
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+           JOIN pg_type t ON t.oid = a.atttypid
+           LEFT JOIN pg_collation co ON co.oid = k.coll
           WHERE i.indrelid = $1 AND i.indisunique
           GROUP BY i.indexrelid, i.indimmediate, i.indpred IS NULL, i.indexprs IS NULL, i.indisprimary",
     )
@@ -77,14 +96,41 @@ pub(super) async fn load(
         columns,
         unique_keys: keys
             .into_iter()
-            .map(|(columns, exact, primary)| UniqueKey {
-                columns,
-                exact,
-                primary,
+            .map(|key| {
+                let equality = (key.columns.iter().zip(&key.collations))
+                    .zip(&key.deterministic)
+                    .map(|((name, collation), deterministic)| {
+                        let (typname, type_text, kind) = types.get(name)?;
+                        equality_under(
+                            *kind,
+                            typname,
+                            type_text,
+                            collation.as_deref(),
+                            *deterministic,
+                        )
+                    })
+                    .collect();
+                UniqueKey {
+                    columns: key.columns,
+                    exact: key.exact,
+                    primary: key.primary,
+                    equality,
+                }
             })
             .collect(),
         copy_allowed,
     }))
+}
+
+/// One unique index, as the catalog query above reads it.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    columns: Vec<String>,
+    exact: bool,
+    primary: bool,
+    /// Per column, the index's collation where it is not the type's default.
+    collations: Vec<Option<String>>,
+    deterministic: Vec<bool>,
 }
 
 /// One row of the catalog query above.
@@ -109,16 +155,30 @@ struct ColumnRow {
 /// (`numeric` `1.0 = 1`, `jsonb` in any key order, `char(n)` ignoring padding, a
 /// case-insensitive ICU collation, `timestamptz` across zones).
 fn equality(r: &ColumnRow, kind: Option<ColumnKind>) -> Option<String> {
+    equality_under(
+        kind,
+        &r.typname,
+        &r.type_text,
+        r.collation.as_deref(),
+        r.deterministic,
+    )
+}
+
+/// The same for a value of a type under `collation` (`None`: the type's default).
+fn equality_under(
+    kind: Option<ColumnKind>,
+    typname: &str,
+    type_text: &str,
+    collation: Option<&str>,
+    deterministic: bool,
+) -> Option<String> {
     let exact = match kind? {
         ColumnKind::Integer { .. } | ColumnKind::Bool => true,
-        ColumnKind::Text { .. } => r.typname != "bpchar" && r.deterministic,
+        ColumnKind::Text { .. } => typname != "bpchar" && deterministic,
         _ => false,
     };
-    let collate = r
-        .collation
-        .as_ref()
-        .map_or(String::new(), |c| format!(" COLLATE {c}"));
-    (!exact).then(|| format!("{{v}}::{}{collate}", r.type_text))
+    let collate = collation.map_or(String::new(), |c| format!(" COLLATE {c}"));
+    (!exact).then(|| format!("{{v}}::{type_text}{collate}"))
 }
 
 /// Maps a PostgreSQL type name (`pg_type.typname`) and `atttypmod` to a kind.

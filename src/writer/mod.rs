@@ -188,12 +188,18 @@ fn key_equality(
     columns: &[ColumnPlan],
     conflict: &[usize],
 ) -> Option<Vec<String>> {
-    let equality: Vec<Option<&String>> = conflict
+    // The unique key the conflict is on compares as its own collations say.
+    let names: Vec<&str> = conflict.iter().map(|c| columns[*c].name.as_str()).collect();
+    let key = (schema.unique_keys.iter()).find(|k| {
+        k.exact
+            && k.columns.len() == names.len()
+            && names.iter().all(|n| k.columns.iter().any(|c| c == n))
+    })?;
+    let equality: Vec<Option<&String>> = names
         .iter()
-        .map(|c| {
-            let name = &columns[*c].name;
-            let column = schema.columns.iter().find(|t| &t.name == name);
-            column.and_then(|t| t.equality.as_ref())
+        .map(|name| {
+            let at = key.columns.iter().position(|c| c == name)?;
+            key.equality.get(at)?.as_ref()
         })
         .collect();
     equality.iter().any(Option::is_some).then(|| {

@@ -278,6 +278,28 @@ async fn wait_for_rows(
     }
 }
 
+/// Waits until each running pipeline's table holds exactly `expected` (see [`wait_for_rows`]).
+async fn wait_for_each(table: &Replicated, targets: &[(Case, Connector)], expected: &[String]) {
+    for (case, running) in targets {
+        wait_for_rows(
+            table,
+            case,
+            expected,
+            Duration::from_secs(120),
+            &running.log,
+        )
+        .await;
+    }
+}
+
+/// A source database of its own on the development PostgreSQL, named from `prefix`, with
+/// `schema` run in it.
+async fn captured(prefix: &str, schema: &str) -> CapturedDatabase {
+    CapturedDatabase::create(&database_url(Backend::Postgres), &unique(prefix), schema)
+        .await
+        .expect("source database")
+}
+
 /// One pipeline into one target database, and the captured tables it writes.
 struct Target {
     tables: Vec<(&'static Replicated, Case)>,
@@ -386,10 +408,7 @@ async fn wait_for_sources(targets: &[Target], running: &[Connector], source: &Ca
 #[tokio::test(flavor = "multi_thread")]
 async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_a_replay() {
     let schema: Vec<&str> = TABLES.iter().map(|t| t.source).collect();
-    let admin = database_url(Backend::Postgres);
-    let mut source = CapturedDatabase::create(&admin, &unique("dbz"), &schema.join(";\n"))
-        .await
-        .expect("source database");
+    let mut source = captured("dbz", &schema.join(";\n")).await;
     source.exec(SNAPSHOT).await.expect("snapshot rows");
     // The order lines' topic has three partitions: Debezium spreads keys over them, and
     // idemsink's writer lanes too. The others have one, as applying truncates needs.
@@ -453,10 +472,7 @@ async fn debezium_changes_replicate_into_postgres_and_mariadb_through_kills_and_
 /// databases: the order lines' snapshot and the workload's statements on them.
 #[tokio::test(flavor = "multi_thread")]
 async fn flattened_debezium_events_replicate_into_postgres_and_mariadb() {
-    let admin = database_url(Backend::Postgres);
-    let mut source = CapturedDatabase::create(&admin, &unique("dbzflat"), LINES.source)
-        .await
-        .expect("source database");
+    let mut source = captured("dbzflat", LINES.source).await;
     source
         .exec(
             SNAPSHOT
@@ -494,16 +510,7 @@ transforms.flatten.delete.tombstone.handling.mode=rewrite",
         .expect("start Debezium");
     // The snapshot first, so that the workload's changes are streamed.
     let snapshot = LINES.rows_at_source(&source).await;
-    for (case, connector) in &targets {
-        wait_for_rows(
-            &LINES,
-            case,
-            &snapshot,
-            Duration::from_secs(120),
-            &connector.log,
-        )
-        .await;
-    }
+    wait_for_each(&LINES, &targets, &snapshot).await;
     for sql in WORKLOAD
         .iter()
         .filter(|sql| !sql.contains("accounts") && !sql.contains("tags"))
@@ -515,16 +522,7 @@ transforms.flatten.delete.tombstone.handling.mode=rewrite",
         expected.iter().any(|r| r.ends_with("|back again")),
         "the workload ran: {expected:?}"
     );
-    for (case, connector) in &targets {
-        wait_for_rows(
-            &LINES,
-            case,
-            &expected,
-            Duration::from_secs(120),
-            &connector.log,
-        )
-        .await;
-    }
+    wait_for_each(&LINES, &targets, &expected).await;
 }
 
 /// Documents: a large text, bytea and jsonb value in every row, which PostgreSQL stores out
@@ -594,10 +592,7 @@ const DOCS_WORKLOAD: &[&str] = &[
 /// flushed offset again) and a replay from offset 0, one record a batch.
 #[tokio::test(flavor = "multi_thread")]
 async fn unchanged_toasted_values_are_kept_through_kills_a_connect_restart_and_a_replay() {
-    let admin = database_url(Backend::Postgres);
-    let mut source = CapturedDatabase::create(&admin, &unique("dbztoast"), DOCS.source)
-        .await
-        .expect("source database");
+    let mut source = captured("dbztoast", DOCS.source).await;
     source
         .exec(
             "INSERT INTO docs SELECT i, i, big(i), decode(big(i), 'hex'),
@@ -686,10 +681,7 @@ const BLOBS: Replicated = Replicated {
 /// field, saying what to set.
 #[tokio::test(flavor = "multi_thread")]
 async fn bytes_sent_as_base64_or_hex_land_as_the_source_has_them() {
-    let admin = database_url(Backend::Postgres);
-    let mut source = CapturedDatabase::create(&admin, &unique("dbzbin"), BLOBS.source)
-        .await
-        .expect("source database");
+    let mut source = captured("dbzbin", BLOBS.source).await;
     source
         .exec(
             "INSERT INTO blobs VALUES (1, '\\x00ff10', 'odd bytes'), (2, '', 'empty'), (3, NULL, 'null'),
@@ -734,16 +726,7 @@ async fn bytes_sent_as_base64_or_hex_land_as_the_source_has_them() {
         }
     }
     let snapshot = BLOBS.rows_at_source(&source).await;
-    for (case, running) in &targets {
-        wait_for_rows(
-            &BLOBS,
-            case,
-            &snapshot,
-            Duration::from_secs(120),
-            &running.log,
-        )
-        .await;
-    }
+    wait_for_each(&BLOBS, &targets, &snapshot).await;
     source
         .exec(
             "UPDATE blobs SET b = '\\xdeadbeef' WHERE id = 1;
@@ -758,16 +741,7 @@ async fn bytes_sent_as_base64_or_hex_land_as_the_source_has_them() {
         expected.iter().any(|r| r.starts_with("4|fbfb")),
         "{expected:?}"
     );
-    for (case, running) in &targets {
-        wait_for_rows(
-            &BLOBS,
-            case,
-            &expected,
-            Duration::from_secs(120),
-            &running.log,
-        )
-        .await;
-    }
+    wait_for_each(&BLOBS, &targets, &expected).await;
     assert_connect_logged_no_error(&source);
 }
 
@@ -804,6 +778,24 @@ fn truncate(lsn: i64) -> Outgoing {
         key: None,
         value: Some(event("t", lsn, Value::Null, Value::Null)),
     }
+}
+
+/// A sink of every column by name, versioned by the source's position.
+const BY_SOURCE_POSITION: &str = "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  \
+                                  columns:\n    \"*\": auto\n    src_pos: $source_position\n";
+
+/// Produces each of `runs` and runs the pipeline until it has stored their end offsets, one
+/// run after the other; returns the last run's log.
+async fn apply_runs(case: &Case, config: &Path, runs: &[&[Outgoing]]) -> String {
+    let mut log = String::new();
+    for events in runs {
+        testkit::produce(&case.producer(), &case.topic, events)
+            .await
+            .expect("produce");
+        let end = case.end_offsets().await;
+        log = case.run_until_stored(config, &end).await;
+    }
+    log
 }
 
 /// A table of rows (id, name) versioned by the source's position, its topic of one
@@ -847,13 +839,7 @@ async fn older_changes_from_the_source_change_nothing(backend: Backend) {
         change(3, "d", 60, "third deleted"),
         change(3, "u", 55, "older than the delete"),
     ];
-    for events in [&first[..], &again[..]] {
-        testkit::produce(&case.producer(), &case.topic, events)
-            .await
-            .expect("produce");
-        let end = case.end_offsets().await;
-        case.run_until_stored(&config, &end).await;
-    }
+    apply_runs(&case, &config, &[&first, &again]).await;
     let rows = case
         .texts(
             "SELECT CONCAT_WS('|', id, name, src_pos) FROM TABLE"
@@ -894,13 +880,7 @@ async fn a_truncate_removes_what_is_older_than_it(backend: Backend) {
         );
         case.texts(&sql).await
     };
-    for events in [&before[..], &with_truncate[..]] {
-        testkit::produce(&case.producer(), &case.topic, events)
-            .await
-            .expect("produce");
-        let end = case.end_offsets().await;
-        case.run_until_stored(&config, &end).await;
-    }
+    apply_runs(&case, &config, &[&before, &with_truncate]).await;
     let expected = ["2|newer update|310", "4|newer|250"];
     assert_eq!(rows().await, expected, "{backend}");
     case.forget_offsets().await;
@@ -915,13 +895,7 @@ async fn a_truncate_removes_what_is_older_than_it(backend: Backend) {
 /// an update that has it for a row the table does not have (an older change sent again after
 /// the row's delete) writes nothing, and is logged with its coordinates and counted.
 async fn a_placeholder_keeps_the_stored_value_and_needs_a_stored_row(backend: Backend) {
-    let (case, config) = versioned_by_source(
-        backend,
-        "dbz_toast",
-        "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  columns:\n    \
-         \"*\": auto\n    src_pos: $source_position\n",
-    )
-    .await;
+    let (case, config) = versioned_by_source(backend, "dbz_toast", BY_SOURCE_POSITION).await;
     let placeholder = "__debezium_unavailable_value";
     let created = [change(1, "c", 100, "kept"), change(2, "c", 110, "two")];
     let updated = [
@@ -931,14 +905,7 @@ async fn a_placeholder_keeps_the_stored_value_and_needs_a_stored_row(backend: Ba
         change(2, "u", 130, "new"),
         change(2, "u", 140, placeholder),
     ];
-    let mut log = String::new();
-    for events in [&created[..], &updated[..]] {
-        testkit::produce(&case.producer(), &case.topic, events)
-            .await
-            .expect("produce");
-        let end = case.end_offsets().await;
-        log = case.run_until_stored(&config, &end).await;
-    }
+    let log = apply_runs(&case, &config, &[&created, &updated]).await;
     let rows = case
         .texts(&format!(
             "SELECT CONCAT_WS('|', id, name, src_pos) FROM {} ORDER BY id",
@@ -975,13 +942,7 @@ fn binlog_change(id: i64, pos: i64, row: i64, name: &str) -> Outgoing {
 /// index in the event (`source.row`), and the last one wins — in one batch and across
 /// batches, and a replay of an earlier one changes nothing.
 async fn the_rows_of_one_binlog_event_apply_in_their_order(backend: Backend) {
-    let (case, config) = versioned_by_source(
-        backend,
-        "dbz_binlog",
-        "  format: debezium\n  mode: upsert\n  newer_by: src_pos\n  columns:\n    \
-         \"*\": auto\n    src_pos: $source_position\n",
-    )
-    .await;
+    let (case, config) = versioned_by_source(backend, "dbz_binlog", BY_SOURCE_POSITION).await;
     let one_event = [
         binlog_change(1, 4015, 0, "n=1"),
         binlog_change(1, 4015, 1, "n=2"),
@@ -993,13 +954,7 @@ async fn the_rows_of_one_binlog_event_apply_in_their_order(backend: Backend) {
         binlog_change(1, 4015, 1, "n=2 again"),
         binlog_change(2, 4099, 0, "next event"),
     ];
-    for events in [&one_event[..], &later[..]] {
-        testkit::produce(&case.producer(), &case.topic, events)
-            .await
-            .expect("produce");
-        let end = case.end_offsets().await;
-        case.run_until_stored(&config, &end).await;
-    }
+    apply_runs(&case, &config, &[&one_event, &later]).await;
     let rows = case
         .texts(&format!(
             "SELECT CONCAT_WS('|', id, name, src_pos) FROM {} ORDER BY id",

@@ -475,8 +475,9 @@ impl Batch {
     /// value of those columns): from the earliest, each applied after the one before. Walking
     /// back from `row`, an earlier write is needed when it has a value of a column that every
     /// write after it left unavailable; the walk ends at the latest write with every value
-    /// (which also makes the row exist), or at the first. `history` holds the key's writes since its last delete (under versioned
-    /// deletes: all of them, as a write after a delete is a whole row anyway), in batch order.
+    /// (which also makes the row exist), or at the first. `history` holds the key's writes
+    /// since its last delete (under versioned deletes: all of them, as a write after a delete
+    /// is a whole row anyway), in batch order.
     fn patch_chain(
         &self,
         history: &[(usize, Option<i64>)],

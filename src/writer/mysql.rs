@@ -115,6 +115,7 @@ impl BatchStatements for MySqlWriter {
         if let Some(plan) = self.patch.as_ref().filter(|_| !changes.patches.is_empty()) {
             let (updated, absent) = self.patch_rows(conn, plan, batch, &changes.patches).await?;
             counts.written += updated;
+            counts.updated += updated;
             counts.add_absent(batch, &absent);
         }
         Ok(counts)
@@ -324,8 +325,13 @@ impl MySqlWriter {
     ) -> Result<(u64, Vec<usize>), sqlx::Error> {
         let (mut updated, mut absent) = (0, Vec::new());
         let columns = self.all_columns.len();
+        // Each row binds its cells and its mask.
+        let limit = StatementLimit {
+            rows: (MAX_PARAMETERS / (columns + 1)).clamp(1, MAX_ROWS_PER_STATEMENT),
+            bytes: self.insert_limit.bytes,
+        };
         for round in patch_rounds(patches) {
-            for rows in statement_parts(batch, &self.all_columns, &round, self.insert_limit) {
+            for rows in statement_parts(batch, &self.all_columns, &round, limit) {
                 let (absent_sql, update_sql) = patch_sql(plan, rows.len());
                 let mut find = sqlx::query(&absent_sql).persistent(false);
                 for row in rows {
@@ -550,14 +556,21 @@ fn key_matches(plan: &SinkPlan, key: &[usize]) -> Vec<String> {
 /// last bound value of a row holds `u` at the position of each such column), where the
 /// stored row is not newer.
 fn patch_sql(plan: &SinkPlan, rows: usize) -> (String, String) {
+    // The key's cells are typed as the key compares; the others go into their columns as an
+    // INSERT's would (a CAST to DECIMAL would clamp a value out of range, not refuse it).
+    let cell = |c: usize| match plan.columns[c].kind {
+        _ if plan.conflict.contains(&c) => placeholder(plan, c),
+        ColumnKind::Binary { .. } => "UNHEX(?)".to_string(),
+        _ => "?".to_string(),
+    };
     let derived = |bound: &[usize], numbered: bool, mask: bool| {
         let mut sql = String::new();
         for i in 0..rows {
             let mut cells: Vec<String> = bound
                 .iter()
                 .map(|c| match i {
-                    0 => format!("{} AS c{c}", placeholder(plan, *c)),
-                    _ => placeholder(plan, *c),
+                    0 => format!("{} AS c{c}", cell(*c)),
+                    _ => cell(*c),
                 })
                 .collect();
             if numbered {
@@ -697,6 +710,28 @@ mod tests {
             sql.push_str(&delete.next_row);
         }
         sql + &delete.tail
+    }
+
+    #[test]
+    fn patches_update_the_stored_row_leaving_unavailable_columns() {
+        let plan = upsert(Backend::MySql, Guard::SourcePosition);
+        let (absent, update) = patch_sql(&plan, 2);
+        assert_eq!(
+            absent,
+            "SELECT r.i FROM (SELECT CAST(0 AS SIGNED) AS i, ? AS c0 UNION ALL SELECT \
+             CAST(1 AS SIGNED) AS i, ?) AS r WHERE NOT EXISTS (SELECT 1 FROM `t` AS t WHERE \
+             t.`id` = r.c0)"
+        );
+        assert_eq!(
+            update,
+            "UPDATE `t` AS t JOIN (SELECT ? AS c0, ? AS c1, ? AS c2, ? AS c3, ? AS c4, ? AS m \
+             UNION ALL SELECT ?, ?, ?, ?, ?, ? AS m) AS r ON t.`id` = r.c0 SET \
+             t.`name` = IF(SUBSTRING(r.m, 2, 1) = 'u', t.`name`, r.c1), \
+             t.`kafka_partition` = IF(SUBSTRING(r.m, 4, 1) = 'u', t.`kafka_partition`, r.c3), \
+             t.`kafka_offset` = IF(SUBSTRING(r.m, 5, 1) = 'u', t.`kafka_offset`, r.c4), \
+             t.`v` = IF(SUBSTRING(r.m, 3, 1) = 'u', t.`v`, r.c2) \
+             WHERE t.`v` IS NULL OR r.c2 > t.`v`"
+        );
     }
 
     #[test]

@@ -111,7 +111,8 @@ impl BatchStatements for PgWriter {
             counts.written += updated;
             counts.updated += updated;
             let applied = changes.patches.len() - absent.len();
-            counts.unchanged = counts.unchanged.map(|n| n + applied as u64 - updated);
+            counts.unchanged =
+                (counts.unchanged).map(|n| (n + applied as u64).saturating_sub(updated));
             counts.add_absent(batch, &absent);
         }
         Ok(counts)
@@ -613,6 +614,30 @@ mod tests {
         for (plan, expected) in plans.iter().zip(expected) {
             assert_eq!(write_sql(plan), expected);
         }
+    }
+
+    #[test]
+    fn patches_update_the_stored_row_leaving_unavailable_columns() {
+        let plan = upsert(Backend::Postgres, Guard::SourcePosition);
+        let patch = patch_sql(&plan);
+        assert_eq!(
+            patch.absent,
+            "SELECT r.i::int8 FROM UNNEST($1::text[]) WITH ORDINALITY AS r(c0, i) WHERE NOT EXISTS \
+             (SELECT 1 FROM \"t\" AS t WHERE t.\"id\" = r.c0::bigint)"
+        );
+        assert_eq!(
+            patch.update,
+            "UPDATE \"t\" AS t SET \
+             \"name\" = CASE WHEN substr(r.m, 2, 1) = 'u' THEN t.\"name\" ELSE r.c1::text END, \
+             \"kafka_partition\" = CASE WHEN substr(r.m, 4, 1) = 'u' THEN t.\"kafka_partition\" \
+             ELSE r.c3::bigint END, \
+             \"kafka_offset\" = CASE WHEN substr(r.m, 5, 1) = 'u' THEN t.\"kafka_offset\" \
+             ELSE r.c4::bigint END, \
+             \"v\" = CASE WHEN substr(r.m, 3, 1) = 'u' THEN t.\"v\" ELSE r.c2::bigint END \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+             AS r(c0, c1, c2, c3, c4, m) \
+             WHERE t.\"id\" = r.c0::bigint AND (t.\"v\" IS NULL OR r.c2::bigint > t.\"v\")"
+        );
     }
 
     #[test]

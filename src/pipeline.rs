@@ -512,7 +512,12 @@ async fn read_loop(
                     #[cfg(feature = "testkit")]
                     crate::testkit::hold_received(message.offset()).await;
                     let opens_batch = batch.is_empty();
-                    if let Some(refused) = mappers.refuses(message.topic(), message.partition()) {
+                    // Past partition 0 only: the topic is read (and checked as UTF-8) once
+                    // per record, in add_record.
+                    let refused = (message.partition() > 0)
+                        .then(|| mappers.refuses(message.topic(), message.partition()))
+                        .flatten();
+                    if let Some(refused) = refused {
                         // Commit what came before it, then stop.
                         handover.finish(&batches, batch).await;
                         return Err(shared.fail(Failure::Config(ConfigErrors(vec![refused]))));
@@ -715,8 +720,7 @@ impl Mappers {
 
     /// Why a record of `partition` of `topic` may not be written: a partition added, while
     /// the pipeline runs, to a topic whose table applies truncates (checked at start too, by
-    /// `check_truncated_topics`). Only partitions past 0 are looked at, so the usual record
-    /// costs one comparison.
+    /// `check_truncated_topics`).
     fn refuses(&self, topic: &str, partition: i32) -> Option<ConfigError> {
         if partition == 0 || !self.truncating.iter().any(|t| *t) {
             return None;
